@@ -1,0 +1,156 @@
+"""A preallocated key/value cache in which every row keeps its own length.
+
+Rows are independent slots: a batch can hold sequences of different lengths, and a row can be
+reset and reused while the others carry on (the server's continuous batching stands on this).
+Keys and values are written in place at each token's position; nothing grows with `torch.cat`.
+
+Padding tokens (rows that bring fewer tokens than the widest row in a forward pass) are written
+to one spare position past the end that is never read, so they can never overwrite real keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+Rows = Union[slice, Tensor]
+
+
+@dataclass
+class CacheView:
+    """Where one forward pass reads and writes: built by `KVCache.plan` and shared by all layers."""
+    rows: Tensor  # (B,) cache row of each batch row, on the cache's device
+    select: Rows  # the same rows as a slice when they are a contiguous range (reads are then views)
+    write_pos: Tensor  # (B, T) position each token is written to (padding goes to the spare slot)
+    kv_len: int  # keys 0 .. kv_len-1 are attended to
+    src_len: int  # cross-attention keys 0 .. src_len-1 are attended to
+
+
+class LayerCache(nn.Module):
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, src_len: int,
+                 dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch, heads, max_len + 1, head_dim)  # +1: the spare slot padding writes to
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        if src_len:
+            xshape = (batch, heads, src_len, head_dim)
+            self.register_buffer("cross_k", torch.zeros(xshape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer("cross_v", torch.zeros(xshape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, view: CacheView, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) at `view.write_pos` and return all keys/values of these rows."""
+        idx = (view.rows[:, None], slice(None), view.write_pos)
+        self.k[idx] = k.transpose(1, 2)
+        self.v[idx] = v.transpose(1, 2)
+        return self.k[view.select, :, : view.kv_len], self.v[view.select, :, : view.kv_len]
+
+    def write_cross(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
+        S = k.shape[2]
+        self.cross_k[rows, :, :S] = k
+        self.cross_v[rows, :, :S] = v
+
+    def read_cross(self, view: CacheView) -> tuple[Tensor, Tensor]:
+        return self.cross_k[view.select, :, : view.src_len], self.cross_v[view.select, :, : view.src_len]
+
+
+class KVCache(nn.Module):
+    """Per-layer K/V buffers of shape (batch, heads, max_len, head_dim), plus each row's length.
+
+    Lengths live on the CPU: deciding how much of the cache to read is host-side bookkeeping.
+    """
+
+    def __init__(self, n_layer: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 src_len: int = 0, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.batch_size, self.max_len, self.max_src_len = batch, max_len, src_len
+        self.layers = nn.ModuleList(
+            LayerCache(batch, heads, max_len, head_dim, src_len, dtype, device) for _ in range(n_layer))
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.src_lengths = torch.zeros(batch, dtype=torch.long)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].k.device
+
+    def _rows(self, rows: Optional[Rows], B: int) -> tuple[Tensor, Rows]:
+        if rows is None:
+            rows = slice(0, B)
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.batch_size)
+            if step != 1 or stop - start != B:
+                raise ValueError(f"rows {rows} do not match a batch of {B}")
+            return torch.arange(start, stop), rows
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
+        if rows.shape != (B,):
+            raise ValueError(f"rows must have shape ({B},), got {tuple(rows.shape)}")
+        if B and (rows.min() < 0 or rows.max() >= self.batch_size):
+            raise ValueError(f"rows must be in [0, {self.batch_size}), got {rows.tolist()}")
+        if B and bool((rows[1:] - rows[:-1] == 1).all()):
+            first = int(rows[0])
+            return rows, slice(first, first + B)  # contiguous: read views, not gathered copies
+        return rows, rows
+
+    def plan(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
+        """Positions for appending T tokens to each of B rows (row b brings n_tokens[b] <= T real
+        tokens, the rest is padding). Returns the view for the layers, each token's position
+        (B, T) (on CPU), the attention mask (or None when plain causal/no mask is exact), and
+        whether plain causal attention is exact. Lengths advance by `n_tokens`."""
+        rows_t, select = self._rows(rows, B)
+        start = self.lengths[rows_t]
+        n = torch.full((B,), T, dtype=torch.long) if n_tokens is None else torch.as_tensor(n_tokens).long().cpu()
+        if bool((n < 1).any() or (n > T).any()):
+            raise ValueError(f"each row must bring between 1 and {T} tokens, got {n.tolist()}")
+        end = start + n
+        kv_len = int(end.max())
+        if kv_len > self.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        pos = start[:, None] + torch.arange(T)
+        real = torch.arange(T)[None, :] < n[:, None]
+        write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))
+        uniform_start = bool((start == start[0]).all())
+        padded = bool((n != T).any())
+        if T == 1 and uniform_start:
+            mask, causal = None, False  # every row sees all of its kv_len keys
+        elif not padded and uniform_start and int(start[0]) == 0:
+            mask, causal = None, True  # a plain prefill from position 0
+        else:
+            key = torch.arange(kv_len)
+            mask = (key[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, kv_len)
+            mask = mask.to(self.device)
+            causal = False
+        self.lengths[rows_t] = end
+        dev = self.device
+        src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
+        view = CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
+                         write_pos=write_pos.to(dev), kv_len=kv_len, src_len=src_len)
+        return view, pos, mask, causal
+
+    def cross_mask(self, view: CacheView) -> Optional[Tensor]:
+        """Key-padding mask over the stored encoder outputs, or None when no row is padded."""
+        lens = self.src_lengths[view.rows.cpu()]
+        if bool((lens == view.src_len).all()):
+            return None
+        return (torch.arange(view.src_len)[None, :] < lens[:, None])[:, None, None, :].to(self.device)
+
+    def reset(self, rows: Optional[Rows] = None) -> None:
+        """Forget rows (all by default) so they can take new sequences. Stale keys need no
+        clearing: a row's keys are always written before they are read."""
+        if rows is None:
+            rows = slice(None)
+        self.lengths[rows] = 0
+        self.src_lengths[rows] = 0
+
+    def reorder(self, src_rows: Tensor, dst_rows: Optional[Tensor] = None) -> None:
+        """Copy rows `src_rows` into `dst_rows` (default 0..len-1), e.g. to follow beam parents."""
+        src_rows = torch.as_tensor(src_rows, dtype=torch.long).cpu()
+        dst_rows = torch.arange(len(src_rows)) if dst_rows is None else torch.as_tensor(dst_rows).long().cpu()
+        s, d = src_rows.to(self.device), dst_rows.to(self.device)
+        for layer in self.layers:
+            for buf in layer.buffers():
+                buf[d] = buf[s]
+        self.lengths[dst_rows] = self.lengths[src_rows].clone()
+        self.src_lengths[dst_rows] = self.src_lengths[src_rows].clone()

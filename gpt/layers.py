@@ -1,0 +1,165 @@
+"""Transformer layers, written once and shared by the GPT and the encoder-decoder."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .kv_cache import LayerCache, CacheView
+
+
+class Attention(nn.Module):
+    """Multi-head scaled-dot-product attention.
+
+    One class for causal self-attention, bidirectional self-attention and cross-attention.
+    Self-attention projects Q, K and V with one fused matmul (GPT-2's `c_attn`); cross-attention
+    projects Q from the decoder and a fused K/V from the encoder output.
+    """
+
+    def __init__(self, config: ModelConfig, cross: bool = False):
+        super().__init__()
+        C = config.n_embd
+        self.n_head, self.head_dim, self.cross = config.n_head, config.head_dim, cross
+        if cross:
+            self.q_proj = nn.Linear(C, C, bias=config.bias)
+            self.kv_proj = nn.Linear(C, 2 * C, bias=config.bias)
+        else:
+            self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def _heads(self, t: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, D)
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
+        return tuple(self._heads(t) for t in self.kv_proj(memory).split(memory.shape[-1], dim=2))
+
+    def forward(self, x: Tensor, *, mask: Optional[Tensor] = None, is_causal: bool = False,
+                rope: Optional[tuple[Tensor, Tensor]] = None,
+                cache: Optional[LayerCache] = None, view: Optional[CacheView] = None,
+                memory: Optional[Tensor] = None) -> Tensor:
+        """x: (B, T, C). Self-attention unless `cross`, where keys/values come from `memory`
+        (B, S, C) or, when decoding with a cache, from the cross K/V stored at prefill."""
+        B, T, C = x.shape
+        if self.cross:
+            q = self._heads(self.q_proj(x))
+            k, v = self.project_kv(memory) if memory is not None else cache.read_cross(view)
+        else:
+            q, k, v = (self._heads(t) for t in self.c_attn(x).split(C, dim=2))
+            if rope is not None:
+                q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            if cache is not None:
+                k, v = cache.update(view, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2's tanh approximation) or ReLU (the original)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, feed-forward; each with a residual and a
+    LayerNorm placed before the sublayer (pre-LN, GPT-2) or after the residual (post-LN, original)."""
+
+    def __init__(self, config: ModelConfig, cross_attention: bool = False):
+        super().__init__()
+        norm = lambda: nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)  # noqa: E731
+        self.pre_ln = config.norm == "pre"
+        self.ln_1, self.attn = norm(), Attention(config)
+        self.ln_cross = norm() if cross_attention else None
+        self.cross_attn = Attention(config, cross=True) if cross_attention else None
+        self.ln_2, self.mlp = norm(), MLP(config)
+
+    def _sublayer(self, x: Tensor, ln: nn.Module, fn) -> Tensor:
+        return x + fn(ln(x)) if self.pre_ln else ln(x + fn(x))
+
+    def forward(self, x: Tensor, *, mask: Optional[Tensor] = None, is_causal: bool = False,
+                rope=None, cache: Optional[LayerCache] = None, view: Optional[CacheView] = None,
+                memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None) -> Tensor:
+        x = self._sublayer(x, self.ln_1, lambda h: self.attn(
+            h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, view=view))
+        if self.cross_attn is not None:
+            x = self._sublayer(x, self.ln_cross, lambda h: self.cross_attn(
+                h, mask=memory_mask, cache=cache, view=view, memory=memory))
+        return self._sublayer(x, self.ln_2, self.mlp)
+
+
+# --- position encodings -------------------------------------------------------------------
+
+def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
+    """The original Transformer's PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
+    pos = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    inv = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.zeros(n_pos, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table.float()
+
+
+def rotary_tables(n_pos: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (n_pos, head_dim / 2) for rotary position embedding (RoPE)."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by position-dependent angles.
+    cos/sin are (B, 1, T, D/2), already gathered at each token's position."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class PositionEncoding(nn.Module):
+    """Learned (GPT-2's `wpe`, kept as `weight` so the state dict matches GPT-2's layout),
+    sinusoidal (added to the embeddings) or rotary (applied to queries and keys)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.pos_encoding
+        if self.kind == "learned":
+            self.weight = nn.Parameter(torch.zeros(config.block_size, config.n_embd))
+        elif self.kind == "sinusoidal":
+            self.register_buffer("table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        else:
+            cos, sin = rotary_tables(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+    def additive(self, pos: Tensor) -> Optional[Tensor]:
+        """What to add to the token embeddings at positions `pos` (T,) or (B, T)."""
+        if self.kind == "learned":
+            return F.embedding(pos, self.weight)
+        if self.kind == "sinusoidal":
+            return self.table[pos]
+        return None
+
+    def rotary(self, pos: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """cos/sin gathered at `pos`, shaped to broadcast over heads: (B or 1, 1, T, D/2)."""
+        if self.kind != "rotary":
+            return None
+        if pos.dim() == 1:
+            pos = pos[None]
+        return self.cos[pos][:, None], self.sin[pos][:, None]

@@ -1,0 +1,236 @@
+"""The decoder-only GPT and the encoder-decoder Transformer, built from the shared layers.
+
+Both models offer the same incremental interface, which generation and the server use:
+  cache = model.new_cache(batch_size)
+  logits = model.start(prompts, cache)            # (B, V): next-token logits after each prompt
+  logits = model.step(tokens, cache, rows=...)    # (B, V): after appending tokens to those rows
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .kv_cache import KVCache, Rows
+from .layers import Block, PositionEncoding
+
+
+def _layer_norm(config: ModelConfig) -> nn.Module:
+    # Post-LN stacks already end in a LayerNorm; pre-LN stacks need a final one.
+    if config.norm == "post":
+        return nn.Identity()
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def _init_weights(model: nn.Module, config: ModelConfig, n_residual_layers: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down by
+    1/sqrt(2 * layers) so the residual stream's variance does not grow with depth."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.dim() == 1:  # LayerNorm gains
+            nn.init.ones_(p)
+        elif name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_residual_layers))
+        else:
+            nn.init.normal_(p, mean=0.0, std=0.01 if name.endswith("wpe.weight") else 0.02)
+
+
+def _pad(seqs: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists into (B, T) and return their lengths (B,)."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("every sequence needs at least one token")
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return ids.to(device), torch.tensor([len(s) for s in seqs])
+
+
+class _Decoder(nn.Module):
+    """Shared machinery: run a stack of blocks, with or without a cache."""
+
+    config: ModelConfig
+
+    def _embed(self, wte: nn.Embedding, wpe: PositionEncoding, idx: Tensor, pos: Tensor) -> Tensor:
+        x = wte(idx)
+        if self.config.scale_embeddings:
+            x = x * math.sqrt(self.config.n_embd)
+        add = wpe.additive(pos)
+        return x if add is None else x + add
+
+    def _check_ids(self, idx: Tensor, name: str) -> None:
+        if idx.dim() != 2:
+            raise ValueError(f"{name} must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"{name} has {idx.shape[1]} tokens, more than block_size {self.config.block_size}")
+
+    def _run(self, stack: nn.ModuleDict, wte: nn.Embedding, idx: Tensor, *, cache: Optional[KVCache],
+             rows: Optional[Rows], n_tokens, causal: bool, mask: Optional[Tensor] = None,
+             memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None) -> Tensor:
+        B, T = idx.shape
+        view = None
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)
+        else:
+            view, pos, mask, causal = cache.plan(B, T, rows, n_tokens)
+            pos = pos.clamp(max=self.config.block_size - 1).to(idx.device)  # padding may run past the end
+            if memory is None and "cross" in self._parts:
+                memory_mask = cache.cross_mask(view)
+        x = self._embed(wte, stack.wpe, idx, pos)
+        x = stack.drop(x)
+        rope = stack.wpe.rotary(pos)
+        for i, block in enumerate(stack.h):
+            x = block(x, mask=mask, is_causal=causal, rope=rope,
+                      cache=None if cache is None else cache.layers[i], view=view,
+                      memory=memory, memory_mask=memory_mask)
+        return stack.ln_f(x)
+
+    @staticmethod
+    def _last(x: Tensor, n_tokens) -> Tensor:
+        """The hidden state of each row's last real token: (B, T, C) -> (B, C)."""
+        if n_tokens is None:
+            return x[:, -1]
+        idx = (torch.as_tensor(n_tokens).long() - 1).to(x.device)
+        return x[torch.arange(x.shape[0], device=x.device), idx]
+
+    def _stack(self, n_layer: int, cross: bool) -> nn.ModuleDict:
+        c = self.config
+        return nn.ModuleDict(dict(
+            wpe=PositionEncoding(c),
+            drop=nn.Dropout(c.dropout),
+            h=nn.ModuleList(Block(c, cross_attention=cross) for _ in range(n_layer)),
+            ln_f=_layer_norm(c),
+        ))
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, src_len: Optional[int] = None) -> KVCache:
+        """A cache for `batch_size` rows of up to `max_len` tokens (default: block_size)."""
+        c = self.config
+        max_len = min(max_len or c.block_size, c.block_size)
+        src = (min(src_len or c.block_size, c.block_size)) if "cross" in self._parts else 0
+        p = next(self.parameters())
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
+                       dtype=p.dtype, device=p.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class GPT(_Decoder):
+    """Decoder-only, causal, GPT-2's parameter layout; `lm_head` shares the token embedding."""
+
+    _parts = ("self",)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "gpt":
+            raise ValueError(f"GPT needs arch='gpt', got {config.arch!r}")
+        self.config = config
+        self.transformer = self._stack(config.n_layer, cross=False)
+        self.transformer.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        _init_weights(self, config, config.n_layer)
+
+    def forward(self, idx: Tensor, *, cache: Optional[KVCache] = None, rows: Optional[Rows] = None,
+                n_tokens=None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); (B, vocab) for each row's last real token
+        when `last_only`. With a cache, the tokens are appended to `rows` of the cache (default
+        the first B); row b brings `n_tokens[b]` real tokens, the rest of it is padding."""
+        self._check_ids(idx, "input_ids")
+        x = self._run(self.transformer, self.transformer.wte, idx, cache=cache, rows=rows,
+                      n_tokens=n_tokens, causal=True)
+        if last_only:
+            x = self._last(x, n_tokens)
+        return self.lm_head(x)
+
+    def start(self, prompts: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
+        """Prefill the cache rows with prompts of any lengths; next-token logits (B, V)."""
+        ids, lens = _pad(prompts, self.device)
+        cache.reset(rows if rows is not None else slice(0, len(prompts)))
+        return self(ids, cache=cache, rows=rows, n_tokens=lens, last_only=True)
+
+    def step(self, tokens: Tensor, cache: KVCache, rows: Optional[Rows] = None, n_tokens=None) -> Tensor:
+        """Append tokens (B, T) to the cache rows; next-token logits (B, V)."""
+        return self(tokens, cache=cache, rows=rows, n_tokens=n_tokens, last_only=True)
+
+
+class EncoderDecoder(_Decoder):
+    """The full Transformer: a non-causal encoder and a causal decoder with cross-attention.
+
+    The decoder starts from `bos_token_id` (by convention the tokenizer's end-of-text id)."""
+
+    _parts = ("self", "cross")
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "seq2seq":
+            raise ValueError(f"EncoderDecoder needs arch='seq2seq', got {config.arch!r}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # target (and shared source) embedding
+        self.src_wte = None if config.share_embeddings else nn.Embedding(config.vocab_size, config.n_embd)
+        self.encoder = self._stack(config.n_encoder_layer, cross=False)
+        self.decoder = self._stack(config.n_layer, cross=True)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        _init_weights(self, config, config.n_layer + config.n_encoder_layer)
+
+    @staticmethod
+    def _key_mask(src_mask: Optional[Tensor]) -> Optional[Tensor]:
+        # (B, S) True = real token -> (B, 1, 1, S) for attention over the source.
+        return None if src_mask is None else src_mask.bool()[:, None, None, :]
+
+    def encode(self, src: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
+        """Encoder output (B, S, C). `src_mask` (B, S) marks real tokens (False = padding)."""
+        self._check_ids(src, "src_ids")
+        wte = self.src_wte or self.wte
+        return self._run(self.encoder, wte, src, cache=None, rows=None, n_tokens=None, causal=False,
+                         mask=self._key_mask(src_mask))
+
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
+        """Teacher-forced logits (B, T, vocab) for target inputs `tgt` given source `src`."""
+        self._check_ids(tgt, "tgt_ids")
+        memory = self.encode(src, src_mask)
+        x = self._run(self.decoder, self.wte, tgt, cache=None, rows=None, n_tokens=None, causal=True,
+                      memory=memory, memory_mask=self._key_mask(src_mask))
+        return self.lm_head(x)
+
+    def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None,
+              bos_token_id: int = 0) -> Tensor:
+        """Encode the sources once, store every decoder layer's cross-attention K/V in the cache
+        rows, and feed the start token; next-token logits (B, V)."""
+        src, lens = _pad(sources, self.device)
+        if src.shape[1] > cache.max_src_len:
+            raise ValueError(f"source of {src.shape[1]} tokens exceeds the cache's {cache.max_src_len}")
+        rows_t, _ = cache._rows(rows, len(sources))
+        mask = torch.arange(src.shape[1])[None, :] < lens[:, None]
+        memory = self.encode(src, mask.to(src.device))
+        dev_rows = rows_t.to(cache.device)
+        for block, layer in zip(self.decoder.h, cache.layers):
+            layer.write_cross(dev_rows, *block.cross_attn.project_kv(memory))
+        cache.reset(rows_t)
+        cache.src_lengths[rows_t] = lens
+        bos = torch.full((len(sources), 1), bos_token_id, dtype=torch.long, device=self.device)
+        return self.step(bos, cache, rows=rows)
+
+    def step(self, tokens: Tensor, cache: KVCache, rows: Optional[Rows] = None, n_tokens=None) -> Tensor:
+        """Append target tokens (B, T) to the cache rows; next-token logits (B, V)."""
+        self._check_ids(tokens, "tgt_ids")
+        x = self._run(self.decoder, self.wte, tokens, cache=cache, rows=rows, n_tokens=n_tokens, causal=True)
+        return self.lm_head(self._last(x, n_tokens))
+
+
+def build_model(config: ModelConfig) -> _Decoder:
+    """The model class that `config.arch` names."""
+    return GPT(config) if config.arch == "gpt" else EncoderDecoder(config)
