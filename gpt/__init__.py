@@ -1,5 +1,22 @@
-"""gpt: a readable GPT / encoder-decoder Transformer library in pure PyTorch."""
-from .config import ModelConfig, PRESETS, preset
+"""gpt: a readable GPT / encoder-decoder Transformer library in pure PyTorch.
+
+    model, tokenizer = gpt.load(path)
+    text = gpt.generate(model, tokenizer, "a prompt", max_new_tokens=64, temperature=0.0)
+"""
+from .beam import beam_search
+from .checkpoint import CheckpointError, load, load_checkpoint, save
+from .config import PRESETS, ModelConfig, preset
+from .generate import Completion, complete, generate
+from .hf import export_hf_gpt2, load_hf_gpt2
 from .kv_cache import KVCache
 from .model import GPT, EncoderDecoder, build_model
+from .sampling import SamplingParams
+from .streaming import IncrementalDetokenizer, StopMatcher, TextStream
 from .tokenizer import Tokenizer, get_tokenizer
+
+__all__ = [
+    "GPT", "EncoderDecoder", "build_model", "ModelConfig", "PRESETS", "preset", "KVCache",
+    "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
+    "generate", "complete", "beam_search", "Completion", "SamplingParams",
+    "Tokenizer", "get_tokenizer", "IncrementalDetokenizer", "TextStream", "StopMatcher",
+]

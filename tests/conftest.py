@@ -3,6 +3,9 @@ import torch
 
 import gpt
 
+# Tests run tiny models: one thread avoids OpenMP start-up costs and contention on small machines.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
