@@ -13,6 +13,34 @@ from .config import ModelConfig
 from .kv_cache import LayerCache, CacheView
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+_ONEDNN_MIN_WEIGHT = 1 << 19  # oneDNN costs ~15 us more per call: not worth it for small layers
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) that runs inference on oneDNN's GEMM.
+
+    On CPU in fp32, F.linear goes to MKL's sgemm. Measured on the 2-core AMD EPYC (Zen 4) boxes
+    this project benchmarks on, oneDNN's kernel is 1.5-2x faster for every decode shape (batch 1
+    to 32, including the 50257-wide lm_head); MKL's single-row product did not use the second
+    core at all. oneDNN's op has no backward, so training (grad enabled) keeps F.linear, and
+    so does torch.compile, which picks its own kernels.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (_ONEDNN_LINEAR and self.weight.numel() >= _ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
+                and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
+        return F.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     """Multi-head scaled-dot-product attention.
 
@@ -26,11 +54,11 @@ class Attention(nn.Module):
         C = config.n_embd
         self.n_head, self.head_dim, self.cross = config.n_head, config.head_dim, cross
         if cross:
-            self.q_proj = nn.Linear(C, C, bias=config.bias)
-            self.kv_proj = nn.Linear(C, 2 * C, bias=config.bias)
+            self.q_proj = Linear(C, C, bias=config.bias)
+            self.kv_proj = Linear(C, 2 * C, bias=config.bias)
         else:
-            self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
-        self.c_proj = nn.Linear(C, C, bias=config.bias)
+            self.c_attn = Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = Linear(C, C, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -69,9 +97,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.d_ff, bias=config.bias)
         self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else nn.ReLU()
-        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
-from .layers import Block, PositionEncoding
+from .layers import Block, Linear, PositionEncoding
 
 
 def _layer_norm(config: ModelConfig) -> nn.Module:
@@ -137,7 +137,7 @@ class GPT(_Decoder):
         self.config = config
         self.transformer = self._stack(config.n_layer, cross=False)
         self.transformer.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         _init_weights(self, config, config.n_layer)
@@ -181,7 +181,7 @@ class EncoderDecoder(_Decoder):
         self.src_wte = None if config.share_embeddings else nn.Embedding(config.vocab_size, config.n_embd)
         self.encoder = self._stack(config.n_encoder_layer, cross=False)
         self.decoder = self._stack(config.n_layer, cross=True)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         _init_weights(self, config, config.n_layer + config.n_encoder_layer)

@@ -1,0 +1,147 @@
+"""Greedy decoding throughput: our GPT against transformers' GPT2LMHeadModel.generate.
+
+Both models hold the same random GPT-2-small weights (124M, fp32, nothing is downloaded) and run
+in one process, alternating ours / transformers for each batch size so that both see the same
+machine state (other load, caches). A generation of N new tokens is one prefill forward over the
+prompt (which yields the first new token) and N - 1 single-token forwards. Two numbers per model:
+
+  total   batch x N / (time of the whole generation, prefill included)
+  decode  batch x (N - 1) / (time(N new tokens) - time(1 new token)): the per-token loop alone,
+          measured the same way for both (a 1-token generation is the prefill plus fixed costs)
+
+Times are the best of `--repeats` runs (least disturbed by other processes on a shared machine).
+
+    python benchmarks/decode.py --batch-sizes 1,8,32 --new-tokens 128 --prompt-len 32 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import transformers
+
+import gpt
+
+
+def build_ours() -> gpt.GPT:
+    torch.manual_seed(0)
+    return gpt.GPT(gpt.preset("gpt2")).eval()
+
+
+def build_hf(ours: gpt.GPT):
+    """transformers' GPT-2 with our weights. Its Conv1D layers store (in, out): the transpose
+    of our nn.Linear (out, in)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = ours.config
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                           n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           layer_norm_epsilon=c.layer_norm_eps, bos_token_id=50256, eos_token_id=50256)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    ours_sd = ours.state_dict()
+    with torch.no_grad():
+        # Parameters only (HF's attention-mask buffers are not weights); a KeyError here would
+        # mean a HF weight we have no source for.
+        for name, param in hf.named_parameters(remove_duplicate=False):
+            src = ours_sd[name]
+            param.copy_(src.t() if name.endswith(conv1d) else src)
+    return hf
+
+
+@torch.inference_mode()
+def generate_ours(model: gpt.GPT, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The plainest greedy loop on the incremental interface: prefill, then one token at a time."""
+    B, P = prompts.shape
+    cache = model.new_cache(B, max_len=P + new_tokens)
+    out = torch.empty(B, new_tokens, dtype=torch.long)
+    logits = model.start(prompts.tolist(), cache)
+    for i in range(new_tokens):
+        nxt = logits.argmax(-1)
+        out[:, i] = nxt
+        if i + 1 < new_tokens:
+            logits = model.step(nxt[:, None], cache)
+    return out
+
+
+@torch.inference_mode()
+def generate_hf(hf, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # never stop at EOS
+                      pad_token_id=hf.config.eos_token_id, num_beams=1)
+    return out[:, prompts.shape[1]:]
+
+
+def timed(fn) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+@torch.inference_mode()
+def max_logit_diff(ours: gpt.GPT, hf, prompts: torch.Tensor) -> float:
+    return (ours(prompts) - hf(prompts).logits).abs().max().item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-sizes", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per model and batch size; best is kept")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model (optional, off by default)")
+    args = ap.parse_args()
+    if args.new_tokens < 2:
+        ap.error("--new-tokens must be at least 2")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    ours = build_ours()
+    hf = build_hf(ours)
+    if args.compile:
+        ours.compile(dynamic=True)  # in place, so that start/step, which call the module, use it
+    N = args.new_tokens
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"GPT-2 small (124M) random weights, fp32; prompt {args.prompt_len} tokens, {N} new tokens, greedy; "
+          f"best of {args.repeats}")
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for B in batch_sizes:
+        prompts = torch.randint(0, ours.config.vocab_size, (B, args.prompt_len), generator=g)
+        runs = {"ours": lambda n: generate_ours(ours, prompts, n), "HF": lambda n: generate_hf(hf, prompts, n)}
+        for run in runs.values():  # warm-up: allocator, oneDNN/MKL kernels, lazy imports
+            run(4)
+        best = {name: [float("inf"), float("inf")] for name in runs}  # [N tokens, 1 token]
+        out = {}
+        for _ in range(args.repeats):  # interleaved: ours, HF, ours, HF, ...
+            for name, run in runs.items():
+                t, out[name] = timed(lambda: run(N))
+                best[name][0] = min(best[name][0], t)
+                best[name][1] = min(best[name][1], timed(lambda: run(1))[0])
+        if B == 1:
+            diff = max_logit_diff(ours, hf, prompts)
+            if torch.equal(out["ours"], out["HF"]):
+                print(f"check: batch-1 greedy tokens are identical to transformers' "
+                      f"(prompt logits differ by at most {diff:.1e})")
+            else:
+                first = int((out["ours"] != out["HF"]).nonzero()[0, 1])
+                print(f"WARNING: batch-1 greedy tokens differ from transformers' from new token {first} on "
+                      f"(prompt logits differ by at most {diff:.1e})")
+        total = {k: B * N / t[0] for k, t in best.items()}
+        decode = {k: B * (N - 1) / (t[0] - t[1]) for k, t in best.items()}
+        rows.append((B, total, decode))
+
+    print(f"\n{'':>5}  {'total tokens/s (prefill incl.)':^30}   {'decode tokens/s':^30}")
+    print(f"{'batch':>5}  {'ours':>9} {'HF':>9} {'ratio':>9}    {'ours':>9} {'HF':>9} {'ratio':>9}")
+    for B, total, decode in rows:
+        print(f"{B:>5}  {total['ours']:>9.1f} {total['HF']:>9.1f} {total['ours'] / total['HF']:>8.2f}x    "
+              f"{decode['ours']:>9.1f} {decode['HF']:>9.1f} {decode['ours'] / decode['HF']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
