@@ -168,3 +168,22 @@ def test_unknown_preset_lists_the_known_ones():
 def test_too_long_input_is_rejected(tiny_gpt):
     with pytest.raises(ValueError, match="block_size"):
         tiny_gpt(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (3, 5, 1024), "transposed"])
+def test_inference_linear_fast_path_matches_f_linear(shape):
+    """Wide layers run inference on oneDNN's GEMM: it must compute what F.linear computes."""
+    from gpt.layers import Linear
+    layer = Linear(1024, 768)
+    x = torch.randn(1024, 6).t() if shape == "transposed" else torch.randn(*shape)
+    with torch.inference_mode():
+        fast = layer(x)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert fast.shape == ref.shape
+    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_decoding_equals_full_forward_at_a_width_that_takes_the_fast_path():
+    model = gpt.GPT(gpt.preset("gpt-tiny", n_embd=512, n_head=8, n_layer=1, vocab_size=1024)).eval()
+    prompts = [torch.randint(0, 1024, (n,)).tolist() for n in (6, 3)]
+    assert _greedy_incremental_matches_full(model, prompts, steps=4) <= 1e-5
