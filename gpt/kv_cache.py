@@ -76,7 +76,8 @@ class KVCache(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].k.device
 
-    def _rows(self, rows: Optional[Rows], B: int) -> tuple[Tensor, Rows]:
+    def resolve_rows(self, rows: Optional[Rows], B: int) -> tuple[Tensor, Rows]:
+        """`rows` (None = the first B, a slice, or row ids) as (CPU row ids, the cheapest selector)."""
         if rows is None:
             rows = slice(0, B)
         if isinstance(rows, slice):
@@ -99,7 +100,7 @@ class KVCache(nn.Module):
         tokens, the rest is padding). Returns the view for the layers, each token's position
         (B, T) (on CPU), the attention mask (or None when plain causal/no mask is exact), and
         whether plain causal attention is exact. Lengths advance by `n_tokens`."""
-        rows_t, select = self._rows(rows, B)
+        rows_t, select = self.resolve_rows(rows, B)
         start = self.lengths[rows_t]
         n = torch.full((B,), T, dtype=torch.long) if n_tokens is None else torch.as_tensor(n_tokens).long().cpu()
         if bool((n < 1).any() or (n > T).any()):

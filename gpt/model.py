@@ -80,7 +80,7 @@ class _Decoder(nn.Module):
         else:
             view, pos, mask, causal = cache.plan(B, T, rows, n_tokens)
             pos = pos.clamp(max=self.config.block_size - 1).to(idx.device)  # padding may run past the end
-            if memory is None and "cross" in self._parts:
+            if memory is None and cache.max_src_len:  # decoding against stored encoder outputs
                 memory_mask = cache.cross_mask(view)
         x = self._embed(wte, stack.wpe, idx, pos)
         x = stack.drop(x)
@@ -112,7 +112,7 @@ class _Decoder(nn.Module):
         """A cache for `batch_size` rows of up to `max_len` tokens (default: block_size)."""
         c = self.config
         max_len = min(max_len or c.block_size, c.block_size)
-        src = (min(src_len or c.block_size, c.block_size)) if "cross" in self._parts else 0
+        src = min(src_len or c.block_size, c.block_size) if c.arch == "seq2seq" else 0
         p = next(self.parameters())
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
                        dtype=p.dtype, device=p.device)
@@ -127,8 +127,6 @@ class _Decoder(nn.Module):
 
 class GPT(_Decoder):
     """Decoder-only, causal, GPT-2's parameter layout; `lm_head` shares the token embedding."""
-
-    _parts = ("self",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -169,8 +167,6 @@ class EncoderDecoder(_Decoder):
     """The full Transformer: a non-causal encoder and a causal decoder with cross-attention.
 
     The decoder starts from `bos_token_id` (by convention the tokenizer's end-of-text id)."""
-
-    _parts = ("self", "cross")
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -213,7 +209,7 @@ class EncoderDecoder(_Decoder):
         src, lens = _pad(sources, self.device)
         if src.shape[1] > cache.max_src_len:
             raise ValueError(f"source of {src.shape[1]} tokens exceeds the cache's {cache.max_src_len}")
-        rows_t, _ = cache._rows(rows, len(sources))
+        rows_t, _ = cache.resolve_rows(rows, len(sources))
         mask = torch.arange(src.shape[1])[None, :] < lens[:, None]
         memory = self.encode(src, mask.to(src.device))
         dev_rows = rows_t.to(cache.device)
