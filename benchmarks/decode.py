@@ -30,25 +30,14 @@ def build_ours() -> gpt.GPT:
 
 
 def build_hf(ours: gpt.GPT):
-    """transformers' GPT-2 with our weights. Its Conv1D layers store (in, out): the transpose
-    of our nn.Linear (out, in)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """transformers' GPT-2 holding our weights, written by our exporter and read by theirs."""
+    import tempfile
 
-    c = ours.config
-    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                           n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                           layer_norm_epsilon=c.layer_norm_eps, bos_token_id=50256, eos_token_id=50256)
-    hf = GPT2LMHeadModel(hf_config).eval()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    ours_sd = ours.state_dict()
-    with torch.no_grad():
-        # Parameters only (HF's attention-mask buffers are not weights); a KeyError here would
-        # mean a HF weight we have no source for.
-        for name, param in hf.named_parameters(remove_duplicate=False):
-            src = ours_sd[name]
-            param.copy_(src.t() if name.endswith(conv1d) else src)
-    return hf
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gpt.export_hf_gpt2(ours, f"{tmp}/gpt2")
+        return GPT2LMHeadModel.from_pretrained(f"{tmp}/gpt2").eval()
 
 
 @torch.inference_mode()
