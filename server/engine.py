@@ -1,0 +1,258 @@
+"""The continuous-batching generation engine: an asyncio front over a model-running thread.
+
+    engine = Engine(model, tokenizer, max_batch_size=32)
+    engine.start()
+    handle = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64))   # inside an event loop
+    async for out in handle:
+        print(out.text, end="")
+
+A background thread runs the step loop (`server/scheduler.py`): every step it admits waiting
+requests into free KV-cache rows ("slots"), prefills prompts in chunks under a token budget and
+decodes one token for every running request in one batched forward. Torch releases the GIL inside
+its kernels, so the event loop keeps streaming while the thread computes. Outputs cross back to
+the event loop once per step per loop, through `loop.call_soon_threadsafe`.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+import torch
+
+from gpt import SamplingParams
+
+from .metrics import Metrics
+from .scheduler import Output, Request, Scheduler
+
+__all__ = ["Engine", "RequestHandle", "Output", "QueueFull", "EngineClosed"]
+
+log = logging.getLogger("gpt-serve.engine")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at capacity (HTTP 429 with Retry-After)."""
+
+
+class EngineClosed(Exception):
+    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: iterate it for Outputs; `cancel()` from anywhere."""
+
+    def __init__(self, engine: "Engine", request: Request):
+        self._engine, self._request = engine, request
+        self.request_id, self.prompt_tokens = request.id, len(request.prompt)
+        self._queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> AsyncIterator[Output]:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self._done:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        # A consumer that fell behind gets everything pending as one piece: fewer, larger SSE
+        # chunks instead of a growing backlog.
+        while out.finish_reason is None and not self._queue.empty():
+            out = out.merge(self._queue.get_nowait())
+        if out.finish_reason is not None:
+            self._done = True
+        return out
+
+    def cancel(self) -> None:
+        """Drop the request (e.g. its client disconnected): its slot is freed within one step."""
+        self._request.cancelled = True
+        self._engine._wake()
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def _put(self, out: Output) -> None:  # on the event loop's thread
+        self._queue.put_nowait(out)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
+                 max_len: Optional[int] = None, prefill_chunk: int = 512, metrics: Optional[Metrics] = None):
+        if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.seq2seq = model.config.arch == "seq2seq"
+        block = model.config.block_size
+        # max_len: tokens per cache row (a GPT's prompt plus output; an encoder-decoder's output,
+        # start token included; its source always gets the full block).
+        self.max_len = min(max_len or block, block)
+        self.max_source_len = block if self.seq2seq else 0
+        self._sched = Scheduler(model, tokenizer, max_batch_size, self.max_len, prefill_chunk, self.metrics,
+                                self._deliver)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._draining = False
+        self._stop = False
+
+    # --- the asyncio side ---------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="gpt-serve-engine", daemon=True)
+                self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: Optional[float] = None,
+               request_id: Optional[str] = None) -> RequestHandle:
+        """Queue a request. Raises ValueError (bad prompt or params), QueueFull or EngineClosed."""
+        loop = asyncio.get_running_loop()
+        prompt = self._check(prompt_ids, params)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        now = time.monotonic()
+        req = Request(id=request_id or uuid.uuid4().hex, prompt=prompt, params=params, loop=loop, arrival=now,
+                      deadline=None if timeout is None else now + timeout)
+        handle = RequestHandle(self, req)
+        req.handle = handle
+        with self._cond:
+            if self._draining or self._stop:
+                raise EngineClosed("the server is shutting down and takes no new requests")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
+            self._waiting.append(req)
+            self.metrics.requests_waiting.set(len(self._waiting))
+            self._cond.notify()
+        self.start()
+        return handle
+
+    async def shutdown(self, grace: float = 30.0) -> None:
+        """Take no new requests; let queued and running ones finish for up to `grace` seconds;
+        cancel what is left; stop the thread."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify()
+        deadline = time.monotonic() + max(grace, 0.0)
+        while (self._waiting or self._sched.running) and time.monotonic() < deadline and self._alive():
+            await asyncio.sleep(0.02)
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._sched.running)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self._sched.slots_in_use
+
+    @property
+    def draining(self) -> bool:
+        return self._draining or self._stop
+
+    def _alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _check(self, prompt_ids, params: SamplingParams) -> list[int]:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(t for t in prompt if not 0 <= t < vocab)
+            raise ValueError(f"prompt token id {bad} is out of range [0, {vocab})")
+        params.validate(vocab)
+        if params.num_beams > 1:
+            raise ValueError("beam search (num_beams > 1) is not served")
+        n, p = params.max_new_tokens, len(prompt)
+        if self.seq2seq:
+            if p > self.max_source_len:
+                raise ValueError(f"the prompt has {p} tokens, but the model's source context is {self.max_source_len}")
+            if n > self.max_len - 1:
+                raise ValueError(f"max_tokens is {n}, but the model generates at most {self.max_len - 1} tokens")
+        elif p + n > self.max_len:
+            raise ValueError(f"the prompt has {p} tokens and max_tokens is {n}, "
+                             f"but the model's context is {self.max_len}")
+        return prompt
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # --- the engine thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stop or self._waiting or self._sched.running):
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    gone, arrivals = self._take_from_queue()
+                try:
+                    self._sched.step(arrivals, gone)
+                except Exception:  # a failed forward must not kill the server: fail the batch instead
+                    log.exception("engine step failed; failing the running requests")
+                    self._sched.fail_all()
+                self._update_gauges()
+            self._cancel_everything()
+
+    def _take_from_queue(self) -> tuple[list[Request], list[Request]]:
+        """(cancelled or timed-out requests leaving the queue, requests to admit into free
+        slots, oldest first). Called under the lock."""
+        now = time.monotonic()
+        gone = [r for r in self._waiting if r.cancelled or r.expired(now)]
+        for r in gone:
+            self._waiting.remove(r)
+        admit = []
+        while self._waiting and len(admit) < self._sched.free_slots:
+            admit.append(self._waiting.popleft())
+        return gone, admit
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.requests_waiting.set(len(self._waiting))
+        m.requests_running.set(len(self._sched.running))
+        m.kv_slots_used.set(self._sched.slots_in_use)
+
+    def _cancel_everything(self) -> None:
+        with self._cond:
+            left = list(self._waiting)
+            self._waiting.clear()
+        for r in left:
+            r.cancelled = True
+        self._sched.step([], left, cancel_all=True)
+        self._update_gauges()
+
+    def _deliver(self, outputs: list[tuple[Request, Output]]) -> None:
+        """Hand a step's outputs to their event loops: one thread-safe callback per loop."""
+        by_loop: dict = {}
+        for req, out in outputs:
+            by_loop.setdefault(req.loop, []).append((req.handle, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for handle, _ in items:
+                    handle._request.cancelled = True
+
+
+def _put_all(items: list[tuple[RequestHandle, Output]]) -> None:
+    for handle, out in items:
+        handle._put(out)
