@@ -1,0 +1,315 @@
+"""The continuous-batching engine, driven directly (no HTTP) with tiny models."""
+import asyncio
+import time
+
+import pytest
+
+import gpt
+from gpt import SamplingParams
+from server.engine import Engine, EngineClosed, QueueFull
+
+TOK = gpt.get_tokenizer("byte")
+
+
+def run(coro, limit: float = 60.0):
+    """Run a coroutine on a fresh event loop; a hang fails the test instead of blocking the suite."""
+    return asyncio.run(asyncio.wait_for(coro, limit))
+
+
+async def collect(handle):
+    """(text, token ids, finish reason, the Outputs) of one request."""
+    outs = [o async for o in handle]
+    return "".join(o.text for o in outs), [t for o in outs for t in o.token_ids], outs[-1].finish_reason, outs
+
+
+def slow_steps(model, seconds: float):
+    """Make every forward of `model` take at least `seconds`, to give cancels and timeouts time to act."""
+    step = model.step
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+
+    model.step = slow
+    return model
+
+
+async def settle(engine: Engine, limit: float = 5.0):
+    """Wait until the engine has nothing queued or running (the step after a cancel)."""
+    deadline = time.monotonic() + limit
+    while (engine.num_waiting or engine.num_running) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
+def gauges(engine: Engine) -> tuple[float, float, float]:
+    m = engine.metrics
+    return (m.requests_waiting._value.get(), m.requests_running._value.get(), m.kv_slots_used._value.get())
+
+
+PROMPTS = ["hello world", "a", "the quick brown fox jumps over", "xyz", "Once upon a time", "42", "foo bar baz"]
+
+
+def test_more_requests_than_slots_all_complete_with_the_text_of_gpt_complete(tiny_gpt):
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    want = gpt.complete(tiny_gpt, TOK, PROMPTS, params)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=3, prefill_chunk=8)
+        try:
+            handles = [engine.submit(TOK.encode(p), params) for p in PROMPTS]
+            return await asyncio.gather(*map(collect, handles))
+        finally:
+            await engine.shutdown(1)
+
+    got = run(main())
+    for (text, ids, reason, outs), c in zip(got, want):
+        assert (text, ids, reason) == (c.text, c.token_ids, "length")
+        assert outs[-1].completion_tokens == 12 and outs[-1].prompt_tokens == c.prompt_tokens
+        assert [round(x, 4) for o in outs for x in o.logprobs] == [round(x, 4) for x in c.logprobs]
+
+
+def test_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding(tiny_gpt):
+    calls = []  # (batch rows, tokens per row) of every forward, in order
+    step = tiny_gpt.step
+
+    def record(tokens, cache, rows=None, n_tokens=None):
+        calls.append(tuple(tokens.shape))
+        return step(tokens, cache, rows=rows, n_tokens=n_tokens)
+
+    tiny_gpt.step = record
+    long_prompt = list(range(65, 65 + 50))  # 50 tokens in chunks of 8: 7 prefill forwards
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    want = gpt.complete(tiny_gpt, TOK, [long_prompt], params)[0]
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=4, prefill_chunk=8)
+        try:
+            streaming = engine.submit(TOK.encode("hi"), SamplingParams(max_new_tokens=40, temperature=0,
+                                                                        ignore_eos=True))
+            first = await streaming.__anext__()
+            calls.clear()
+            long = engine.submit(long_prompt, params)
+            got_long, rest = await asyncio.gather(collect(long), collect(streaming))
+            return first, got_long, rest
+        finally:
+            await engine.shutdown(1)
+
+    calls.clear()
+    first, (text, ids, reason, _), rest = run(main())
+    assert (text, ids, reason) == (want.text, want.token_ids, "length")  # chunking changed nothing
+    assert len(first.token_ids) + len(rest[1]) == 40 and rest[2] == "length"
+    prefills = [i for i, (_, t) in enumerate(calls) if t > 1]
+    assert len(prefills) == 7 and all(calls[i] == (1, 8) for i in prefills[:-1])
+    # between any two prefill chunks the running stream decoded a token
+    assert all(calls[i + 1][1] == 1 for i in prefills[:-1])
+
+
+def test_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(tiny_gpt):
+    seeded = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    want = gpt.complete(tiny_gpt, TOK, ["Once upon a time"], seeded)[0].text
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=4, prefill_chunk=6)
+        try:
+            alone = (await collect(engine.submit(TOK.encode("Once upon a time"), seeded)))[0]
+            others = [engine.submit(TOK.encode(p), SamplingParams(max_new_tokens=5 + 3 * i, temperature=1.2,
+                                                                  seed=i if i % 2 else None))
+                      for i, p in enumerate(PROMPTS)]
+            busy = engine.submit(TOK.encode("Once upon a time"), seeded)
+            results = await asyncio.gather(collect(busy), *map(collect, others))
+            return alone, results[0][0]
+        finally:
+            await engine.shutdown(1)
+
+    alone, busy = run(main())
+    assert alone == busy == want
+    assert len(set(alone)) > 5  # really sampled, not a greedy repetition
+
+
+def test_stop_string_spanning_tokens_ends_the_text_before_it_and_never_leaks(tiny_gpt):
+    base = dict(max_new_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
+    full = gpt.complete(tiny_gpt, TOK, ["abc"], SamplingParams(**base))[0].text
+    at = next(i for i in range(8, len(full) - 2) if full[i:i + 3].isprintable() and "\ufffd" not in full[i:i + 3])
+    stop = full[at:at + 3]  # three byte tokens: the match spans tokens
+    want = full[: full.index(stop)]
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        try:
+            return await collect(engine.submit(TOK.encode("abc"), SamplingParams(**base, stop=[stop, "\x00never"])))
+        finally:
+            await engine.shutdown(1)
+
+    text, _, reason, outs = run(main())
+    assert (text, reason) == (want, "stop")
+    assert all(stop not in o.text for o in outs)
+
+
+def test_end_of_text_stops_unless_ignore_eos_and_length_ends_at_max_tokens(tiny_gpt):
+    force_eot = {TOK.eot_token: 100.0}
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        try:
+            return await asyncio.gather(
+                collect(engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5, logit_bias=force_eot))),
+                collect(engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5, logit_bias=force_eot,
+                                                                ignore_eos=True))))
+        finally:
+            await engine.shutdown(1)
+
+    (text, ids, reason, outs), (_, ids2, reason2, outs2) = run(main())
+    assert (text, ids, reason, outs[-1].completion_tokens) == ("", [TOK.eot_token], "stop", 1)
+    assert (ids2, reason2, outs2[-1].completion_tokens) == ([TOK.eot_token] * 5, "length", 5)
+
+
+def test_top_logprobs_are_reported_per_token(tiny_gpt):
+    params = SamplingParams(max_new_tokens=4, temperature=0, logprobs=3, ignore_eos=True)
+    want = gpt.complete(tiny_gpt, TOK, ["hey"], params)[0]
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK)
+        try:
+            return await collect(engine.submit(TOK.encode("hey"), params))
+        finally:
+            await engine.shutdown(1)
+
+    _, ids, _, outs = run(main())
+    tops = [t for o in outs for t in o.top_logprobs]
+    assert len(tops) == 4 and all(len(t) == 3 for t in tops)
+    assert [max(t, key=t.get) for t in tops] == ids  # greedy picks the most likely token
+    assert [sorted(t) for t in tops] == [sorted(t) for t in want.top_logprobs]
+
+
+def test_cancel_frees_slots_and_brings_the_gauges_back_to_zero(tiny_gpt):
+    slow_steps(tiny_gpt, 0.01)
+    long = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        try:
+            handles = [engine.submit([5, 6, 7], long) for _ in range(4)]  # two run, two wait
+            first = await handles[0].__anext__()
+            assert first.finish_reason is None and engine.slots_in_use == 2 and engine.num_waiting == 2
+            for h in handles:
+                h.cancel()
+            results = await asyncio.gather(*map(collect, handles))
+            await settle(engine)
+            state = (engine.num_running, engine.num_waiting, engine.slots_in_use, gauges(engine))
+            after = await collect(engine.submit([5, 6], SamplingParams(max_new_tokens=3)))  # slots reusable
+            return results, state, after, engine.metrics
+        finally:
+            await engine.shutdown(1)
+
+    results, state, after, metrics = run(main())
+    assert [r[2] for r in results] == ["cancelled"] * 4
+    assert all(len(r[1]) < 50 for r in results)
+    assert state == (0, 0, 0, (0.0, 0.0, 0.0))
+    assert after[2] in ("stop", "length")
+    assert metrics.request_finished_total.labels(finish_reason="cancelled")._value.get() == 4
+
+
+def test_timeout_ends_running_and_queued_requests_and_frees_their_slots(tiny_gpt):
+    slow_steps(tiny_gpt, 0.02)
+    long = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=1)
+        try:
+            running = engine.submit([5, 6, 7], long, timeout=0.3)
+            queued = engine.submit([5, 6, 7], long, timeout=0.1)  # expires before the slot frees up
+            results = await asyncio.gather(collect(running), collect(queued))
+            await settle(engine)
+            return results, gauges(engine)
+        finally:
+            await engine.shutdown(1)
+
+    ((_, r_ids, r_reason, _), (_, q_ids, q_reason, q_outs)), gauge_values = run(main())
+    assert r_reason == q_reason == "timeout"
+    assert 0 < len(r_ids) < 50 and q_ids == [] and q_outs[-1].completion_tokens == 0
+    assert gauge_values == (0.0, 0.0, 0.0)
+
+
+def test_full_queue_raises_queue_full(tiny_gpt):
+    slow_steps(tiny_gpt, 0.01)
+    long = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=1, max_queue=2)
+        try:
+            running = engine.submit([1, 2], long)
+            await running.__anext__()  # holds the only slot now
+            queued = [engine.submit([1, 2], long) for _ in range(2)]
+            with pytest.raises(QueueFull):
+                engine.submit([1, 2], long)
+            for h in [running, *queued]:
+                h.cancel()
+            await asyncio.gather(*map(collect, [running, *queued]))
+        finally:
+            await engine.shutdown(1)
+
+    run(main())
+
+
+def test_shutdown_lets_requests_finish_then_refuses_new_ones(tiny_gpt):
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        handles = [engine.submit(TOK.encode(p), params) for p in PROMPTS[:5]]
+        results = asyncio.gather(*map(collect, handles))
+        await engine.shutdown(grace=30)
+        assert engine.draining
+        with pytest.raises(EngineClosed):
+            engine.submit([1], params)
+        return await results
+
+    assert [r[2] for r in run(main())] == ["length"] * 5
+
+
+def test_shutdown_cancels_what_outlasts_the_grace_period(tiny_gpt):
+    slow_steps(tiny_gpt, 0.01)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=1)
+        handles = [engine.submit([1, 2], SamplingParams(max_new_tokens=60, ignore_eos=True)) for _ in range(2)]
+        await engine.shutdown(grace=0.1)
+        return await asyncio.gather(*map(collect, handles)), gauges(engine)
+
+    results, gauge_values = run(main())
+    assert [r[2] for r in results] == ["cancelled", "cancelled"]
+    assert gauge_values == (0.0, 0.0, 0.0)
+
+
+def test_encoder_decoder_model_is_served_with_the_text_of_gpt_complete(tiny_s2s):
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    want = gpt.complete(tiny_s2s, TOK, PROMPTS, params)
+
+    async def main():
+        engine = Engine(tiny_s2s, TOK, max_batch_size=3, prefill_chunk=16)
+        try:
+            return await asyncio.gather(*(collect(engine.submit(TOK.encode(p), params)) for p in PROMPTS))
+        finally:
+            await engine.shutdown(1)
+
+    assert [(t, ids) for t, ids, _, _ in run(main())] == [(c.text, c.token_ids) for c in want]
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([], SamplingParams(), "empty"),
+    ([1, 300], SamplingParams(), "300"),
+    ([1] * 60, SamplingParams(max_new_tokens=10), "the prompt has 60 tokens and max_tokens is 10, but the model's context is 64"),
+    ([1, 2], SamplingParams(num_beams=2), "beam"),
+    ([1, 2], SamplingParams(logit_bias={999: 1.0}), "999"),
+])
+def test_bad_requests_are_refused_at_submit_with_a_clear_message(tiny_gpt, prompt, params, message):
+    async def main():
+        engine = Engine(tiny_gpt, TOK)
+        try:
+            with pytest.raises(ValueError, match=message):
+                engine.submit(prompt, params)
+            assert engine.num_waiting == 0
+        finally:
+            await engine.shutdown(1)
+
+    run(main())
