@@ -1,0 +1,138 @@
+"""The FastAPI app factory. Its lifespan owns the generation engine:
+
+- `create_app(settings, engine=engine)` serves a ready engine (what `gpt-serve` does after
+  loading the model, and what tests do);
+- `create_app(settings)` loads `settings.model` in the background once the server is up, so
+  /health answers at once and /ready turns 200 when the model is in memory
+  (`uvicorn --factory server.app:create_app` configured with GPT_SERVE_* variables).
+
+On shutdown the engine drains: no new requests, running ones get `drain_grace` seconds.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from . import routes_chat, routes_completions, routes_system
+from .chat_template import load_chat_template
+from .config import Settings
+from .errors import install_error_handlers
+
+log = logging.getLogger("server")
+
+
+def load_engine(settings: Settings, metrics=None):
+    """Load `settings.model` and build an engine for it (not started). Raises OSError/ValueError
+    (gpt.CheckpointError is a ValueError) for a missing or bad model."""
+    import torch
+
+    import gpt
+
+    from .engine import Engine
+
+    if not settings.model:
+        raise ValueError("no model: pass --model PATH or set GPT_SERVE_MODEL")
+    dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    model, tokenizer = gpt.load(settings.model, device=torch.device(settings.device), dtype=dtype)
+    return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                  metrics=metrics)
+
+
+async def _load_in_background(app: FastAPI) -> None:
+    state = app.state
+    try:
+        engine = await asyncio.to_thread(load_engine, state.settings, state.metrics)
+    except Exception as e:  # keep serving /health and a 503 /ready that says why
+        state.load_error = f"{type(e).__name__}: {e}"
+        log.error("cannot load the model: %s", state.load_error)
+        return
+    engine.start()
+    state.engine = engine
+    log.info("model %s loaded; ready", state.settings.model_name)
+
+
+async def drain(app: FastAPI) -> None:
+    """Stop taking requests (/ready says 503), let running ones finish within the grace period,
+    cancel the rest. Safe to call more than once."""
+    state = app.state
+    state.draining = True
+    if state.engine is not None:
+        await state.engine.shutdown(grace=state.settings.drain_grace)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    state = app.state
+    loader = None
+    if state.engine is not None:
+        state.engine.start()
+    else:
+        loader = asyncio.create_task(_load_in_background(app))
+    try:
+        yield
+    finally:
+        if loader is not None and not loader.done():
+            loader.cancel()
+        await drain(app)
+
+
+class RequestCounter:
+    """ASGI middleware counting responses by route and status code (`requests_total`). A plain
+    ASGI wrapper rather than BaseHTTPMiddleware, which would buffer and detach streaming bodies."""
+
+    def __init__(self, app, fastapi_app: FastAPI):
+        self.app, self.fastapi_app = app, fastapi_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counted = False
+
+        def count(status: int) -> None:
+            nonlocal counted
+            counted = True
+            route = scope.get("route")  # set by the router once it matched
+            endpoint = getattr(route, "path", None) or "other"  # unknown paths share one label
+            self.fastapi_app.state.metrics.requests_total.labels(endpoint=endpoint, status=str(status)).inc()
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and not counted:
+                count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except BaseException:
+            if not counted:  # the 500 is sent by the outer error middleware
+                count(500)
+            raise
+
+
+def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
+    from .metrics import Metrics
+
+    settings = settings if settings is not None else Settings.from_env()
+    app = FastAPI(title="gpt-serve", version="0.1.0", lifespan=_lifespan,
+                  description="An OpenAI-compatible streaming server for gpt checkpoints")
+    state = app.state
+    state.settings = settings
+    state.engine = engine
+    state.metrics = getattr(engine, "metrics", None) or Metrics()
+    state.chat_template = load_chat_template(settings.chat_template)
+    state.draining = False
+    state.load_error = None
+    state.created = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, fastapi_app=app)
+    for module in (routes_completions, routes_chat, routes_system):
+        app.include_router(module.router)
+    app.include_router(routes_system.open_router)
+    if routes_system.STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=routes_system.STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,101 @@
+"""Server settings: one dataclass, filled from `gpt-serve` options or `GPT_SERVE_*` variables.
+
+Every field `name` can be set from the environment as `GPT_SERVE_<NAME>` (upper case), so a
+container can be configured without a command line; explicit arguments win over the environment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+ENV_PREFIX = "GPT_SERVE_"
+DTYPES = ("float32", "bfloat16", "float16")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass
+class Settings:
+    model: Optional[str] = None  # checkpoint directory or Hugging Face GPT-2 directory
+    served_model_name: Optional[str] = None  # the `model` clients send; default: the directory's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None  # when set, /v1/* and /tokenize need `Authorization: Bearer <key>`
+    max_batch_size: int = 32  # requests decoded together (KV-cache slots)
+    max_queue: int = 128  # requests waiting for a slot before new ones get 429
+    max_prompt_tokens: Optional[int] = None  # longest prompt accepted; default: the model's context
+    default_max_tokens: int = 256  # when a request gives no max_tokens
+    timeout: float = 600.0  # seconds a request may take, queueing included
+    drain_grace: float = 30.0  # seconds running requests get to finish after SIGTERM
+    chat_template: Optional[str] = None  # JSON file; default: the plain-text template
+    device: str = "cpu"
+    dtype: Optional[str] = None  # None keeps the checkpoint's dtype
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(msg)
+
+        need(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
+        need(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        need(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+             f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        need(self.default_max_tokens >= 1, f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
+        need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
+        need(self.drain_grace >= 0, f"drain_grace must be >= 0 seconds, got {self.drain_grace}")
+        need(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
+
+    @property
+    def model_name(self) -> str:
+        """The name /v1/models lists and requests may use."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model:
+            return Path(self.model).resolve().name or str(self.model)
+        return "gpt"
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
+        """Settings from `GPT_SERVE_*` variables (ValueError names a bad one), then `overrides`."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = parse_field(f.name, raw)
+            except ValueError as e:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {e}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+_INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens"}
+_FLOAT_FIELDS = {"timeout", "drain_grace"}
+
+
+def parse_field(name: str, raw: str):
+    """Text (from the environment) to the field's type."""
+    if name in _INT_FIELDS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    if name in _FLOAT_FIELDS:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+    if name == "log_level":
+        return raw.lower()
+    return raw

@@ -1,0 +1,95 @@
+"""Everything that is not generation: probes, metrics, the model list, the tokenizer endpoints
+and the chat page. Probes, metrics and the page are open; the rest needs the API key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from .auth import require_api_key
+from .errors import APIError, invalid
+from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from .routes_chat import render_messages
+from .routes_common import check_model, context_limits, get_engine
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+open_router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@open_router.get("/health")
+async def health():
+    """The process is up (it may still be loading the model)."""
+    return {"status": "ok"}
+
+
+@open_router.get("/ready")
+async def ready(request: Request):
+    """200 once the model is loaded; 503 before that and while draining (take me out of rotation)."""
+    state = request.app.state
+    if state.draining:
+        return APIError(503, "draining: the server is shutting down", code="shutting_down").response()
+    if state.engine is None:
+        why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
+        return APIError(503, why, code="model_not_ready").response()
+    return {"status": "ready", "model": state.settings.model_name}
+
+
+@open_router.get("/metrics")
+async def metrics(request: Request):
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@open_router.get("/", include_in_schema=False)
+async def index():
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        raise APIError(404, "the chat page is not installed (server/static/index.html)")
+    return FileResponse(page, media_type="text/html")
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request):
+    return ModelList(data=[_card(request)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request):
+    check_model(request, model_id)
+    return _card(request)
+
+
+def _card(request: Request) -> ModelCard:
+    state = request.app.state
+    max_len = context_limits(state.engine)[1] if state.engine is not None else 0
+    return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=max_len)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    """vLLM's shape: {"prompt": text} (or {"messages": [...]}, rendered by the chat template)
+    -> {"tokens": [...], "count": n, "max_model_len": context}."""
+    check_model(request, body.model)
+    engine = get_engine(request)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid('send exactly one of "prompt" and "messages"', "prompt")
+    text = body.prompt if body.prompt is not None else render_messages(request, body.messages)
+    tokens = engine.tokenizer.encode(text)
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": context_limits(engine)[1]}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    """{"tokens": [...]} -> {"prompt": text}; an id outside the vocabulary is a 400."""
+    check_model(request, body.model)
+    tok = get_engine(request).tokenizer
+    bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < tok.vocab_size), None)
+    if bad is not None:
+        raise invalid(f"token id {body.tokens[bad]} is out of range [0, {tok.vocab_size})", f"tokens.{bad}")
+    try:
+        return JSONResponse({"prompt": tok.decode(body.tokens)})
+    except ValueError as e:  # an id inside the range that the encoding leaves unassigned
+        raise invalid(str(e), "tokens") from None
