@@ -42,7 +42,7 @@ class Settings:
             if not cond:
                 raise ValueError(msg)
 
-        need(1 <= self.port <= 65535, f"port must be in [1, 65535], got {self.port}")
+        need(0 <= self.port <= 65535, f"port must be in [0, 65535] (0: any free port), got {self.port}")
         need(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         need(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,

@@ -1,0 +1,161 @@
+"""gpt-serve: serve a checkpoint (or a Hugging Face GPT-2 directory) over an OpenAI-compatible API.
+
+Every option can also come from the environment (GPT_SERVE_MODEL, GPT_SERVE_PORT, ...); an
+option on the command line wins. SIGTERM (or Ctrl-C) drains: /ready turns 503, new requests
+get 503, running ones finish within --drain-grace seconds, then the process exits with 0.
+A second signal exits at once.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from typing import Optional, Sequence
+
+import uvicorn
+
+from .config import DTYPES, ENV_PREFIX, LOG_LEVELS, Settings
+
+log = logging.getLogger("server")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2 (argparse's own prints the usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _opt(p: argparse.ArgumentParser, flag: str, help: str, **kw) -> None:
+    field = flag.lstrip("-").replace("-", "_")
+    default = Settings.__dataclass_fields__[field].default
+    shown = "" if default is None else f"; default {default}"
+    p.add_argument(flag, dest=field, default=None, help=f"{help} (env {ENV_PREFIX}{field.upper()}{shown})", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="gpt-serve", description=(
+        "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models) with streaming, continuous batching, Prometheus /metrics and a chat page at /. "
+        "PATH is a checkpoint directory (gpt-train / gpt.save) or a Hugging Face GPT-2 directory. "
+        "Every option can be given as an environment variable instead; the command line wins."),
+        epilog="SIGTERM drains: /ready turns 503, running requests finish within --drain-grace, exit 0.")
+    _opt(p, "--model", "checkpoint or GPT-2 directory to serve", metavar="PATH")
+    _opt(p, "--host", "address to listen on; 0.0.0.0 for every interface")
+    _opt(p, "--port", "TCP port", type=int)
+    _opt(p, "--served-model-name", "the model name clients use; default: the directory's name", metavar="NAME")
+    _opt(p, "--api-key", "require 'Authorization: Bearer KEY' on /v1/* and /tokenize", metavar="KEY")
+    _opt(p, "--max-batch-size", "requests decoded together (KV-cache slots)", type=int, metavar="N")
+    _opt(p, "--max-queue", "requests that may wait for a slot; beyond that, 429", type=int, metavar="N")
+    _opt(p, "--max-prompt-tokens", "longest prompt accepted; default: the model's context", type=int, metavar="N")
+    _opt(p, "--default-max-tokens", "max_tokens when a request gives none", type=int, metavar="N")
+    _opt(p, "--timeout", "seconds a request may take, queueing included", type=float, metavar="S")
+    _opt(p, "--drain-grace", "seconds running requests get to finish after SIGTERM", type=float, metavar="S")
+    _opt(p, "--chat-template", "JSON chat template (see the README); default: System:/User:/Assistant: lines",
+         metavar="FILE")
+    _opt(p, "--device", "torch device, e.g. cpu or cuda")
+    _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)
+    _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
+    return p
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the engine before uvicorn shuts down.
+
+    Uvicorn's own handling would stop listening and wait for open connections, but /ready would
+    keep saying 200 meanwhile, and it re-raises the signal at exit (status -15, not 0)."""
+
+    def __init__(self, config: uvicorn.Config, app):
+        super().__init__(config)
+        self.app = app
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._draining = False
+
+    async def serve(self, sockets=None):
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame):  # a signal handler: hand the work to the event loop
+        if self._loop is None or self._draining:
+            self.should_exit = self.force_exit = True  # a second signal: stop now
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._begin_drain, sig)
+
+    def _begin_drain(self, sig) -> None:
+        log.info("received %s: draining (grace %.0fs)", signal.Signals(sig).name,
+                 self.app.state.settings.drain_grace)
+        self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        from .app import drain
+
+        try:
+            await drain(self.app)
+        finally:
+            self.should_exit = True
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))
+    if not settings.model:
+        parser.error(f"--model PATH is required (or set {ENV_PREFIX}MODEL)")
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from .app import create_app, load_engine
+    from .chat_template import load_chat_template
+
+    try:
+        load_chat_template(settings.chat_template)
+    except ValueError as e:
+        parser.error(f"--chat-template: {e}")
+    try:
+        device = torch.device(settings.device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as e:
+        parser.error(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
+    try:
+        engine = load_engine(settings)
+    except (OSError, ValueError) as e:
+        sock.close()
+        parser.error(f"--model {settings.model}: {e}")
+
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
+                            timeout_graceful_shutdown=max(5, int(settings.drain_grace) + 5))
+    server = DrainingServer(config, app)
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"gpt-serve: serving {settings.model_name!r} at http://{shown_host}:{sock.getsockname()[1]} "
+          f"(chat page at /, API at /v1)", flush=True)
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
