@@ -1,0 +1,130 @@
+"""Everything a training run needs to know, in one dataclass that is saved with its checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import gpt
+
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_KINDS = ("gpt", "seq2seq")
+DEFAULT_PRESET = {"gpt": "gpt-mini", "seq2seq": "seq2seq-mini"}
+# Model-shape fields the command line can override; None keeps the preset's (or checkpoint's) value.
+MODEL_FIELDS = ("n_layer", "n_encoder_layer", "n_head", "n_embd", "block_size", "dropout")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "gpt"  # gpt | seq2seq
+    preset: Optional[str] = None  # default: gpt-mini / seq2seq-mini
+    n_layer: Optional[int] = None
+    n_encoder_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None
+    dropout: Optional[float] = None
+    tokenizer: Optional[str] = None  # default: the preset's
+    init_from: Optional[str] = None  # fine-tune from a checkpoint / Hugging Face GPT-2 directory
+    # data
+    data: list[str] = field(default_factory=list)  # empty: stdlib sources (gpt) / date task (seq2seq)
+    val_fraction: float = 0.1
+    # optimisation
+    batch_size: int = 12
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    max_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 100
+    eval_pairs: int = 200  # seq2seq: held-out pairs for exact-match accuracy
+    num_beams: int = 4  # seq2seq: beam width for the beam-search accuracy
+    log_interval: int = 10
+    keep_last: int = 3  # step checkpoints kept besides best/
+    out: str = "runs/train"
+    # runtime
+    dtype: str = "float32"
+    compile: bool = False
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available, else cpu
+    threads: int = 0  # CPU threads per process; 0 = the cores this process may use / ranks
+    quiet: bool = False
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.model in MODEL_KINDS, f"--model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+        if self.preset is not None:
+            need(self.preset in gpt.PRESETS,
+                 f"unknown preset {self.preset!r}; choose one of {', '.join(gpt.PRESETS)}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "n_encoder_layer"):
+            v = getattr(self, name)
+            need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(0.0 < self.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                     "keep_last", "eval_pairs", "num_beams"):
+            v = getattr(self, name)
+            need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
+        need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
+        need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
+        if self.model == "seq2seq":
+            need(self.init_from is None, "--init-from loads GPT checkpoints; it cannot start a seq2seq run")
+
+    def model_config(self, vocab_size: int, tokenizer: str) -> gpt.ModelConfig:
+        """The model to build: the preset with the command line's overrides."""
+        name = self.preset or DEFAULT_PRESET[self.model]
+        base = dict(gpt.PRESETS[name])
+        if base["arch"] != self.model:
+            raise ConfigError(f"preset {name!r} is a {base['arch']} model, not {self.model}")
+        overrides = {k: getattr(self, k) for k in MODEL_FIELDS if getattr(self, k) is not None}
+        if self.model == "gpt":
+            if overrides.pop("n_encoder_layer", None) is not None:
+                raise ConfigError("--n-encoder-layer only applies to --model seq2seq")
+        try:
+            return gpt.ModelConfig(**{**base, **overrides, "vocab_size": vocab_size, "tokenizer": tokenizer})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters (nanoGPT's schedule)."""
+    import math
+
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / (cfg.warmup + 1)
+    if step >= cfg.max_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup) / max(1, cfg.max_iters - cfg.warmup)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)

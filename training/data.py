@@ -1,0 +1,177 @@
+"""Text corpora for the GPT: find the files, tokenize them once into memory-mapped token files
+(train / validation split) cached under the run directory, and sample random contiguous blocks."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import torch
+
+from gpt.checkpoint import atomic_write_bytes
+from gpt.tokenizer import Tokenizer
+
+from .config import ConfigError
+
+# The default corpus: this Python's own standard library sources, the first files in sorted
+# order up to this many bytes, so tokenizing takes seconds on a laptop and runs are comparable.
+STDLIB_BYTES = 8 * 1024 * 1024
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib", "lib2to3"}
+_SNIFF = 8192
+
+
+def stdlib_files(limit: int = STDLIB_BYTES) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        if total + size > limit:
+            break
+        files.append(path)
+        total += size
+    return files
+
+
+def _is_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF)
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > len(head) - 4  # a character cut off by the sniff window is fine
+    return True
+
+
+def find_files(specs: list[str]) -> list[Path]:
+    """Files named by `specs` (files, directories searched recursively, or globs), sorted within
+    each spec. Named files must be text; inside directories, binary files are skipped."""
+    out: list[Path] = []
+    for spec in specs:
+        if any(c in spec for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            matches = [m for m in matches if m.is_file()]
+            if not matches:
+                raise ConfigError(f"--data {spec}: the pattern matches no files")
+            out.extend(m for m in matches if _is_text(m))
+        elif os.path.isdir(spec):
+            found = sorted(p for p in Path(spec).rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(spec).parts))
+            out.extend(p for p in found if _is_text(p))
+        elif os.path.isfile(spec):
+            if not _is_text(Path(spec)):
+                raise ConfigError(f"--data {spec}: not UTF-8 text (binary file?)")
+            out.append(Path(spec))
+        else:
+            raise ConfigError(f"--data {spec}: no such file or directory")
+    if not out:
+        raise ConfigError(f"--data {' '.join(specs)}: no text files found")
+    return out
+
+
+def _fingerprint(files: list[Path], tokenizer: Tokenizer, val_fraction: float) -> str:
+    h = hashlib.sha256(json.dumps([tokenizer.name, val_fraction]).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray  # memory-mapped token ids
+    val: np.ndarray
+    directory: Path
+    n_files: int
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _tokenize(files: list[Path], tokenizer: Tokenizer, dest: Path, progress: bool) -> int:
+    """Stream every file's tokens into `dest`, documents separated by end-of-text; token count."""
+    from tqdm import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    total = sum(f.stat().st_size for f in files)
+    n = 0
+    with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
+                                       disable=not progress, leave=False) as bar:
+        for i, f in enumerate(files):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"--data {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            ids = ([tokenizer.eot_token] if i else []) + tokenizer.encode(text)
+            out.write(np.asarray(ids, dtype=dtype).tobytes())
+            n += len(ids)
+            bar.update(f.stat().st_size)
+    return n
+
+
+def prepare(files: list[Path], tokenizer: Tokenizer, cache_root: Path, *, val_fraction: float,
+            block_size: int, progress: bool = True) -> TokenData:
+    """Tokenize `files` into cache_root/<fingerprint>/{train,val}.bin once; later runs reuse it.
+
+    The last `val_fraction` of the tokens is validation, as nanoGPT splits its corpora."""
+    key = _fingerprint(files, tokenizer, val_fraction)
+    d = cache_root / key
+    meta_file = d / "meta.json"
+    dtype = token_dtype(tokenizer.vocab_size)
+    if not meta_file.is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".all.{os.getpid()}.bin"
+        try:
+            n = _tokenize(files, tokenizer, tmp, progress)
+            if n == 0:
+                raise ConfigError("the corpus is empty (no tokens)")
+            all_ids = np.memmap(tmp, dtype=dtype, mode="r", shape=(n,))
+            n_val = max(1, int(n * val_fraction))
+            atomic_write_bytes(d / "train.bin", all_ids[: n - n_val].tobytes())
+            atomic_write_bytes(d / "val.bin", all_ids[n - n_val:].tobytes())
+            del all_ids
+        finally:
+            tmp.unlink(missing_ok=True)
+        meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": n - n_val,
+                "val_tokens": n_val, "files": [str(f) for f in files[:1000]], "n_files": len(files)}
+        atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())  # written last: marks it complete
+    meta = json.loads(meta_file.read_text())
+    train = np.memmap(d / "train.bin", dtype=meta["dtype"], mode="r")
+    val = np.memmap(d / "val.bin", dtype=meta["dtype"], mode="r")
+    for name, arr in (("training", train), ("validation", val)):
+        if len(arr) <= block_size:
+            raise ConfigError(f"the corpus is too short: its {name} split has {len(arr)} tokens, and one "
+                              f"block needs {block_size + 1} (block size {block_size}); add text or lower "
+                              f"--block-size")
+    return TokenData(train=train, val=val, directory=d, n_files=meta["n_files"])
+
+
+class BlockSampler:
+    """Random contiguous blocks (x, y = x shifted by one) from a token array, drawn with its own
+    generator so that its position in the random stream can be saved and restored exactly."""
+
+    def __init__(self, data: np.ndarray, block_size: int, batch_size: int, seed: int):
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._offsets = np.arange(block_size + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator)
+        rows = torch.from_numpy(self.data[ix.numpy()[:, None] + self._offsets].astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,92 @@
+"""What a run reports: the progress bar, log lines, metrics.jsonl and the loss-curve PNG."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from gpt.checkpoint import atomic_write_bytes
+
+from .plot import plot_losses
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+class Reporter:
+    """Rank 0 reports; other ranks get a silent one. The bar shows step, loss, tokens/s and ETA
+    on a terminal; elsewhere (logs, CI) a plain line is printed every log interval instead."""
+
+    def __init__(self, out: Path, *, start_step: int, max_iters: int, enabled: bool, quiet: bool, title: str = ""):
+        self.out, self.enabled, self.quiet, self.title = out, enabled, quiet, title
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self.bar = None
+        if not enabled:
+            return
+        self._load_history(start_step)
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=max_iters, initial=start_step, unit="it", dynamic_ncols=True, desc="training")
+
+    def _load_history(self, start_step: int) -> None:
+        """Keep the metrics up to the step being resumed from; drop what a crashed run logged
+        after its last checkpoint, which this run is about to redo."""
+        path = self.out / METRICS
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(rec, dict) and rec.get("step", 0) <= start_step:
+                kept.append(line)
+                self._remember(rec)
+        atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode())
+
+    def _remember(self, rec: dict) -> None:
+        if rec.get("kind") == "train":
+            self.train.append((rec["step"], rec["loss"]))
+        elif rec.get("kind") == "eval":
+            self.val.append((rec["step"], rec["val_loss"]))
+
+    def log(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self._remember(rec)
+        with open(self.out / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def step(self, step: int, rec: Optional[dict]) -> None:
+        """Advance the bar; `rec` is the train record on logging steps."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            if rec is not None:
+                self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
+            self.bar.update(1)
+        elif rec is not None and not self.quiet:
+            print(f"step {step}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_iter']:.1f} ms/iter, "
+                  f"{rec['tokens_per_s']:,.0f} tokens/s", flush=True)
+
+    def say(self, msg: str) -> None:
+        if not self.enabled or self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def plot(self) -> Optional[Path]:
+        if not self.enabled or not (self.train or self.val):
+            return None
+        return plot_losses(self.out / PLOT, self.train, self.val, self.title)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,159 @@
+"""Everything a run builds before its first step: config (fresh or resumed), tokenizer, data,
+model and optimizer. Bad input surfaces here as a ConfigError, before anything is written."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import gpt
+from gpt.checkpoint import CheckpointError
+
+from . import data as corpus
+from . import pairs as pairdata
+from . import state as ckpt
+from .config import DEFAULT_PRESET, MODEL_FIELDS, ConfigError, TrainConfig
+from .dates import date_pair
+
+DATES_HELD_OUT = 1000  # generated validation pairs of the built-in date task
+
+
+def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Optional[Path], Optional[dict]]:
+    """The run's TrainConfig: the defaults, or with --resume the saved run's settings, updated
+    by whatever the command line set explicitly. Also the checkpoint and state to resume from."""
+    out = Path(overrides.get("out") or TrainConfig.out)
+    if not resume:
+        cfg = TrainConfig(**overrides)
+        cfg.validate()
+        if ckpt.has_run(out):
+            raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it, "
+                              f"or choose another --out")
+        return cfg, None, None
+    path = ckpt.latest_checkpoint(out)
+    if path is None:
+        raise ConfigError(f"--resume: no checkpoint to resume from in {out}")
+    try:
+        saved = ckpt.load_state(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    cfg = TrainConfig.from_dict(saved["config"]).replace(**{**overrides, "out": str(out)})
+    cfg.validate()
+    return cfg, path, saved
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
+
+
+def model_and_tokenizer(cfg: TrainConfig) -> tuple[torch.nn.Module, gpt.Tokenizer]:
+    """A freshly initialised model (seeded by cfg.seed), or the --init-from weights."""
+    if cfg.init_from:
+        try:
+            model, tok = gpt.load(cfg.init_from)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+        if cfg.tokenizer and cfg.tokenizer != tok.name:
+            raise ConfigError(f"--tokenizer {cfg.tokenizer}: --init-from {cfg.init_from} uses {tok.name!r}")
+        changed = [f for f in MODEL_FIELDS if getattr(cfg, f) is not None and f != "dropout"
+                   and getattr(cfg, f) != getattr(model.config, f)]
+        if changed:
+            raise ConfigError(f"--{changed[0].replace('_', '-')}: cannot change the shape of the model "
+                              f"loaded by --init-from (only --dropout)")
+        if cfg.dropout is not None:
+            fresh = gpt.build_model(model.config.replace(dropout=cfg.dropout))
+            fresh.load_state_dict(model.state_dict())
+            model = fresh
+        return model.train(), tok
+    name = cfg.tokenizer or gpt.PRESETS[cfg.preset or DEFAULT_PRESET[cfg.model]].get("tokenizer", "gpt2")
+    try:
+        tok = gpt.get_tokenizer(name)
+    except ValueError as e:
+        raise ConfigError(f"--tokenizer: {e}") from None
+    mcfg = cfg.model_config(tok.vocab_size, tok.name)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and for every rerun
+    return gpt.build_model(mcfg).train(), tok
+
+
+@dataclass
+class Data:
+    train: Any  # a sampler with next_batch / state_dict / load_state_dict
+    make_val: Any  # seed -> a fresh validation sampler (the same batches at every evaluation)
+    accuracy_pairs: list  # seq2seq: held-out (source, target) texts for exact match
+    description: str
+
+
+def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int, is_main: bool,
+               barrier) -> Data:
+    seed = cfg.seed + rank  # each rank draws its own batches
+    if cfg.model == "gpt":
+        files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
+        if not files:
+            raise ConfigError("no --data given and no standard library sources found; pass --data")
+        cache = Path(cfg.out) / "tokens"
+        # rank 0 tokenizes, the others then find the finished cache
+        tokens = None
+        if is_main:
+            tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
+                                    progress=not cfg.quiet and sys.stderr.isatty())
+        barrier()
+        if tokens is None:
+            tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
+                                    progress=False)
+        what = " ".join(cfg.data) if cfg.data else f"the Python standard library ({len(files)} files)"
+        return Data(
+            train=corpus.BlockSampler(tokens.train, block_size, cfg.batch_size, seed),
+            make_val=lambda s: corpus.BlockSampler(tokens.val, block_size, cfg.batch_size, s),
+            accuracy_pairs=[],
+            description=f"{what}: {len(tokens.train):,} training / {len(tokens.val):,} validation tokens")
+    eot = tok.eot_token
+    if cfg.data:
+        train, val, val_texts = pairdata.load_pair_files(cfg.data, tok, block_size, cfg.val_fraction)
+        sampler = pairdata.PairSampler(train, cfg.batch_size, seed, eot, eot)
+        what = f"{' '.join(cfg.data)}: {len(train):,} training / {len(val):,} validation pairs"
+    else:
+        val_texts = pairdata.held_out(date_pair, DATES_HELD_OUT, cfg.seed)
+        val = pairdata.encode_pairs(val_texts, tok, block_size, "date task")
+        sampler = pairdata.GeneratedPairSampler(date_pair, tok, block_size, cfg.batch_size, seed,
+                                                {s for s, _ in val_texts}, eot, eot)
+        what = f"the date-normalisation task: generated training pairs, {len(val):,} held-out"
+    return Data(train=sampler, make_val=lambda s: pairdata.PairSampler(val, cfg.batch_size, s, eot, eot),
+                accuracy_pairs=val_texts[: cfg.eval_pairs], description=what)
+
+
+def check_resumable(model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's model must be the one this run builds; load its weights."""
+    try:
+        saved_model, saved_cfg, _ = gpt.load_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {e}") from None
+    want, have = model.config.to_dict(), saved_cfg.to_dict()
+    diff = [k for k in want if want[k] != have.get(k)]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"--resume: {path} holds a model with {k}={have.get(k)!r}, but this run asks for "
+                          f"{k}={want[k]!r}; use the same settings or another --out")
+    with torch.no_grad():
+        model.load_state_dict(saved_model.state_dict())
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """AdamW; weight decay on the matrices (>= 2-D: linear weights, embeddings), not on biases
+    and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if fused is None:
+        # the fused kernel is one op for all parameters: measured faster on CPU and CUDA alike
+        fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)

@@ -1,0 +1,278 @@
+"""The training loop (nanoGPT's, for both model kinds): AdamW, warmup + cosine learning rate,
+gradient accumulation and clipping, mixed precision, periodic evaluation and checkpoints,
+exact resume, DistributedDataParallel under torchrun, and a clean stop on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as ddp
+from . import state as ckpt
+from .config import ConfigError, TrainConfig, get_lr
+from .pairs import IGNORE, exact_match
+from .progress import Reporter
+from .setup import (build_data, check_resumable, check_writable, make_optimizer, model_and_tokenizer,
+                    resolve_config)
+
+# Tests set this to a directory: every rank then writes a hash of its final weights there.
+DEBUG_DUMP_ENV = "GPT_TRAIN_DEBUG_WEIGHTS_DIR"
+
+
+def compute_loss(model, batch, kind: str) -> torch.Tensor:
+    if kind == "gpt":
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+    src, src_mask, tgt_in, tgt_out = batch
+    logits = model(src, tgt_in, src_mask)  # teacher forcing: the decoder reads the true prefix
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=IGNORE)
+
+
+def count_tokens(batch, kind: str) -> int:
+    return batch[0].numel() if kind == "gpt" else int((batch[3] != IGNORE).sum())
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and stop at the end of the current step; a second
+    signal falls through to Python's default handling."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _threads(cfg: TrainConfig) -> int:
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(overrides: dict, resume: bool = False) -> dict:
+    """Run training; returns a summary (steps, losses, accuracy, timings, paths).
+
+    overrides: TrainConfig fields set explicitly (with resume, on top of the saved run's)."""
+    cfg, resume_path, saved = resolve_config(overrides, resume)
+    d, device = ddp.setup(cfg.device)
+    try:
+        return _train(cfg, resume_path, saved, d, device)
+    finally:
+        ddp.cleanup()
+
+
+def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict], d: ddp.Dist,
+           device: torch.device) -> dict:
+    out = Path(cfg.out)
+    if d.is_main:
+        check_writable(out)
+    if device.type == "cpu":
+        torch.set_num_threads(_threads(cfg))
+    dtype = getattr(torch, cfg.dtype)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--dtype bfloat16: this GPU does not support it; use float16")
+
+    raw, tok = model_and_tokenizer(cfg)
+    if resume_path is not None:
+        check_resumable(raw, resume_path)
+    raw.to(device)
+    mcfg = raw.config
+    data = build_data(cfg, tok, mcfg.block_size, d.rank, d.is_main, lambda: ddp.barrier(d))
+    optimizer = make_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+    step, best_val, tokens_seen = 0, math.inf, 0
+    torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank; initial weights did not
+    if saved is not None:
+        ckpt.load_optimizer_state(optimizer, saved["optimizer"])
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        step, best_val, tokens_seen = saved["step"], saved["best_val_loss"], saved.get("tokens_seen", 0)
+        ranks = saved["ranks"]
+        if d.rank < len(ranks):  # a different world size leaves new ranks freshly seeded
+            torch.set_rng_state(ranks[d.rank]["torch_rng"])
+            if device.type == "cuda" and ranks[d.rank].get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ranks[d.rank]["cuda_rng"], device)
+            data.train.load_state_dict(ranks[d.rank]["sampler"])
+
+    model = torch.compile(raw) if cfg.compile else raw
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    title = f"{mcfg.arch} {mcfg.n_layer}L/{mcfg.n_head}H/{mcfg.n_embd}, block {mcfg.block_size}, {tok.name}"
+    report = Reporter(out, start_step=step, max_iters=cfg.max_iters, enabled=d.is_main, quiet=cfg.quiet,
+                      title=title)
+    report.say(f"data: {data.description}")
+    report.say(f"model: {title}, {raw.num_params() / 1e6:.2f}M parameters, on {device}"
+               + (f" x {d.world_size} ranks" if d.enabled else ""))
+    if resume_path is not None:
+        report.say(f"resuming from {resume_path} at step {step}")
+
+    def to_device(batch):
+        if device.type == "cpu":
+            return batch
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        raw.eval()
+        sampler = data.make_val(cfg.seed + 7919 * (d.rank + 1))
+        n = max(1, math.ceil(cfg.eval_iters / d.world_size))
+        total = torch.zeros((), device=device)
+        for _ in range(n):
+            with autocast:
+                total += compute_loss(raw, to_device(sampler.next_batch()), cfg.model).float()
+        raw.train()
+        return ddp.mean(float(total) / n, d)
+
+    def accuracy(num_beams: int) -> float:
+        raw.eval()
+        try:
+            with autocast:
+                return exact_match(raw, tok, data.accuracy_pairs, num_beams=num_beams)
+        finally:
+            raw.train()
+
+    def save(step: int, val_loss: Optional[float]) -> None:
+        rank_state = {"torch_rng": torch.get_rng_state(), "sampler": data.train.state_dict(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ranks = ddp.gather(rank_state, d)
+        if not d.is_main:
+            return
+        st = {"step": step, "best_val_loss": best_val, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "ranks": ranks,
+              "optimizer": ckpt.optimizer_state(optimizer), "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        meta = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen, "train_config": cfg.to_dict()}
+        ckpt.save_step(out, raw, st, meta, cfg.keep_last)
+
+    summary: dict = {"out": str(out), "best": str(out / ckpt.BEST), "start_step": step, "evals": []}
+    interrupted = None
+    train_time, timed_steps = 0.0, 0
+    window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+    loss_sum = torch.zeros((), device=device)
+    raw.train()
+    with StopFlag() as stop:
+        while step < cfg.max_iters:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_tokens = 0
+            for micro in range(cfg.grad_accum):
+                batch = data.train.next_batch()
+                step_tokens += count_tokens(batch, cfg.model)
+                # all-reduce the gradients only on the last micro-step
+                sync = nullcontext() if (not d.enabled or micro == cfg.grad_accum - 1) else model.no_sync()
+                with sync:
+                    with autocast:
+                        loss = compute_loss(model, to_device(batch), cfg.model)
+                    loss_sum += loss.detach().float()
+                    scaler.scale(loss / cfg.grad_accum).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += step_tokens * d.world_size
+            window_steps += 1
+            window_tokens += step_tokens * d.world_size
+
+            rec = None
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                elapsed = time.perf_counter() - window_t
+                train_time += elapsed
+                timed_steps += window_steps
+                rec = {"kind": "train", "step": step, "loss": float(loss_sum) / (window_steps * cfg.grad_accum),
+                       "lr": lr, "ms_per_iter": 1000 * elapsed / window_steps,
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                report.log(rec)
+                loss_sum.zero_()
+                window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+            report.step(step, rec)
+
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                paused = time.perf_counter()
+                val_loss = evaluate()
+                ev = {"kind": "eval", "step": step, "val_loss": val_loss,
+                      "val_ppl": math.exp(min(val_loss, 50.0))}
+                if data.accuracy_pairs and d.is_main:
+                    ev["exact_match_greedy"] = accuracy(1)
+                report.log(ev)
+                summary["evals"].append(ev)
+                msg = f"step {step}: val loss {val_loss:.4f}, perplexity {ev['val_ppl']:.2f}"
+                if "exact_match_greedy" in ev:
+                    msg += f", exact match (greedy) {100 * ev['exact_match_greedy']:.1f}%"
+                report.say(msg)
+                if val_loss < best_val:
+                    best_val = val_loss
+                    if d.is_main:
+                        ckpt.save_best(out, raw, {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()})
+                save(step, val_loss)
+                report.plot()
+                window_t += time.perf_counter() - paused  # evaluation time is not training time
+
+            if ddp.any_rank(stop.signum is not None, d):
+                if step % cfg.eval_interval and step != cfg.max_iters:
+                    save(step, None)
+                interrupted = stop.signum if stop.signum is not None else signal.SIGTERM
+                report.say(f"stopped by signal at step {step}; checkpoint saved in {out}; "
+                           f"continue with --resume --out {out}")
+                break
+            if step == cfg.max_iters:
+                break
+
+    if interrupted is None and data.accuracy_pairs and d.is_main:
+        summary["exact_match_greedy"] = accuracy(1)
+        summary["exact_match_beam"] = accuracy(cfg.num_beams)
+        rec = {"kind": "accuracy", "step": step, "pairs": len(data.accuracy_pairs),
+               "exact_match_greedy": summary["exact_match_greedy"],
+               "exact_match_beam": summary["exact_match_beam"], "num_beams": cfg.num_beams}
+        report.log(rec)
+        report.say(f"exact match on {len(data.accuracy_pairs)} held-out pairs: greedy "
+                   f"{100 * rec['exact_match_greedy']:.1f}%, beam search ({cfg.num_beams} beams) "
+                   f"{100 * rec['exact_match_beam']:.1f}%")
+    plot = report.plot()
+    report.close()
+    if os.environ.get(DEBUG_DUMP_ENV):
+        dump = Path(os.environ[DEBUG_DUMP_ENV])
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"rank{d.rank}.sha256").write_text(weights_digest(raw))
+    summary.update(step=step, best_val_loss=best_val, interrupted=interrupted, plot=str(plot) if plot else None,
+                   ms_per_iter=1000 * train_time / max(timed_steps, 1), tokens_seen=tokens_seen)
+    return summary
