@@ -83,7 +83,7 @@ class ChatClient:
                 if not isinstance(chunk, dict):
                     raise ChatError(f"the server sent a malformed stream chunk: {data[:80]!r}")
                 if "error" in chunk:  # an error after the stream began arrives as a chunk
-                    raise ChatError(_error_message(chunk, r.status_code))
+                    raise ChatError(_error_message(chunk))
                 if chunk.get("usage"):
                     reply.usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
@@ -136,7 +136,7 @@ def _transport_message(e: httpx.HTTPError, url: str) -> str:
     return f"connection to {url} failed: {e}"
 
 
-def _error_message(body, status: int) -> str:
+def _error_message(body) -> str:
     """OpenAI's {"error": {"message": ...}}, else whatever the body says."""
     if isinstance(body, dict):
         err = body.get("error")
@@ -158,7 +158,7 @@ def _json_or_raise(r: httpx.Response):
     if r.status_code >= 400:
         if body is None and r.text.strip():  # e.g. a proxy's HTML page: its first line says most
             raise ChatError(f"HTTP {r.status_code}: {r.text.strip().splitlines()[0][:200]}")
-        raise ChatError(f"{_error_message(body, r.status_code)} (HTTP {r.status_code})")
+        raise ChatError(f"{_error_message(body)} (HTTP {r.status_code})")
     if body is None:
         raise ChatError(f"{r.url} did not answer with JSON")
     return body
@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Model output is untrusted text: on a terminal, control characters (ESC sequences can move the
+# cursor, retitle the window, ...) are shown as escapes instead. Piped output stays exact.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7f, *range(0x80, 0xa0)] if chr(c) not in "\n\t"}
+
+
 def _usage_line(reply: Reply) -> str:
     u = reply.usage or {}
     return (f"[prompt_tokens={u.get('prompt_tokens', '?')} completion_tokens="
@@ -245,6 +250,7 @@ def _usage_line(reply: Reply) -> str:
 
 def chat_loop(client: ChatClient, model: str, args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     interactive = stdin.isatty()
+    show = (lambda text: text.translate(_CONTROLS)) if stdout.isatty() else (lambda text: text)
     if interactive:
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -287,7 +293,7 @@ def chat_loop(client: ChatClient, model: str, args, stdin: TextIO, stdout: TextI
         stream = client.stream_chat(messages, model, reply, **params)
         try:
             for piece in stream:
-                stdout.write(piece)
+                stdout.write(show(piece))
                 stdout.flush()
         except KeyboardInterrupt:  # stop this reply, keep the session
             reply.interrupted = True
@@ -312,6 +318,9 @@ def chat_loop(client: ChatClient, model: str, args, stdin: TextIO, stdout: TextI
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a reply the console cannot encode must not end the chat
+            stream.reconfigure(errors="replace")
     client = ChatClient(args.url, api_key=args.api_key, timeout=args.timeout)
     try:
         try:

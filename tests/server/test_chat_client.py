@@ -1,0 +1,150 @@
+"""gpt-chat against a real server on a loopback port: run as a subprocess with piped stdin."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from server.chat_client import ChatClient, ChatError, Reply
+
+# The tiny test model has a 64-byte context: short messages and replies keep two turns inside it.
+SAMPLING = dict(temperature=0.9, seed=7, max_tokens=8)
+USAGE = re.compile(r"\[prompt_tokens=(\d+) completion_tokens=(\d+) finish_reason=(\w+)\]")
+
+
+def gpt_chat(url: str, stdin: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run gpt-chat; stdout is decoded by hand so that a "\r" in a reply stays a "\r"."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GPT_CHAT_URL")}
+    env = {**inherited, "PYTHONIOENCODING": "utf-8", **(env or {})}
+    r = subprocess.run([sys.executable, "-m", "server.chat_client", "--url", url, *args],
+                       input=stdin.encode(), capture_output=True, env=env, timeout=120)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+
+
+def sampling_args(**overrides) -> list[str]:
+    s = {**SAMPLING, **overrides}
+    return ["--temperature", str(s["temperature"]), "--seed", str(s["seed"]),
+            "--max-tokens", str(s["max_tokens"]), "--usage"]
+
+
+def api_reply(openai_client, model: str, messages: list[dict], **overrides) -> tuple[str, int]:
+    """The non-streamed reply and its prompt token count, for the same messages and sampling."""
+    r = openai_client.chat.completions.create(model=model, messages=messages, **{**SAMPLING, **overrides})
+    return r.choices[0].message.content, r.usage.prompt_tokens
+
+
+@pytest.fixture(scope="module")
+def model(live_server):
+    return live_server.model
+
+
+def test_gpt_chat_streams_replies_equal_to_the_api_keeping_history_until_reset(live_server, openai_client, model):
+    r = gpt_chat(live_server.url, "hi\nok\n/reset\nhi\n/quit\nnever sent\n",
+                 *sampling_args())
+    assert r.returncode == 0, r.stderr
+
+    first, first_prompt = api_reply(openai_client, model, [{"role": "user", "content": "hi"}])
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "ok"}]
+    second, second_prompt = api_reply(openai_client, model, history)
+    assert first and second
+    # stdout holds exactly the replies, one per turn; after /reset the conversation starts over,
+    # and /quit ends the session before the last line
+    assert r.stdout == f"{first}\n{second}\n{first}\n"
+    usages = [(int(p), int(c)) for p, c, _ in USAGE.findall(r.stderr)]
+    assert [p for p, _ in usages] == [first_prompt, second_prompt, first_prompt]
+    assert second_prompt > first_prompt + usages[0][1]  # the second turn carried the first
+    assert "(conversation reset)" in r.stderr
+
+
+def test_gpt_chat_system_message_opens_the_conversation_and_survives_reset(live_server, openai_client, model):
+    system = {"role": "system", "content": "Be terse."}
+    r = gpt_chat(live_server.url, "hi\n/reset\nhi\n", *sampling_args(), "--system", system["content"])
+    assert r.returncode == 0, r.stderr
+    reply, prompt = api_reply(openai_client, model, [system, {"role": "user", "content": "hi"}])
+    assert r.stdout == f"{reply}\n{reply}\n"
+    assert [int(p) for p, _, _ in USAGE.findall(r.stderr)] == [prompt, prompt]
+
+
+def test_stream_chat_yields_the_reply_in_several_pieces(live_server, openai_client, model):
+    client = ChatClient(live_server.url + "/v1", api_key=live_server.api_key)  # /v1 is accepted too
+    try:
+        messages = [{"role": "user", "content": "count"}]
+        reply = Reply()
+        pieces = list(client.stream_chat(messages, model, reply, **SAMPLING))
+    finally:
+        client.close()
+    expected, prompt_tokens = api_reply(openai_client, model, messages)
+    assert len(pieces) > 1 and "".join(pieces) == reply.text == expected
+    assert reply.finish_reason in ("stop", "length")
+    assert reply.usage["prompt_tokens"] == prompt_tokens
+
+
+def test_gpt_chat_failed_turn_prints_the_server_error_and_the_session_goes_on(live_server, openai_client, model):
+    too_long = "word " * 5000  # far beyond the tiny model's context
+    r = gpt_chat(live_server.url, f"{too_long}\nhi\n", *sampling_args())
+    assert r.returncode == 1  # a turn failed
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gpt-chat: error:")]
+    assert len(errors) == 1 and "(HTTP 400)" in errors[0]
+    with pytest.raises(Exception) as api_error:  # the same message the API gives for it
+        openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": too_long}],
+                                              **SAMPLING)
+    assert api_error.value.body["message"] in errors[0]
+    # the failed message did not stay in the conversation
+    reply, prompt = api_reply(openai_client, model, [{"role": "user", "content": "hi"}])
+    assert r.stdout == f"{reply}\n"
+    assert [int(p) for p, _, _ in USAGE.findall(r.stderr)] == [prompt]
+    assert "Traceback" not in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["server down", "unknown model", "bad option"])
+def test_gpt_chat_startup_failure_is_one_line_and_exit_2(live_server, case):
+    if case == "server down":
+        r = gpt_chat(f"http://127.0.0.1:{_free_port()}", "hi\n")
+        assert "cannot connect" in r.stderr
+    elif case == "unknown model":
+        r = gpt_chat(live_server.url, "hi\n", "--model", "no-such-model")
+        assert "no-such-model" in r.stderr
+    else:
+        r = gpt_chat(live_server.url, "hi\n", "--top-p", "1.5")
+        assert "--top-p" in r.stderr
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_client_reports_the_servers_error_message_on_a_bad_request(live_server, model):
+    client = ChatClient(live_server.url, api_key=live_server.api_key)
+    try:
+        with pytest.raises(ChatError, match=r"\(HTTP 4\d\d\)"):
+            list(client.stream_chat([{"role": "user", "content": "hi"}], model, Reply(), temperature=-1))
+    finally:
+        client.close()
+
+
+def test_gpt_chat_sends_the_api_key_and_reports_a_rejected_one(tiny_checkpoint, server_factory):
+    from server.app import load_engine
+    from server.config import Settings
+
+    settings = Settings(model=tiny_checkpoint, api_key="sekret", max_batch_size=2)
+    server = server_factory(settings, engine=load_engine(settings))
+    missing = gpt_chat(server.url, "hi\n")
+    wrong = gpt_chat(server.url, "hi\n", "--api-key", "nope")
+    for r in (missing, wrong):
+        assert r.returncode == 2 and r.stdout == ""
+        assert "(HTTP 401)" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    by_option = gpt_chat(server.url, "hi\n", "--api-key", "sekret", *sampling_args())
+    by_env = gpt_chat(server.url, "hi\n", *sampling_args(), env={"OPENAI_API_KEY": "sekret"})
+    assert by_option.returncode == by_env.returncode == 0, by_option.stderr + by_env.stderr
+    assert by_option.stdout == by_env.stdout and by_option.stdout.strip("\n")
