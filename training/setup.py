@@ -64,6 +64,9 @@ def model_and_tokenizer(cfg: TrainConfig) -> tuple[torch.nn.Module, gpt.Tokenize
             raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
         if cfg.tokenizer and cfg.tokenizer != tok.name:
             raise ConfigError(f"--tokenizer {cfg.tokenizer}: --init-from {cfg.init_from} uses {tok.name!r}")
+        if model.config.vocab_size < tok.vocab_size:
+            raise ConfigError(f"--init-from {cfg.init_from}: the model has {model.config.vocab_size} token "
+                              f"embeddings but its tokenizer {tok.name!r} has {tok.vocab_size} ids")
         changed = [f for f in MODEL_FIELDS if getattr(cfg, f) is not None and f != "dropout"
                    and getattr(cfg, f) != getattr(model.config, f)]
         if changed:
