@@ -24,6 +24,7 @@ from server.app import create_app, load_engine
 from server.config import Settings
 
 TINY_MODEL_NAME = "tiny-gpt"
+TINY_CONTEXT = 128  # gpt-tiny's 64 tokens hardly fit a chat prompt and a reply
 
 
 @dataclass
@@ -61,17 +62,17 @@ def start_live_server(settings: Settings, engine=None) -> LiveServer:
                       model=settings.model_name, _server=server, _thread=thread)
 
 
-def save_tiny(path, preset: str = "gpt-tiny", seed: int = 0) -> str:
+def save_tiny(path, preset: str = "gpt-tiny", seed: int = 0, **overrides) -> str:
     torch.manual_seed(seed)
-    model = gpt.build_model(gpt.preset(preset)).eval()
+    model = gpt.build_model(gpt.preset(preset, **overrides)).eval()
     gpt.save(model, path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
-    """A gpt-tiny model (byte tokenizer, 64-token context) saved with gpt.save."""
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / TINY_MODEL_NAME)
+    """A gpt-tiny model (byte tokenizer, TINY_CONTEXT tokens of context) saved with gpt.save."""
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / TINY_MODEL_NAME, block_size=TINY_CONTEXT)
 
 
 @pytest.fixture(scope="session")

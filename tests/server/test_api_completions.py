@@ -3,6 +3,7 @@ import httpx
 import pytest
 
 import gpt
+from conftest import TINY_CONTEXT
 
 TOK = gpt.get_tokenizer("byte")  # the tiny checkpoint's tokenizer
 NO_EOS = {"ignore_eos": True}
@@ -165,6 +166,6 @@ def test_extensions_and_user_are_accepted(openai_client, live_server):
 
 
 def test_default_max_tokens_shrinks_to_the_room_left(openai_client, live_server):
-    prompt = "x" * 60  # the tiny model's context is 64
+    prompt = "x" * (TINY_CONTEXT - 4)
     r = complete(openai_client, live_server.model, prompt=prompt, extra_body=NO_EOS)
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
