@@ -1,0 +1,171 @@
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gpt
+from training.cli import main
+
+from train_helpers import TINY, make_corpus
+from train_helpers import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _args(out, data, **kw):
+    args = dict(TINY, **kw)
+    argv = ["--out", str(out), "--data", *([str(d) for d in data] if isinstance(data, list) else [str(data)])]
+    for k, v in args.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v is not None and v is not False:
+            argv += [flag, str(v)]
+    return argv
+
+
+def _fails(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gpt-train: error: "), err
+    return err
+
+
+def _tree_digest(d: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(d)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ["--model", "--preset", "--n-layer", "--n-head", "--n-embd", "--block-size", "--dropout", "--batch-size",
+                "--grad-accum", "--lr", "--min-lr", "--warmup", "--max-iters", "--weight-decay", "--grad-clip",
+                "--eval-interval", "--eval-iters", "--dtype", "--compile", "--seed", "--device", "--data",
+                "--tokenizer", "--out", "--resume", "--init-from", "standard library", "OUT/best/"]:
+        assert opt in text, opt
+
+
+def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
+    assert main(_args(tmp_path / "run", corpus, max_iters=4)) == 0
+    gpt.load(tmp_path / "run" / "best")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--min-lr", "0.5"], "--min-lr"),
+    (["--dropout", "1.5"], "--dropout"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-iters", "ten"], "invalid int value"),
+    (["--tokenizer", "klingon"], "unknown tokenizer"),
+    (["--dtype", "float8"], "invalid choice"),
+    (["--preset", "seq2seq-tiny"], "is a seq2seq model"),
+    (["--init-from", "/nonexistent/ckpt"], "--init-from"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys, extra, message):
+    err = _fails(capsys, _args(tmp_path / "run", corpus) + extra)
+    assert message in err
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def test_bad_corpora_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "short.txt").write_text("too short")
+    (tmp_path / "emptydir").mkdir()
+    cases = [(tmp_path / "missing.txt", "no such file"), (tmp_path / "empty.txt", "empty"),
+             (tmp_path / "bin.dat", "not UTF-8 text"), (tmp_path / "short.txt", "too short"),
+             (tmp_path / "emptydir", "no text files"), (tmp_path / "*.nomatch", "matches no files")]
+    for i, (data, message) in enumerate(cases):
+        err = _fails(capsys, _args(tmp_path / f"run{i}", data))
+        assert message in err, (data, err)
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path, corpus, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "not writable" in _fails(capsys, _args(blocker / "run", corpus))
+
+
+def test_existing_run_is_never_overwritten(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, corpus, max_iters=5)) == 0
+    before = _tree_digest(out)
+    # a fresh start into a used directory, and a resume asking for another model: refused
+    assert "already holds a training run" in _fails(capsys, _args(out, corpus, max_iters=5))
+    err = _fails(capsys, ["--out", str(out), "--resume", "--n-embd", "64", "--max-iters", "9"])
+    assert "n_embd=32" in err and "n_embd=64" in err
+    assert _tree_digest(out) == before
+    assert "no checkpoint to resume" in _fails(capsys, ["--out", str(tmp_path / "none"), "--resume"])
+
+
+def test_subprocess_bad_argument_prints_one_line_and_exits_2(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "training", "--lr", "-1", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["gpt-train: error: --lr must be > 0, got -1.0"]
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
+    corpus = make_corpus(tmp_path / "c.txt")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "training"] + _args(out, corpus, max_iters=100000, eval_interval=100000)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    stopped = max(r["step"] for r in read_metrics(out))
+    assert (out / "latest").read_text().strip() == f"ckpt-{stopped:07d}"
+    gpt.load(out / f"ckpt-{stopped:07d}")
+    assert main(["--out", str(out), "--resume", "--max-iters", str(stopped + 3), "--eval-interval", "2"]) == 0
+    assert max(r["step"] for r in read_metrics(out)) == stopped + 3
+    gpt.load(out / "best")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
+    corpus = make_corpus(tmp_path / "c.txt")
+    out, dump = tmp_path / "run", tmp_path / "dump"
+    env = dict(os.environ, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(dump), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "training"] + _args(
+        out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5)
+    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    digests = [(dump / f"rank{r}.sha256").read_text() for r in range(2)]
+    assert digests[0] == digests[1]
+    from training.trainer import weights_digest
+
+    assert weights_digest(gpt.load(out / "ckpt-0000030")[0]) == digests[0]  # rank 0 saved what both hold
+    losses = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
+    evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [15, 30]  # logged once, by rank 0
