@@ -1,0 +1,159 @@
+"""The chat page at / in a real headless browser (Debian's chromium + chromedriver) against a live
+server: type a message, press Enter, watch the reply stream in."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+                ".ci/run does)", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.options import Options  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+WAIT = 60  # seconds: generous, the machine is shared; nothing here asserts timings
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
+        options.add_argument(arg)
+    # An explicit driver path: selenium-manager would otherwise try to download one.
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    browser.get(live_server.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()  # start from the page's defaults
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded"))
+    return browser
+
+
+@pytest.fixture(scope="module")
+def model(live_server):
+    return live_server.model
+
+
+def set_field(driver, element_id: str, value) -> None:
+    # Settings live in a collapsible panel; set values through the DOM as typing would, so the
+    # page's own change handlers (localStorage) run.
+    driver.execute_script(
+        "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
+        "el.dispatchEvent(new Event('change'));", element_id, str(value))
+
+
+def send(driver, text: str):
+    """Type `text`, press Enter, wait for the reply to finish; the reply element."""
+    before = len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+    driver.find_element(By.ID, "input").send_keys(text, Keys.ENTER)
+
+    def finished(d):
+        replies = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
+        return len(replies) > before and replies[-1].get_attribute("data-done") == "true" and replies[-1]
+
+    return WebDriverWait(driver, WAIT).until(finished)
+
+
+def text_of(driver, element) -> str:
+    return driver.execute_script("return arguments[0].textContent", element)
+
+
+def api_reply(openai_client, model, messages, **sampling) -> str:
+    r = openai_client.chat.completions.create(model=model, messages=messages, **sampling)
+    return r.choices[0].message.content
+
+
+def test_typed_message_streams_a_reply_equal_to_the_api_reply(page, openai_client, model):
+    sampling = dict(temperature=0.9, seed=11, max_tokens=16)
+    set_field(page, "temperature", sampling["temperature"])
+    set_field(page, "seed", sampling["seed"])
+    set_field(page, "max-tokens", sampling["max_tokens"])
+    message = "<b>hi</b> & co"  # short: the tiny test model has a 64-byte context
+    reply = send(page, message)
+
+    assert reply.get_attribute("data-error") is None
+    assert int(reply.get_attribute("data-chunks")) > 1  # it arrived as a stream, not in one piece
+    text = text_of(page, reply)
+    assert text and text == api_reply(openai_client, model, [{"role": "user", "content": message}], **sampling)
+    assert reply.get_attribute("data-finish-reason") in ("stop", "length")
+    # user text is shown as text, never parsed as HTML
+    user = page.find_elements(By.CSS_SELECTOR, ".msg.user")[-1]
+    assert text_of(page, user) == message and not user.find_elements(By.TAG_NAME, "b")
+    assert "prompt" in page.find_element(By.ID, "status").text  # usage from the final chunk
+
+
+def test_second_turn_carries_the_conversation_and_new_chat_forgets_it(page, openai_client, model):
+    sampling = dict(temperature=0.0, max_tokens=8)
+    set_field(page, "temperature", 0)
+    set_field(page, "max-tokens", sampling["max_tokens"])
+    first = text_of(page, send(page, "hi"))
+    second = text_of(page, send(page, "ok"))
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "ok"}]
+    assert first == api_reply(openai_client, model, history[:1], **sampling)
+    assert second == api_reply(openai_client, model, history, **sampling)
+
+    page.find_element(By.ID, "reset").click()
+    assert page.find_elements(By.CSS_SELECTOR, ".msg") == []
+    assert text_of(page, send(page, "ok")) == api_reply(
+        openai_client, model, [{"role": "user", "content": "ok"}], **sampling)
+
+
+def test_server_error_is_shown_from_the_error_object(page, openai_client, model):
+    set_field(page, "max-tokens", 10 ** 7)  # far beyond the context: the server answers 400
+    reply = send(page, "hello")
+    error = reply.get_attribute("data-error")
+    with pytest.raises(Exception) as api_error:
+        openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=10 ** 7)
+    assert error and api_error.value.body["message"] in error
+    shown = page.find_element(By.ID, "error")
+    assert shown.is_displayed() and api_error.value.body["message"] in shown.text
+    # the failed message is handed back for editing, and was not kept as conversation
+    box = page.find_element(By.ID, "input")
+    assert box.get_attribute("value") == "hello"
+    box.clear()
+    set_field(page, "temperature", 0)
+    set_field(page, "max-tokens", 8)
+    reply = send(page, "hi")
+    assert reply.get_attribute("data-error") is None and not shown.is_displayed()
+    assert text_of(page, reply) == api_reply(openai_client, model, [{"role": "user", "content": "hi"}],
+                                             temperature=0.0, max_tokens=8)
+
+
+def test_settings_persist_across_reloads(page):
+    set_field(page, "temperature", 0.3)
+    set_field(page, "system", "Be brief.")
+    page.refresh()
+    assert page.find_element(By.ID, "temperature").get_attribute("value") == "0.3"
+    assert page.find_element(By.ID, "system").get_attribute("value") == "Be brief."
+
+
+def test_stop_button_aborts_the_stream_and_the_server_frees_the_request(page, live_server):
+    set_field(page, "max-tokens", 40)
+    page.find_element(By.ID, "input").send_keys("hi")
+    # Click Send then Stop in one script, so the abort lands while the reply is still streaming.
+    page.execute_script("document.getElementById('send').click(); document.getElementById('stop').click();")
+    reply = WebDriverWait(page, WAIT).until(
+        lambda d: (r := d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) and
+        r[-1].get_attribute("data-done") == "true" and r[-1])
+    assert reply.get_attribute("data-finish-reason") == "stopped"
+    assert reply.get_attribute("data-error") is None
+    assert page.find_element(By.ID, "send").is_enabled() and not page.find_element(By.ID, "stop").is_enabled()
+    engine = live_server.engine
+    WebDriverWait(page, WAIT).until(lambda _: engine.num_running == 0 and engine.num_waiting == 0)
