@@ -138,8 +138,36 @@ def test_train_writes_where_the_server_reads_through_a_shared_volume(compose, se
     assert argv[0] == "gpt-train"
     out = argv[argv.index("--out") + 1]
     assert out.startswith(MODELS_MOUNT + "/")
-    # the server serves the training run's checkpoint: the --out directory itself or one inside it
-    assert model_path == out or model_path.startswith(out + "/"), (model_path, out)
+    # the server serves the run's best checkpoint, where gpt-train documents it
+    assert model_path == out + "/best"
+    from training.cli import build_parser
+
+    assert "OUT/best/" in build_parser().format_help()
+
+
+def test_the_clis_accept_the_container_commands(services):
+    from server.cli import build_parser as serve_parser
+    from training.cli import build_parser as train_parser
+
+    (cmd,) = dockerfile("CMD")
+    serve_parser().parse_args(exec_form(cmd)[1:])  # argparse exits (SystemExit) on a bad flag
+    train_parser().parse_args(services["train"]["command"][1:])
+
+
+def test_the_app_answers_on_the_paths_the_files_name(prometheus_config):
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+
+    # No model is loaded (the lifespan does not run outside `with`): these paths answer anyway.
+    client = TestClient(create_app(Settings()))
+    assert client.get("/health").status_code == 200  # both healthchecks
+    for job in prometheus_config["scrape_configs"]:
+        r = client.get(job.get("metrics_path", "/metrics"))
+        assert r.status_code == 200 and "gptserve_" in r.text
+    page = client.get("/")  # the chat page the README sends people to
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
 def test_container_commands_are_declared_entry_points(services, pyproject):
