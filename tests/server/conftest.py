@@ -8,6 +8,7 @@ their own settings, stopped at the end of the test.
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -36,6 +37,11 @@ class LiveServer:
     model: str  # the served model name
     _server: uvicorn.Server = None
     _thread: threading.Thread = None
+
+    def run(self, coro, timeout: float = 60):
+        """Run a coroutine on the server's event loop (where the engine's handles live)."""
+        loop = self._server.servers[0].get_loop()
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -79,6 +85,12 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def tiny_s2s_checkpoint(tmp_path_factory) -> str:
     """A seq2seq-tiny encoder-decoder (byte tokenizer) saved with gpt.save."""
     return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-s2s", preset="seq2seq-tiny")
+
+
+@pytest.fixture(scope="session")
+def long_checkpoint(tmp_path_factory) -> str:
+    """gpt-tiny with a 2048-token context: requests that run long enough to be caught running."""
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-long", block_size=2048)
 
 
 def tiny_settings(checkpoint: str, **overrides) -> Settings:
