@@ -157,3 +157,26 @@ def test_stop_button_aborts_the_stream_and_the_server_frees_the_request(page, li
     assert page.find_element(By.ID, "send").is_enabled() and not page.find_element(By.ID, "stop").is_enabled()
     engine = live_server.engine
     WebDriverWait(page, WAIT).until(lambda _: engine.num_running == 0 and engine.num_waiting == 0)
+
+
+def test_api_key_typed_into_settings_unlocks_a_keyed_server(browser, tiny_checkpoint, server_factory):
+    from server.app import load_engine
+    from server.config import Settings
+
+    settings = Settings(model=tiny_checkpoint, api_key="sekret", max_batch_size=2)
+    server = server_factory(settings, engine=load_engine(settings))
+    browser.get(server.url + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, WAIT).until(lambda _: error.is_displayed())
+    assert "(HTTP 401)" in error.text  # the page itself loads without a key; the API does not
+
+    set_field(browser, "api-key", "sekret")  # its change handler lists the models again
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded"))
+    assert not error.is_displayed()
+    set_field(browser, "max-tokens", 8)
+    reply = send(browser, "hi")
+    assert reply.get_attribute("data-error") is None and int(reply.get_attribute("data-chunks")) >= 1
+    browser.refresh()  # the key was kept
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == "sekret"
