@@ -190,3 +190,18 @@ def test_draining_server_is_not_ready_and_refuses_work(tiny_checkpoint, server_f
     assert_error(httpx.get(server.url + "/ready"), 503, code="shutting_down")
     assert_error(httpx.post(server.url + COMPLETIONS, json={"prompt": "x", "max_tokens": 2}), 503)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_internal_errors_are_500_error_objects_and_counted(tiny_checkpoint, server_factory, monkeypatch):
+    settings = tiny_settings(tiny_checkpoint)
+    server = server_factory(settings, engine=load_engine(settings))
+
+    def broken_submit(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(server.engine, "submit", broken_submit)
+    r = httpx.post(server.url + COMPLETIONS, json={"prompt": "x", "max_tokens": 2})
+    err = assert_error(r, 500)
+    assert err["type"] == "server_error" and "secret internal detail" not in err["message"]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'gptserve_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
