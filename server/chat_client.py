@@ -41,6 +41,7 @@ class ChatClient:
     url: str
     api_key: Optional[str] = None
     timeout: float = 600.0
+    transport: Optional[httpx.BaseTransport] = None  # tests pass an httpx.MockTransport
     http: httpx.Client = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -52,7 +53,7 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         # A generous read timeout: it bounds the wait for each streamed chunk, not the whole reply.
         self.http = httpx.Client(base_url=self.url + "/v1", headers=headers,
-                                 timeout=httpx.Timeout(self.timeout, connect=10.0))
+                                 timeout=httpx.Timeout(self.timeout, connect=10.0), transport=self.transport)
 
     def close(self) -> None:
         self.http.close()

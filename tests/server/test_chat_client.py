@@ -1,12 +1,16 @@
 """gpt-chat against a real server on a loopback port: run as a subprocess with piped stdin."""
 from __future__ import annotations
 
+import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
 from server.chat_client import ChatClient, ChatError, Reply
@@ -148,3 +152,105 @@ def test_gpt_chat_sends_the_api_key_and_reports_a_rejected_one(tiny_checkpoint, 
     by_env = gpt_chat(server.url, "hi\n", *sampling_args(), env={"OPENAI_API_KEY": "sekret"})
     assert by_option.returncode == by_env.returncode == 0, by_option.stderr + by_env.stderr
     assert by_option.stdout == by_env.stdout and by_option.stdout.strip("\n")
+
+
+def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(live_server, openai_client, model):
+    pty = pytest.importorskip("pty")
+    from server.chat_client import _CONTROLS
+
+    # The untrained byte-level model emits raw bytes: find a seed whose reply holds a control character.
+    for seed in range(50):
+        reply, _ = api_reply(openai_client, model, [{"role": "user", "content": "hi"}], seed=seed)
+        if any(ord(c) in _CONTROLS for c in reply):
+            break
+    else:
+        pytest.fail("no reply with a control character in 50 seeds")
+    shown = reply.translate(_CONTROLS)
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "dumb", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "server.chat_client", "--url", live_server.url,
+                             *sampling_args(seed=seed)], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    output = b""
+
+    def read_until(marker: bytes, count: int) -> None:
+        nonlocal output
+        deadline = time.monotonic() + 60
+        while output.count(marker) < count and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    output += os.read(master, 4096)
+                except OSError:  # the child closed the terminal
+                    return
+
+    try:
+        read_until(b"you> ", 1)
+        os.write(master, b"hi\n")
+        read_until(b"you> ", 2)
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+        read_until(b"\0never", 1)  # drain what is left
+    finally:
+        proc.kill()
+        os.close(master)
+    text = output.decode("utf-8", errors="replace")
+    assert shown.replace("\n", "\r\n") in text  # the terminal turns "\n" into "\r\n"
+    assert not any(ord(c) in _CONTROLS for c in text.replace("\r", "").replace("\a", ""))
+    assert "finish_reason=" in text and "/reset" in text  # usage line, and the greeting names the commands
+
+
+# ---- the stream parser against canned responses (no server): what other servers may send
+
+def _chunk(content=None, finish=None, index=0) -> str:
+    delta = {} if content is None else {"content": content}
+    return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+
+def _canned(body: str, status: int = 200, content_type: str = "text/event-stream") -> ChatClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=body.encode(), headers={"content-type": content_type})
+    return ChatClient("http://canned", transport=httpx.MockTransport(handler))
+
+
+def _run(client: ChatClient) -> tuple[list[str], Reply]:
+    reply = Reply()
+    try:
+        return list(client.stream_chat([{"role": "user", "content": "hi"}], "m", reply)), reply
+    finally:
+        client.close()
+
+
+def test_stream_parser_takes_crlf_comments_other_fields_and_other_choices_in_stride():
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    body = (": keep-alive\r\n\r\n"
+            f"data: {_chunk('a')}\r\n\r\n"
+            f"event: message\nid: 7\ndata: {_chunk('ignored', index=1)}\n\n"
+            f"data:{_chunk('b', finish='length')}\n\n"
+            f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            "data: [DONE]\n\n")
+    pieces, reply = _run(_canned(body))
+    assert pieces == ["a", "b"] and reply.text == "ab"
+    assert reply.finish_reason == "length" and reply.usage == usage
+
+
+@pytest.mark.parametrize("body, message", [
+    (f"data: {_chunk('a')}\n\ndata: {json.dumps({'error': {'message': 'engine failed'}})}\n\n", "engine failed"),
+    (f"data: {_chunk('a')}\n\n", "ended before the reply was finished"),
+    ("data: {not json\n\n", "malformed stream chunk"),
+], ids=["error-chunk", "cut-off", "malformed"])
+def test_stream_problems_become_one_line_errors(body, message):
+    with pytest.raises(ChatError, match=message):
+        _run(_canned(body))
+
+
+@pytest.mark.parametrize("status, body, content_type, message", [
+    (401, '{"error": {"message": "bad key", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}',
+     "application/json", "bad key (HTTP 401)"),
+    (422, '{"detail": "field required"}', "application/json", "field required (HTTP 422)"),
+    (502, "<html>Bad Gateway</html>\n<p>nginx</p>", "text/html", "HTTP 502: <html>Bad Gateway</html>"),
+], ids=["openai-error", "fastapi-detail", "proxy-page"])
+def test_http_errors_give_the_servers_message(status, body, content_type, message):
+    with pytest.raises(ChatError) as e:
+        _run(_canned(body, status, content_type))
+    assert str(e.value) == message
