@@ -11,6 +11,7 @@ This module needs only httpx: no torch, so it starts instantly and runs on any m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -96,37 +97,18 @@ class ChatClient:
                         yield piece
                     if choice.get("finish_reason"):
                         reply.finish_reason = choice["finish_reason"]
-        # A stream that ends without [DONE] was cut off (server stopped, proxy timeout).
+        # Ended with no finish_reason and no [DONE]: cut off (server stopped, proxy timeout).
         if reply.finish_reason is None:
             raise ChatError("the stream ended before the reply was finished")
 
-    def _request(self, method: str, path: str, **kw):
-        """A streamed request whose transport failures become one-line ChatErrors."""
-        return _Streamed(self, method, path, kw)
-
-
-class _Streamed:
-    """Context manager around `httpx.Client.stream` that turns network errors into ChatError."""
-
-    def __init__(self, client: ChatClient, method: str, path: str, kw: dict):
-        self.client, self.method, self.path, self.kw = client, method, path, kw
-        self.cm = None
-
-    def __enter__(self) -> httpx.Response:
-        self.cm = self.client.http.stream(self.method, self.path, **self.kw)
+    @contextlib.contextmanager
+    def _request(self, method: str, path: str, **kw) -> Iterator[httpx.Response]:
+        """A streamed response; network failures, also while reading it, become one-line ChatErrors."""
         try:
-            return self.cm.__enter__()
+            with self.http.stream(method, path, **kw) as r:
+                yield r
         except httpx.HTTPError as e:
-            raise ChatError(_transport_message(e, self.client.url)) from None
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            self.cm.__exit__(exc_type, exc, tb)
-        except httpx.HTTPError:
-            pass  # closing a broken connection; the error that matters is already raised
-        if isinstance(exc, httpx.HTTPError):  # raised while reading the body
-            raise ChatError(_transport_message(exc, self.client.url)) from None
-        return False
+            raise ChatError(_transport_message(e, self.url)) from None
 
 
 def _transport_message(e: httpx.HTTPError, url: str) -> str:
