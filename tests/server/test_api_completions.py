@@ -169,3 +169,17 @@ def test_default_max_tokens_shrinks_to_the_room_left(openai_client, live_server)
     prompt = "x" * (TINY_CONTEXT - 4)
     r = complete(openai_client, live_server.model, prompt=prompt, extra_body=NO_EOS)
     assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_end_of_text_stops_with_finish_stop_and_counts_as_a_token(openai_client, live_server, stream):
+    kw = dict(model=live_server.model, prompt="x", max_tokens=5, logit_bias={str(TOK.eot_token): 100})
+    if stream:
+        chunks = list(openai_client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        assert "".join(c.text for ch in chunks for c in ch.choices) == ""
+        assert [c.finish_reason for ch in chunks for c in ch.choices] == ["stop"]
+        assert chunks[-1].usage.completion_tokens == 1
+    else:
+        r = openai_client.completions.create(**kw)
+        assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == 1
