@@ -29,7 +29,7 @@ async def health():
 async def ready(request: Request):
     """200 once the model is loaded; 503 before that and while draining (take me out of rotation)."""
     state = request.app.state
-    if state.draining:
+    if state.draining or getattr(state.engine, "draining", False):
         return APIError(503, "draining: the server is shutting down", code="shutting_down").response()
     if state.engine is None:
         why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"

@@ -155,3 +155,14 @@ def test_metric_counts_match_the_requests_sent(tiny_checkpoint, server_factory):
     assert metric(server, "gptserve_prompt_tokens_total") == prompt_tokens
     assert metric(server, "gptserve_time_to_first_token_seconds_count") == 7
     assert metric(server, "gptserve_e2e_request_latency_seconds_count") == 7
+
+
+def test_a_request_past_its_timeout_ends_early_with_what_it_has(long_checkpoint, server_factory):
+    settings = tiny_settings(long_checkpoint, timeout=0.3)
+    server = server_factory(settings, engine=load_engine(settings))
+    client = make_client(server)
+    r = client.completions.create(model=server.model, prompt="slow", max_tokens=1800, extra_body=NO_EOS)
+    assert r.choices[0].finish_reason == "length"  # OpenAI has no "timeout"; the output was cut at a limit
+    assert r.usage.completion_tokens < 1800
+    assert metric(server, "gptserve_request_finished_total", finish_reason="timeout") == 1
+    wait_for_idle(server)
