@@ -205,3 +205,23 @@ def test_internal_errors_are_500_error_objects_and_counted(tiny_checkpoint, serv
     assert err["type"] == "server_error" and "secret internal detail" not in err["message"]
     metrics = httpx.get(server.url + "/metrics").text
     assert 'gptserve_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
+
+
+def test_a_failing_forward_is_a_500_or_an_error_event_and_frees_the_slot(tiny_checkpoint, server_factory,
+                                                                         monkeypatch):
+    settings = tiny_settings(tiny_checkpoint)
+    server = server_factory(settings, engine=load_engine(settings))
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(server.engine.model, "step", broken_step)
+    body = {"prompt": "x", "max_tokens": 5}
+    assert_error(httpx.post(server.url + COMPLETIONS, json=body), 500)
+    with httpx.stream("POST", server.url + CHAT, json={"messages": OK_CHAT, "max_tokens": 5, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert '"error"' in events[-2] and '"server_error"' in events[-2]
+    with pytest.raises(openai.APIError):
+        list(make_client(server).completions.create(model=server.model, stream=True, **body))
+    wait_for_idle(server)
