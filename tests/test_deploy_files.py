@@ -7,10 +7,12 @@ ports, paths, commands and routes they mention must be the ones that exist.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -227,6 +229,51 @@ def test_healthchecks_ask_health_on_the_server_port(services):
         urls = re.findall(r"http://127\.0\.0\.1:[^/'\"]+(/[\w/]*)", text)
         assert urls == ["/health"], text
     assert ":8000/health" in compose_check
+
+
+@pytest.fixture(scope="module")
+def app_port():
+    """The app, with no model loaded, under uvicorn on a free loopback port: /health answers."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.config import Settings
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings()), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield sock.getsockname()[1]
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dockerfile_healthcheck_command_passes_on_a_live_server_and_fails_without_one(app_port):
+    (check,) = dockerfile("HEALTHCHECK")
+    argv = json.loads(check[check.index("CMD") + 3:].strip())  # the exec form, as Docker runs it
+    assert argv[0] == "python"
+    run = [sys.executable, *argv[1:]]
+    up = subprocess.run(run, env={**os.environ, "GPT_SERVE_PORT": str(app_port)}, capture_output=True, timeout=30)
+    down = subprocess.run(run, env={**os.environ, "GPT_SERVE_PORT": str(_free_port())}, capture_output=True,
+                          timeout=30)
+    assert up.returncode == 0, up.stderr
+    assert down.returncode != 0
 
 
 def test_compose_environment_names_are_server_settings(services):
