@@ -210,7 +210,6 @@ class Engine:
                 except Exception:  # a failed forward must not kill the server: fail the batch instead
                     log.exception("engine step failed; failing the running requests")
                     self._sched.fail_all()
-                self._update_gauges()
             self._cancel_everything()
 
     def _take_from_queue(self) -> tuple[list[Request], list[Request]]:
@@ -223,6 +222,7 @@ class Engine:
         admit = []
         while self._waiting and len(admit) < self._sched.free_slots:
             admit.append(self._waiting.popleft())
+        self.metrics.requests_waiting.set(len(self._waiting))
         return gone, admit
 
     def _update_gauges(self) -> None:

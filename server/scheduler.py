@@ -90,7 +90,7 @@ class Scheduler:
         self._free = list(range(max_batch_size))  # a heap: lowest rows first keeps batches contiguous
         self.running: list[Request] = []  # holding slots, in admission order
         self._rows_key: tuple[int, ...] = ()
-        self._rows = torch.empty(0, dtype=torch.long)
+        self._rows: slice | torch.Tensor = slice(0, 0)
 
     @property
     def free_slots(self) -> int:
@@ -105,23 +105,29 @@ class Scheduler:
     def step(self, arrivals: list[Request], gone: list[Request], cancel_all: bool = False) -> None:
         now = time.monotonic()
         outs: list[tuple[Request, Output]] = []
-        for r in gone:  # left the queue before getting a slot
-            self._finish(r, "cancelled" if r.cancelled or not r.expired(now) else "timeout", outs, now)
-        for r in list(self.running):
-            if r.cancelled or cancel_all:
-                self._finish(r, "cancelled", outs, now)
-            elif r.expired(now):
-                self._finish(r, "timeout", outs, now, flush=True)
-        for r in arrivals:
-            self._admit(r, now)
-        self._decode(outs)
-        if outs:  # running streams get their token before the prefill chunk runs
-            self.deliver(outs)
-            outs = []
-        if self.seq2seq:
-            self._start_sources(outs)
-        else:
-            self._prefill(outs)
+        try:
+            for r in gone:  # left the queue before getting a slot
+                self._finish(r, "cancelled" if r.cancelled or not r.expired(now) else "timeout", outs, now)
+            for r in list(self.running):
+                if r.cancelled or cancel_all:
+                    self._finish(r, "cancelled", outs, now)
+                elif r.expired(now):
+                    self._finish(r, "timeout", outs, now, flush=True)
+            for r in arrivals:
+                self._admit(r, now)
+            self._decode(outs)
+        finally:  # running streams get their token before the prefill chunk runs; and on an
+            self._deliver(outs)  # exception, requests already finished are still told so
+        outs = []
+        try:
+            if self.seq2seq:
+                self._start_sources(outs)
+            else:
+                self._prefill(outs)
+        finally:
+            self._deliver(outs)
+
+    def _deliver(self, outs: list[tuple[Request, Output]]) -> None:
         if outs:
             self.deliver(outs)
 
@@ -132,7 +138,7 @@ class Scheduler:
         for r in list(self.running):
             self._finish(r, "error", outs, now)
         self._rows_key = ()
-        self.deliver(outs)
+        self._deliver(outs)
 
     # --- phases ------------------------------------------------------------------------
 
@@ -142,6 +148,7 @@ class Scheduler:
         r.state = RowState.new(r.params, r.prompt)
         r.stream = TextStream(self.tokenizer, r.params.stop)
         self.running.append(r)
+        self._set_gauges()
         self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.prompt_tokens_total.inc(len(r.prompt))
 
@@ -151,7 +158,10 @@ class Scheduler:
             return
         key = tuple(r.slot for r in reqs)
         if key != self._rows_key:  # membership changed: rebuild the row index once, not every step
-            self._rows_key, self._rows = key, torch.tensor(key, dtype=torch.long)
+            contiguous = key[-1] - key[0] == len(key) - 1
+            # a slice spares the cache its per-step checks on a row tensor
+            self._rows = slice(key[0], key[-1] + 1) if contiguous else torch.tensor(key, dtype=torch.long)
+            self._rows_key = key
         tokens = torch.tensor([r.next_token for r in reqs], dtype=torch.long, device=self.model.device)[:, None]
         logits = self.model.step(tokens, self.cache, rows=self._rows)
         self.metrics.batch_size.observe(len(reqs))
@@ -244,12 +254,12 @@ class Scheduler:
                 elif len(r.state.output_ids) >= r.params.max_new_tokens:
                     out.text += r.stream.flush()
                     reason = "stop" if r.stream.stopped else "length"
+            outs.append((r, out))
             if reason is None:
                 r.next_token = tok
             else:
                 out.finish_reason = reason
                 self._release(r, reason, now)
-            outs.append((r, out))
 
     def _finish(self, r: Request, reason: str, outs, now: float, flush: bool = False) -> None:
         """End a request outside of sampling (cancel, timeout, error) with an empty-token piece."""
@@ -263,5 +273,10 @@ class Scheduler:
             heapq.heappush(self._free, r.slot)
             r.slot = -1
             self.running.remove(r)
+            self._set_gauges()  # before the request's last Output is delivered
         self.metrics.request_finished_total.labels(finish_reason=reason).inc()
         self.metrics.e2e_request_latency_seconds.observe(now - r.arrival)
+
+    def _set_gauges(self) -> None:
+        self.metrics.requests_running.set(len(self.running))
+        self.metrics.kv_slots_used.set(self.slots_in_use)

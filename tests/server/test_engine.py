@@ -281,6 +281,34 @@ def test_shutdown_cancels_what_outlasts_the_grace_period(tiny_gpt):
     assert gauge_values == (0.0, 0.0, 0.0)
 
 
+def test_a_failing_forward_ends_its_requests_with_error_and_the_engine_keeps_serving(tiny_gpt):
+    step, calls = tiny_gpt.step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure inside the model")
+        return step(*args, **kwargs)
+
+    tiny_gpt.step = flaky
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        try:
+            failed = await asyncio.gather(*(collect(engine.submit([1, 2, 3], params)) for _ in range(2)))
+            after = await collect(engine.submit([1, 2, 3], params))
+            await settle(engine)
+            return failed, after, gauges(engine)
+        finally:
+            await engine.shutdown(1)
+
+    failed, after, gauge_values = run(main())
+    assert [f[2] for f in failed] == ["error", "error"]
+    assert after[2] == "length" and len(after[1]) == 10
+    assert gauge_values == (0.0, 0.0, 0.0)
+
+
 def test_encoder_decoder_model_is_served_with_the_text_of_gpt_complete(tiny_s2s):
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     want = gpt.complete(tiny_s2s, TOK, PROMPTS, params)
