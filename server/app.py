@@ -23,6 +23,7 @@ from . import routes_chat, routes_completions, routes_system
 from .chat_template import load_chat_template
 from .config import Settings
 from .errors import install_error_handlers
+from .metrics import Metrics
 
 log = logging.getLogger("server")
 
@@ -115,8 +116,6 @@ class RequestCounter:
 
 
 def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
-    from .metrics import Metrics
-
     settings = settings if settings is not None else Settings.from_env()
     app = FastAPI(title="gpt-serve", version="0.1.0", lifespan=_lifespan,
                   description="An OpenAI-compatible streaming server for gpt checkpoints")

@@ -18,6 +18,7 @@ from starlette.responses import StreamingResponse
 
 from gpt import IncrementalDetokenizer, SamplingParams
 
+from .engine import EngineClosed, QueueFull
 from .errors import APIError, invalid
 from .protocol import SamplingFields
 
@@ -120,8 +121,6 @@ def sampling_params(req: SamplingFields, engine, max_tokens: int, choice: int, *
 
 def submit_all(request: Request, engine, jobs: Sequence[tuple[list[int], SamplingParams]]) -> list:
     """Submit every choice, or none: on a failure the ones already queued are cancelled."""
-    from .engine import EngineClosed, QueueFull
-
     settings = request.app.state.settings
     if len(jobs) > engine.max_queue:
         raise invalid(f"the request needs {len(jobs)} generations (prompts x n), but the server queues at most "
