@@ -125,20 +125,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, max_batch_size: int) -> subprocess.Popen:
+def start_server(model_dir: str, port: int, max_batch_size: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch-size", str(max_batch_size)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           "--max-batch-size", str(max_batch_size), "--log-level", "warning"]
+    # the log goes to a file: an unread pipe would block the server once its buffer filled up
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def wait_ready(url: str, proc: subprocess.Popen, limit: float = 300.0) -> None:
+async def wait_ready(url: str, proc: subprocess.Popen, log, limit: float = 300.0) -> None:
     import httpx
 
     deadline = time.monotonic() + limit
     async with httpx.AsyncClient() as client:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"the server exited with code {proc.returncode}: {log.read()[-2000:]}")
             try:
                 if (await client.get(f"{url}/ready")).status_code == 200:
                     return
@@ -153,9 +155,10 @@ async def bench_http(args, model_dir: str, prompt: list[int]) -> list[dict]:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(model_dir, port, max(args.clients))
+    log = tempfile.TemporaryFile("w+")
+    proc = start_server(model_dir, port, max(args.clients), log)
     try:
-        await wait_ready(url, proc)
+        await wait_ready(url, proc, log)
         limits = httpx.Limits(max_connections=max(args.clients) + 4, max_keepalive_connections=max(args.clients) + 4)
         async with httpx.AsyncClient(timeout=None, limits=limits) as client:
             name = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
@@ -168,6 +171,7 @@ async def bench_http(args, model_dir: str, prompt: list[int]) -> list[dict]:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 async def bench_engine(args, model, tokenizer, prompt: list[int]) -> list[dict]:
