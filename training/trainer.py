@@ -181,7 +181,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
         ckpt.save_step(out, raw, st, meta, cfg.keep_last)
 
     summary: dict = {"out": str(out), "best": str(out / ckpt.BEST), "start_step": step, "evals": []}
-    interrupted = None
+    interrupted, started = None, time.perf_counter()
     train_time, timed_steps = 0.0, 0
     window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
     loss_sum = torch.zeros((), device=device)
@@ -230,7 +230,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 paused = time.perf_counter()
                 val_loss = evaluate()
                 ev = {"kind": "eval", "step": step, "val_loss": val_loss,
-                      "val_ppl": math.exp(min(val_loss, 50.0))}
+                      "val_ppl": math.exp(min(val_loss, 50.0)), "elapsed_s": time.perf_counter() - started}
                 if data.accuracy_pairs and d.is_main:
                     ev["exact_match_greedy"] = accuracy(1)
                 report.log(ev)
