@@ -50,22 +50,62 @@ PROMPTS = ["hello world", "a", "the quick brown fox jumps over", "xyz", "Once up
 
 
 def test_more_requests_than_slots_all_complete_with_the_text_of_gpt_complete(tiny_gpt):
-    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    # different lengths: requests finish on different steps, leaving holes the next ones fill
+    params = [SamplingParams(max_new_tokens=4 + 5 * (i % 3), temperature=0, ignore_eos=True)
+              for i in range(len(PROMPTS))]
     want = gpt.complete(tiny_gpt, TOK, PROMPTS, params)
+    decode_rows = []
+    step = tiny_gpt.step
+
+    def record(tokens, cache, rows=None, n_tokens=None):
+        if tokens.shape[1] == 1:
+            decode_rows.append(rows)
+        return step(tokens, cache, rows=rows, n_tokens=n_tokens)
+
+    tiny_gpt.step = record
 
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=3, prefill_chunk=8)
         try:
-            handles = [engine.submit(TOK.encode(p), params) for p in PROMPTS]
+            handles = [engine.submit(TOK.encode(p), s) for p, s in zip(PROMPTS, params)]
             return await asyncio.gather(*map(collect, handles))
         finally:
             await engine.shutdown(1)
 
     got = run(main())
-    for (text, ids, reason, outs), c in zip(got, want):
+    for (text, ids, reason, outs), c, p in zip(got, want, params):
         assert (text, ids, reason) == (c.text, c.token_ids, "length")
-        assert outs[-1].completion_tokens == 12 and outs[-1].prompt_tokens == c.prompt_tokens
+        assert outs[-1].completion_tokens == p.max_new_tokens and outs[-1].prompt_tokens == c.prompt_tokens
         assert [round(x, 4) for o in outs for x in o.logprobs] == [round(x, 4) for x in c.logprobs]
+    # decode batches are always the leading cache rows, which attention reads without copying
+    assert decode_rows and all(isinstance(r, slice) and r.start == 0 for r in decode_rows)
+
+
+def test_rows_moved_to_keep_the_decode_batch_contiguous_keep_their_cache(tiny_gpt):
+    # A and B take rows 0 and 1; A finishes and C takes row 0 while B still decodes in row 1:
+    # B swaps rows with C (mid-prefill), and then rows move again as B finishes before C.
+    jobs = [(TOK.encode("ab"), 3), (TOK.encode("cd"), 30), (list(range(70, 100)), 6)]
+    want = [gpt.complete(tiny_gpt, TOK, [p], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
+            for p, n in jobs]
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2, prefill_chunk=4)
+        moves = []
+        reorder = engine._sched.cache.reorder
+        engine._sched.cache.reorder = lambda src, dst: (moves.append((src.tolist(), dst.tolist())), reorder(src, dst))
+        try:
+            handles = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                       for p, n in jobs]
+            return await asyncio.gather(*map(collect, handles)), moves
+        finally:
+            await engine.shutdown(1)
+
+    got, moves = run(main())
+    assert [(t, ids) for t, ids, _, _ in got] == [(c.text, c.token_ids) for c in want]
+    # the logprobs see the whole cache: a row that lost its keys in a move would differ here
+    for (_, _, _, outs), c in zip(got, want):
+        assert [o for out in outs for o in out.logprobs] == pytest.approx(c.logprobs, abs=1e-4)
+    assert ([1, 0], [0, 1]) in moves  # the swap with the prefilling request happened
 
 
 def test_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding(tiny_gpt):
@@ -95,8 +135,9 @@ def test_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding(ti
             await engine.shutdown(1)
 
     calls.clear()
-    first, (text, ids, reason, _), rest = run(main())
+    first, (text, ids, reason, outs), rest = run(main())
     assert (text, ids, reason) == (want.text, want.token_ids, "length")  # chunking changed nothing
+    assert [x for o in outs for x in o.logprobs] == pytest.approx(want.logprobs, abs=1e-4)
     assert len(first.token_ids) + len(rest[1]) == 40 and rest[2] == "length"
     prefills = [i for i, (_, t) in enumerate(calls) if t > 1]
     assert len(prefills) == 7 and all(calls[i] == (1, 8) for i in prefills[:-1])
@@ -320,7 +361,10 @@ def test_encoder_decoder_model_is_served_with_the_text_of_gpt_complete(tiny_s2s)
         finally:
             await engine.shutdown(1)
 
-    assert [(t, ids) for t, ids, _, _ in run(main())] == [(c.text, c.token_ids) for c in want]
+    got = run(main())
+    assert [(t, ids) for t, ids, _, _ in got] == [(c.text, c.token_ids) for c in want]
+    for (_, _, _, outs), c in zip(got, want):
+        assert [x for o in outs for x in o.logprobs] == pytest.approx(c.logprobs, abs=1e-4)
 
 
 @pytest.mark.parametrize("prompt, params, message", [
