@@ -81,6 +81,9 @@ def main() -> int:
     t0 = time.perf_counter()
     s = train(cfg)
     wall = time.perf_counter() - t0
+    if s["interrupted"]:
+        print(f"interrupted at step {s['step']}; no figures", file=sys.stderr)
+        return 1
     for ev in s["evals"]:
         print(f"  step {ev['step']:5d}  val loss {ev['val_loss']:.4f}  ({ev['elapsed_s']:.0f} s)")
     final = s["evals"][-1]["val_loss"]

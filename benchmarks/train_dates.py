@@ -40,6 +40,9 @@ def main() -> int:
     t0 = time.perf_counter()
     s = train(cfg)
     wall = time.perf_counter() - t0
+    if s["interrupted"]:
+        print(f"interrupted at step {s['step']}; no figures", file=sys.stderr)
+        return 1
     reached = None
     for ev in s["evals"]:
         print(f"  step {ev['step']:5d}  {ev['elapsed_s']:6.0f} s  val loss {ev['val_loss']:.4f}  "

@@ -104,6 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary = train(args, resume=resume)
     except (ConfigError, CheckpointError) as e:
         parser.error(str(e))
+    except KeyboardInterrupt:  # before training started (the loop itself saves and stops cleanly)
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:  # e.g. the disk filled up mid-run: the last complete checkpoint survives
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1

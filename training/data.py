@@ -135,24 +135,28 @@ def prepare(files: list[Path], tokenizer: Tokenizer, cache_root: Path, *, val_fr
             n = _tokenize(files, tokenizer, tmp, progress)
             if n == 0:
                 raise ConfigError("the corpus is empty (no tokens)")
-            all_ids = np.memmap(tmp, dtype=dtype, mode="r", shape=(n,))
             n_val = max(1, int(n * val_fraction))
-            atomic_write_bytes(d / "train.bin", all_ids[: n - n_val].tobytes())
-            atomic_write_bytes(d / "val.bin", all_ids[n - n_val:].tobytes())
-            del all_ids
+            size = np.dtype(dtype).itemsize
+            # the validation tail is copied out, then the file is cut to the training prefix:
+            # no pass over the whole corpus in memory
+            with open(tmp, "r+b") as f:
+                f.seek((n - n_val) * size)
+                atomic_write_bytes(d / "val.bin", f.read())
+                f.truncate((n - n_val) * size)
+            os.replace(tmp, d / "train.bin")
         finally:
             tmp.unlink(missing_ok=True)
         meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": n - n_val,
                 "val_tokens": n_val, "files": [str(f) for f in files[:1000]], "n_files": len(files)}
         atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())  # written last: marks it complete
     meta = json.loads(meta_file.read_text())
+    for name in ("train", "val"):
+        if meta[f"{name}_tokens"] <= block_size:
+            raise ConfigError(f"the corpus is too short: its {'training' if name == 'train' else 'validation'} "
+                              f"split has {meta[f'{name}_tokens']} tokens, and one block needs {block_size + 1} "
+                              f"(block size {block_size}); add text or lower --block-size")
     train = np.memmap(d / "train.bin", dtype=meta["dtype"], mode="r")
     val = np.memmap(d / "val.bin", dtype=meta["dtype"], mode="r")
-    for name, arr in (("training", train), ("validation", val)):
-        if len(arr) <= block_size:
-            raise ConfigError(f"the corpus is too short: its {name} split has {len(arr)} tokens, and one "
-                              f"block needs {block_size + 1} (block size {block_size}); add text or lower "
-                              f"--block-size")
     return TokenData(train=train, val=val, directory=d, n_files=meta["n_files"])
 
 

@@ -42,6 +42,9 @@ def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Optional
         raise ConfigError(f"--resume: {e}") from None
     cfg = TrainConfig.from_dict(saved["config"]).replace(**{**overrides, "out": str(out)})
     cfg.validate()
+    if saved["step"] >= cfg.max_iters:
+        raise ConfigError(f"--resume: the run in {out} already reached step {saved['step']} of --max-iters "
+                          f"{cfg.max_iters}; pass a larger --max-iters to train further")
     return cfg, path, saved
 
 

@@ -163,9 +163,8 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
 
     def accuracy(num_beams: int) -> float:
         raw.eval()
-        try:
-            with autocast:
-                return exact_match(raw, tok, data.accuracy_pairs, num_beams=num_beams)
+        try:  # decoding runs in the weights' own dtype: its KV cache is allocated in it
+            return exact_match(raw, tok, data.accuracy_pairs, num_beams=num_beams)
         finally:
             raw.train()
 

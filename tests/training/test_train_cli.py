@@ -111,6 +111,8 @@ def test_existing_run_is_never_overwritten(tmp_path, corpus, capsys):
     err = _fails(capsys, ["--out", str(out), "--resume", "--n-embd", "64", "--max-iters", "9"])
     assert "n_embd=32" in err and "n_embd=64" in err
     assert _tree_digest(out) == before
+    assert "already reached step 5" in _fails(capsys, ["--out", str(out), "--resume"])
+    assert _tree_digest(out) == before
     assert "no checkpoint to resume" in _fails(capsys, ["--out", str(tmp_path / "none"), "--resume"])
 
 
