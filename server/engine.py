@@ -111,7 +111,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: Optional[float] = None,
                request_id: Optional[str] = None) -> RequestHandle:
-        """Queue a request. Raises ValueError (bad prompt or params), QueueFull or EngineClosed."""
+        """Queue a request (starting the engine if need be). Raises ValueError (bad prompt or
+        params), QueueFull or EngineClosed."""
         loop = asyncio.get_running_loop()
         prompt = self._check(prompt_ids, params)
         if timeout is not None and not timeout > 0:
