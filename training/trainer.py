@@ -272,6 +272,9 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
         dump = Path(os.environ[DEBUG_DUMP_ENV])
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"rank{d.rank}.sha256").write_text(weights_digest(raw))
+    # leave together: a rank tearing down its process group while rank 0 is still writing
+    # checkpoints and plots aborts in gloo ("terminate called without an active exception")
+    ddp.barrier(d)
     summary.update(step=step, best_val_loss=best_val, interrupted=interrupted, plot=str(plot) if plot else None,
                    ms_per_iter=1000 * train_time / max(timed_steps, 1), tokens_seen=tokens_seen)
     return summary

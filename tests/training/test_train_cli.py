@@ -153,15 +153,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
+def _torchrun(args, env):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "training"] + args
+    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tmp_path):
+    import shutil
+
     corpus = make_corpus(tmp_path / "c.txt")
     out, dump = tmp_path / "run", tmp_path / "dump"
     env = dict(os.environ, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(dump), OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "training"] + _args(
-        out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5)
-    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _torchrun(_args(out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5), env)
     digests = [(dump / f"rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]
     from training.trainer import weights_digest
@@ -171,3 +176,14 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [15, 30]  # logged once, by rank 0
+
+    # rewind a copy to its step-15 checkpoint and resume: both ranks' RNG and sampler states
+    # come back, so steps 16-30 repeat exactly
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "ckpt-0000030")
+    (again / "latest").write_text("ckpt-0000015\n")
+    _torchrun(["--out", str(again), "--resume"], dict(env, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(tmp_path / "dump2")))
+    losses = lambda d: [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(d)]  # noqa: E731
+    assert losses(again) == losses(out)
+    assert (tmp_path / "dump2" / "rank0.sha256").read_text() == digests[0]
