@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+import gpt
+
 from .config import DEFAULT_PRESET, DTYPES, MODEL_KINDS, ConfigError, TrainConfig
 
 D = TrainConfig()  # the defaults, quoted in --help
@@ -45,38 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=MODEL_KINDS, help=f"model kind ({D.model})")
     g.add_argument("--preset", metavar="NAME",
-                   help=f"model preset (gpt: {DEFAULT_PRESET['gpt']}, seq2seq: {DEFAULT_PRESET['seq2seq']}); "
-                        "see gpt.PRESETS")
-    g.add_argument("--n-layer", type=int, help="(decoder) layers (preset's)")
-    g.add_argument("--n-encoder-layer", type=int, help="seq2seq encoder layers (preset's)")
-    g.add_argument("--n-head", type=int, help="attention heads (preset's)")
-    g.add_argument("--n-embd", type=int, help="model width, divisible by --n-head (preset's)")
-    g.add_argument("--block-size", type=int, help="context length in tokens (preset's)")
-    g.add_argument("--dropout", type=float, help="dropout probability (preset's)")
+                   help=f"model preset: {', '.join(gpt.PRESETS)} (gpt: {DEFAULT_PRESET['gpt']}, "
+                        f"seq2seq: {DEFAULT_PRESET['seq2seq']})")
+    g.add_argument("--n-layer", type=int, metavar="N", help="(decoder) layers (preset's)")
+    g.add_argument("--n-encoder-layer", type=int, metavar="N", help="seq2seq encoder layers (preset's)")
+    g.add_argument("--n-head", type=int, metavar="N", help="attention heads (preset's)")
+    g.add_argument("--n-embd", type=int, metavar="N", help="model width, divisible by --n-head (preset's)")
+    g.add_argument("--block-size", type=int, metavar="N", help="context length in tokens (preset's)")
+    g.add_argument("--dropout", type=float, metavar="X", help="dropout probability (preset's)")
     g.add_argument("--tokenizer", metavar="NAME", help="gpt2, byte or a tiktoken encoding name (preset's)")
     g.add_argument("--init-from", metavar="PATH",
                    help="fine-tune from a checkpoint directory or a Hugging Face GPT-2 directory")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="PATH", help="files, directories or globs (see below)")
-    g.add_argument("--val-fraction", type=float, help=f"last fraction held out for validation ({D.val_fraction})")
+    g.add_argument("--val-fraction", type=float, metavar="X", help=f"last fraction held out for validation ({D.val_fraction})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-batch per rank ({D.batch_size})")
-    g.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step ({D.grad_accum})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate ({D.lr})")
-    g.add_argument("--min-lr", type=float, help=f"learning rate at the end of the cosine decay ({D.min_lr})")
-    g.add_argument("--warmup", type=int, help=f"linear warmup steps ({D.warmup})")
-    g.add_argument("--max-iters", type=int, help=f"optimizer steps ({D.max_iters})")
-    g.add_argument("--weight-decay", type=float, help=f"AdamW weight decay on >= 2-D weights ({D.weight_decay})")
-    g.add_argument("--beta1", type=float, help=f"AdamW beta1 ({D.beta1})")
-    g.add_argument("--beta2", type=float, help=f"AdamW beta2 ({D.beta2})")
-    g.add_argument("--grad-clip", type=float, help=f"clip the gradient norm to this; 0 = off ({D.grad_clip})")
+    g.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per micro-batch per rank ({D.batch_size})")
+    g.add_argument("--grad-accum", type=int, metavar="N", help=f"micro-batches per optimizer step ({D.grad_accum})")
+    g.add_argument("--lr", type=float, metavar="X", help=f"peak learning rate ({D.lr})")
+    g.add_argument("--min-lr", type=float, metavar="X", help=f"learning rate at the end of the cosine decay ({D.min_lr})")
+    g.add_argument("--warmup", type=int, metavar="N", help=f"linear warmup steps ({D.warmup})")
+    g.add_argument("--max-iters", type=int, metavar="N", help=f"optimizer steps ({D.max_iters})")
+    g.add_argument("--weight-decay", type=float, metavar="X", help=f"AdamW weight decay on >= 2-D weights ({D.weight_decay})")
+    g.add_argument("--beta1", type=float, metavar="X", help=f"AdamW beta1 ({D.beta1})")
+    g.add_argument("--beta2", type=float, metavar="X", help=f"AdamW beta2 ({D.beta2})")
+    g.add_argument("--grad-clip", type=float, metavar="X", help=f"clip the gradient norm to this; 0 = off ({D.grad_clip})")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=int, help=f"evaluate and checkpoint every N steps ({D.eval_interval})")
-    g.add_argument("--eval-iters", type=int, help=f"validation batches per evaluation ({D.eval_iters})")
-    g.add_argument("--eval-pairs", type=int, help=f"seq2seq: held-out pairs for exact match ({D.eval_pairs})")
-    g.add_argument("--num-beams", type=int, help=f"seq2seq: beams for the beam-search accuracy ({D.num_beams})")
-    g.add_argument("--log-interval", type=int, help=f"log the training loss every N steps ({D.log_interval})")
-    g.add_argument("--keep-last", type=int, help=f"step checkpoints to keep ({D.keep_last})")
+    g.add_argument("--eval-interval", type=int, metavar="N", help=f"evaluate and checkpoint every N steps ({D.eval_interval})")
+    g.add_argument("--eval-iters", type=int, metavar="N", help=f"validation batches per evaluation ({D.eval_iters})")
+    g.add_argument("--eval-pairs", type=int, metavar="N", help=f"seq2seq: held-out pairs for exact match ({D.eval_pairs})")
+    g.add_argument("--num-beams", type=int, metavar="N", help=f"seq2seq: beams for the beam-search accuracy ({D.num_beams})")
+    g.add_argument("--log-interval", type=int, metavar="N", help=f"log the training loss every N steps ({D.log_interval})")
+    g.add_argument("--keep-last", type=int, metavar="N", help=f"step checkpoints to keep ({D.keep_last})")
     g.add_argument("--out", metavar="DIR", help=f"run directory ({D.out})")
     g.add_argument("--resume", action="store_true", default=False,
                    help="continue the run in --out from its latest checkpoint, with its saved settings "
@@ -85,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--dtype", choices=DTYPES, help=f"autocast dtype; float16 uses a GradScaler ({D.dtype})")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, help=f"random seed ({D.seed})")
+    g.add_argument("--seed", type=int, metavar="N", help=f"random seed ({D.seed})")
     g.add_argument("--device", help="cpu, cuda, cuda:N, or auto = cuda when available (auto)")
-    g.add_argument("--threads", type=int, help="CPU threads per process (0 = cores / local ranks)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads per process (0 = cores / local ranks)")
     return p
 
 

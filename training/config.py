@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -119,8 +120,6 @@ class TrainConfig:
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at max_iters (nanoGPT's schedule)."""
-    import math
-
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / (cfg.warmup + 1)
     if step >= cfg.max_iters:

@@ -253,11 +253,10 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 report.say(f"stopped by signal at step {step}; checkpoint saved in {out}; "
                            f"continue with --resume --out {out}")
                 break
-            if step == cfg.max_iters:
-                break
 
     if interrupted is None and data.accuracy_pairs and d.is_main:
-        summary["exact_match_greedy"] = accuracy(1)
+        last = summary["evals"][-1] if summary["evals"] else {}
+        summary["exact_match_greedy"] = last["exact_match_greedy"] if last.get("step") == step else accuracy(1)
         summary["exact_match_beam"] = accuracy(cfg.num_beams)
         rec = {"kind": "accuracy", "step": step, "pairs": len(data.accuracy_pairs),
                "exact_match_greedy": summary["exact_match_greedy"],
