@@ -151,6 +151,13 @@ def cancel_unfinished(handles) -> None:
 async def merged(handles) -> AsyncIterator[tuple[int, object]]:
     """(choice index, Output) from all handles as they arrive, until every one has finished.
     Closing the iterator early cancels the unfinished requests."""
+    if len(handles) == 1:  # the common case: no task per piece to race against other choices
+        try:
+            async for out in handles[0]:
+                yield 0, out
+        finally:
+            cancel_unfinished(handles)
+        return
     pending: dict[asyncio.Future, int] = {}
     try:
         for i, h in enumerate(handles):
