@@ -28,9 +28,10 @@ from .metrics import Metrics
 log = logging.getLogger("server")
 
 
-def load_engine(settings: Settings, metrics=None):
+def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None):
     """Load `settings.model` and build an engine for it (not started). Raises OSError/ValueError
-    (gpt.CheckpointError is a ValueError) for a missing or bad model."""
+    (gpt.CheckpointError is a ValueError) for a missing or bad model. `threads`: CPU threads for
+    the engine thread's kernels."""
     import torch
 
     import gpt
@@ -42,7 +43,7 @@ def load_engine(settings: Settings, metrics=None):
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     model, tokenizer = gpt.load(settings.model, device=torch.device(settings.device), dtype=dtype)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                  metrics=metrics)
+                  metrics=metrics, threads=threads)
 
 
 async def _load_in_background(app: FastAPI) -> None:

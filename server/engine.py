@@ -81,11 +81,16 @@ class RequestHandle:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
-                 max_len: Optional[int] = None, prefill_chunk: int = 512, metrics: Optional[Metrics] = None):
+                 max_len: Optional[int] = None, prefill_chunk: int = 512, metrics: Optional[Metrics] = None,
+                 threads: Optional[int] = None):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
+        # CPU threads for the engine thread's kernels (None: torch's default for a new thread).
+        # OpenMP keeps one thread team per calling thread; see server/cli.py for why the process
+        # should run its multi-threaded kernels on this one thread only.
+        self.threads = threads
         self.metrics = metrics if metrics is not None else Metrics()
         self.seq2seq = model.config.arch == "seq2seq"
         block = model.config.block_size
@@ -198,6 +203,8 @@ class Engine:
     # --- the engine thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._cond:
