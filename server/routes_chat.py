@@ -4,11 +4,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from .auth import require_api_key
-from .errors import APIError, invalid
+from .errors import invalid
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                        Usage, new_id, now)
 from .routes_common import (EventStream, chat_logprobs, check_model, collect, encode_prompt, finish_reason,
-                            get_engine, max_new_tokens, merged, sampling_params, sse, sse_error, submit_all)
+                            event_stream, get_engine, max_new_tokens, sampling_params, submit_all)
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -54,38 +54,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                               total_tokens=len(ids) + completion_tokens))
 
 
-async def _stream(handles, tok, body: ChatCompletionRequest, rid: str, created: int, model_name: str,
-                  prompt_tokens: int, include_usage: bool):
+def _stream(handles, tok, body: ChatCompletionRequest, rid: str, created: int, model_name: str,
+            prompt_tokens: int, include_usage: bool):
     top_n = body.top_logprobs or 0
-    completion_tokens = [0] * len(handles)
-    pieces = merged(handles)
 
-    def chunk(choices: list, usage=None) -> dict:
-        d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-             "choices": choices}
-        if include_usage:
-            d["usage"] = usage  # null on every chunk but the last, as OpenAI does
-        return d
+    def delta(i, out, reason):
+        logprobs = chat_logprobs(tok, out, top_n) if body.logprobs and out.token_ids else None
+        if not (out.text or reason or logprobs):
+            return None
+        return {"index": i, "delta": {"content": out.text} if out.text else {}, "logprobs": logprobs,
+                "finish_reason": reason}
 
-    try:
-        # OpenAI opens each choice with the role and empty content
-        for i in range(len(handles)):
-            yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}]))
-        async for i, out in pieces:
-            completion_tokens[i] = out.completion_tokens
-            reason = finish_reason(out.finish_reason)
-            logprobs = chat_logprobs(tok, out, top_n) if body.logprobs and out.token_ids else None
-            if not (out.text or reason or logprobs):
-                continue
-            delta = {"content": out.text} if out.text else {}
-            yield sse(chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]))
-        if include_usage:
-            total = sum(completion_tokens)
-            yield sse(chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                                 "total_tokens": prompt_tokens + total}))
-    except APIError as e:
-        yield sse_error(e)
-    finally:
-        await pieces.aclose()
-    yield sse("[DONE]")
+    # OpenAI opens each choice with the role and empty content
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for i in range(len(handles))]
+    return event_stream(handles, object_name="chat.completion.chunk", rid=rid, created=created,
+                        model_name=model_name, prompt_tokens=prompt_tokens, include_usage=include_usage,
+                        choice_delta=delta, opening=opening)

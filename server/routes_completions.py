@@ -4,11 +4,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from .auth import require_api_key
-from .errors import APIError, invalid
+from .errors import invalid
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, new_id, now
 from .routes_common import (CompletionLogprobBuilder, EventStream, check_model, collect, encode_prompt,
-                            finish_reason, get_engine, max_new_tokens, merged, sampling_params, sse, sse_error,
-                            submit_all)
+                            event_stream, finish_reason, get_engine, max_new_tokens, sampling_params, submit_all)
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -52,32 +51,15 @@ async def create_completion(body: CompletionRequest, request: Request):
                                           total_tokens=prompt_tokens + completion_tokens))
 
 
-async def _stream(handles, tok, body: CompletionRequest, rid: str, created: int, model_name: str,
-                  prompt_tokens: int, include_usage: bool):
+def _stream(handles, tok, body: CompletionRequest, rid: str, created: int, model_name: str,
+            prompt_tokens: int, include_usage: bool):
     builders = [CompletionLogprobBuilder(tok, body.logprobs or 0) for _ in handles]
-    completion_tokens = [0] * len(handles)
-    pieces = merged(handles)
 
-    def chunk(choices: list, usage=None) -> dict:
-        d = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices}
-        if include_usage:
-            d["usage"] = usage  # null on every chunk but the last, as OpenAI does
-        return d
+    def delta(i, out, reason):
+        logprobs = builders[i].piece(out) if body.logprobs is not None else None
+        if not (out.text or reason or (logprobs and logprobs["tokens"])):
+            return None
+        return {"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": reason}
 
-    try:
-        async for i, out in pieces:
-            completion_tokens[i] = out.completion_tokens
-            reason = finish_reason(out.finish_reason)
-            logprobs = builders[i].piece(out) if body.logprobs is not None else None
-            if not (out.text or reason or (logprobs and logprobs["tokens"])):
-                continue
-            yield sse(chunk([{"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": reason}]))
-        if include_usage:
-            total = sum(completion_tokens)
-            yield sse(chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                                 "total_tokens": prompt_tokens + total}))
-    except APIError as e:
-        yield sse_error(e)
-    finally:
-        await pieces.aclose()
-    yield sse("[DONE]")
+    return event_stream(handles, object_name="text_completion", rid=rid, created=created, model_name=model_name,
+                        prompt_tokens=prompt_tokens, include_usage=include_usage, choice_delta=delta)
