@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per model and batch size; best is kept")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our model (optional, off by default)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="leave our linear weights in the plain layout (default: gpt.pack_linear_weights)")
     args = ap.parse_args()
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2")
@@ -91,12 +93,14 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     ours = build_ours()
     hf = build_hf(ours)
+    if not args.no_pack:
+        gpt.pack_linear_weights(ours)
     if args.compile:
         ours.compile(dynamic=True)  # in place, so that start/step, which call the module, use it
     N = args.new_tokens
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
           f"GPT-2 small (124M) random weights, fp32; prompt {args.prompt_len} tokens, {N} new tokens, greedy; "
-          f"best of {args.repeats}")
+          f"best of {args.repeats}; ours {'plain' if args.no_pack else 'packed'} weights")
 
     g = torch.Generator().manual_seed(1)
     rows = []

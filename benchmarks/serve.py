@@ -212,6 +212,7 @@ def main() -> None:
             model_dir = os.path.join(tmp, "gpt2-random")
             gpt.save(model, model_dir)
         prompt = prompt_ids(tokenizer, args.prompt_len)
+        gpt.pack_linear_weights(model)  # the in-process baseline runs on the same kernels as the server
         base = {}
         if not args.no_baseline:
             for b in sorted({1, 32}):

@@ -9,13 +9,14 @@ from .config import PRESETS, ModelConfig, preset
 from .generate import Completion, complete, generate
 from .hf import export_hf_gpt2, load_hf_gpt2
 from .kv_cache import KVCache
+from .layers import pack_linear_weights
 from .model import GPT, EncoderDecoder, build_model
 from .sampling import SamplingParams
 from .streaming import IncrementalDetokenizer, StopMatcher, TextStream
 from .tokenizer import Tokenizer, get_tokenizer
 
 __all__ = [
-    "GPT", "EncoderDecoder", "build_model", "ModelConfig", "PRESETS", "preset", "KVCache",
+    "GPT", "EncoderDecoder", "build_model", "pack_linear_weights", "ModelConfig", "PRESETS", "preset", "KVCache",
     "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
     "generate", "complete", "beam_search", "Completion", "SamplingParams",
     "Tokenizer", "get_tokenizer", "IncrementalDetokenizer", "TextStream", "StopMatcher",

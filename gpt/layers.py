@@ -32,13 +32,53 @@ class Linear(nn.Linear):
     to 32, including the 50257-wide lm_head); MKL's single-row product did not use the second
     core at all. oneDNN's op has no backward, so training (grad enabled) keeps F.linear, and
     so does torch.compile, which picks its own kernels.
+
+    `pack()` adds a copy of the weight in oneDNN's blocked layout. Given the plain layout,
+    oneDNN reorders the weight on every call that has more than one row; with the packed copy
+    a GPT-2-small forward of 4-512 rows ran 1.2-1.8x faster here. One row stays on the plain
+    weight, whose kernel is faster there. The copy costs the weight's memory again, so packing
+    is opt-in (`pack_linear_weights(model)`; the server does it).
     """
+    _packed: Optional[Tensor] = None
+    _packed_from: tuple = ()  # (weight, its version, its storage) when packed: a changed weight drops the copy
+
+    def _onednn_ok(self, x: Tensor) -> bool:
+        return (_ONEDNN_LINEAR and self.weight.numel() >= _ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.device.type == "cpu" and not torch.compiler.is_compiling())
+
+    def pack(self, rows_hint: int = 32) -> bool:
+        """Make the blocked copy of the weight; False where this layer never runs on oneDNN."""
+        w = self.weight
+        if not (_ONEDNN_LINEAR and w.numel() >= _ONEDNN_MIN_WEIGHT and w.dtype == torch.float32
+                and w.device.type == "cpu"):
+            return False
+        with torch.no_grad():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows_hint)
+        self._packed_from = (w, w._version, w.data_ptr())
+        return True
+
+    def _packed_weight(self, x: Tensor) -> Optional[Tensor]:
+        if self._packed is None or x.numel() == x.shape[-1]:  # unpacked, or a single row
+            return None
+        w, version, ptr = self._packed_from
+        if w is not self.weight or w._version != version or w.data_ptr() != ptr:
+            self._packed, self._packed_from = None, ()  # the weight changed since: never use a stale copy
+            return None
+        return self._packed
 
     def forward(self, x: Tensor) -> Tensor:
-        if (_ONEDNN_LINEAR and self.weight.numel() >= _ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
-                and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
+        if self._onednn_ok(x):
+            w = self._packed_weight(x)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight if w is None else w, self.bias,
+                                                      "none", [None], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def pack_linear_weights(model: nn.Module, rows_hint: int = 32) -> int:
+    """Give every eligible `Linear` of `model` its oneDNN-blocked weight (see `Linear.pack`);
+    returns how many were packed. For fp32 inference on CPU with batches of several rows."""
+    return sum(m.pack(rows_hint) for m in model.modules() if isinstance(m, Linear))
 
 
 class Attention(nn.Module):

@@ -24,7 +24,7 @@ from typing import AsyncIterator, Optional
 
 import torch
 
-from gpt import SamplingParams
+from gpt import SamplingParams, pack_linear_weights
 
 from .metrics import Metrics
 from .scheduler import Output, Request, Scheduler
@@ -91,6 +91,9 @@ class Engine:
         # OpenMP keeps one thread team per calling thread; see server/cli.py for why the process
         # should run its multi-threaded kernels on this one thread only.
         self.threads = threads
+        # oneDNN's blocked weights: 1.2-1.8x faster multi-row forwards on CPU in fp32 for a second
+        # copy of the linear weights (a no-op elsewhere). See gpt.layers.Linear.pack.
+        pack_linear_weights(model, rows_hint=max_batch_size)
         self.metrics = metrics if metrics is not None else Metrics()
         self.seq2seq = model.config.arch == "seq2seq"
         block = model.config.block_size

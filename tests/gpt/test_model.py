@@ -187,3 +187,64 @@ def test_cached_decoding_equals_full_forward_at_a_width_that_takes_the_fast_path
     model = gpt.GPT(gpt.preset("gpt-tiny", n_embd=512, n_head=8, n_layer=1, vocab_size=1024)).eval()
     prompts = [torch.randint(0, 1024, (n,)).tolist() for n in (6, 3)]
     assert _greedy_incremental_matches_full(model, prompts, steps=4) <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 1024), (4, 1024), (3, 5, 1024), "transposed"])
+def test_packed_linear_weights_compute_what_f_linear_computes(shape):
+    from gpt.layers import Linear
+    layer = Linear(1024, 768)
+    assert layer.pack() is True
+    x = torch.randn(1024, 6).t() if shape == "transposed" else torch.randn(*shape)
+    with torch.inference_mode():
+        fast = layer(x)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_packed_copy_is_dropped_once_its_weight_changes():
+    from gpt.layers import Linear
+    layer = Linear(1024, 768)
+    layer.pack()
+    x = torch.randn(4, 1024)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # e.g. a training step or load_state_dict
+    with torch.inference_mode():
+        out = layer(x)
+    assert torch.allclose(out, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+    assert layer._packed is None
+    layer.weight = torch.nn.Parameter(torch.randn(768, 1024))  # a new Parameter object altogether
+    layer.pack()
+    layer.weight = torch.nn.Parameter(torch.randn(768, 1024))
+    with torch.inference_mode():
+        out = layer(x)
+    assert torch.allclose(out, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-4)
+
+
+def test_packing_skips_small_layers_and_keeps_the_state_dict():
+    model = gpt.GPT(gpt.preset("gpt-tiny", n_embd=512, n_head=8, n_layer=1, vocab_size=1024)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    packed = gpt.pack_linear_weights(model)
+    assert packed == sum(m.weight.numel() >= 1 << 19 for m in model.modules() if isinstance(m, gpt.layers.Linear))
+    assert packed >= 1
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_cached_decoding_with_packed_weights_equals_the_plain_model():
+    model = gpt.GPT(gpt.preset("gpt-tiny", n_embd=512, n_head=8, n_layer=2, vocab_size=1024)).eval()
+    prompts = [torch.randint(0, 1024, (n,)).tolist() for n in (6, 3, 5)]
+    with torch.inference_mode():
+        cache = model.new_cache(3, max_len=16)
+        plain = [model.start(prompts, cache)]
+        tok = plain[0].argmax(-1)
+        for _ in range(4):
+            plain.append(model.step(tok[:, None], cache))
+            tok = plain[-1].argmax(-1)
+        gpt.pack_linear_weights(model)
+        cache = model.new_cache(3, max_len=16)
+        packed = [model.start(prompts, cache)]
+        tok = packed[0].argmax(-1)
+        for _ in range(4):
+            packed.append(model.step(tok[:, None], cache))
+            tok = packed[-1].argmax(-1)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, packed)) <= 1e-4
