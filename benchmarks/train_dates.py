@@ -38,7 +38,11 @@ def main() -> int:
                eval_pairs=args.eval_pairs, threads=args.threads, quiet=True)
     print("recipe: " + ", ".join(f"{k}={cfg[k]}" for k in RECIPE))
     t0 = time.perf_counter()
-    s = train(cfg)
+    try:
+        s = train(cfg)
+    except ValueError as e:  # ConfigError / CheckpointError: e.g. --out already holds a run
+        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t0
     if s["interrupted"]:
         print(f"interrupted at step {s['step']}; no figures", file=sys.stderr)
