@@ -66,11 +66,16 @@ class DrainingServer(uvicorn.Server):
     Uvicorn's own handling would stop listening and wait for open connections, but /ready would
     keep saying 200 meanwhile, and it re-raises the signal at exit (status -15, not 0)."""
 
-    def __init__(self, config: uvicorn.Config, app):
+    def __init__(self, config: uvicorn.Config, app, banner: str = ""):
         super().__init__(config)
-        self.app = app
+        self.app, self.banner = app, banner
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._draining = False
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.banner and self.started:  # printed once signals are ours: a SIGTERM from here on drains
+            print(self.banner, flush=True)
 
     async def serve(self, sockets=None):
         self._loop = asyncio.get_running_loop()
@@ -158,10 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
                             timeout_graceful_shutdown=max(5, int(settings.drain_grace) + 5))
-    server = DrainingServer(config, app)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"gpt-serve: serving {settings.model_name!r} at http://{shown_host}:{sock.getsockname()[1]} "
-          f"(chat page at /, API at /v1)", flush=True)
+    server = DrainingServer(config, app, banner=f"gpt-serve: serving {settings.model_name!r} at "
+                            f"http://{shown_host}:{sock.getsockname()[1]} (chat page at /, API at /v1)")
     server.run(sockets=[sock])
     return 0
 

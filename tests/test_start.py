@@ -78,9 +78,8 @@ def test_start_trains_the_default_model_once_then_serves_it_with_the_chat_page(t
     # The second start reuses the trained model: no training, straight to serving.
     proc = _start(run, "--port", str(_free_port()))
     try:
-        url, lines = _wait_for_url(proc, limit=120)
+        _, lines = _wait_for_url(proc, limit=120)
         assert not any("train" in line for line in lines)
-        with urllib.request.urlopen(url + "/health", timeout=30) as r:  # up (and handling signals)
-            assert r.status == 200
+        # no request first: a SIGTERM right after the URL is printed must still drain and exit 0
     finally:
         assert _stop(proc) == 0
