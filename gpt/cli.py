@@ -58,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from . import checkpoint
+    from .device import resolve_device
     from .generate import generate
     from .sampling import SamplingParams
 
@@ -71,11 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        parser.error(f"--device: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device {e}")
     try:
         model, tokenizer = checkpoint.load(args.model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError) as e:

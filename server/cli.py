@@ -130,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from gpt.device import resolve_device
+
     from .app import create_app, load_engine
     from .chat_template import load_chat_template
 
@@ -138,11 +140,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         parser.error(f"--chat-template: {e}")
     try:
-        device = torch.device(settings.device)
-    except RuntimeError as e:
-        parser.error(f"--device: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+        resolve_device(settings.device)
+    except ValueError as e:
+        parser.error(f"--device {e}")
     try:
         sock = _listen(settings.host, settings.port)
     except OSError as e:

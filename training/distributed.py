@@ -9,6 +9,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt.device import resolve_device
+
+from .config import ConfigError
+
 
 @dataclass
 class Dist:
@@ -33,10 +37,11 @@ def setup(device: str) -> tuple[Dist, torch.device]:
              int(os.environ.get("WORLD_SIZE", 1)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:  # a ConfigError: gpt-train reports it in one line, exit code 2
+        raise ConfigError(f"--device {e}") from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
         torch.cuda.set_device(dev)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import gpt
 from training.cli import main
@@ -76,6 +77,9 @@ def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
     (["--dtype", "float8"], "invalid choice"),
     (["--preset", "seq2seq-tiny"], "is a seq2seq model"),
     (["--init-from", "/nonexistent/ckpt"], "--init-from"),
+    (["--device", "bogus"], "--device bogus"),
+    pytest.param(["--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys, extra, message):
     err = _fails(capsys, _args(tmp_path / "run", corpus) + extra)
