@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _training_run import run_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -73,21 +75,13 @@ def main() -> int:
         return 2
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-char-"))
 
-    from training.trainer import train
-
     cfg = dict(RECIPE, data=[str(data)], out=str(out), max_iters=args.iters, eval_iters=args.eval_iters,
                threads=args.threads, dtype=args.dtype, quiet=True)
     print("recipe: " + ", ".join(f"{k}={cfg[k]}" for k in RECIPE if k != "model") + f", dtype={args.dtype}")
-    t0 = time.perf_counter()
-    try:
-        s = train(cfg)
-    except ValueError as e:  # ConfigError / CheckpointError: e.g. --out already holds a run
-        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
+    result = run_recipe(cfg, "benchmarks/train.py")
+    if result is None:
         return 2
-    wall = time.perf_counter() - t0
-    if s["interrupted"]:
-        print(f"interrupted at step {s['step']}; no figures", file=sys.stderr)
-        return 1
+    s, wall = result
     for ev in s["evals"]:
         print(f"  step {ev['step']:5d}  val loss {ev['val_loss']:.4f}  ({ev['elapsed_s']:.0f} s)")
     final = s["evals"][-1]["val_loss"]

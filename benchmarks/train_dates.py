@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _training_run import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,21 +33,13 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-dates-"))
 
-    from training.trainer import train
-
     cfg = dict(RECIPE, out=str(out), max_iters=args.iters, eval_interval=args.eval_interval,
                eval_pairs=args.eval_pairs, threads=args.threads, quiet=True)
     print("recipe: " + ", ".join(f"{k}={cfg[k]}" for k in RECIPE))
-    t0 = time.perf_counter()
-    try:
-        s = train(cfg)
-    except ValueError as e:  # ConfigError / CheckpointError: e.g. --out already holds a run
-        print(f"{Path(__file__).name}: error: {e}", file=sys.stderr)
+    result = run_recipe(cfg, "benchmarks/train_dates.py")
+    if result is None:
         return 2
-    wall = time.perf_counter() - t0
-    if s["interrupted"]:
-        print(f"interrupted at step {s['step']}; no figures", file=sys.stderr)
-        return 1
+    s, wall = result
     reached = None
     for ev in s["evals"]:
         print(f"  step {ev['step']:5d}  {ev['elapsed_s']:6.0f} s  val loss {ev['val_loss']:.4f}  "
