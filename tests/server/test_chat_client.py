@@ -75,7 +75,8 @@ def test_gpt_chat_system_message_opens_the_conversation_and_survives_reset(live_
     assert [int(p) for p, _, _ in USAGE.findall(r.stderr)] == [prompt, prompt]
 
 
-def test_stream_chat_yields_the_reply_in_several_pieces(live_server, openai_client, model):
+def test_stream_chat_yields_the_reply_in_several_pieces(paced_live_server, openai_client, model):
+    live_server = paced_live_server
     client = ChatClient(live_server.url + "/v1", api_key=live_server.api_key)  # /v1 is accepted too
     try:
         messages = [{"role": "user", "content": "count"}]

@@ -78,7 +78,7 @@ def api_reply(openai_client, model, messages, **sampling) -> str:
     return r.choices[0].message.content
 
 
-def test_typed_message_streams_a_reply_equal_to_the_api_reply(page, openai_client, model):
+def test_typed_message_streams_a_reply_equal_to_the_api_reply(page, paced_live_server, openai_client, model):
     sampling = dict(temperature=0.9, seed=11, max_tokens=16)
     set_field(page, "temperature", sampling["temperature"])
     set_field(page, "seed", sampling["seed"])
