@@ -16,9 +16,9 @@ from typing import Optional
 import safetensors.torch
 import torch
 
-from .checkpoint import (CONFIG_FILE, CheckpointError, PathLike, _stored_dtype, atomic_directory,
-                         load_tensors_into, read_json, read_safetensors, tied_names)
 from .config import ModelConfig
+from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory, load_tensors_into,
+                    read_json, read_safetensors, stored_dtype, tied_names)
 from .model import GPT
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -111,7 +111,7 @@ def load_hf_gpt2(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] =
     hf_state, source = _read_weights(path)
     model = GPT(config)
     load_tensors_into(model, convert_hf_state(hf_state, config), source)
-    model.to(device=device, dtype=dtype or _stored_dtype(hf_state))
+    model.to(device=device, dtype=dtype or stored_dtype(hf_state))
     return model.eval(), config
 
 

@@ -7,7 +7,7 @@
     OUT/latest          the name of the newest step checkpoint
 
 The trainer state is split into JSON and tensors (safetensors), so nothing is ever unpickled.
-Every write is atomic (gpt.checkpoint.atomic_directory / atomic_write_bytes): a crash mid-save
+Every write is atomic (gpt.files.atomic_directory / atomic_write_bytes): a crash mid-save
 leaves the previous checkpoint in place.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 import gpt
-from gpt.checkpoint import CheckpointError, atomic_write_bytes, read_json, read_safetensors
+from gpt.files import CONFIG_FILE, CheckpointError, atomic_write_bytes, read_json, read_safetensors
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
@@ -97,7 +97,7 @@ def step_checkpoints(out: Path) -> list[Path]:
     found = []
     for p in out.iterdir() if out.is_dir() else ():
         m = _CKPT.match(p.name)
-        if m and (p / STATE_JSON).is_file() and (p / gpt.checkpoint.CONFIG_FILE).is_file():
+        if m and (p / STATE_JSON).is_file() and (p / CONFIG_FILE).is_file():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
