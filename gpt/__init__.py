@@ -6,10 +6,12 @@
 from .beam import beam_search
 from .checkpoint import CheckpointError, load, load_checkpoint, save
 from .config import PRESETS, ModelConfig, preset
+from .decoding import Piece, SequenceDecoder, decode_tokens
 from .generate import Completion, complete, generate
 from .hf import export_hf_gpt2, load_hf_gpt2
 from .kv_cache import KVCache
 from .layers import pack_linear_weights
+from .limits import ContextLimits, RequestError
 from .model import GPT, EncoderDecoder, build_model
 from .sampling import SamplingParams
 from .streaming import IncrementalDetokenizer, StopMatcher, TextStream
@@ -18,6 +20,7 @@ from .tokenizer import Tokenizer, get_tokenizer
 __all__ = [
     "GPT", "EncoderDecoder", "build_model", "pack_linear_weights", "ModelConfig", "PRESETS", "preset", "KVCache",
     "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
-    "generate", "complete", "beam_search", "Completion", "SamplingParams",
+    "generate", "complete", "beam_search", "Completion", "Piece", "SamplingParams",
+    "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError",
     "Tokenizer", "get_tokenizer", "IncrementalDetokenizer", "TextStream", "StopMatcher",
 ]

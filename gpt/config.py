@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 POSITION_ENCODINGS = ("learned", "sinusoidal", "rotary")
 ACTIVATIONS = ("gelu", "relu")
@@ -31,6 +31,8 @@ class ModelConfig:
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(n_embd), as the original did
     tie_embeddings: bool = True  # output projection shares the (target) embedding matrix
     share_embeddings: bool = True  # seq2seq: source and target use one embedding table
+    # seq2seq: the token the decoder starts from; None = the tokenizer's end-of-text id
+    decoder_start_token: Optional[int] = None
     tokenizer: str = "gpt2"  # the name `gpt.get_tokenizer` understands
     extra: dict = field(default_factory=dict)  # free-form metadata kept with checkpoints
 
@@ -38,6 +40,11 @@ class ModelConfig:
         if not self.d_ff:
             self.d_ff = 4 * self.n_embd
         self.validate()
+
+    @property
+    def is_seq2seq(self) -> bool:
+        """An encoder-decoder (the prompt is a source to encode), not a decoder-only GPT."""
+        return self.arch == "seq2seq"
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +70,8 @@ class ModelConfig:
         need(self.pos_encoding != "rotary" or self.head_dim % 2 == 0,
              f"rotary position encoding needs an even head size, got {self.head_dim}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.decoder_start_token is None or 0 <= self.decoder_start_token < self.vocab_size,
+             f"decoder_start_token must be in [0, vocab_size), got {self.decoder_start_token}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

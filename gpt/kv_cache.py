@@ -21,7 +21,7 @@ Rows = Union[slice, Tensor]
 
 @dataclass
 class CacheView:
-    """Where one forward pass reads and writes: built by `KVCache.plan` and shared by all layers."""
+    """Where one forward pass reads and writes: built by `KVCache.advance`, shared by all layers."""
     rows: Tensor  # (B,) cache row of each batch row, on the cache's device
     select: Rows  # the same rows as a slice when they are a contiguous range (reads are then views)
     write_pos: Tensor  # (B, T) position each token is written to (padding goes to the spare slot)
@@ -95,11 +95,11 @@ class KVCache(nn.Module):
             return rows, slice(first, first + B)  # contiguous: read views, not gathered copies
         return rows, rows
 
-    def plan(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
-        """Positions for appending T tokens to each of B rows (row b brings n_tokens[b] <= T real
-        tokens, the rest is padding). Returns the view for the layers, each token's position
-        (B, T) (on CPU), the attention mask (or None when plain causal/no mask is exact), and
-        whether plain causal attention is exact. Lengths advance by `n_tokens`."""
+    def advance(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
+        """Advance the lengths of B rows by the tokens a forward pass is about to append (row b
+        brings n_tokens[b] <= T real tokens, the rest is padding), and say where they go: the
+        view for the layers, each token's position (B, T) (on CPU), the attention mask (or None
+        when plain causal/no mask is exact), and whether plain causal attention is exact."""
         rows_t, select = self.resolve_rows(rows, B)
         start = self.lengths[rows_t]
         n = torch.full((B,), T, dtype=torch.long) if n_tokens is None else torch.as_tensor(n_tokens).long().cpu()

@@ -2,8 +2,10 @@
 
 Both models offer the same incremental interface, which generation and the server use:
   cache = model.new_cache(batch_size)
-  logits = model.start(prompts, cache)            # (B, V): next-token logits after each prompt
+  logits = model.start(prompts, cache, rows=...)  # (B, V): next-token logits after each prompt
   logits = model.step(tokens, cache, rows=...)    # (B, V): after appending tokens to those rows
+For a GPT a prompt is the start of the sequence; for the encoder-decoder it is the source, and
+`start` also encodes it and feeds the decoder's start token (`config.decoder_start_token`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
 from .layers import Block, Linear, PositionEncoding
+from .tokenizer import get_tokenizer
 
 
 def _layer_norm(config: ModelConfig) -> nn.Module:
@@ -51,10 +54,14 @@ def _pad(seqs: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
     return ids.to(device), torch.tensor([len(s) for s in seqs])
 
 
-class _Decoder(nn.Module):
-    """Shared machinery: run a stack of blocks, with or without a cache."""
+class _Transformer(nn.Module):
+    """What both models share: running a stack of blocks (a decoder's, or the encoder's), with
+    or without a cache, and building caches."""
 
     config: ModelConfig
+    # A GPT's prompt can be fed to the cache a chunk at a time (the server interleaves long
+    # prompts with decoding that way); the encoder is not causal, so a source is encoded whole.
+    prefills_in_chunks: bool = True
 
     def _embed(self, wte: nn.Embedding, wpe: PositionEncoding, idx: Tensor, pos: Tensor) -> Tensor:
         x = wte(idx)
@@ -77,7 +84,7 @@ class _Decoder(nn.Module):
         if cache is None:
             pos = torch.arange(T, device=idx.device)
         else:
-            view, pos, mask, causal = cache.plan(B, T, rows, n_tokens)
+            view, pos, mask, causal = cache.advance(B, T, rows, n_tokens)
             pos = pos.clamp(max=self.config.block_size - 1).to(idx.device)  # padding may run past the end
             if memory is None and cache.max_src_len:  # decoding against stored encoder outputs
                 memory_mask = cache.cross_mask(view)
@@ -108,10 +115,13 @@ class _Decoder(nn.Module):
         ))
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None, src_len: Optional[int] = None) -> KVCache:
-        """A cache for `batch_size` rows of up to `max_len` tokens (default: block_size)."""
+        """A cache for `batch_size` rows of up to `max_len` tokens (default: block_size), and for
+        an encoder-decoder, sources of up to `src_len` tokens (default: block_size)."""
         c = self.config
-        max_len = min(max_len or c.block_size, c.block_size)
-        src = min(src_len or c.block_size, c.block_size) if c.arch == "seq2seq" else 0
+        max_len, src = max_len or c.block_size, (src_len or c.block_size) if c.is_seq2seq else 0
+        if max_len > c.block_size or src > c.block_size:
+            raise ValueError(f"a cache row holds at most block_size ({c.block_size}) tokens, "
+                             f"asked for {max(max_len, src)}")
         p = next(self.parameters())
         return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
                        dtype=p.dtype, device=p.device)
@@ -124,7 +134,7 @@ class _Decoder(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-class GPT(_Decoder):
+class GPT(_Transformer):
     """Decoder-only, causal, GPT-2's parameter layout; `lm_head` shares the token embedding."""
 
     def __init__(self, config: ModelConfig):
@@ -162,10 +172,12 @@ class GPT(_Decoder):
         return self(tokens, cache=cache, rows=rows, n_tokens=n_tokens, last_only=True)
 
 
-class EncoderDecoder(_Decoder):
+class EncoderDecoder(_Transformer):
     """The full Transformer: a non-causal encoder and a causal decoder with cross-attention.
 
-    The decoder starts from `bos_token_id` (by convention the tokenizer's end-of-text id)."""
+    The decoder starts from `config.decoder_start_token` (unset: the tokenizer's end-of-text id)."""
+
+    prefills_in_chunks = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -180,6 +192,8 @@ class EncoderDecoder(_Decoder):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         _init_weights(self, config, config.n_layer + config.n_encoder_layer)
+        start = config.decoder_start_token
+        self.start_token = get_tokenizer(config.tokenizer).eot_token if start is None else start
 
     @staticmethod
     def _key_mask(src_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -201,8 +215,7 @@ class EncoderDecoder(_Decoder):
                       memory=memory, memory_mask=self._key_mask(src_mask))
         return self.lm_head(x)
 
-    def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None,
-              bos_token_id: int = 0) -> Tensor:
+    def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
         """Encode the sources once, store every decoder layer's cross-attention K/V in the cache
         rows, and feed the start token; next-token logits (B, V)."""
         src, lens = _pad(sources, self.device)
@@ -216,7 +229,7 @@ class EncoderDecoder(_Decoder):
             layer.write_cross(dev_rows, *block.cross_attn.project_kv(memory))
         cache.reset(rows_t)
         cache.src_lengths[rows_t] = lens
-        bos = torch.full((len(sources), 1), bos_token_id, dtype=torch.long, device=self.device)
+        bos = torch.full((len(sources), 1), self.start_token, dtype=torch.long, device=self.device)
         return self.step(bos, cache, rows=rows)
 
     def step(self, tokens: Tensor, cache: KVCache, rows: Optional[Rows] = None, n_tokens=None) -> Tensor:
@@ -226,6 +239,6 @@ class EncoderDecoder(_Decoder):
         return self.lm_head(self._last(x, n_tokens))
 
 
-def build_model(config: ModelConfig) -> _Decoder:
+def build_model(config: ModelConfig) -> _Transformer:
     """The model class that `config.arch` names."""
-    return GPT(config) if config.arch == "gpt" else EncoderDecoder(config)
+    return EncoderDecoder(config) if config.is_seq2seq else GPT(config)

@@ -45,6 +45,13 @@ class IncrementalDetokenizer:
         """All text emitted so far."""
         return "".join(self._pieces)
 
+    def fork(self) -> "IncrementalDetokenizer":
+        """An independent copy, mid-character state included."""
+        twin = IncrementalDetokenizer(self.tokenizer)
+        twin._decoder.setstate(self._decoder.getstate())
+        twin._pieces = [self.text]
+        return twin
+
 
 class StopMatcher:
     """Cut a text stream at the first stop string, which may span many pushes.
@@ -91,6 +98,12 @@ class StopMatcher:
         """End of stream without a stop: release whatever was held back."""
         held, self._held = self._held, ""
         return held
+
+    def fork(self) -> "StopMatcher":
+        """An independent copy (the stop strings themselves are shared: they never change)."""
+        twin = object.__new__(StopMatcher)
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     def _first_match(self, buf: str) -> tuple[int, str] | None:
         # The held-back part never contains a whole stop string (we would have
@@ -143,6 +156,13 @@ class TextStream:
     def text(self) -> str:
         """All text emitted so far."""
         return "".join(self._pieces)
+
+    def fork(self) -> "TextStream":
+        """An independent copy: beam search extends one hypothesis with several tokens."""
+        twin = object.__new__(TextStream)
+        twin.detokenizer, twin.matcher = self.detokenizer.fork(), self.matcher.fork()
+        twin._pieces = [self.text]
+        return twin
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Feed one token; return (text to emit now, stopped)."""

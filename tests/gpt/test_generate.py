@@ -74,7 +74,7 @@ def _stream_forced(model, forced):
             return self._next(tokens.shape[0])
 
     params = SamplingParams(max_new_tokens=len(forced), temperature=0, ignore_eos=True)
-    return (ev.text for ev in generate_batch(Forced(model), TOK, [[1]], [params]) if ev.text)
+    return (piece.text for _, piece in generate_batch(Forced(model), TOK, [[1]], [params]) if piece.text)
 
 
 def test_stop_string_spanning_tokens_ends_the_text_before_it(model):

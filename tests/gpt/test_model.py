@@ -8,13 +8,13 @@ from gpt.layers import sinusoidal_table
 VARIANTS = [(pe, norm) for pe in ("learned", "sinusoidal", "rotary") for norm in ("pre", "post")]
 
 
-def _greedy_incremental_matches_full(model, prompts, steps, *, s2s=False, bos=256, cache_rows=None):
+def _greedy_incremental_matches_full(model, prompts, steps, *, s2s=False, cache_rows=None):
     B = len(prompts)
     cache = model.new_cache(cache_rows or B, max_len=48, **({"src_len": 48} if s2s else {}))
     rows = None if cache_rows is None else torch.arange(cache_rows)[-B:].flip(0)
     with torch.no_grad():
-        logits = model.start(prompts, cache, rows=rows, **({"bos_token_id": bos} if s2s else {}))
-        seqs = [[bos] for _ in prompts] if s2s else [list(p) for p in prompts]
+        logits = model.start(prompts, cache, rows=rows)
+        seqs = [[model.start_token] for _ in prompts] if s2s else [list(p) for p in prompts]
         worst = 0.0
         for _ in range(steps):
             nxt = logits.argmax(-1)

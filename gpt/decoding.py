@@ -1,0 +1,144 @@
+"""One sequence's decoding, from a chosen token to a piece of output.
+
+Everything that decides what a generated token becomes lives here, once: the library's
+`generate_batch`, beam search and the server's scheduler all hold one `SequenceDecoder` per
+sequence and differ only in how they batch the forwards.
+
+    decoders = [SequenceDecoder(tokenizer, prompt_ids, params, budget) ...]
+    logits = model.start(prompts, cache)
+    pieces = decode_tokens(logits, decoders)   # sample, then end-of-text, stop strings, budget
+    ... feed each unfinished decoder's last token back through model.step ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+from .sampling import RowState, SamplingParams, sample, token_logprobs
+from .streaming import TextStream
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Piece:
+    """Output of one sequence: a streamed piece, or merged, a whole completion.
+
+    `text` is safe to show (a stop string is never leaked, a UTF-8 character never split), so
+    it may lag `token_ids` by a few tokens until they are confirmed."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # the tokens this piece consumed
+    logprobs: list[float] = field(default_factory=list)  # chosen-token log-probability, one per token id
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # most likely alternatives, when asked
+    # None until the sequence's last piece. The library ends with "stop" (end-of-text or a stop
+    # string) or "length" (the token budget); the server adds "timeout", "cancelled" and "error".
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens generated up to and including this piece
+
+    def merge(self, later: "Piece") -> "Piece":
+        """This piece followed by a later one of the same sequence, as one piece."""
+        return Piece(self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
+                     self.top_logprobs + later.top_logprobs, later.finish_reason,
+                     later.prompt_tokens or self.prompt_tokens, later.completion_tokens)
+
+    @property
+    def logprob(self) -> float:
+        """The log-probability of all of this piece's tokens."""
+        return float(sum(self.logprobs))
+
+
+class SequenceDecoder:
+    """The decoding state of one sequence: its sampler state (parameters, random generator,
+    history for penalties), its text stream (incremental detokenizer and stop strings), its
+    token budget and, once it ends, its finish reason."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                 budget: Optional[int] = None, device="cpu"):
+        self.params = params
+        self.sampler = RowState.new(params, prompt_ids, device)
+        self.stream = TextStream(tokenizer, params.stop)
+        self.eot = tokenizer.eot_token
+        self.budget = params.max_new_tokens if budget is None else budget
+        self.logprobs: list[float] = []  # of each output token
+        self.finish_reason: Optional[str] = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.sampler.prompt_ids
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.sampler.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.sampler.output_ids[-1]
+
+    def accept(self, token: int, logprob: float, top: Optional[dict[int, float]] = None) -> Piece:
+        """Append a chosen token; return the piece of output it makes (text may be "" while a
+        character or a possible stop string is incomplete), with a finish reason if it ended
+        the sequence: end-of-text (unless ignore_eos), a stop string, or the budget."""
+        if self.finished:
+            raise RuntimeError("this sequence has finished")
+        self.sampler.output_ids.append(token)
+        self.logprobs.append(logprob)
+        piece = Piece("", [token], [logprob], [top] if top is not None else [],
+                      prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+        if token == self.eot and not self.params.ignore_eos:
+            piece.text, self.finish_reason = self.stream.flush(), "stop"
+        else:
+            piece.text, stopped = self.stream.push(token)
+            if stopped:
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.budget:
+                piece.text += self.stream.flush()  # a stop string may still complete in the tail
+                self.finish_reason = "stop" if self.stream.stopped else "length"
+        piece.finish_reason = self.finish_reason
+        return piece
+
+    def end(self, reason: str, *, flush: bool = False) -> Piece:
+        """End the sequence from outside (cancelled, timed out, failed): the last, token-less
+        piece; with `flush`, it releases the text held back so far."""
+        text = self.stream.flush() if flush and not self.finished else ""
+        self.finish_reason = reason
+        return Piece(text, finish_reason=reason, prompt_tokens=len(self.prompt_ids),
+                     completion_tokens=len(self.output_ids))
+
+    def fork(self) -> "SequenceDecoder":
+        """An independent copy (beam search extends one hypothesis several ways)."""
+        twin = object.__new__(SequenceDecoder)
+        twin.params, twin.eot, twin.budget, twin.finish_reason = self.params, self.eot, self.budget, self.finish_reason
+        twin.sampler = RowState(self.params, self.sampler.prompt_ids, self.sampler.generator,
+                                list(self.sampler.output_ids))
+        twin.logprobs = list(self.logprobs)
+        twin.stream = self.stream.fork()
+        return twin
+
+    def completion(self) -> Piece:
+        """Everything this sequence has shown so far, as one piece (a finished one's whole text)."""
+        return Piece(self.stream.text, list(self.output_ids), list(self.logprobs), finish_reason=self.finish_reason,
+                     prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+
+
+def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[Piece]:
+    """Choose the next token of each sequence from its row of `logits` (B, V) and accept it:
+    one piece per sequence. The chosen token's log-probability (and the top alternatives when a
+    sequence asks) come from the model's unprocessed distribution, as OpenAI reports them."""
+    tokens = sample(logits, [d.sampler for d in decoders])
+    top_n = max(d.params.logprobs for d in decoders)
+    chosen, top_v, top_i = token_logprobs(logits, tokens, top_n)
+    toks, lps = tokens.tolist(), chosen.tolist()
+    if top_n:
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+    pieces = []
+    for j, d in enumerate(decoders):
+        k = d.params.logprobs
+        top = dict(zip(top_i[j][:k], top_v[j][:k])) if k else None
+        pieces.append(d.accept(toks[j], lps[j], top))
+    return pieces
