@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
 
-    from gpt.checkpoint import CheckpointError
+    from gpt.files import CheckpointError
 
     from .trainer import train
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt.checkpoint import atomic_write_bytes
+from gpt.files import atomic_write_bytes
 from gpt.tokenizer import Tokenizer
 
 from .config import ConfigError

@@ -13,7 +13,7 @@ def plot_losses(path: Path, train: list[tuple[int, float]], val: list[tuple[int,
 
     import matplotlib.pyplot as plt
 
-    from gpt.checkpoint import atomic_write_bytes
+    from gpt.files import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     if train:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from gpt.checkpoint import atomic_write_bytes
+from gpt.files import atomic_write_bytes
 
 from .plot import plot_losses
 

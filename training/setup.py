@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 import gpt
-from gpt.checkpoint import CheckpointError
+from gpt.files import CheckpointError
 
 from . import data as corpus
 from . import pairs as pairdata
