@@ -58,6 +58,12 @@ class Linear(nn.Linear):
         self._packed_from = (w, w._version, w.data_ptr())
         return True
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether the layer holds a packed copy of its weight. A copy whose weight has changed
+        since is dropped by the next forward that would have used it (one of several rows)."""
+        return self._packed is not None
+
     def _packed_weight(self, x: Tensor) -> Optional[Tensor]:
         if self._packed is None or x.numel() == x.shape[-1]:  # unpacked, or a single row
             return None
