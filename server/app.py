@@ -43,7 +43,7 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     model, tokenizer = gpt.load(settings.model, device=torch.device(settings.device), dtype=dtype)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                  metrics=metrics, threads=threads)
+                  max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads)
 
 
 async def _load_in_background(app: FastAPI) -> None:
@@ -123,7 +123,7 @@ def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
     state = app.state
     state.settings = settings
     state.engine = engine
-    state.metrics = getattr(engine, "metrics", None) or Metrics()
+    state.metrics = engine.metrics if engine is not None else Metrics()
     state.chat_template = load_chat_template(settings.chat_template)
     state.draining = False
     state.load_error = None

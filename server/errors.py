@@ -1,7 +1,8 @@
 """OpenAI's error object for every failure: {"error": {"message", "type", "param", "code"}}.
 
 Routes raise `APIError`; the handlers installed here also turn FastAPI's validation errors,
-Starlette's HTTP exceptions (unknown route, wrong method, unparsable body) and anything
+Starlette's HTTP exceptions (unknown route, wrong method, unparsable body), the library's
+`gpt.RequestError` (a prompt or budget that does not fit: `from_request_error`) and anything
 unexpected into that shape, so a client never sees a traceback or a non-OpenAI body.
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt import RequestError
 
 log = logging.getLogger("server")
 
@@ -43,6 +46,13 @@ class APIError(Exception):
 
 def invalid(message: str, param: Optional[str] = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def from_request_error(e: RequestError) -> APIError:
+    """The library's verdict on a request (gpt.ContextLimits: an empty or too long prompt, a
+    token id outside the vocabulary, max_tokens beyond the context) as a 400 with its param
+    and code ("invalid_value" or "context_length_exceeded")."""
+    return invalid(e.message, e.param, code=e.code)
 
 
 def _param(loc: tuple) -> Optional[str]:
@@ -84,6 +94,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return from_request_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -55,6 +55,18 @@ class Metrics:
             "gptserve_batch_size", "Rows in each batched decode step",
             buckets=_BATCH_BUCKETS, registry=r)
 
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample, by its exposition name and labels, e.g.
+        `value("gptserve_request_finished_total", finish_reason="stop")` or
+        `value("gptserve_batch_size_count")`. A labelled series not observed yet reads 0; a name
+        no metric here exposes is a KeyError."""
+        v = self.registry.get_sample_value(name, labels)
+        if v is not None:
+            return v
+        if not any(name == f.name or name.startswith(f.name + "_") for f in self.registry.collect()):
+            raise KeyError(f"no metric exposes a sample named {name!r}")
+        return 0.0
+
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -4,51 +4,47 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from .auth import require_api_key
+from .chat_template import ChatTemplate
+from .config import Settings
+from .deps import check_model, get_chat_template, get_engine, get_settings
 from .errors import invalid
+from .fanout import collect, finish_reason, submit_all
+from .logprobs import chat_logprobs
+from .params import budget, choices, prompt_ids, render_messages
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                        Usage, new_id, now)
-from .routes_common import (EventStream, chat_logprobs, check_model, collect, encode_prompt, finish_reason,
-                            event_stream, get_engine, max_new_tokens, sampling_params, submit_all)
+from .sse import EventStream, event_stream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-def render_messages(request: Request, body_messages) -> str:
-    template = request.app.state.chat_template
-    try:
-        return template.render([(m.role, m.text) for m in body_messages])
-    except ValueError as e:
-        bad = next((i for i, m in enumerate(body_messages) if m.role not in template.roles), None)
-        raise invalid(str(e), None if bad is None else f"messages.{bad}.role") from None
-
-
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    model_name = check_model(request, body.model)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine=Depends(get_engine),
+                                 settings: Settings = Depends(get_settings),
+                                 template: ChatTemplate = Depends(get_chat_template)):
+    model_name = check_model(settings, body.model)
     if body.tools:
         raise invalid("tools are not supported", "tools")
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
-    engine = get_engine(request)
     tok = engine.tokenizer
-    ids = encode_prompt(tok, render_messages(request, body.messages), "messages")
-    budget = max_new_tokens(request, engine, len(ids), body.wanted_max_tokens, "messages")
+    ids = prompt_ids(engine, render_messages(template, body.messages), "messages")
+    max_tokens = budget(engine, len(ids), body.wanted_max_tokens, settings.default_max_tokens)
     top_n = body.top_logprobs or 0
-    stops = request.app.state.chat_template.stop
-    jobs = [(ids, sampling_params(body, engine, budget, i, extra_stop=stops, logprobs=top_n)) for i in range(body.n)]
-    handles = submit_all(request, engine, jobs)
+    jobs = choices(engine, body, ids, max_tokens, extra_stop=template.stop, logprobs=top_n)
+    handles = submit_all(engine, jobs, settings.timeout)
     rid, created = new_id("chatcmpl"), now()
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(_stream(handles, tok, body, rid, created, model_name, len(ids), include_usage))
 
-    choices = await collect(request, handles)
+    done = await collect(request, handles)
     out = [ChatChoice(index=i, message=AssistantMessage(content=c.text),
                       logprobs=ChatLogprobs(**chat_logprobs(tok, c, top_n)) if body.logprobs else None,
                       finish_reason=finish_reason(c.finish_reason))
-           for i, c in enumerate(choices)]
-    completion_tokens = sum(c.completion_tokens for c in choices)
+           for i, c in enumerate(done)]
+    completion_tokens = sum(c.completion_tokens for c in done)
     return ChatCompletionResponse(id=rid, created=created, model=model_name, choices=out,
                                   usage=Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                                               total_tokens=len(ids) + completion_tokens))
@@ -58,11 +54,11 @@ def _stream(handles, tok, body: ChatCompletionRequest, rid: str, created: int, m
             prompt_tokens: int, include_usage: bool):
     top_n = body.top_logprobs or 0
 
-    def delta(i, out, reason):
-        logprobs = chat_logprobs(tok, out, top_n) if body.logprobs and out.token_ids else None
-        if not (out.text or reason or logprobs):
+    def delta(i, piece, reason):
+        logprobs = chat_logprobs(tok, piece, top_n) if body.logprobs and piece.token_ids else None
+        if not (piece.text or reason or logprobs):
             return None
-        return {"index": i, "delta": {"content": out.text} if out.text else {}, "logprobs": logprobs,
+        return {"index": i, "delta": {"content": piece.text} if piece.text else {}, "logprobs": logprobs,
                 "finish_reason": reason}
 
     # OpenAI opens each choice with the role and empty content

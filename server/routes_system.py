@@ -8,10 +8,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .auth import require_api_key
+from .chat_template import ChatTemplate
+from .config import Settings
+from .deps import check_model, get_chat_template, get_engine, get_settings
 from .errors import APIError, invalid
+from .params import render_messages
 from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
-from .routes_chat import render_messages
-from .routes_common import check_model, context_limits, get_engine
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -29,7 +31,7 @@ async def health():
 async def ready(request: Request):
     """200 once the model is loaded; 503 before that and while draining (take me out of rotation)."""
     state = request.app.state
-    if state.draining or getattr(state.engine, "draining", False):
+    if state.draining or (state.engine is not None and state.engine.draining):
         return APIError(503, "draining: the server is shutting down", code="shutting_down").response()
     if state.engine is None:
         why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
@@ -57,35 +59,36 @@ async def list_models(request: Request):
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def get_model(model_id: str, request: Request):
-    check_model(request, model_id)
+async def get_model(model_id: str, request: Request, settings: Settings = Depends(get_settings)):
+    check_model(settings, model_id)
     return _card(request)
 
 
 def _card(request: Request) -> ModelCard:
+    """The served model; listed while it loads too (max_model_len 0 until it is in memory)."""
     state = request.app.state
-    max_len = context_limits(state.engine)[1] if state.engine is not None else 0
+    max_len = state.engine.limits.max_len if state.engine is not None else 0
     return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=max_len)
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request):
+async def tokenize(body: TokenizeRequest, engine=Depends(get_engine), settings: Settings = Depends(get_settings),
+                   template: ChatTemplate = Depends(get_chat_template)):
     """vLLM's shape: {"prompt": text} (or {"messages": [...]}, rendered by the chat template)
     -> {"tokens": [...], "count": n, "max_model_len": context}."""
-    check_model(request, body.model)
-    engine = get_engine(request)
+    check_model(settings, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise invalid('send exactly one of "prompt" and "messages"', "prompt")
-    text = body.prompt if body.prompt is not None else render_messages(request, body.messages)
+    text = body.prompt if body.prompt is not None else render_messages(template, body.messages)
     tokens = engine.tokenizer.encode(text)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": context_limits(engine)[1]}
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.limits.max_len}
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, request: Request):
+async def detokenize(body: DetokenizeRequest, engine=Depends(get_engine), settings: Settings = Depends(get_settings)):
     """{"tokens": [...]} -> {"prompt": text}; an id outside the vocabulary is a 400."""
-    check_model(request, body.model)
-    tok = get_engine(request).tokenizer
+    check_model(settings, body.model)
+    tok = engine.tokenizer
     bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < tok.vocab_size), None)
     if bad is not None:
         raise invalid(f"token id {body.tokens[bad]} is out of range [0, {tok.vocab_size})", f"tokens.{bad}")

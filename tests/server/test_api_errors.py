@@ -104,6 +104,18 @@ def test_context_overflow_names_both_numbers(live_server):
     assert "10" in message and "500" in message and str(TINY_CONTEXT) in message
 
 
+def test_the_operators_prompt_cap_is_a_400_naming_the_prompt(tiny_checkpoint, server_factory):
+    settings = tiny_settings(tiny_checkpoint, max_prompt_tokens=8)
+    server = server_factory(settings, engine=load_engine(settings))
+    r = httpx.post(server.url + COMPLETIONS, json={"prompt": "x" * 9, "max_tokens": 2})
+    message = assert_error(r, 400, "prompt", "context_length_exceeded")["message"]
+    assert "9" in message and "8" in message
+    r = httpx.post(server.url + CHAT, json={"messages": [{"role": "user", "content": "x" * 9}], "max_tokens": 2})
+    assert_error(r, 400, "messages", "context_length_exceeded")
+    assert httpx.post(server.url + COMPLETIONS, json={"prompt": "x" * 8, "max_tokens": 2}).status_code == 200
+    wait_for_idle(server)
+
+
 @pytest.mark.parametrize("raw", [b"{", b'{"prompt": "x",}', b"", b"null", b"[1, 2]", b'"text"',
                                  b'{"prompt": "\xff\xfe"}', b"\xff\xfe\xfd"])
 def test_malformed_json_and_invalid_utf8_are_400(live_server, raw):

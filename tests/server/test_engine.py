@@ -37,13 +37,13 @@ def slow_steps(model, seconds: float):
 async def settle(engine: Engine, limit: float = 5.0):
     """Wait until the engine has nothing queued or running (the step after a cancel)."""
     deadline = time.monotonic() + limit
-    while (engine.num_waiting or engine.num_running) and time.monotonic() < deadline:
+    while (engine.stats().waiting or engine.stats().running) and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
 
 
 def gauges(engine: Engine) -> tuple[float, float, float]:
     m = engine.metrics
-    return (m.requests_waiting._value.get(), m.requests_running._value.get(), m.kv_slots_used._value.get())
+    return tuple(m.value(f"gptserve_{g}") for g in ("requests_waiting", "requests_running", "kv_slots_used"))
 
 
 PROMPTS = ["hello world", "a", "the quick brown fox jumps over", "xyz", "Once upon a time", "42", "foo bar baz"]
@@ -87,20 +87,32 @@ def test_rows_moved_to_keep_the_decode_batch_contiguous_keep_their_cache(tiny_gp
     jobs = [(TOK.encode("ab"), 3), (TOK.encode("cd"), 30), (list(range(70, 100)), 6)]
     want = [gpt.complete(tiny_gpt, TOK, [p], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
             for p, n in jobs]
+    moves = []  # (source rows, destination rows) of every row move in the cache the engine made
+    new_cache = tiny_gpt.new_cache
+
+    def recording_cache(*args, **kwargs):  # the engine's cache comes from model.new_cache
+        cache = new_cache(*args, **kwargs)
+        reorder = cache.reorder
+
+        def recording_reorder(src, dst=None):
+            moves.append((src.tolist(), None if dst is None else dst.tolist()))
+            return reorder(src, dst)
+
+        cache.reorder = recording_reorder
+        return cache
+
+    tiny_gpt.new_cache = recording_cache
 
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=2, prefill_chunk=4)
-        moves = []
-        reorder = engine._sched.cache.reorder
-        engine._sched.cache.reorder = lambda src, dst: (moves.append((src.tolist(), dst.tolist())), reorder(src, dst))
         try:
             handles = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
                        for p, n in jobs]
-            return await asyncio.gather(*map(collect, handles)), moves
+            return await asyncio.gather(*map(collect, handles))
         finally:
             await engine.shutdown(1)
 
-    got, moves = run(main())
+    got = run(main())
     assert [(t, ids) for t, ids, _, _ in got] == [(c.text, c.token_ids) for c in want]
     # the logprobs see the whole cache: a row that lost its keys in a move would differ here
     for (_, _, _, outs), c in zip(got, want):
@@ -231,12 +243,14 @@ def test_cancel_frees_slots_and_brings_the_gauges_back_to_zero(tiny_gpt):
         try:
             handles = [engine.submit([5, 6, 7], long) for _ in range(4)]  # two run, two wait
             first = await handles[0].__anext__()
-            assert first.finish_reason is None and engine.slots_in_use == 2 and engine.num_waiting == 2
+            stats = engine.stats()
+            assert first.finish_reason is None and stats.slots_in_use == 2 and stats.waiting == 2
             for h in handles:
                 h.cancel()
             results = await asyncio.gather(*map(collect, handles))
             await settle(engine)
-            state = (engine.num_running, engine.num_waiting, engine.slots_in_use, gauges(engine))
+            stats = engine.stats()
+            state = (stats.running, stats.waiting, stats.slots_in_use, gauges(engine))
             after = await collect(engine.submit([5, 6], SamplingParams(max_new_tokens=3)))  # slots reusable
             return results, state, after, engine.metrics
         finally:
@@ -247,7 +261,7 @@ def test_cancel_frees_slots_and_brings_the_gauges_back_to_zero(tiny_gpt):
     assert all(len(r[1]) < 50 for r in results)
     assert state == (0, 0, 0, (0.0, 0.0, 0.0))
     assert after[2] in ("stop", "length")
-    assert metrics.request_finished_total.labels(finish_reason="cancelled")._value.get() == 4
+    assert metrics.value("gptserve_request_finished_total", finish_reason="cancelled") == 4
 
 
 def test_timeout_ends_running_and_queued_requests_and_frees_their_slots(tiny_gpt):
@@ -370,9 +384,10 @@ def test_encoder_decoder_model_is_served_with_the_text_of_gpt_complete(tiny_s2s)
 @pytest.mark.parametrize("prompt, params, message", [
     ([], SamplingParams(), "empty"),
     ([1, 300], SamplingParams(), "300"),
-    ([1] * 60, SamplingParams(max_new_tokens=10), "the prompt has 60 tokens and max_tokens is 10, but the model's context is 64"),
-    ([1, 2], SamplingParams(num_beams=2), "beam"),
-    ([1, 2], SamplingParams(logit_bias={999: 1.0}), "999"),
+    ([1] * 60, SamplingParams(max_new_tokens=10),
+     "the prompt has 60 tokens and max_new_tokens is 10: 70 tokens, more than the model's context of 64"),
+    ([1, 2], SamplingParams(max_new_tokens=8, num_beams=2), "beam"),
+    ([1, 2], SamplingParams(max_new_tokens=8, logit_bias={999: 1.0}), "999"),
 ])
 def test_bad_requests_are_refused_at_submit_with_a_clear_message(tiny_gpt, prompt, params, message):
     async def main():
@@ -380,7 +395,7 @@ def test_bad_requests_are_refused_at_submit_with_a_clear_message(tiny_gpt, promp
         try:
             with pytest.raises(ValueError, match=message):
                 engine.submit(prompt, params)
-            assert engine.num_waiting == 0
+            assert engine.stats().waiting == 0
         finally:
             await engine.shutdown(1)
 

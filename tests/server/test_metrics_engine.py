@@ -12,15 +12,10 @@ NAMES = ["requests_total", "request_finished_total", "time_to_first_token_second
          "kv_slots_used", "prompt_tokens_total", "generation_tokens_total", "batch_size"]
 
 
-def value(metrics: Metrics, name: str, **labels) -> float:
-    v = metrics.registry.get_sample_value(name, labels or None)
-    return 0.0 if v is None else v
-
-
 def test_two_metrics_objects_do_not_collide_and_render_every_metric():
     a, b = Metrics(), Metrics()
     a.prompt_tokens_total.inc(3)
-    assert value(a, "gptserve_prompt_tokens_total") == 3 and value(b, "gptserve_prompt_tokens_total") == 0
+    assert a.value("gptserve_prompt_tokens_total") == 3 and b.value("gptserve_prompt_tokens_total") == 0
     body, content_type = a.render()
     assert content_type.startswith("text/plain")
     for name in NAMES:
@@ -43,7 +38,7 @@ def test_engine_metrics_match_the_requests_it_served(tiny_gpt):
             cancelled = engine.submit(prompts[3], params[0])
             cancelled.cancel()  # still queued behind the two slots: leaves without a token
             outs = await asyncio.gather(*map(drain, [*handles, cancelled]))
-            while engine.num_running or engine.num_waiting:
+            while engine.stats().running or engine.stats().waiting:
                 await asyncio.sleep(0.005)
             return [o[-1] for o in outs], engine.metrics
         finally:
@@ -53,17 +48,17 @@ def test_engine_metrics_match_the_requests_it_served(tiny_gpt):
     assert [o.finish_reason for o in last] == ["length", "length", "stop", "cancelled"]
     generated = sum(o.completion_tokens for o in last)
     assert generated == 6 + 6 + 1
-    assert value(m, "gptserve_generation_tokens_total") == generated
-    assert value(m, "gptserve_prompt_tokens_total") == 3 + 5 + 10  # the cancelled one never got a slot
+    assert m.value("gptserve_generation_tokens_total") == generated
+    assert m.value("gptserve_prompt_tokens_total") == 3 + 5 + 10  # the cancelled one never got a slot
     for reason, n in [("length", 2), ("stop", 1), ("cancelled", 1)]:
-        assert value(m, "gptserve_request_finished_total", finish_reason=reason) == n
-    assert value(m, "gptserve_time_to_first_token_seconds_count") == 3
-    assert value(m, "gptserve_inter_token_latency_seconds_count") == generated - 3
-    assert value(m, "gptserve_e2e_request_latency_seconds_count") == 4
-    assert value(m, "gptserve_queue_wait_seconds_count") == 3
+        assert m.value("gptserve_request_finished_total", finish_reason=reason) == n
+    assert m.value("gptserve_time_to_first_token_seconds_count") == 3
+    assert m.value("gptserve_inter_token_latency_seconds_count") == generated - 3
+    assert m.value("gptserve_e2e_request_latency_seconds_count") == 4
+    assert m.value("gptserve_queue_wait_seconds_count") == 3
     # every token after a request's first comes from a decode step, and each of those is one row
-    assert value(m, "gptserve_batch_size_sum") == generated - 3
-    assert value(m, "gptserve_batch_size_count") >= 5  # two slots: at least ceil(10 / 2) decode steps
+    assert m.value("gptserve_batch_size_sum") == generated - 3
+    assert m.value("gptserve_batch_size_count") >= 5  # two slots: at least ceil(10 / 2) decode steps
     for gauge in ("requests_waiting", "requests_running", "kv_slots_used"):
-        assert value(m, f"gptserve_{gauge}") == 0
-    assert value(m, "gptserve_requests_total", endpoint="/v1/completions", status="200") == 0  # the API's job
+        assert m.value(f"gptserve_{gauge}") == 0
+    assert m.value("gptserve_requests_total", endpoint="/v1/completions", status="200") == 0  # the API's job

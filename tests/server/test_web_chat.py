@@ -156,7 +156,7 @@ def test_stop_button_aborts_the_stream_and_the_server_frees_the_request(page, li
     assert reply.get_attribute("data-error") is None
     assert page.find_element(By.ID, "send").is_enabled() and not page.find_element(By.ID, "stop").is_enabled()
     engine = live_server.engine
-    WebDriverWait(page, WAIT).until(lambda _: engine.num_running == 0 and engine.num_waiting == 0)
+    WebDriverWait(page, WAIT).until(lambda _: engine.stats().running == 0 and engine.stats().waiting == 0)
 
 
 def test_api_key_typed_into_settings_unlocks_a_keyed_server(browser, tiny_checkpoint, server_factory):

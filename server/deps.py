@@ -1,0 +1,46 @@
+"""FastAPI dependencies of the API routes: the running engine, the settings, the chat template,
+and the check that a request names the model this server serves.
+
+    @router.post("/v1/completions")
+    async def create_completion(body: ..., request: Request, engine=Depends(get_engine)): ...
+
+Authentication is a router dependency of its own (`server/auth.py`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import Request
+
+from .chat_template import ChatTemplate
+from .config import Settings
+from .errors import APIError
+
+
+def get_engine(request: Request):
+    """The running engine, or a 503 while the model loads or the server drains."""
+    state = request.app.state
+    if state.draining:
+        raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down")
+    engine = state.engine
+    if engine is None:
+        reason = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+        raise APIError(503, reason, code="model_not_ready")
+    return engine
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_chat_template(request: Request) -> ChatTemplate:
+    return request.app.state.chat_template
+
+
+def check_model(settings: Settings, name: Optional[str]) -> str:
+    """The served model's name; a 404 if the request names another model (None: any)."""
+    served = settings.model_name
+    if name is not None and name != served:
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                       param="model", code="model_not_found")
+    return served

@@ -1,0 +1,81 @@
+"""From request fields to what the engine takes: prompt token ids, the new-token budget and one
+`SamplingParams` per choice.
+
+The context's rules (empty prompts, token ids outside the vocabulary, what fits, the operator's
+max_prompt_tokens) belong to the engine's `gpt.ContextLimits`; this module asks it, naming the
+request's fields, and turns its `gpt.RequestError`s into 400s. With a seed, choice i samples with
+seed + i, so a request's choices differ yet reproduce.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+from gpt import RequestError, SamplingParams
+
+from .chat_template import ChatTemplate
+from .errors import from_request_error, invalid
+from .protocol import SamplingFields
+
+SEED_SPAN = 2 ** 64  # torch.Generator.manual_seed takes [-2**63, 2**64)
+
+
+def prompt_ids(engine, prompt: Union[str, list[int]], param: str) -> list[int]:
+    """A prompt (text, or token ids) as token ids the model can take; a 400 naming `param` if not."""
+    ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    try:
+        return engine.limits.check_prompt(ids, param=param)
+    except RequestError as e:
+        raise from_request_error(e) from None
+
+
+def render_messages(template: ChatTemplate, messages) -> str:
+    """A chat's messages as one prompt, through the chat template; a 400 naming a role it lacks."""
+    try:
+        return template.render([(m.role, m.text) for m in messages])
+    except ValueError as e:
+        bad = next((i for i, m in enumerate(messages) if m.role not in template.roles), None)
+        raise invalid(str(e), None if bad is None else f"messages.{bad}.role") from None
+
+
+def budget(engine, prompt_len: int, wanted: Optional[int], default: int) -> int:
+    """New tokens to generate after a checked prompt: `wanted` (the request's max_tokens) if it
+    fits, else a 400 naming both numbers; with no max_tokens, `default` shrunk to the room left."""
+    try:
+        return engine.limits.budget(prompt_len, wanted, default=default, param="max_tokens")
+    except RequestError as e:
+        raise from_request_error(e) from None
+
+
+def choice_seed(seed: Optional[int], choice: int) -> Optional[int]:
+    """Choice i's seed: seed + i, wrapped into what torch.Generator.manual_seed accepts."""
+    if seed is None:
+        return None
+    seed += choice
+    return seed - SEED_SPAN if seed >= SEED_SPAN else seed
+
+
+def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choice: int, *,
+                    extra_stop: Sequence[str] = (), logprobs: int = 0) -> SamplingParams:
+    """The SamplingParams of one choice of a request; token ids checked against `vocab_size`."""
+    bias = req.logit_bias or {}
+    bad = next((t for t in bias if t >= vocab_size), None)
+    if bad is not None:
+        raise invalid(f"logit_bias: token id {bad} is out of range [0, {vocab_size})", "logit_bias")
+    if req.top_k > vocab_size:
+        raise invalid(f"top_k is {req.top_k}, more than the vocabulary ({vocab_size})", "top_k")
+    try:
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+            min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, logit_bias=bias or None, seed=choice_seed(req.seed, choice),
+            stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])), ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except ValueError as e:
+        raise invalid(str(e)) from None
+
+
+def choices(engine, req: SamplingFields, ids: list[int], max_tokens: int, *, extra_stop: Sequence[str] = (),
+            logprobs: int = 0) -> list[tuple[list[int], SamplingParams]]:
+    """The engine jobs for one prompt: (ids, params) for each of the request's `n` choices."""
+    vocab = engine.limits.vocab_size
+    return [(ids, sampling_params(req, vocab, max_tokens, i, extra_stop=extra_stop, logprobs=logprobs))
+            for i in range(req.n)]

@@ -1,0 +1,68 @@
+"""Server-sent events: OpenAI's streaming envelope, shared by both generation endpoints, and
+the response that carries it."""
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator, Union
+
+from starlette.responses import StreamingResponse
+
+from .errors import APIError
+from .fanout import finish_reason, merged
+
+
+def sse(data: Union[dict, str]) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_error(exc: APIError) -> str:
+    return sse(exc.body())
+
+
+async def event_stream(handles, *, object_name: str, rid: str, created: int, model_name: str,
+                       prompt_tokens: int, include_usage: bool, choice_delta, opening=()):
+    """A chunk per piece of a choice (`choice_delta(i, piece, finish_reason)` gives the choice
+    dict, or None to skip the piece), with `include_usage` a last chunk with `choices: []` and
+    the usage, then `[DONE]`. An engine error mid-stream becomes an error event."""
+    completion_tokens = [0] * len(handles)
+    pieces = merged(handles)
+
+    def chunk(choices: list, usage=None) -> dict:
+        d = {"id": rid, "object": object_name, "created": created, "model": model_name, "choices": choices}
+        if include_usage:
+            d["usage"] = usage  # null on every chunk but the last, as OpenAI does
+        return d
+
+    try:
+        for choice in opening:
+            yield sse(chunk([choice]))
+        async for i, piece in pieces:
+            completion_tokens[i] = piece.completion_tokens
+            choice = choice_delta(i, piece, finish_reason(piece.finish_reason))
+            if choice is not None:
+                yield sse(chunk([choice]))
+        if include_usage:
+            total = sum(completion_tokens)
+            yield sse(chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,
+                                 "total_tokens": prompt_tokens + total}))
+    except APIError as e:
+        yield sse_error(e)
+    finally:
+        await pieces.aclose()
+    yield sse("[DONE]")
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that always closes its generator, so the generator's cleanup (cancelling
+    the engine requests) runs the moment the client is gone, not whenever it is garbage-collected."""
+
+    def __init__(self, gen: AsyncIterator[str]):
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._gen = gen
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._gen.aclose()
