@@ -3,8 +3,8 @@
     engine = Engine(model, tokenizer, max_batch_size=32)
     engine.start()
     handle = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64))   # inside an event loop
-    async for out in handle:
-        print(out.text, end="")
+    async for piece in handle:
+        print(piece.text, end="")
 
 A background thread runs the step loop (`server/scheduler.py`): every step it admits waiting
 requests into free KV-cache rows ("slots"), prefills prompts in chunks under a token budget and
@@ -22,14 +22,16 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
+from dataclasses import dataclass
+
 import torch
 
-from gpt import SamplingParams, pack_linear_weights
+from gpt import ContextLimits, Piece, RequestError, SamplingParams, pack_linear_weights
 
 from .metrics import Metrics
-from .scheduler import Output, Request, Scheduler
+from .scheduler import Request, Scheduler
 
-__all__ = ["Engine", "RequestHandle", "Output", "QueueFull", "EngineClosed"]
+__all__ = ["Engine", "EngineStats", "RequestHandle", "Piece", "QueueFull", "EngineClosed"]
 
 log = logging.getLogger("gpt-serve.engine")
 
@@ -42,19 +44,30 @@ class EngineClosed(Exception):
     """The engine is draining or stopped and takes no new requests (HTTP 503)."""
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (what /ready, the metrics and tests look at)."""
+    slots: int  # KV-cache rows: requests decoded together at most
+    slots_in_use: int
+    running: int  # requests holding a slot (prefilling or decoding)
+    waiting: int  # requests queued for a slot
+    max_queue: int
+    draining: bool  # shutting down: new requests are refused
+
+
 class RequestHandle:
-    """What `Engine.submit` returns: iterate it for Outputs; `cancel()` from anywhere."""
+    """What `Engine.submit` returns: iterate it for `gpt.Piece`s; `cancel()` from anywhere."""
 
     def __init__(self, engine: "Engine", request: Request):
         self._engine, self._request = engine, request
         self.request_id, self.prompt_tokens = request.id, len(request.prompt)
-        self._queue: asyncio.Queue[Output] = asyncio.Queue()
+        self._queue: asyncio.Queue[Piece] = asyncio.Queue()
         self._done = False
 
-    def __aiter__(self) -> AsyncIterator[Output]:
+    def __aiter__(self) -> AsyncIterator[Piece]:
         return self
 
-    async def __anext__(self) -> Output:
+    async def __anext__(self) -> Piece:
         if self._done:
             raise StopAsyncIteration
         out = await self._queue.get()
@@ -75,33 +88,39 @@ class RequestHandle:
     def finished(self) -> bool:
         return self._done
 
-    def _put(self, out: Output) -> None:  # on the event loop's thread
+    def _put(self, out: Piece) -> None:  # on the event loop's thread
         self._queue.put_nowait(out)
 
 
 class Engine:
+    """Serves one model to many concurrent requests.
+
+    The engine takes the model over: it is put in eval mode and, unless `pack_weights=False`,
+    its linear layers get a second, oneDNN-blocked copy of their weights (1.2-1.8x faster
+    multi-row forwards on CPU in fp32; a no-op elsewhere; see gpt.layers.Linear.pack). The model
+    should not be trained while an engine serves it.
+
+    max_len: tokens per KV-cache row (a GPT's prompt plus output; an encoder-decoder's output,
+    start token included; its source always gets the full block). Default: the block size.
+    max_prompt_tokens: refuse longer prompts (default: whatever fits).
+    threads: CPU threads for the engine thread's kernels (None: torch's default for a new
+    thread). OpenMP keeps one thread team per calling thread; see server/cli.py for why the
+    process should run its multi-threaded kernels on this one thread only.
+    """
+
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
-                 max_len: Optional[int] = None, prefill_chunk: int = 512, metrics: Optional[Metrics] = None,
-                 threads: Optional[int] = None):
+                 max_len: Optional[int] = None, max_prompt_tokens: Optional[int] = None, prefill_chunk: int = 512,
+                 metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        # CPU threads for the engine thread's kernels (None: torch's default for a new thread).
-        # OpenMP keeps one thread team per calling thread; see server/cli.py for why the process
-        # should run its multi-threaded kernels on this one thread only.
         self.threads = threads
-        # oneDNN's blocked weights: 1.2-1.8x faster multi-row forwards on CPU in fp32 for a second
-        # copy of the linear weights (a no-op elsewhere). See gpt.layers.Linear.pack.
-        pack_linear_weights(model, rows_hint=max_batch_size)
+        if pack_weights:
+            pack_linear_weights(model, rows_hint=max_batch_size)
         self.metrics = metrics if metrics is not None else Metrics()
-        self.seq2seq = model.config.arch == "seq2seq"
-        block = model.config.block_size
-        # max_len: tokens per cache row (a GPT's prompt plus output; an encoder-decoder's output,
-        # start token included; its source always gets the full block).
-        self.max_len = min(max_len or block, block)
-        self.max_source_len = block if self.seq2seq else 0
-        self._sched = Scheduler(model, tokenizer, max_batch_size, self.max_len, prefill_chunk, self.metrics,
+        self.limits = ContextLimits.of(model, tokenizer, max_len=max_len, max_prompt_tokens=max_prompt_tokens)
+        self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
                                 self._deliver)
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -119,15 +138,20 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: Optional[float] = None,
                request_id: Optional[str] = None) -> RequestHandle:
-        """Queue a request (starting the engine if need be). Raises ValueError (bad prompt or
-        params), QueueFull or EngineClosed."""
+        """Queue a request (starting the engine if need be). Raises gpt.RequestError (a
+        ValueError: bad prompt or params, or more than fits in the context; see
+        `self.limits`), QueueFull or EngineClosed."""
         loop = asyncio.get_running_loop()
-        prompt = self._check(prompt_ids, params)
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.num_beams > 1:
+            raise RequestError("beam search (num_beams > 1) is not served", "num_beams")
+        prompt, budget = self.limits.check(prompt_ids, params)
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         now = time.monotonic()
-        req = Request(id=request_id or uuid.uuid4().hex, prompt=prompt, params=params, loop=loop, arrival=now,
-                      deadline=None if timeout is None else now + timeout)
+        req = Request(id=request_id or uuid.uuid4().hex, prompt=prompt, params=params, max_new_tokens=budget,
+                      loop=loop, arrival=now, deadline=None if timeout is None else now + timeout)
         handle = RequestHandle(self, req)
         req.handle = handle
         with self._cond:
@@ -156,17 +180,10 @@ class Engine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self._sched.running)
-
-    @property
-    def slots_in_use(self) -> int:
-        return self._sched.slots_in_use
+    def stats(self) -> EngineStats:
+        return EngineStats(slots=self.max_batch_size, slots_in_use=self._sched.slots_in_use,
+                           running=len(self._sched.running), waiting=len(self._waiting), max_queue=self.max_queue,
+                           draining=self.draining)
 
     @property
     def draining(self) -> bool:
@@ -174,30 +191,6 @@ class Engine:
 
     def _alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    def _check(self, prompt_ids, params: SamplingParams) -> list[int]:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        vocab = self.model.config.vocab_size
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            bad = next(t for t in prompt if not 0 <= t < vocab)
-            raise ValueError(f"prompt token id {bad} is out of range [0, {vocab})")
-        params.validate(vocab)
-        if params.num_beams > 1:
-            raise ValueError("beam search (num_beams > 1) is not served")
-        n, p = params.max_new_tokens, len(prompt)
-        if self.seq2seq:
-            if p > self.max_source_len:
-                raise ValueError(f"the prompt has {p} tokens, but the model's source context is {self.max_source_len}")
-            if n > self.max_len - 1:
-                raise ValueError(f"max_tokens is {n}, but the model generates at most {self.max_len - 1} tokens")
-        elif p + n > self.max_len:
-            raise ValueError(f"the prompt has {p} tokens and max_tokens is {n}, "
-                             f"but the model's context is {self.max_len}")
-        return prompt
 
     def _wake(self) -> None:
         with self._cond:
@@ -215,17 +208,17 @@ class Engine:
                         self._cond.wait()
                     if self._stop:
                         break
-                    gone, arrivals = self._take_from_queue()
+                    admit, gone = self._take_from_queue()
                 try:
-                    self._sched.step(arrivals, gone)
+                    self._sched.step(admit=admit, gone=gone)
                 except Exception:  # a failed forward must not kill the server: fail the batch instead
                     log.exception("engine step failed; failing the running requests")
                     self._sched.fail_all()
             self._cancel_everything()
 
     def _take_from_queue(self) -> tuple[list[Request], list[Request]]:
-        """(cancelled or timed-out requests leaving the queue, requests to admit into free
-        slots, oldest first). Called under the lock."""
+        """(requests to admit into free slots, oldest first; cancelled or timed-out requests
+        leaving the queue). Called under the lock."""
         now = time.monotonic()
         gone = [r for r in self._waiting if r.cancelled or r.expired(now)]
         for r in gone:
@@ -234,7 +227,7 @@ class Engine:
         while self._waiting and len(admit) < self._sched.free_slots:
             admit.append(self._waiting.popleft())
         self.metrics.requests_waiting.set(len(self._waiting))
-        return gone, admit
+        return admit, gone
 
     def _update_gauges(self) -> None:
         m = self.metrics
@@ -248,10 +241,10 @@ class Engine:
             self._waiting.clear()
         for r in left:
             r.cancelled = True
-        self._sched.step([], left, cancel_all=True)
+        self._sched.step(admit=[], gone=left, cancel_all=True)
         self._update_gauges()
 
-    def _deliver(self, outputs: list[tuple[Request, Output]]) -> None:
+    def _deliver(self, outputs: list[tuple[Request, Piece]]) -> None:
         """Hand a step's outputs to their event loops: one thread-safe callback per loop."""
         by_loop: dict = {}
         for req, out in outputs:
@@ -264,6 +257,6 @@ class Engine:
                     handle._request.cancelled = True
 
 
-def _put_all(items: list[tuple[RequestHandle, Output]]) -> None:
+def _put_all(items: list[tuple[RequestHandle, Piece]]) -> None:
     for handle, out in items:
         handle._put(out)

@@ -1,14 +1,16 @@
-"""One engine step at a time: slots, chunked prefill, batched decode, sampling and finishing.
+"""One engine step at a time: slots, chunked prefill, batched decode and finishing.
 
 Everything here runs on the engine thread only; `server/engine.py` is the thread-safe front.
+What a sampled token becomes (text, stop strings, budget, finish reason) is decided by each
+request's `gpt.SequenceDecoder`, exactly as in the library: this module only batches forwards.
 
 A request holds one row ("slot") of a preallocated KV cache from admission to its last token.
 Each step:
   1. drop cancelled and timed-out requests (their slots free up at once);
   2. admit new requests into free slots;
   3. decode: one (B, 1) forward over every request that has a token to feed, then sample;
-  4. prefill: prompt chunks of the admitted requests, at most `prefill_chunk` (padded) tokens in
-     one forward, so a long prompt costs the running streams one chunk of delay per step instead
+  4. prefill: prompts of the admitted requests, at most `prefill_chunk` (padded) tokens in one
+     forward, so a long prompt costs the running streams one chunk of delay per step instead
      of freezing them. A request whose prompt is complete samples its first token here and joins
      the decode batch on the next step.
 Decode and prefill are separate forwards on purpose: padding 1-token decode rows to a chunk's
@@ -18,33 +20,14 @@ from __future__ import annotations
 
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from gpt import SamplingParams, TextStream
-from gpt.sampling import RowState, sample, token_logprobs
+from gpt import Piece, SamplingParams, SequenceDecoder, decode_tokens
 
 from .metrics import Metrics
-
-
-@dataclass
-class Output:
-    """One streamed piece of one request."""
-    text: str  # safe to show: stop strings are never leaked and UTF-8 characters never split
-    token_ids: list[int] = field(default_factory=list)  # tokens consumed by this piece
-    logprobs: list[float] = field(default_factory=list)  # chosen-token logprobs, one per token id
-    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # when params.logprobs > 0
-    finish_reason: Optional[str] = None  # None until the last piece: stop|length|timeout|cancelled|error
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # generated so far, this piece included
-
-    def merge(self, later: "Output") -> "Output":
-        """This piece followed by a later one of the same request, as one piece."""
-        return Output(self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
-                      self.top_logprobs + later.top_logprobs, later.finish_reason, later.prompt_tokens,
-                      later.completion_tokens)
 
 
 @dataclass(eq=False)
@@ -52,6 +35,7 @@ class Request:
     id: str
     prompt: list[int]
     params: SamplingParams
+    max_new_tokens: int  # the budget, checked against the context at submit
     loop: Any  # the asyncio loop the request's handle lives on
     arrival: float  # time.monotonic() at submit
     deadline: Optional[float] = None
@@ -59,10 +43,8 @@ class Request:
     cancelled: bool = False  # set from any thread by RequestHandle.cancel
     # engine-thread state from admission on
     slot: int = -1
-    state: Optional[RowState] = None
-    stream: Optional[TextStream] = None
+    decoder: Optional[SequenceDecoder] = None
     prefilled: int = 0  # prompt tokens already in the cache
-    next_token: int = -1  # the sampled token to feed next; -1 while the prompt is prefilling
     first_token_at: Optional[float] = None
     last_token_at: float = 0.0
 
@@ -70,22 +52,20 @@ class Request:
         return self.deadline is not None and now >= self.deadline
 
     @property
-    def completion_tokens(self) -> int:
-        return len(self.state.output_ids) if self.state else 0
+    def decoding(self) -> bool:
+        """Has a sampled token to feed: its prompt is in the cache and it has not finished."""
+        return self.decoder is not None and bool(self.decoder.output_ids) and not self.decoder.finished
 
 
-Deliver = Callable[[list[tuple[Request, Output]]], None]
+Deliver = Callable[[list[tuple[Request, Piece]]], None]
 
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size: int, max_len: int, prefill_chunk: int,
                  metrics: Metrics, deliver: Deliver):
         self.model, self.tokenizer, self.metrics, self.deliver = model, tokenizer, metrics, deliver
-        self.seq2seq = model.config.arch == "seq2seq"
         self.prefill_chunk = prefill_chunk
-        self.eot = tokenizer.eot_token
-        src = model.config.block_size if self.seq2seq else None
-        self.cache = model.new_cache(max_batch_size, max_len=max_len, src_len=src)
+        self.cache = model.new_cache(max_batch_size, max_len=max_len)
         self.batch = max_batch_size
         self._free = list(range(max_batch_size))  # a heap: new requests take the lowest free row
         self.running: list[Request] = []  # holding slots, in admission order
@@ -100,38 +80,38 @@ class Scheduler:
 
     # --- the step ----------------------------------------------------------------------
 
-    def step(self, arrivals: list[Request], gone: list[Request], cancel_all: bool = False) -> None:
+    def step(self, *, admit: list[Request], gone: list[Request], cancel_all: bool = False) -> None:
+        """One step: end `gone` requests (they left the queue before getting a slot), end
+        cancelled and expired running ones (all of them with `cancel_all`), give `admit`
+        requests slots, decode one token for the decoding requests, then prefill."""
         now = time.monotonic()
-        outs: list[tuple[Request, Output]] = []
+        outs: list[tuple[Request, Piece]] = []
         try:
-            for r in gone:  # left the queue before getting a slot
+            for r in gone:
                 self._finish(r, "cancelled" if r.cancelled or not r.expired(now) else "timeout", outs, now)
             for r in list(self.running):
                 if r.cancelled or cancel_all:
                     self._finish(r, "cancelled", outs, now)
                 elif r.expired(now):
                     self._finish(r, "timeout", outs, now, flush=True)
-            for r in arrivals:
+            for r in admit:
                 self._admit(r, now)
             self._decode(outs)
         finally:  # running streams get their token before the prefill chunk runs; and on an
             self._deliver(outs)  # exception, requests already finished are still told so
         outs = []
         try:
-            if self.seq2seq:
-                self._start_sources(outs)
-            else:
-                self._prefill(outs)
+            self._prefill(outs)
         finally:
             self._deliver(outs)
 
-    def _deliver(self, outs: list[tuple[Request, Output]]) -> None:
+    def _deliver(self, outs: list[tuple[Request, Piece]]) -> None:
         if outs:
             self.deliver(outs)
 
     def fail_all(self) -> None:
         """After an exception inside a step: end every running request with finish_reason "error"."""
-        outs: list[tuple[Request, Output]] = []
+        outs: list[tuple[Request, Piece]] = []
         now = time.monotonic()
         for r in list(self.running):
             self._finish(r, "error", outs, now)
@@ -142,23 +122,22 @@ class Scheduler:
     def _admit(self, r: Request, now: float) -> None:
         r.slot = heapq.heappop(self._free)
         self.cache.reset(slice(r.slot, r.slot + 1))
-        r.state = RowState.new(r.params, r.prompt)
-        r.stream = TextStream(self.tokenizer, r.params.stop)
+        r.decoder = SequenceDecoder(self.tokenizer, r.prompt, r.params, r.max_new_tokens)
         self.running.append(r)
         self._set_gauges()
         self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.prompt_tokens_total.inc(len(r.prompt))
 
     def _decode(self, outs) -> None:
-        reqs = [r for r in self.running if r.next_token >= 0]
+        reqs = [r for r in self.running if r.decoding]
         if not reqs:
             return
         self._compact(reqs)  # now in rows 0..n-1: the cache reads them as views, not copies
         reqs.sort(key=lambda r: r.slot)
-        tokens = torch.tensor([r.next_token for r in reqs], dtype=torch.long, device=self.model.device)[:, None]
+        tokens = torch.tensor([[r.decoder.last_token] for r in reqs], dtype=torch.long, device=self.model.device)
         logits = self.model.step(tokens, self.cache, rows=slice(0, len(reqs)))
         self.metrics.batch_size.observe(len(reqs))
-        self._emit(reqs, logits, outs)
+        self._sample(reqs, logits, outs)
 
     def _compact(self, decoding: list[Request]) -> None:
         """Move decoding rows into cache rows 0..d-1. Attention reads a contiguous range of rows
@@ -170,7 +149,7 @@ class Scheduler:
         if not misplaced:
             return
         holder = {r.slot: r for r in self.running}
-        targets = [s for s in range(d) if s not in holder or holder[s].next_token < 0]
+        targets = [s for s in range(d) if s not in holder or not holder[s].decoding]
         src, dst = [], []
         for r, t in zip(misplaced, targets):
             other = holder.get(t)  # a request still prefilling swaps places; a free row just moves
@@ -186,104 +165,69 @@ class Scheduler:
         self.cache.reorder(torch.tensor(src), torch.tensor(dst))
 
     def _prefill(self, outs) -> None:
-        """One forward over prompt chunks of the prefilling requests (oldest first), padded
-        (rows x widest chunk) to at most `prefill_chunk` tokens."""
+        """One forward over prompts of the prefilling requests (oldest first), padded (rows x
+        widest chunk) to at most `prefill_chunk` tokens; a model that cannot take a prompt in
+        chunks (the encoder-decoder's source) gets whole prompts, at least one per step."""
         budget = self.prefill_chunk
+        chunked = self.model.prefills_in_chunks
         picked: list[tuple[Request, int]] = []
         width = 0
         for r in self.running:
-            if r.next_token >= 0:
+            if r.decoding:
                 continue
-            n = min(len(r.prompt) - r.prefilled, budget)
+            left = len(r.prompt) - r.prefilled
+            n = min(left, budget) if chunked else left
             if picked and (len(picked) + 1) * max(width, n) > budget:
                 break
             picked.append((r, n))
             width = max(width, n)
         if not picked:
             return
-        ids = torch.zeros(len(picked), width, dtype=torch.long)
-        for i, (r, n) in enumerate(picked):
-            ids[i, :n] = torch.tensor(r.prompt[r.prefilled: r.prefilled + n])
         rows = torch.tensor([r.slot for r, _ in picked])
-        n_tokens = torch.tensor([n for _, n in picked])
-        logits = self.model.step(ids.to(self.model.device), self.cache, rows=rows, n_tokens=n_tokens)
+        if all(r.prefilled == 0 and n == len(r.prompt) for r, n in picked):
+            logits = self.model.start([r.prompt for r, _ in picked], self.cache, rows=rows)
+        else:  # chunks continue rows that earlier chunks (or admission's reset) left in the cache
+            ids = torch.zeros(len(picked), width, dtype=torch.long)
+            for i, (r, n) in enumerate(picked):
+                ids[i, :n] = torch.tensor(r.prompt[r.prefilled: r.prefilled + n])
+            n_tokens = torch.tensor([n for _, n in picked])
+            logits = self.model.step(ids.to(self.model.device), self.cache, rows=rows, n_tokens=n_tokens)
         done = []
         for i, (r, n) in enumerate(picked):
             r.prefilled += n
             if r.prefilled == len(r.prompt):
                 done.append(i)
         if done:
-            self._emit([picked[i][0] for i in done], logits[done], outs)
-
-    def _start_sources(self, outs) -> None:
-        """Encoder-decoder: encode whole sources (no chunking: the encoder is not causal) of
-        new requests, up to `prefill_chunk` source tokens per step (always at least one)."""
-        picked, total = [], 0
-        for r in self.running:
-            if r.next_token >= 0:
-                continue
-            if picked and total + len(r.prompt) > self.prefill_chunk:
-                break
-            picked.append(r)
-            total += len(r.prompt)
-        if not picked:
-            return
-        rows = torch.tensor([r.slot for r in picked])
-        logits = self.model.start([r.prompt for r in picked], self.cache, rows=rows, bos_token_id=self.eot)
-        for r in picked:
-            r.prefilled = len(r.prompt)
-        self._emit(picked, logits, outs)
+            self._sample([picked[i][0] for i in done], logits[done], outs)
 
     # --- sampling and finishing --------------------------------------------------------
 
-    def _emit(self, reqs: list[Request], logits: torch.Tensor, outs) -> None:
-        """Sample one token for each request from its logits row and turn it into an Output."""
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, outs) -> None:
+        """One token for each request from its logits row, through its decoder."""
         now = time.monotonic()
         m = self.metrics
-        tokens = sample(logits, [r.state for r in reqs])
-        # The chosen-token logprob costs one log_softmax over (B, vocab): under 1% of a decode
-        # step even at batch 32, so every Output carries it (the API may need it at top_n = 0).
-        top_n = max(r.params.logprobs for r in reqs)
-        chosen, top_v, top_i = token_logprobs(logits, tokens, top_n)
-        toks, lps = tokens.tolist(), chosen.tolist()
-        if top_n:
-            top_v, top_i = top_v.tolist(), top_i.tolist()
+        # Every piece carries its chosen-token logprob: one log_softmax over (B, vocab), under 1%
+        # of a decode step even at batch 32 (the API may need it at top_n = 0).
+        pieces = decode_tokens(logits, [r.decoder for r in reqs])
         m.generation_tokens_total.inc(len(reqs))
-        for j, r in enumerate(reqs):
-            tok = toks[j]
-            r.state.output_ids.append(tok)
+        for r, piece in zip(reqs, pieces):
             if r.first_token_at is None:
                 r.first_token_at = now
                 m.time_to_first_token_seconds.observe(now - r.arrival)
             else:
                 m.inter_token_latency_seconds.observe(now - r.last_token_at)
             r.last_token_at = now
-            out = Output("", [tok], [lps[j]], prompt_tokens=len(r.prompt), completion_tokens=len(r.state.output_ids))
-            if r.params.logprobs:
-                k = r.params.logprobs
-                out.top_logprobs.append(dict(zip(top_i[j][:k], top_v[j][:k])))
-            reason = None
-            if tok == self.eot and not r.params.ignore_eos:
-                out.text, reason = r.stream.flush(), "stop"
-            else:
-                out.text, stopped = r.stream.push(tok)
-                if stopped:
-                    reason = "stop"
-                elif len(r.state.output_ids) >= r.params.max_new_tokens:
-                    out.text += r.stream.flush()
-                    reason = "stop" if r.stream.stopped else "length"
-            outs.append((r, out))
-            if reason is None:
-                r.next_token = tok
-            else:
-                out.finish_reason = reason
-                self._release(r, reason, now)
+            outs.append((r, piece))
+            if piece.finish_reason is not None:
+                self._release(r, piece.finish_reason, now)
 
     def _finish(self, r: Request, reason: str, outs, now: float, flush: bool = False) -> None:
-        """End a request outside of sampling (cancel, timeout, error) with an empty-token piece."""
-        text = r.stream.flush() if flush and r.stream is not None else ""
-        outs.append((r, Output(text, finish_reason=reason, prompt_tokens=len(r.prompt),
-                               completion_tokens=r.completion_tokens)))
+        """End a request outside of sampling (cancel, timeout, error) with a token-less piece."""
+        if r.decoder is not None:
+            piece = r.decoder.end(reason, flush=flush)
+        else:
+            piece = Piece(finish_reason=reason, prompt_tokens=len(r.prompt))
+        outs.append((r, piece))
         self._release(r, reason, now)
 
     def _release(self, r: Request, reason: str, now: float) -> None:
@@ -291,7 +235,7 @@ class Scheduler:
             heapq.heappush(self._free, r.slot)
             r.slot = -1
             self.running.remove(r)
-            self._set_gauges()  # before the request's last Output is delivered
+            self._set_gauges()  # before the request's last piece is delivered
         self.metrics.request_finished_total.labels(finish_reason=reason).inc()
         self.metrics.e2e_request_latency_seconds.observe(now - r.arrival)
 
