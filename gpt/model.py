@@ -181,7 +181,7 @@ class EncoderDecoder(_Transformer):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.arch != "seq2seq":
+        if not config.is_seq2seq:
             raise ValueError(f"EncoderDecoder needs arch='seq2seq', got {config.arch!r}")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # target (and shared source) embedding
