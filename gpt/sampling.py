@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -176,9 +175,11 @@ def sample(logits: Tensor, rows: Sequence[RowState]) -> Tensor:
 def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int = 0):
     """The model's log-probability of each chosen token (B,), and the top_n alternatives
     ((B, n) values, (B, n) ids) when asked, from the unprocessed distribution."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, tokens[:, None])[:, 0]
+    logits = logits.float()
+    # log p = logit - logsumexp(logits): one reduction, without writing a (B, V) log_softmax
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    chosen = (logits.gather(1, tokens[:, None]) - lse)[:, 0]
     if top_n:
-        vals, ids = logp.topk(top_n, dim=-1)
-        return chosen, vals, ids
+        vals, ids = logits.topk(top_n, dim=-1)
+        return chosen, vals - lse, ids
     return chosen, None, None
