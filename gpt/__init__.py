@@ -13,6 +13,7 @@ from .kv_cache import KVCache
 from .layers import pack_linear_weights
 from .limits import ContextLimits, RequestError
 from .model import GPT, EncoderDecoder, build_model
+from .quantization import quantize
 from .sampling import SamplingParams
 from .streaming import IncrementalDetokenizer, StopMatcher, TextStream
 from .tokenizer import Tokenizer, get_tokenizer
@@ -21,6 +22,6 @@ __all__ = [
     "GPT", "EncoderDecoder", "build_model", "pack_linear_weights", "ModelConfig", "PRESETS", "preset", "KVCache",
     "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
     "generate", "complete", "beam_search", "Completion", "Piece", "SamplingParams",
-    "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError",
+    "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError", "quantize",
     "Tokenizer", "get_tokenizer", "IncrementalDetokenizer", "TextStream", "StopMatcher",
 ]

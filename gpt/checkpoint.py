@@ -29,6 +29,7 @@ from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory,  #
                     stored_dtype, tied_names)
 from .hf import load_hf_gpt2
 from .model import build_model
+from .quantization import MODES as QUANTIZATIONS, is_quantized, quantize
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gpt-checkpoint"
@@ -51,6 +52,8 @@ def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str] = None,
     model_dict["tokenizer"] = tokenizer  # one answer to "which tokenizer", wherever it is read
     header = {"format": FORMAT, "version": VERSION, "model": model_dict, "tokenizer": tokenizer,
               "metadata": dict(metadata or {})}
+    if is_quantized(model):  # int8 weights and their scales are stored as they are: a smaller file
+        header["quantization"] = "int8"
     # Serialise before touching the disk, so bad metadata fails without leaving anything behind.
     config_bytes = (json.dumps(header, indent=2, sort_keys=False) + "\n").encode("utf-8")
     extra_files = dict(extra_files or {})
@@ -94,8 +97,15 @@ def load_checkpoint(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype
         raise CheckpointError(f"{config_file}: bad model config ({type(e).__name__}: {e})") from e
     metadata = header.get("metadata") or {}
 
+    quantization = header.get("quantization")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise CheckpointError(f"{config_file}: unknown quantization {quantization!r}; this code reads "
+                              f"{', '.join(QUANTIZATIONS)}")
+
     tensors = read_safetensors(path / WEIGHTS_FILE)
     model = build_model(config)
+    if quantization is not None:
+        quantize(model, quantization)  # the layers' shapes; the stored values replace theirs
     load_tensors_into(model, tensors, path / WEIGHTS_FILE)
     model.to(device=device, dtype=dtype or stored_dtype(tensors))
     return model.eval(), config, metadata

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights' dtype (float32)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: 8-bit weights and activations in every linear layer (none)")
     return p
 
 
@@ -60,6 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import checkpoint
     from .device import resolve_device
     from .generate import generate
+    from .quantization import quantize
     from .sampling import SamplingParams
 
     try:
@@ -79,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, tokenizer = checkpoint.load(args.model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}")
+    if args.quantize != "none":
+        quantize(model, args.quantize)
     try:
         pieces = generate(model, tokenizer, prompt, stream=True, **vars(params))
         for piece in pieces:

@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory, load_tensors_into,
                     read_json, read_safetensors, stored_dtype, tied_names)
 from .model import GPT
+from .quantization import is_quantized
 
 SAFETENSORS_FILE = "model.safetensors"
 PICKLE_FILE = "pytorch_model.bin"
@@ -118,6 +119,9 @@ def load_hf_gpt2(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] =
 def export_hf_gpt2(model: GPT, path: PathLike) -> Path:
     """Write a GPT-2-shaped model as a Hugging Face GPT2LMHeadModel directory (atomically),
     loadable with `transformers.GPT2LMHeadModel.from_pretrained(path)`."""
+    if is_quantized(model):
+        raise ValueError("an int8-quantized model cannot be exported to the Hugging Face layout; export the "
+                         "float model (gpt.save keeps int8 weights in our own checkpoint format)")
     c: ModelConfig = model.config
     unlike = {k: getattr(c, k) for k, v in dict(arch="gpt", pos_encoding="learned", norm="pre", bias=True,
                                                  activation="gelu", scale_embeddings=False).items()

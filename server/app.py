@@ -42,6 +42,8 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
         raise ValueError("no model: pass --model PATH or set GPT_SERVE_MODEL")
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     model, tokenizer = gpt.load(settings.model, device=torch.device(settings.device), dtype=dtype)
+    if settings.quantize != "none":
+        gpt.quantize(model, settings.quantize)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                   max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads)
 

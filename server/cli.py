@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import uvicorn
 
-from .config import DTYPES, ENV_PREFIX, LOG_LEVELS, Settings
+from .config import DTYPES, QUANTIZATIONS, ENV_PREFIX, LOG_LEVELS, Settings
 
 log = logging.getLogger("server")
 
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="FILE")
     _opt(p, "--device", "torch device, e.g. cpu or cuda")
     _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)
+    _opt(p, "--quantize", "int8: 8-bit weights (and activations) in every linear layer; default: none",
+         choices=QUANTIZATIONS)
     _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
     return p
 

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 
 ENV_PREFIX = "GPT_SERVE_"
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -32,6 +33,7 @@ class Settings:
     chat_template: Optional[str] = None  # JSON file; default: the plain-text template
     device: str = "cpu"
     dtype: Optional[str] = None  # None keeps the checkpoint's dtype
+    quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -51,6 +53,7 @@ class Settings:
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         need(self.drain_grace >= 0, f"drain_grace must be >= 0 seconds, got {self.drain_grace}")
         need(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
 
@@ -82,6 +85,7 @@ class Settings:
 
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens"}
 _FLOAT_FIELDS = {"timeout", "drain_grace"}
+_CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES}
 
 
 def parse_field(name: str, raw: str):
@@ -96,6 +100,9 @@ def parse_field(name: str, raw: str):
             return float(raw)
         except ValueError:
             raise ValueError(f"expected a number, got {raw!r}") from None
-    if name == "log_level":
-        return raw.lower()
+    if name in _CHOICES:
+        value = raw.lower()
+        if value not in _CHOICES[name]:
+            raise ValueError(f"expected one of {', '.join(_CHOICES[name])}, got {raw!r}")
+        return value
     return raw

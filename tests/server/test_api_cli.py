@@ -13,7 +13,7 @@ from server.cli import build_parser, main
 
 OPTIONS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--max-queue",
            "--max-prompt-tokens", "--default-max-tokens", "--timeout", "--drain-grace", "--chat-template",
-           "--device", "--dtype", "--log-level"]
+           "--device", "--dtype", "--quantize", "--log-level"]
 
 
 def test_help_documents_every_option_and_its_environment_variable():
@@ -30,6 +30,8 @@ def test_help_documents_every_option_and_its_environment_variable():
     (["--model", "x", "--port", "70000"], {}, "port must be in"),
     (["--model", "x", "--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
     (["--model", "x", "--dtype", "int8"], {}, "invalid choice"),
+    (["--model", "x", "--quantize", "int4"], {}, "invalid choice"),
+    (["--model", "x"], {"GPT_SERVE_QUANTIZE": "int4"}, "GPT_SERVE_QUANTIZE"),
     (["--model", "x"], {"GPT_SERVE_MAX_QUEUE": "lots"}, "GPT_SERVE_MAX_QUEUE"),
     (["--model", "x", "--chat-template", "/no/template.json"], {}, "cannot read the chat template"),
     (["--model", "x", "--device", "nonsense"], {}, "--device"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gpt
-from conftest import TINY_CONTEXT, make_client, start_live_server, tiny_settings
+from conftest import TINY_CONTEXT, TINY_MODEL_NAME, make_client, start_live_server, tiny_settings
 from server.app import create_app, load_engine
 from server.config import Settings
 
@@ -32,6 +32,18 @@ def test_seq2seq_checkpoint_is_served(tiny_s2s_checkpoint, server_factory):
     # an encoder-decoder's output has the whole context to itself: the limit names max_tokens
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 10 ** 6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_quantize_int8_serves_what_the_quantized_library_generates(tiny_checkpoint, server_factory, monkeypatch):
+    monkeypatch.setenv("GPT_SERVE_QUANTIZE", "INT8")
+    settings = Settings.from_env(model=tiny_checkpoint, served_model_name=TINY_MODEL_NAME)
+    assert settings.quantize == "int8"
+    server = server_factory(settings, engine=load_engine(settings))
+    out = make_client(server).completions.create(model=server.model, prompt="quantized", max_tokens=8,
+                                                 temperature=0, extra_body=NO_EOS)
+    model, tok = gpt.load(tiny_checkpoint)
+    expected = gpt.generate(gpt.quantize(model), tok, "quantized", max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert out.choices[0].text == expected
 
 
 def test_hugging_face_gpt2_directory_is_served(tmp_path, server_factory):

@@ -1,0 +1,113 @@
+"""8-bit weights for inference: `gpt.quantize(model, "int8")`.
+
+Every linear layer, the output head included, keeps its weight as int8 with one fp32 scale per
+output channel (symmetric: w ~ scale * q, q in [-127, 127]). At each call the activations are
+quantized the same way with one scale per row, the product runs as an int8 GEMM with int32
+accumulation (`torch._int_mm`, oneDNN's int8 kernel on x86; the kernel torchao's int8 dynamic
+path is built on), and the result is rescaled to floating point.
+
+Why per row: a scale shared by the whole batch (what `quantized::linear_dynamic` does) lets one
+row with large activations wipe out the precision of every other row in the batch, so a
+request's output would depend on what else the server batched with it. Per row, the integer
+product is exact, and a row's result is the same alone or in any batch.
+
+The token embedding stays exact: a tied output head gets its own int8 copy of the embedding
+matrix, and the lookup still reads the float table. Where `torch._int_mm` cannot run (a device
+or build without it), the layer falls back to weight-only int8: the weight is dequantized to the
+activations' dtype and multiplied in floating point.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("int8",)
+
+
+def _int_mm_works(device: torch.device) -> bool:
+    try:
+        a = torch.ones(17, 32, dtype=torch.int8, device=device)
+        b = torch.ones(24, 32, dtype=torch.int8, device=device)
+        return bool(torch._int_mm(a, b.t())[0, 0] == 32)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+_INT_MM: dict[str, bool] = {}
+
+
+def int_mm_available(device: torch.device) -> bool:
+    """Whether this build can run int8 x int8 -> int32 GEMMs on `device` (checked once)."""
+    key = str(device)
+    if key not in _INT_MM:
+        _INT_MM[key] = _int_mm_works(device)
+    return _INT_MM[key]
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization with one scale per row: x (M, K) ~ scale (M, 1) * q."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12) / 127.0
+    q = torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and per-output-channel scales (inference only)."""
+
+    def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor]):
+        super().__init__()
+        self.out_features, self.in_features = weight_q.shape
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "Int8Linear":
+        q, scale = quantize_rows(weight.detach())
+        b = None if bias is None else bias.detach().clone()
+        return cls(q, scale[:, 0].contiguous(), b)
+
+    def dequantized_weight(self, dtype=torch.float32) -> Tensor:
+        return self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        if int_mm_available(x.device):
+            q, s = quantize_rows(x2)
+            y = torch._int_mm(q, self.weight_q.t()).float() * (s * self.weight_scale)
+            if self.bias is not None:
+                y += self.bias.float()
+            y = y.to(x.dtype)
+        else:
+            w = self.weight_q.to(x.dtype)
+            y = F.linear(x2, w) * self.weight_scale.to(x.dtype)
+            if self.bias is not None:
+                y += self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
+    """Replace every linear layer of `model` (the output head too) by an int8 one, in place;
+    returns the model in eval mode, ready for inference (it cannot be trained any more)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8Linear.from_float(m.weight, m.bias))
+    return model.eval()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear) for m in model.modules())
