@@ -37,6 +37,7 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
     import gpt
 
     from .engine import Engine
+    from .hardware import batched_slowdown
 
     if not settings.model:
         raise ValueError("no model: pass --model PATH or set GPT_SERVE_MODEL")
@@ -44,6 +45,12 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
     model, tokenizer = gpt.load(settings.model, device=torch.device(settings.device), dtype=dtype)
     if settings.quantize != "none":
         gpt.quantize(model, settings.quantize)
+    elif model.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and settings.max_batch_size > 1:
+        slowdown = batched_slowdown(dtype, settings.max_batch_size, model.config.n_embd)
+        if slowdown > 1.1:
+            log.warning("--dtype %s: a batch of %d rows multiplies %.1fx slower than float32 on this CPU (no "
+                        "native %s arithmetic); for batched serving prefer --dtype float32 or --quantize int8",
+                        settings.dtype, settings.max_batch_size, slowdown, settings.dtype)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                   max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads)
 
