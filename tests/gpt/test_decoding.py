@@ -6,6 +6,7 @@ import gpt
 from gpt import ContextLimits, Piece, RequestError, SamplingParams, SequenceDecoder
 from gpt.beam import beam_search
 from gpt.generate import complete
+from forced_model import ForcedModel
 
 BYTES = gpt.get_tokenizer("byte")
 GPT2 = gpt.get_tokenizer("gpt2")
@@ -77,38 +78,13 @@ def test_a_fork_decodes_independently_of_its_parent():
     assert d.output_ids == list(b"abx") and twin.output_ids == list(b"abc")
 
 
-class _Forced(torch.nn.Module):
-    """A model whose every row's next token is dictated by `forced`, one per step."""
-
-    def __init__(self, inner, forced):
-        super().__init__()
-        self.inner, self.config, self.forced, self.i = inner, inner.config, forced, 0
-
-    def _next(self, B):
-        out = torch.full((B, self.config.vocab_size), -50.0)
-        out[:, self.forced[min(self.i, len(self.forced) - 1)]] = 50.0
-        self.i += 1
-        return out
-
-    def new_cache(self, *a, **k):
-        return self.inner.new_cache(*a, **k)
-
-    def start(self, prompts, cache, **k):
-        self.inner.start(prompts, cache, **k)
-        return self._next(len(prompts))
-
-    def step(self, tokens, cache, **k):
-        self.inner.step(tokens, cache, **k)
-        return self._next(tokens.shape[0])
-
-
 def test_beam_search_and_sampling_cut_stop_strings_the_same_way():
     # " hello" is one GPT-2 token: "ll" completes first (earliest end), though " hello" starts first
     (tok,) = GPT2.encode(" hello")
     inner = gpt.GPT(gpt.preset("gpt-tiny", vocab_size=GPT2.vocab_size, tokenizer="gpt2")).eval()
     params = dict(max_new_tokens=4, temperature=0, stop=[" hello", "ll"])
-    sampled = complete(_Forced(inner, [tok]), GPT2, [[11]], SamplingParams(**params))[0]
-    beams = beam_search(_Forced(inner, [tok]), GPT2, [11], SamplingParams(num_beams=2, **params))
+    sampled = complete(ForcedModel(inner, [tok]), GPT2, [[11]], SamplingParams(**params))[0]
+    beams = beam_search(ForcedModel(inner, [tok]), GPT2, [11], SamplingParams(num_beams=2, **params))
     assert sampled.text == beams[0].text == " he"
     assert sampled.finish_reason == beams[0].finish_reason == "stop"
 

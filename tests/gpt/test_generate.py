@@ -6,6 +6,7 @@ import gpt
 from gpt.beam import beam_search
 from gpt.generate import complete, generate
 from gpt.sampling import SamplingParams
+from forced_model import ForcedModel
 
 TOK = gpt.get_tokenizer("byte")
 
@@ -51,30 +52,8 @@ def _stream_forced(model, forced):
     """Stream from a model whose next token is dictated by `forced`, one per step."""
     from gpt.generate import generate_batch
 
-    class Forced(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config, self.i = inner, inner.config, 0
-
-        def _next(self, B):
-            out = torch.full((B, self.config.vocab_size), -50.0)
-            out[:, forced[min(self.i, len(forced) - 1)]] = 50.0
-            self.i += 1
-            return out
-
-        def new_cache(self, *a, **k):
-            return self.inner.new_cache(*a, **k)
-
-        def start(self, prompts, cache, **k):
-            self.inner.start(prompts, cache, **k)
-            return self._next(len(prompts))
-
-        def step(self, tokens, cache, **k):
-            self.inner.step(tokens, cache, **k)
-            return self._next(tokens.shape[0])
-
     params = SamplingParams(max_new_tokens=len(forced), temperature=0, ignore_eos=True)
-    return (piece.text for _, piece in generate_batch(Forced(model), TOK, [[1]], [params]) if piece.text)
+    return (piece.text for _, piece in generate_batch(ForcedModel(model, forced), TOK, [[1]], [params]) if piece.text)
 
 
 def test_stop_string_spanning_tokens_ends_the_text_before_it(model):
