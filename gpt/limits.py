@@ -52,11 +52,6 @@ class ContextLimits:
         return cls(vocab_size=vocab, max_len=max_len, max_source_len=block if seq2seq else max_len - 1,
                    is_seq2seq=seq2seq, max_prompt_tokens=max_prompt_tokens)
 
-    @property
-    def longest_prompt(self) -> int:
-        cap = self.max_prompt_tokens
-        return self.max_source_len if cap is None else min(cap, self.max_source_len)
-
     def room(self, prompt_len: int) -> int:
         """How many new tokens fit after a prompt of `prompt_len` tokens."""
         return self.max_len - 1 if self.is_seq2seq else self.max_len - prompt_len
