@@ -77,10 +77,12 @@ def baseline_rate(model, tokenizer, batch: int, prompt: list[int], new_tokens: i
 
 # --- clients ----------------------------------------------------------------------------
 
-async def http_client(client, url: str, model_name: str, prompt: list[int], max_tokens: int) -> Stream:
+async def http_client(client, url: str, model_name: str, prompt: list[int], max_tokens: int,
+                      extra: dict | None = None) -> Stream:
+    """One streaming greedy completion; `extra` adds server-specific request fields."""
     s = Stream(sent=time.perf_counter())
     body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}")
@@ -124,14 +126,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, max_batch_size: int, log) -> subprocess.Popen:
+def start_server(model_dir: str, port: int, max_batch_size: int, log, extra_args: tuple[str, ...] = ()
+                 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--log-level", "warning"]
+           "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra_args]
     # the log goes to a file: an unread pipe would block the server once its buffer filled up
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def wait_ready(url: str, proc: subprocess.Popen, log, limit: float = 300.0) -> None:
+async def wait_ready(url: str, proc: subprocess.Popen, log, limit: float = 300.0, path: str = "/ready") -> None:
     import httpx
 
     deadline = time.monotonic() + limit
@@ -141,7 +144,7 @@ async def wait_ready(url: str, proc: subprocess.Popen, log, limit: float = 300.0
                 log.seek(0)
                 raise RuntimeError(f"the server exited with code {proc.returncode}: {log.read()[-2000:]}")
             try:
-                if (await client.get(f"{url}/ready")).status_code == 200:
+                if (await client.get(f"{url}{path}")).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
