@@ -602,16 +602,6 @@ def start_llama_server(cache: str, gguf: str, port: int, parallel: int, new_toke
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def load_rounds(url: str, prompt: list[int], new_tokens: int, clients: list[int], extra: dict | None,
                       label: str, reference: list[int] | None) -> dict:
     """serve.py's load generator with a fresh connection per request (no keep-alive)."""
@@ -653,7 +643,7 @@ def bench_server(kind: str, label: str, start, url_port: int, health: str, promp
         sys.stderr.write(f"--- {label} log (tail) ---\n{logf.read()[-3000:]}\n")
         raise
     finally:
-        stop(proc)
+        serve.stop_server(proc)
         logf.close()
 
 

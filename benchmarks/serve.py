@@ -168,12 +168,19 @@ async def bench_http(args, model_dir: str, prompt: list[int]) -> list[dict]:
             await run_round(make, 1)  # warm-up: first-call costs stay out of the figures
             return [await run_round(make, c) for c in args.clients]
     finally:
+        stop_server(proc)
+        log.close()
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within a minute."""
+    if proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
+            proc.wait()
 
 
 async def bench_engine(args, model, tokenizer, prompt: list[int]) -> list[dict]:
