@@ -36,12 +36,14 @@ class Piece:
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated up to and including this piece
+    cached_tokens: int = 0  # prompt tokens a server took from its prefix cache instead of computing
 
     def merge(self, later: "Piece") -> "Piece":
         """This piece followed by a later one of the same sequence, as one piece."""
         return Piece(self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
                      self.top_logprobs + later.top_logprobs, later.finish_reason,
-                     later.prompt_tokens or self.prompt_tokens, later.completion_tokens)
+                     later.prompt_tokens or self.prompt_tokens, later.completion_tokens,
+                     later.cached_tokens or self.cached_tokens)
 
     @property
     def logprob(self) -> float:

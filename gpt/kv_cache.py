@@ -145,13 +145,31 @@ class KVCache(nn.Module):
         self.lengths[rows] = 0
         self.src_lengths[rows] = 0
 
-    def reorder(self, src_rows: Tensor, dst_rows: Optional[Tensor] = None) -> None:
-        """Copy rows `src_rows` into `dst_rows` (default 0..len-1), e.g. to follow beam parents."""
+    def reorder(self, src_rows: Tensor, dst_rows: Optional[Tensor] = None, positions: Optional[int] = None) -> None:
+        """Copy rows `src_rows` into `dst_rows` (default 0..len-1), e.g. to follow beam parents.
+        All sources are read before any destination is written, so rows can swap places.
+        `positions`: copy only the first that many positions of self-attention keys/values (the
+        rest of a row is stale anyway), instead of whole rows."""
         src_rows = torch.as_tensor(src_rows, dtype=torch.long).cpu()
         dst_rows = torch.arange(len(src_rows)) if dst_rows is None else torch.as_tensor(dst_rows).long().cpu()
         s, d = src_rows.to(self.device), dst_rows.to(self.device)
         for layer in self.layers:
-            for buf in layer.buffers():
-                buf[d] = buf[s]
+            for name, buf in layer.named_buffers():
+                if positions is not None and name in ("k", "v"):
+                    buf[d, :, :positions] = buf[s, :, :positions]
+                else:
+                    buf[d] = buf[s]
         self.lengths[dst_rows] = self.lengths[src_rows].clone()
         self.src_lengths[dst_rows] = self.src_lengths[src_rows].clone()
+
+    def copy_prefix(self, src_row: int, dst_row: int, n: int) -> None:
+        """Make row `dst_row` hold the first `n` tokens of row `src_row` (and nothing more): the
+        keys and values of a shared prompt prefix, computed once. Not for encoder-decoder rows."""
+        if not 0 < n <= int(self.lengths[src_row]) or src_row == dst_row:
+            raise ValueError(f"cannot copy {n} positions from row {src_row} (length {int(self.lengths[src_row])}) "
+                             f"to row {dst_row}")
+        for layer in self.layers:
+            layer.k[dst_row, :, :n] = layer.k[src_row, :, :n]
+            layer.v[dst_row, :, :n] = layer.v[src_row, :, :n]
+        self.lengths[dst_row] = n
+        self.src_lengths[dst_row] = 0

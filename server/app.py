@@ -52,7 +52,8 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
                         "native %s arithmetic); for batched serving prefer --dtype float32 or --quantize int8",
                         settings.dtype, settings.max_batch_size, slowdown, settings.dtype)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                  max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads)
+                  max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads,
+                  prefix_cache=settings.prefix_cache)
 
 
 async def _load_in_background(app: FastAPI) -> None:

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)
     _opt(p, "--quantize", "int8: 8-bit weights (and activations) in every linear layer; default: none",
          choices=QUANTIZATIONS)
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
+                   help=f"prefill every prompt in full instead of reusing cached prefixes of earlier ones "
+                        f"(env {ENV_PREFIX}PREFIX_CACHE=0)")
     _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
     return p
 

@@ -34,6 +34,7 @@ class Settings:
     device: str = "cpu"
     dtype: Optional[str] = None  # None keeps the checkpoint's dtype
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
+    prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class Settings:
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens"}
 _FLOAT_FIELDS = {"timeout", "drain_grace"}
 _CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES}
+_BOOL_FIELDS = {"prefix_cache"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def parse_field(name: str, raw: str):
@@ -100,6 +103,11 @@ def parse_field(name: str, raw: str):
             return float(raw)
         except ValueError:
             raise ValueError(f"expected a number, got {raw!r}") from None
+    if name in _BOOL_FIELDS:
+        value = raw.lower()
+        if value not in _TRUE + _FALSE:
+            raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}, got {raw!r}")
+        return value in _TRUE
     if name in _CHOICES:
         value = raw.lower()
         if value not in _CHOICES[name]:

@@ -103,6 +103,8 @@ class Engine:
     max_len: tokens per KV-cache row (a GPT's prompt plus output; an encoder-decoder's output,
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
+    prefix_cache: keep finished requests' keys and values in their rows and start new requests
+    from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
     thread). OpenMP keeps one thread team per calling thread; see server/cli.py for why the
     process should run its multi-threaded kernels on this one thread only.
@@ -110,7 +112,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
                  max_len: Optional[int] = None, max_prompt_tokens: Optional[int] = None, prefill_chunk: int = 512,
-                 metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True):
+                 metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True,
+                 prefix_cache: bool = True):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -121,7 +124,7 @@ class Engine:
         self.metrics = metrics if metrics is not None else Metrics()
         self.limits = ContextLimits.of(model, tokenizer, max_len=max_len, max_prompt_tokens=max_prompt_tokens)
         self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
-                                self._deliver)
+                                self._deliver, prefix_cache=prefix_cache)
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None

@@ -48,7 +48,17 @@ class Metrics:
         self.kv_slots_used = Gauge(
             "gptserve_kv_slots_used", "KV-cache rows in use", registry=r)
         self.prompt_tokens_total = Counter(
-            "gptserve_prompt_tokens_total", "Prompt tokens admitted for prefill", registry=r)
+            "gptserve_prompt_tokens_total", "Prompt tokens of admitted requests (cached ones included)",
+            registry=r)
+        self.prompt_tokens_cached_total = Counter(
+            "gptserve_prompt_tokens_cached_total", "Prompt tokens taken from the prefix cache, not prefilled",
+            registry=r)
+        self.prefix_cache_lookups_total = Counter(
+            "gptserve_prefix_cache_lookups_total", "Admitted requests that looked for a cached prompt prefix",
+            registry=r)
+        self.prefix_cache_hits_total = Counter(
+            "gptserve_prefix_cache_hits_total", "Admitted requests that reused a cached prompt prefix",
+            registry=r)
         self.generation_tokens_total = Counter(
             "gptserve_generation_tokens_total", "Tokens generated", registry=r)
         self.batch_size = Histogram(

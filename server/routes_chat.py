@@ -46,8 +46,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
            for i, c in enumerate(done)]
     completion_tokens = sum(c.completion_tokens for c in done)
     return ChatCompletionResponse(id=rid, created=created, model=model_name, choices=out,
-                                  usage=Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens,
-                                              total_tokens=len(ids) + completion_tokens))
+                                  usage=Usage.of(len(ids), completion_tokens, done[0].cached_tokens))
 
 
 def _stream(handles, tok, body: ChatCompletionRequest, rid: str, created: int, model_name: str,
@@ -66,4 +65,4 @@ def _stream(handles, tok, body: ChatCompletionRequest, rid: str, created: int, m
                for i in range(len(handles))]
     return event_stream(handles, object_name="chat.completion.chunk", rid=rid, created=created,
                         model_name=model_name, prompt_tokens=prompt_tokens, include_usage=include_usage,
-                        choice_delta=delta, opening=opening)
+                        choice_delta=delta, opening=opening, n=body.n)

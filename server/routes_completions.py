@@ -49,9 +49,9 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
         out.append(CompletionChoice(index=i, text=c.text, logprobs=logprobs,
                                     finish_reason=finish_reason(c.finish_reason)))
     completion_tokens = sum(c.completion_tokens for c in done)
+    cached = sum(c.cached_tokens for c in done[::body.n])  # each prompt counted once, like prompt_tokens
     return CompletionResponse(id=rid, created=created, model=model_name, choices=out,
-                              usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                          total_tokens=prompt_tokens + completion_tokens))
+                              usage=Usage.of(prompt_tokens, completion_tokens, cached))
 
 
 def _stream(handles, tok, body: CompletionRequest, rid: str, created: int, model_name: str,
@@ -65,4 +65,4 @@ def _stream(handles, tok, body: CompletionRequest, rid: str, created: int, model
         return {"index": i, "text": piece.text, "logprobs": logprobs, "finish_reason": reason}
 
     return event_stream(handles, object_name="text_completion", rid=rid, created=created, model_name=model_name,
-                        prompt_tokens=prompt_tokens, include_usage=include_usage, choice_delta=delta)
+                        prompt_tokens=prompt_tokens, include_usage=include_usage, choice_delta=delta, n=body.n)

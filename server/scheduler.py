@@ -15,10 +15,16 @@ Each step:
      the decode batch on the next step.
 Decode and prefill are separate forwards on purpose: padding 1-token decode rows to a chunk's
 width would multiply the decode rows' cost in every linear layer by the chunk length.
+
+Prefix caching (a GPT's prompts; `server/prefix_cache.py` keeps the index): a finished request's
+keys and values stay in its row until the row is taken again. A new request takes the free row
+sharing the longest token prefix with its prompt and prefills only the rest. If the longest
+prefix is in a row that is in use (another choice of the same prompt, a common system prompt),
+the request takes the least recently used free row and, once that prefix is prefilled, copies
+its keys and values instead of computing them again.
 """
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -28,6 +34,7 @@ import torch
 from gpt import Piece, SamplingParams, SequenceDecoder, decode_tokens
 
 from .metrics import Metrics
+from .prefix_cache import PrefixIndex
 
 
 @dataclass(eq=False)
@@ -45,6 +52,9 @@ class Request:
     slot: int = -1
     decoder: Optional[SequenceDecoder] = None
     prefilled: int = 0  # prompt tokens already in the cache
+    cached_tokens: int = 0  # of those, tokens whose keys and values came from the prefix cache
+    share_from: Optional["Request"] = None  # until it has prefilled share_len tokens, wait, then copy them
+    share_len: int = 0
     first_token_at: Optional[float] = None
     last_token_at: float = 0.0
 
@@ -62,13 +72,16 @@ Deliver = Callable[[list[tuple[Request, Piece]]], None]
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size: int, max_len: int, prefill_chunk: int,
-                 metrics: Metrics, deliver: Deliver):
+                 metrics: Metrics, deliver: Deliver, prefix_cache: bool = True):
         self.model, self.tokenizer, self.metrics, self.deliver = model, tokenizer, metrics, deliver
         self.prefill_chunk = prefill_chunk
         self.cache = model.new_cache(max_batch_size, max_len=max_len)
         self.batch = max_batch_size
-        self._free = list(range(max_batch_size))  # a heap: new requests take the lowest free row
+        self._free = set(range(max_batch_size))
         self.running: list[Request] = []  # holding slots, in admission order
+        # The encoder-decoder's prompt is its source, encoded whole at every admission: nothing to reuse.
+        use = prefix_cache and model.prefills_in_chunks
+        self.prefix = PrefixIndex(max_batch_size, max_len) if use else None
 
     @property
     def free_slots(self) -> int:
@@ -120,13 +133,65 @@ class Scheduler:
     # --- phases ------------------------------------------------------------------------
 
     def _admit(self, r: Request, now: float) -> None:
-        r.slot = heapq.heappop(self._free)
-        self.cache.reset(slice(r.slot, r.slot + 1))
+        row, reuse = self._place(r)
+        self._free.remove(row)
+        r.slot = row
+        self.cache.reset(slice(row, row + 1))
+        if reuse:
+            self.cache.lengths[row] = reuse  # keep the shared prefix, drop the rest of the row
+            r.prefilled = reuse
+            self._reused(r, reuse)
+        if self.prefix is not None:
+            self.prefix.claim(row, r.prompt)
         r.decoder = SequenceDecoder(self.tokenizer, r.prompt, r.params, r.max_new_tokens)
         self.running.append(r)
         self._set_gauges()
         self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.prompt_tokens_total.inc(len(r.prompt))
+
+    def _place(self, r: Request) -> tuple[int, int]:
+        """The free row `r` takes and how many of its prompt tokens that row already holds. When
+        a row in use holds a longer prefix, `r` is told to copy it from there once it is written."""
+        if self.prefix is None:
+            return min(self._free), 0
+        self.metrics.prefix_cache_lookups_total.inc()
+        common = self.prefix.common_prefix(torch.tensor(r.prompt), self.prefix.known).tolist()
+        best_free = max(self._free, key=lambda row: (common[row], -row))
+        busy = [q for q in self.running if common[q.slot] > 0]
+        best_busy = max(busy, key=lambda q: common[q.slot], default=None)
+        shared = common[best_busy.slot] if best_busy is not None else 0
+        if common[best_free] and common[best_free] >= shared:
+            return best_free, common[best_free]
+        if best_busy is not None:
+            r.share_from, r.share_len = best_busy, shared
+        return self.prefix.evictable(self._free), 0
+
+    def _ready(self, r: Request) -> bool:
+        """Whether `r` may prefill: it waits while the request it shares a prefix with has not
+        written that prefix; then it copies the longest prefix any row holds by now."""
+        src = r.share_from
+        if src is None:
+            return True
+        if src.slot >= 0 and src.prefilled < r.share_len:
+            return False
+        r.share_from = None
+        in_use = {q.slot for q in self.running}
+        written = torch.where(torch.tensor([row in in_use for row in range(self.batch)]),
+                              self.cache.lengths, self.prefix.known)
+        written[r.slot] = 0
+        common = self.prefix.common_prefix(torch.tensor(r.prompt), written)
+        row = int(common.argmax())
+        n = int(common[row])
+        if n > r.prefilled:
+            self.cache.copy_prefix(row, r.slot, n)
+            r.prefilled = n
+            self._reused(r, n)
+        return True
+
+    def _reused(self, r: Request, n: int) -> None:
+        r.cached_tokens = n
+        self.metrics.prefix_cache_hits_total.inc()
+        self.metrics.prompt_tokens_cached_total.inc(n)
 
     def _decode(self, outs) -> None:
         reqs = [r for r in self.running if r.decoding]
@@ -152,17 +217,21 @@ class Scheduler:
         targets = [s for s in range(d) if s not in holder or not holder[s].decoding]
         src, dst = [], []
         for r, t in zip(misplaced, targets):
-            other = holder.get(t)  # a request still prefilling swaps places; a free row just moves
-            src.append(r.slot), dst.append(t)
+            # The two rows swap: a request still prefilling moves up, and so do the cached
+            # contents of a free row (moving over them would evict them).
+            src += [r.slot, t]
+            dst += [t, r.slot]
+            other = holder.get(t)
             if other is not None:
-                src.append(t), dst.append(r.slot)
                 other.slot = r.slot
             else:
                 self._free.remove(t)
-                self._free.append(r.slot)
+                self._free.add(r.slot)
+            if self.prefix is not None:
+                self.prefix.swap(r.slot, t)
             r.slot = t
-        heapq.heapify(self._free)
-        self.cache.reorder(torch.tensor(src), torch.tensor(dst))
+        positions = max(1, int(self.cache.lengths[torch.tensor(src)].max()))
+        self.cache.reorder(torch.tensor(src), torch.tensor(dst), positions=positions)
 
     def _prefill(self, outs) -> None:
         """One forward over prompts of the prefilling requests (oldest first), padded (rows x
@@ -173,7 +242,7 @@ class Scheduler:
         picked: list[tuple[Request, int]] = []
         width = 0
         for r in self.running:
-            if r.decoding:
+            if r.decoding or not self._ready(r):
                 continue
             left = len(r.prompt) - r.prefilled
             n = min(left, budget) if chunked else left
@@ -217,6 +286,7 @@ class Scheduler:
             else:
                 m.inter_token_latency_seconds.observe(now - r.last_token_at)
             r.last_token_at = now
+            piece.cached_tokens = r.cached_tokens
             outs.append((r, piece))
             if piece.finish_reason is not None:
                 self._release(r, piece.finish_reason, now)
@@ -227,12 +297,19 @@ class Scheduler:
             piece = r.decoder.end(reason, flush=flush)
         else:
             piece = Piece(finish_reason=reason, prompt_tokens=len(r.prompt))
+        piece.cached_tokens = r.cached_tokens
         outs.append((r, piece))
         self._release(r, reason, now)
 
     def _release(self, r: Request, reason: str, now: float) -> None:
         if r.slot >= 0:
-            heapq.heappush(self._free, r.slot)
+            if self.prefix is not None:
+                if reason == "error":  # a forward failed part-way: the row's keys are not to be trusted
+                    self.prefix.forget(r.slot)
+                else:
+                    tokens = r.prompt + (r.decoder.output_ids if r.decoder is not None else [])
+                    self.prefix.release(r.slot, tokens, int(self.cache.lengths[r.slot]))
+            self._free.add(r.slot)
             r.slot = -1
             self.running.remove(r)
             self._set_gauges()  # before the request's last piece is delivered

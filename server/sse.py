@@ -9,6 +9,7 @@ from starlette.responses import StreamingResponse
 
 from .errors import APIError
 from .fanout import finish_reason, merged
+from .protocol import Usage
 
 
 def sse(data: Union[dict, str]) -> str:
@@ -20,11 +21,13 @@ def sse_error(exc: APIError) -> str:
 
 
 async def event_stream(handles, *, object_name: str, rid: str, created: int, model_name: str,
-                       prompt_tokens: int, include_usage: bool, choice_delta, opening=()):
+                       prompt_tokens: int, include_usage: bool, choice_delta, opening=(), n: int = 1):
     """A chunk per piece of a choice (`choice_delta(i, piece, finish_reason)` gives the choice
     dict, or None to skip the piece), with `include_usage` a last chunk with `choices: []` and
-    the usage, then `[DONE]`. An engine error mid-stream becomes an error event."""
+    the usage, then `[DONE]`. An engine error mid-stream becomes an error event. Choices come
+    `n` per prompt; a prompt's cached tokens are counted once, from its first choice."""
     completion_tokens = [0] * len(handles)
+    cached_tokens = [0] * len(handles)
     pieces = merged(handles)
 
     def chunk(choices: list, usage=None) -> dict:
@@ -38,13 +41,13 @@ async def event_stream(handles, *, object_name: str, rid: str, created: int, mod
             yield sse(chunk([choice]))
         async for i, piece in pieces:
             completion_tokens[i] = piece.completion_tokens
+            cached_tokens[i] = piece.cached_tokens
             choice = choice_delta(i, piece, finish_reason(piece.finish_reason))
             if choice is not None:
                 yield sse(chunk([choice]))
         if include_usage:
-            total = sum(completion_tokens)
-            yield sse(chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                                 "total_tokens": prompt_tokens + total}))
+            usage = Usage.of(prompt_tokens, sum(completion_tokens), sum(cached_tokens[::n]))
+            yield sse(chunk([], usage.model_dump()))
     except APIError as e:
         yield sse_error(e)
     finally:

@@ -183,3 +183,21 @@ def test_end_of_text_stops_with_finish_stop_and_counts_as_a_token(openai_client,
         r = openai_client.completions.create(**kw)
         assert r.choices[0].text == "" and r.choices[0].finish_reason == "stop"
         assert r.usage.completion_tokens == 1
+
+
+def test_a_continued_prompt_reports_its_cached_tokens_in_usage_streamed_or_not(openai_client, live_server):
+    m = live_server.engine.metrics
+    hits = m.value("gptserve_prefix_cache_hits_total")
+    first = "A conversation that goes on: "
+    r = complete(openai_client, live_server.model, prompt=first, max_tokens=6, temperature=0, extra_body=NO_EOS)
+    follow = first + r.choices[0].text + " and on"
+    again = complete(openai_client, live_server.model, prompt=follow, max_tokens=4, temperature=0, extra_body=NO_EOS)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    # the row kept the first prompt and the replies fed back (all but the last, never fed)
+    assert len(TOK.encode(first)) <= cached < again.usage.prompt_tokens
+    _, _, chunks = stream_text(openai_client, live_server.model, prompt=follow, max_tokens=4, temperature=0,
+                               extra_body=NO_EOS, stream_options={"include_usage": True})
+    streamed = chunks[-1].usage
+    assert streamed.prompt_tokens == again.usage.prompt_tokens
+    assert streamed.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert m.value("gptserve_prefix_cache_hits_total") >= hits + 2

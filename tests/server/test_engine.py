@@ -94,9 +94,9 @@ def test_rows_moved_to_keep_the_decode_batch_contiguous_keep_their_cache(tiny_gp
         cache = new_cache(*args, **kwargs)
         reorder = cache.reorder
 
-        def recording_reorder(src, dst=None):
+        def recording_reorder(src, dst=None, **kwargs):
             moves.append((src.tolist(), None if dst is None else dst.tolist()))
-            return reorder(src, dst)
+            return reorder(src, dst, **kwargs)
 
         cache.reorder = recording_reorder
         return cache
@@ -243,6 +243,9 @@ def test_cancel_frees_slots_and_brings_the_gauges_back_to_zero(tiny_gpt):
         try:
             handles = [engine.submit([5, 6, 7], long) for _ in range(4)]  # two run, two wait
             first = await handles[0].__anext__()
+            deadline = time.monotonic() + 5  # the engine thread may still be admitting the second one
+            while (engine.stats().slots_in_use, engine.stats().waiting) != (2, 2) and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
             stats = engine.stats()
             assert first.finish_reason is None and stats.slots_in_use == 2 and stats.waiting == 2
             for h in handles:
