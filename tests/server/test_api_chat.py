@@ -115,3 +115,19 @@ def test_bad_chat_template_files_are_rejected_with_the_reason(tmp_path, spec, fr
     with pytest.raises(ValueError, match=fragment) as err:
         ChatTemplate.from_file(path)
     assert str(path) in str(err.value)
+
+
+def test_the_next_turn_of_a_chat_reports_the_history_as_cached_tokens(openai_client, live_server):
+    history = [{"role": "system", "content": "You answer in riddles."}, {"role": "user", "content": "Who are you?"}]
+    first = openai_client.chat.completions.create(model=live_server.model, messages=history, max_tokens=5,
+                                                  temperature=0, extra_body=NO_EOS)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And then?"}]
+    second = openai_client.chat.completions.create(model=live_server.model, messages=history, max_tokens=3,
+                                                   temperature=0, extra_body=NO_EOS)
+    system_and_question = len(TOK.encode("System: You answer in riddles.\nUser: Who are you?\nAssistant:"))
+    assert system_and_question <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    chunks = list(openai_client.chat.completions.create(
+        model=live_server.model, messages=history, max_tokens=3, temperature=0, extra_body=NO_EOS, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
