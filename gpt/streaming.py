@@ -10,6 +10,7 @@ Two problems make this harder than calling decode() per token:
 from __future__ import annotations
 
 import codecs
+import functools
 from collections.abc import Iterable
 
 from gpt.tokenizer import Tokenizer
@@ -53,6 +54,21 @@ class IncrementalDetokenizer:
         return twin
 
 
+@functools.lru_cache(maxsize=256)
+def _failure(stop: str) -> tuple[int, ...]:
+    """Knuth-Morris-Pratt's failure function: fail[i] is the length of the longest proper prefix
+    of stop[:i + 1] that is also a suffix of it."""
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return tuple(fail)
+
+
 class StopMatcher:
     """Cut a text stream at the first stop string, which may span many pushes.
 
@@ -61,16 +77,19 @@ class StopMatcher:
     string that started earlier would also have matched). What was emitted is
     then exactly the text before that occurrence; the stop string itself is not
     emitted, as in OpenAI's API.
+
+    Each stop string is matched by a Knuth-Morris-Pratt automaton whose state is how much
+    of the stop string the text ends with; the longest such partial match is what must be
+    held back. Memory and set-up are linear in the stop strings' length, and each new
+    character costs amortized O(1) per stop string, however long the stop strings are.
     """
 
     def __init__(self, stops: str | Iterable[str] | None = None):
         if isinstance(stops, str):  # OpenAI allows a bare string as well as a list
             stops = [stops]
         self.stops: list[str] = list(dict.fromkeys(s for s in stops or () if s))
-        # Every proper prefix of a stop string: a buffer ending in one of these
-        # might turn into a match, so that tail must not be emitted yet.
-        self._prefixes = {s[:k] for s in self.stops for k in range(1, len(s))}
-        self._max_prefix = max((len(p) for p in self._prefixes), default=0)
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)  # characters of each stop string the text ends with
         self._held = ""
         self.stopped = False
         self.matched: str | None = None
@@ -85,46 +104,42 @@ class StopMatcher:
         if self.stopped:
             return "", True
         buf = self._held + text
-        hit = self._first_match(buf)
-        if hit is not None:
-            start, stop = hit
-            self.stopped, self.matched, self._held = True, stop, ""
-            return buf[:start], True
-        keep = self._held_back_len(buf)
+        if not self.stops:
+            return buf, False
+        base = len(self._held)
+        state, stops, fails = self._state, self.stops, self._fail
+        for i, ch in enumerate(text):
+            done = None
+            for j, stop in enumerate(stops):
+                k, fail = state[j], fails[j]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                state[j] = k
+                # ends here; on a tie, the longer one (it starts earlier)
+                if k == len(stop) and (done is None or len(stop) > len(done)):
+                    done = stop
+            if done is not None:
+                end = base + i + 1
+                self.stopped, self.matched, self._held = True, done, ""
+                return buf[:end - len(done)], True
+        keep = max(state)  # the longest partial match: it may still become a stop string
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep], False
 
     def flush(self) -> str:
         """End of stream without a stop: release whatever was held back."""
         held, self._held = self._held, ""
+        self._state = [0] * len(self.stops)
         return held
 
     def fork(self) -> "StopMatcher":
-        """An independent copy (the stop strings themselves are shared: they never change)."""
+        """An independent copy (the stop strings and their tables are shared: they never change)."""
         twin = object.__new__(StopMatcher)
         twin.__dict__.update(self.__dict__)
+        twin._state = list(self._state)
         return twin
-
-    def _first_match(self, buf: str) -> tuple[int, str] | None:
-        # The held-back part never contains a whole stop string (we would have
-        # stopped already), so any match here ends in the new text. Pick the one
-        # that ends first; on a tie, the longer one (it starts earlier).
-        best: tuple[int, int, str] | None = None
-        for stop in self.stops:
-            start = buf.find(stop)
-            if start < 0:
-                continue
-            key = (start + len(stop), start, stop)
-            if best is None or key[:2] < best[:2]:
-                best = key
-        return None if best is None else (best[1], best[2])
-
-    def _held_back_len(self, buf: str) -> int:
-        # Longest suffix of buf that is a proper prefix of some stop string.
-        for k in range(min(len(buf), self._max_prefix), 0, -1):
-            if buf[-k:] in self._prefixes:
-                return k
-        return 0
 
 
 class TextStream:

@@ -238,3 +238,21 @@ def test_text_stream_flush_can_still_match_a_stop():
     assert stream.flush() == ""
     assert stream.stopped and stream.matched == "x\ufffd"
     assert stream.text == "a"
+
+
+def test_long_stop_strings_cost_memory_linear_in_their_length():
+    # 16 stop strings of 20,000 characters: a matcher that kept every prefix would hold ~3 GB.
+    import tracemalloc
+
+    rng = random.Random(5)
+    stops = ["".join(rng.choice("ab") for _ in range(20_000)) for _ in range(16)]
+    tracemalloc.start()
+    try:
+        m = StopMatcher(stops)
+        text = stops[3][:19_999]  # all but the last character: held back, not emitted
+        assert m.push(text) == ("", False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2 ** 20
+    assert m.push(stops[3][-1]) == ("", True) and m.matched == stops[3]
