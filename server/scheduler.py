@@ -25,6 +25,7 @@ its keys and values instead of computing them again.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -35,6 +36,8 @@ from gpt import Piece, SamplingParams, SequenceDecoder, decode_tokens
 
 from .metrics import Metrics
 from .prefix_cache import PrefixIndex
+
+log = logging.getLogger("gpt-serve.scheduler")
 
 
 @dataclass(eq=False)
@@ -108,7 +111,7 @@ class Scheduler:
                 elif r.expired(now):
                     self._finish(r, "timeout", outs, now, flush=True)
             for r in admit:
-                self._admit(r, now)
+                self._admit_or_fail(r, now, outs)
             self._decode(outs)
         finally:  # running streams get their token before the prefill chunk runs; and on an
             self._deliver(outs)  # exception, requests already finished are still told so
@@ -133,6 +136,7 @@ class Scheduler:
     # --- phases ------------------------------------------------------------------------
 
     def _admit(self, r: Request, now: float) -> None:
+        r.decoder = SequenceDecoder(self.tokenizer, r.prompt, r.params, r.max_new_tokens)  # may raise: first
         row, reuse = self._place(r)
         self._free.remove(row)
         r.slot = row
@@ -143,11 +147,25 @@ class Scheduler:
             self._reused(r, reuse)
         if self.prefix is not None:
             self.prefix.claim(row, r.prompt)
-        r.decoder = SequenceDecoder(self.tokenizer, r.prompt, r.params, r.max_new_tokens)
         self.running.append(r)
         self._set_gauges()
         self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.prompt_tokens_total.inc(len(r.prompt))
+
+    def _admit_or_fail(self, r: Request, now: float, outs) -> None:
+        """Admit `r`; if that fails (a bug, or a request the checks at submit missed), only `r`
+        ends, with finish reason "error", and whatever slot it took is free again."""
+        try:
+            self._admit(r, now)
+        except Exception:
+            log.exception("admitting request %s failed; ending it", r.id)
+            if r.slot >= 0 and r not in self.running:  # a row taken but not yet registered
+                if self.prefix is not None:
+                    self.prefix.forget(r.slot)
+                self._free.add(r.slot)
+                r.slot = -1
+            r.share_from = None
+            self._finish(r, "error", outs, now)
 
     def _place(self, r: Request) -> tuple[int, int]:
         """The free row `r` takes and how many of its prompt tokens that row already holds. When

@@ -403,3 +403,47 @@ def test_bad_requests_are_refused_at_submit_with_a_clear_message(tiny_gpt, promp
             await engine.shutdown(1)
 
     run(main())
+
+
+@pytest.mark.parametrize("where", ["decoder", "after-taking-a-row"])
+def test_a_request_whose_admission_fails_ends_alone_and_loses_no_slot(tiny_gpt, monkeypatch, where):
+    import server.scheduler as scheduler
+
+    poison = [9, 9, 9]
+    if where == "decoder":
+        real = scheduler.SequenceDecoder
+
+        def decoder(tokenizer, prompt, *args, **kwargs):
+            if list(prompt) == poison:
+                raise RuntimeError("boom")
+            return real(tokenizer, prompt, *args, **kwargs)
+
+        monkeypatch.setattr(scheduler, "SequenceDecoder", decoder)
+    else:
+        real_claim = scheduler.PrefixIndex.claim
+
+        def claim(self, row, prompt):
+            if list(prompt) == poison:
+                raise RuntimeError("boom")
+            return real_claim(self, row, prompt)
+
+        monkeypatch.setattr(scheduler.PrefixIndex, "claim", claim)
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        try:
+            # all three queued before the engine thread looks: admitted in the same step
+            handles = [engine.submit(p, params) for p in ([5, 6], poison, [7, 8])]
+            results = await asyncio.gather(*map(collect, handles))
+            await settle(engine)
+            stats = engine.stats()
+            after = await collect(engine.submit([5, 6], params))
+            return results, stats, after
+        finally:
+            await engine.shutdown(1)
+
+    results, stats, after = run(main())
+    assert [r[2] for r in results] == ["length", "error", "length"]
+    assert (stats.running, stats.slots_in_use) == (0, 0)
+    assert after[1] == results[0][1]
