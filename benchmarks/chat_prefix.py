@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,24 +45,11 @@ USER_LINES = [
 
 
 async def turn(client, url: str, model: str, prompt: str, reply_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": reply_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    sent, first, text, usage = time.perf_counter(), None, "", {}
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            piece = "".join(c.get("text", "") for c in chunk.get("choices", []))
-            if piece and first is None:
-                first = time.perf_counter()
-            text += piece
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    return dict(ttft=(first or time.perf_counter()) - sent, text=text, prompt_tokens=usage.get("prompt_tokens"),
-                cached=cached)
+    """One streaming greedy turn (serve.py's load-generator request, with the prompt as text)."""
+    s = await serve.http_client(client, url, model, prompt, reply_tokens)
+    first = s.chunk_times[0] if s.chunk_times else time.perf_counter()
+    return dict(ttft=first - s.sent, text=s.text, prompt_tokens=s.usage.get("prompt_tokens"),
+                cached=(s.usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
 
 
 async def conversation(url: str, rep: int, turns: int, reply_tokens: int) -> list[dict]:
@@ -86,10 +71,7 @@ async def conversation(url: str, rep: int, turns: int, reply_tokens: int) -> lis
 def run_server(label: str, start, port: int, health: str, args) -> list[dict]:
     """Start a server, warm it up with a throw-away conversation, run the repeats, stop it."""
     url = f"http://127.0.0.1:{port}"
-    logf = tempfile.TemporaryFile("w+")
-    proc = start(logf)
-    try:
-        asyncio.run(serve.wait_ready(url, proc, logf, path=health))
+    with serve.served(label, start, url, health):
         asyncio.run(conversation(url, 999, 2, args.reply_tokens))  # warm-up (a different conversation)
         reps = []
         for rep in range(args.repeats):
@@ -97,13 +79,6 @@ def run_server(label: str, start, port: int, health: str, args) -> list[dict]:
             reps.append(asyncio.run(conversation(url, rep, args.turns, args.reply_tokens)))
             ttft = " ".join(f"{r['ttft'] * 1e3:.0f}" for r in reps[-1])
             llamacpp.log(f"  {label} run {rep + 1}: TTFT per turn (ms) {ttft} [{llamacpp.fmt_s(time.perf_counter() - t0)}]")
-    except Exception:
-        logf.seek(0)
-        sys.stderr.write(f"--- {label} log (tail) ---\n{logf.read()[-3000:]}\n")
-        raise
-    finally:
-        serve.stop_server(proc)
-        logf.close()
     per_turn = []
     for k in range(args.turns):
         per_turn.append(dict(ttft=statistics.median(r[k]["ttft"] for r in reps),

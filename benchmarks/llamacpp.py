@@ -631,20 +631,10 @@ def bench_server(kind: str, label: str, start, url_port: int, health: str, promp
                  clients: list[int], extra: dict | None) -> dict:
     url = f"http://127.0.0.1:{url_port}"
     background_busy(label)
-    logf = tempfile.TemporaryFile("w+")
     t0 = time.perf_counter()
-    proc = start(logf)
-    try:
-        asyncio.run(serve.wait_ready(url, proc, logf, path=health))
+    with serve.served(label, start, url, health) as proc:
         log(f"  {label}: {kind} ready (pid {proc.pid}) in {fmt_s(time.perf_counter() - t0)}")
         return asyncio.run(load_rounds(url, prompt, new_tokens, clients, extra, label, None))
-    except Exception:
-        logf.seek(0)
-        sys.stderr.write(f"--- {label} log (tail) ---\n{logf.read()[-3000:]}\n")
-        raise
-    finally:
-        serve.stop_server(proc)
-        logf.close()
 
 
 # --- 3c. the table ----------------------------------------------------------------------------

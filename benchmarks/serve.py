@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -46,6 +47,8 @@ class Stream:
     sent: float = 0.0
     chunk_times: list[float] = field(default_factory=list)
     tokens: int = 0
+    text: str = ""
+    usage: dict = field(default_factory=dict)
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -77,7 +80,7 @@ def baseline_rate(model, tokenizer, batch: int, prompt: list[int], new_tokens: i
 
 # --- clients ----------------------------------------------------------------------------
 
-async def http_client(client, url: str, model_name: str, prompt: list[int], max_tokens: int,
+async def http_client(client, url: str, model_name: str, prompt: list[int] | str, max_tokens: int,
                       extra: dict | None = None) -> Stream:
     """One streaming greedy completion; `extra` adds server-specific request fields."""
     s = Stream(sent=time.perf_counter())
@@ -91,9 +94,12 @@ async def http_client(client, url: str, model_name: str, prompt: list[int], max_
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                s.tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("text") for c in chunk.get("choices", [])):
+                s.usage = chunk["usage"]
+                s.tokens = s.usage["completion_tokens"]
+            piece = "".join(c.get("text") or "" for c in chunk.get("choices", []))
+            if piece:
                 s.chunk_times.append(time.perf_counter())
+                s.text += piece
     return s
 
 
@@ -170,6 +176,24 @@ async def bench_http(args, model_dir: str, prompt: list[int]) -> list[dict]:
     finally:
         stop_server(proc)
         log.close()
+
+
+@contextlib.contextmanager
+def served(label: str, start, url: str, health: str = "/ready"):
+    """Start a server (`start(logfile)` -> Popen), wait until `url + health` answers 200, and
+    stop it on leaving; on an error, print the tail of its log. Yields the process."""
+    logf = tempfile.TemporaryFile("w+")
+    proc = start(logf)
+    try:
+        asyncio.run(wait_ready(url, proc, logf, path=health))
+        yield proc
+    except Exception:
+        logf.seek(0)
+        sys.stderr.write(f"--- {label} log (tail) ---\n{logf.read()[-3000:]}\n")
+        raise
+    finally:
+        stop_server(proc)
+        logf.close()
 
 
 def stop_server(proc: subprocess.Popen) -> None:
