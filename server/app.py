@@ -17,12 +17,14 @@ from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from . import routes_chat, routes_completions, routes_system
 from .chat_template import load_chat_template
 from .config import Settings
 from .errors import install_error_handlers
+from .guard import RequestGuard
 from .metrics import Metrics
 
 log = logging.getLogger("server")
@@ -128,8 +130,11 @@ class RequestCounter:
 
 def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
     settings = settings if settings is not None else Settings.from_env()
+    open_docs = settings.docs and settings.api_key is None
     app = FastAPI(title="gpt-serve", version="0.1.0", lifespan=_lifespan,
-                  description="An OpenAI-compatible streaming server for gpt checkpoints")
+                  description="An OpenAI-compatible streaming server for gpt checkpoints",
+                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
+                  openapi_url="/openapi.json" if open_docs else None)
     state = app.state
     state.settings = settings
     state.engine = engine
@@ -139,7 +144,15 @@ def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
     state.load_error = None
     state.created = int(time.time())
     install_error_handlers(app)
+    # the last added runs first: count every response, then CORS (a preflight never needs a
+    # body), then the body checks
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    if settings.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     app.add_middleware(RequestCounter, fastapi_app=app)
+    if settings.docs and settings.api_key is not None:
+        app.include_router(routes_system.keyed_docs_router(app))
     for module in (routes_completions, routes_chat, routes_system):
         app.include_router(module.router)
     app.include_router(routes_system.open_router)

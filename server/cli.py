@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help=f"prefill every prompt in full instead of reusing cached prefixes of earlier ones "
                         f"(env {ENV_PREFIX}PREFIX_CACHE=0)")
+    _opt(p, "--max-body-bytes", "larger request bodies get 413 before they are read", type=int, metavar="N")
+    _opt(p, "--body-timeout", "seconds a request body may take to arrive; then 408", type=float, metavar="S")
+    _opt(p, "--max-connections", "open connections at most; beyond that new ones get 503", type=int, metavar="N")
+    _opt(p, "--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=float, metavar="S")
+    _opt(p, "--allowed-origins", "comma-separated origins whose pages may call the API (CORS), '*' for any; "
+         "default: none", metavar="ORIGINS")
+    p.add_argument("--no-docs", dest="docs", action="store_false", default=None,
+                   help=f"do not serve /docs, /redoc and /openapi.json (env {ENV_PREFIX}DOCS=0); with --api-key "
+                        f"they need the key")
     _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
     return p
 
@@ -167,6 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     app = create_app(settings, engine=engine)
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
+                            limit_concurrency=settings.max_connections,
+                            timeout_keep_alive=settings.keep_alive_timeout,
                             timeout_graceful_shutdown=max(5, int(settings.drain_grace) + 5))
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server = DrainingServer(config, app, banner=f"gpt-serve: serving {settings.model_name!r} at "

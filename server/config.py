@@ -35,6 +35,12 @@ class Settings:
     dtype: Optional[str] = None  # None keeps the checkpoint's dtype
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
+    max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
+    body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
+    max_connections: int = 1024  # open connections at most; beyond that, new ones get 503
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    allowed_origins: Optional[str] = None  # comma-separated origins allowed by CORS; default: none
+    docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -52,11 +58,20 @@ class Settings:
              f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         need(self.default_max_tokens >= 1, f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
+        need(self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        need(self.body_timeout > 0, f"body_timeout must be > 0 seconds, got {self.body_timeout}")
+        need(self.max_connections >= 1, f"max_connections must be >= 1, got {self.max_connections}")
+        need(self.keep_alive_timeout > 0, f"keep_alive_timeout must be > 0 seconds, got {self.keep_alive_timeout}")
         need(self.drain_grace >= 0, f"drain_grace must be >= 0 seconds, got {self.drain_grace}")
         need(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
+
+    @property
+    def origins(self) -> list[str]:
+        """The origins CORS lets call the API from a browser ("*": any)."""
+        return [o.strip().rstrip("/") for o in (self.allowed_origins or "").split(",") if o.strip()]
 
     @property
     def model_name(self) -> str:
@@ -84,10 +99,11 @@ class Settings:
         return cls(**values)
 
 
-_INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens"}
-_FLOAT_FIELDS = {"timeout", "drain_grace"}
+_INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens", "max_body_bytes",
+               "max_connections"}
+_FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "keep_alive_timeout"}
 _CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES}
-_BOOL_FIELDS = {"prefix_cache"}
+_BOOL_FIELDS = {"prefix_cache", "docs"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

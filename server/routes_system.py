@@ -21,6 +21,29 @@ open_router = APIRouter()
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
+def keyed_docs_router(app) -> APIRouter:
+    """/openapi.json, /docs and /redoc behind the API key (what a server with a key serves).
+    A browser cannot add the key to the docs page's own fetch of the schema, so these are for
+    tools: `curl -H "Authorization: Bearer $KEY" .../openapi.json`."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+
+    docs = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+    @docs.get("/openapi.json")
+    async def openapi():
+        return JSONResponse(app.openapi())
+
+    @docs.get("/docs")
+    async def swagger():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @docs.get("/redoc")
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
+
+    return docs
+
+
 @open_router.get("/health")
 async def health():
     """The process is up (it may still be loading the model)."""
