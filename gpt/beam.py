@@ -48,9 +48,9 @@ def beam_search(model, tokenizer: Tokenizer, prompt_ids: list[int], params: Samp
         del finished[K:]
 
     while True:
-        logits = logits.float().clone()
+        logits = logits[:, :first.vocab_size].float().clone()  # never an id the tokenizer lacks
         for b, d in enumerate(beams):
-            apply_penalties(logits[b], d.sampler)
+            apply_penalties(logits[b], d.sampler, d.eot)
         logp = F.log_softmax(logits, dim=-1)
         cand = (scores[:, None] + logp).view(-1)
         top_scores, top_idx = cand.topk(2 * K)

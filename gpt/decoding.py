@@ -62,6 +62,7 @@ class SequenceDecoder:
         self.sampler = RowState.new(params, prompt_ids, device)
         self.stream = TextStream(tokenizer, params.stop)
         self.eot = tokenizer.eot_token
+        self.vocab_size = tokenizer.vocab_size
         self.budget = params.max_new_tokens if budget is None else budget
         self.logprobs: list[float] = []  # of each output token
         self.finish_reason: Optional[str] = None
@@ -92,7 +93,7 @@ class SequenceDecoder:
         self.logprobs.append(logprob)
         piece = Piece("", [token], [logprob], [top] if top is not None else [],
                       prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
-        if token == self.eot and not self.params.ignore_eos:
+        if (token == self.eot and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             piece.text, self.finish_reason = self.stream.flush(), "stop"
         else:
             piece.text, stopped = self.stream.push(token)
@@ -116,6 +117,7 @@ class SequenceDecoder:
         """An independent copy (beam search extends one hypothesis several ways)."""
         twin = object.__new__(SequenceDecoder)
         twin.params, twin.eot, twin.budget, twin.finish_reason = self.params, self.eot, self.budget, self.finish_reason
+        twin.vocab_size = self.vocab_size
         twin.sampler = RowState(self.params, self.sampler.prompt_ids, self.sampler.generator,
                                 list(self.sampler.output_ids))
         twin.logprobs = list(self.logprobs)
@@ -131,8 +133,12 @@ class SequenceDecoder:
 def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[Piece]:
     """Choose the next token of each sequence from its row of `logits` (B, V) and accept it:
     one piece per sequence. The chosen token's log-probability (and the top alternatives when a
-    sequence asks) come from the model's unprocessed distribution, as OpenAI reports them."""
-    tokens = sample(logits, [d.sampler for d in decoders])
+    sequence asks) come from the model's unprocessed distribution, as OpenAI reports them.
+
+    A model whose output layer is wider than its tokenizer (a vocabulary padded to a multiple of
+    64) never chooses, nor reports, the ids the tokenizer lacks: they are cut off first."""
+    logits = logits[:, :min(d.vocab_size for d in decoders)]
+    tokens = sample(logits, [d.sampler for d in decoders], decoders[0].eot)
     top_n = max(d.params.logprobs for d in decoders)
     chosen, top_v, top_i = token_logprobs(logits, tokens, top_n)
     toks, lps = tokens.tolist(), chosen.tolist()

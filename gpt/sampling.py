@@ -27,6 +27,8 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     seed: Optional[int] = None
     stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()  # these tokens end the sequence like end-of-text (not shown)
+    min_tokens: int = 0  # end-of-text and stop_token_ids cannot be chosen before this many tokens
     ignore_eos: bool = False  # keep going past end-of-text
     num_beams: int = 1
     length_penalty: float = 1.0  # beam search: score = logprob / length ** length_penalty
@@ -36,6 +38,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or ()) if s]
+        self.stop_token_ids = tuple(self.stop_token_ids or ())
         self.validate()
 
     def validate(self, vocab_size: Optional[int] = None) -> None:
@@ -57,6 +60,11 @@ class SamplingParams:
         need(isinstance(self.num_beams, int) and self.num_beams >= 1,
              f"num_beams must be an integer >= 1, got {self.num_beams!r}")
         need(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        for tok in self.stop_token_ids:
+            need(isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
+                 f"stop_token_ids: token id {tok!r} is out of range")
         need(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20,
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         for tok, bias in (self.logit_bias or {}).items():
@@ -96,9 +104,16 @@ class RowState:
         return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
-def apply_penalties(logits: Tensor, row: RowState) -> Tensor:
-    """Repetition, presence and frequency penalties and logit bias on one row's logits (V,)."""
+def apply_penalties(logits: Tensor, row: RowState, eot: Optional[int] = None) -> Tensor:
+    """Repetition, presence and frequency penalties, logit bias and min_tokens (end-of-text `eot`
+    and the stop tokens masked while the output is shorter) on one row's logits (V,)."""
     p = row.params
+    if len(row.output_ids) < p.min_tokens:
+        ends = [t for t in p.stop_token_ids if t < logits.shape[-1]]
+        if eot is not None and not p.ignore_eos and eot < logits.shape[-1]:
+            ends.append(eot)
+        if ends:
+            logits[torch.tensor(ends, dtype=torch.long, device=logits.device)] = float("-inf")
     if p.repetition_penalty != 1:
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long,
                             device=logits.device)
@@ -138,15 +153,17 @@ def _uniforms(rows: Sequence[RowState], device) -> Tensor:
     return torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(device)
 
 
-def sample(logits: Tensor, rows: Sequence[RowState]) -> Tensor:
+def sample(logits: Tensor, rows: Sequence[RowState], eot: Optional[int] = None) -> Tensor:
     """Choose the next token of every row: (B, V) logits -> (B,) token ids. Rows' output_ids are
-    not updated here (the caller appends the chosen tokens once it accepts them)."""
+    not updated here (the caller appends the chosen tokens once it accepts them). `eot`: the
+    end-of-text token, which min_tokens holds back."""
     logits = logits.float()
-    if any(r.needs_history or r.params.logit_bias for r in rows):
+    adjusted = [r.needs_history or r.params.logit_bias or len(r.output_ids) < r.params.min_tokens for r in rows]
+    if any(adjusted):
         logits = logits.clone()
         for i, r in enumerate(rows):
-            if r.needs_history or r.params.logit_bias:
-                apply_penalties(logits[i], r)
+            if adjusted[i]:
+                apply_penalties(logits[i], r, eot)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not sampled:

@@ -58,7 +58,8 @@ def from_request_error(e: RequestError) -> APIError:
 def _param(loc: tuple) -> Optional[str]:
     # ("body", "messages", 0, "role") -> "messages.0.role"; pydantic adds the names of union
     # members and validator wrappers to the path, which mean nothing to a client.
-    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
+        "[" in p or p in _TYPE_TAGS or p.startswith(("constrained-", "function-"))))]
     return ".".join(parts) or None
 
 
@@ -77,7 +78,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if kind == "json_invalid":
         detail = first.get("ctx", {}).get("error") or first.get("msg", "")
         return invalid(f"the request body is not valid JSON: {detail}", code="invalid_json")
-    param = _param(tuple(first.get("loc", ())))
+    # a check of the whole body (an unsupported field) names its field in the context
+    param = _param(tuple(first.get("loc", ()))) or first.get("ctx", {}).get("name")
     msg = str(first.get("msg", "invalid value"))
     if msg.startswith("Value error, "):  # our own validators' messages
         msg = msg[len("Value error, "):]

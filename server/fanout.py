@@ -31,10 +31,8 @@ def finish_reason(reason: Optional[str]) -> Optional[str]:
 
 
 def submit_all(engine, jobs: Sequence[tuple[list[int], SamplingParams]], timeout: Optional[float]) -> list:
-    """Submit every choice, or none: on a failure the ones already queued are cancelled."""
-    if len(jobs) > engine.max_queue:
-        raise invalid(f"the request needs {len(jobs)} generations (prompts x n), but the server queues at most "
-                      f"{engine.max_queue}", "n")
+    """Submit every choice, or none: on a failure the ones already queued are cancelled. (A
+    request with more choices than the queue holds was refused earlier: params.check_fanout.)"""
     handles = []
     try:
         for ids, params in jobs:

@@ -2,7 +2,17 @@
 top_logprobs, text_offset) and the chat format (a content list with each token's bytes)."""
 from __future__ import annotations
 
+import math
+
 from gpt import IncrementalDetokenizer, Piece
+
+# JSON has no NaN or infinity. A logprob of -inf (a token the model rules out, reported as an
+# alternative) or NaN (a model that overflowed) is sent as this floor instead, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -27,14 +37,15 @@ class CompletionLogprobBuilder:
             tokens.append(token_text(self.tokenizer, t))
         top = None
         if self.top_n:
-            top = [{token_text(self.tokenizer, t): lp for t, lp in alts.items()} for alts in piece.top_logprobs]
-        return {"tokens": tokens, "token_logprobs": list(piece.logprobs), "top_logprobs": top, "text_offset": offsets}
+            top = [{token_text(self.tokenizer, t): finite(lp) for t, lp in alts.items()} for alts in piece.top_logprobs]
+        return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in piece.logprobs], "top_logprobs": top,
+                "text_offset": offsets}
 
 
 def chat_logprobs(tokenizer, piece: Piece, top_n: int) -> dict:
     def entry(t: int, lp: float) -> dict:
         b = tokenizer.token_bytes(t)
-        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": finite(lp), "bytes": list(b)}
 
     content = []
     for k, (t, lp) in enumerate(zip(piece.token_ids, piece.logprobs)):

@@ -8,6 +8,7 @@ seed + i, so a request's choices differ yet reproduce.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Optional, Sequence, Union
 
 from gpt import RequestError, SamplingParams
@@ -17,6 +18,21 @@ from .errors import from_request_error, invalid
 from .protocol import SamplingFields
 
 SEED_SPAN = 2 ** 64  # torch.Generator.manual_seed takes [-2**63, 2**64)
+
+
+def check_fanout(engine, prompts: int, n: int) -> None:
+    """Refuse, before any tokenizing, a request with more generations (prompts x n) than the
+    engine's queue holds: it could never be admitted whole."""
+    if prompts * n > engine.max_queue:
+        what = f"{prompts} prompts x n {n} = {prompts * n} generations" if prompts > 1 else f"n {n} generations"
+        raise invalid(f"the request asks for {what}, but the server queues at most {engine.max_queue}",
+                      "n")
+
+
+async def prompt_ids_off_loop(engine, prompts: list, param: str) -> list[list[int]]:
+    """prompt_ids of several prompts, tokenized on a worker thread: a large body must not hold
+    the event loop (and every other stream) while it is encoded."""
+    return await asyncio.to_thread(lambda: [prompt_ids(engine, p, param) for p in prompts])
 
 
 def prompt_ids(engine, prompt: Union[str, list[int]], param: str) -> list[int]:
@@ -61,6 +77,13 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choic
     bad = next((t for t in bias if t >= vocab_size), None)
     if bad is not None:
         raise invalid(f"logit_bias: token id {bad} is out of range [0, {vocab_size})", "logit_bias")
+    if req.min_tokens > max_tokens:
+        raise invalid(f"min_tokens is {req.min_tokens}, more than the {max_tokens} new tokens this request may "
+                      f"generate", "min_tokens")
+    bad = next((i for i, t in enumerate(req.stop_token_ids or ()) if t >= vocab_size), None)
+    if bad is not None:
+        raise invalid(f"stop_token_ids: token id {req.stop_token_ids[bad]} is out of range [0, {vocab_size})",
+                      f"stop_token_ids.{bad}")
     if req.top_k > vocab_size:
         raise invalid(f"top_k is {req.top_k}, more than the vocabulary ({vocab_size})", "top_k")
     try:
@@ -68,7 +91,8 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choic
             max_new_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logit_bias=bias or None, seed=choice_seed(req.seed, choice),
-            stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])), ignore_eos=req.ignore_eos, logprobs=logprobs)
+            stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])), stop_token_ids=req.stop_token_ids or (),
+            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs)
     except ValueError as e:
         raise invalid(str(e)) from None
 

@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 128  # choices per request; each one takes a batch slot
-MAX_STOP = 16
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # logit_bias entries, as OpenAI allows
+MAX_PROMPTS = 1024  # prompts in one /v1/completions request (times n: at most the queue)
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
+
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+TokenId = Annotated[int, Field(ge=0)]
+TokenKey = Annotated[str, Field(pattern=r"^[0-9]+$", max_length=12)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class _Strict(BaseModel):
@@ -23,29 +33,110 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="end the stream with a chunk carrying the usage")
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+# Fields of OpenAI's or vLLM's API that would change the output but are not implemented here:
+# any value but the "off" one is a 400 naming the field, never silently dropped.
+# (field, accepted values, why not)
+UNSUPPORTED = {
+    "response_format": (({"type": "text"},), "structured output (JSON mode, json_schema) is not supported"),
+    "tools": (([],), "tool calling is not supported"),
+    "tool_choice": (("none",), "tool calling is not supported"),
+    "functions": (([],), "function calling is not supported"),
+    "function_call": (("none",), "function calling is not supported"),
+    "parallel_tool_calls": ((True, False), ""),
+    "guided_json": ((), "guided decoding is not supported"),
+    "guided_regex": ((), "guided decoding is not supported"),
+    "guided_choice": ((), "guided decoding is not supported"),
+    "guided_grammar": ((), "guided decoding is not supported"),
+    "structured_outputs": ((), "guided decoding is not supported"),
+    "typical_p": ((1, 1.0), "typical sampling is not supported"),
+    "use_beam_search": ((False,), "beam search is not served"),
+    "num_beams": ((1,), "beam search is not served"),
+    "length_penalty": ((1, 1.0), "length_penalty applies to beam search, which is not served"),
+    "prompt_logprobs": ((), "prompt logprobs are not supported"),
+    "allowed_token_ids": ((), "allowed_token_ids is not supported; use logit_bias"),
+    "bad_words": (([],), "bad_words is not supported; use logit_bias"),
+    "include_stop_str_in_output": ((False,), "including stop strings in the output is not supported"),
+    "truncate_prompt_tokens": ((), "prompts are never truncated: a prompt that does not fit is a 400"),
+    "modalities": ((["text"],), "only text output is supported"),
+    "audio": ((), "audio output is not supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "reasoning_effort": ((), "this model does not reason"),
+    "web_search_options": ((), "web search is not supported"),
+}
+
+
+CHAT_UNSUPPORTED = {
+    "echo": ((False,), "echo is not supported on chat completions"),
+    "best_of": ((1,), "best_of is not supported on chat completions"),
+    "suffix": ((), "suffix is not supported"),
+}
+
+
+def _check_unsupported(data: Any, table=UNSUPPORTED) -> Any:
+    if isinstance(data, dict):
+        for name, (accepted, why) in table.items():
+            value = data.get(name)
+            if value is not None and not any(value == a and type(value) is type(a) for a in accepted):
+                raise PydanticCustomError("unsupported", "{why}", {"name": name, "why": why or "invalid value"})
+    return data
 
 
 class SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-    model: Optional[str] = None  # the served model's name; optional here, unlike OpenAI
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: Optional[dict[str, float]] = None
-    user: Optional[str] = None
+    model: Optional[str] = Field(None, description="the served model's name (optional: this server serves one)")
+    max_tokens: Optional[int] = Field(None, ge=1, description=(
+        "new tokens at most; the prompt plus these must fit the model's context (a 400 names both numbers). "
+        "Default: the server's --default-max-tokens, shrunk to the room left"))
+    temperature: float = Field(1.0, ge=0, le=2, description="0 chooses the most likely token (greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="sample from the smallest set of tokens whose probability "
+                                                      "reaches top_p")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices to generate for each prompt")
+    stream: bool = Field(False, description="send the output as server-sent events while it is generated")
+    stream_options: Optional[StreamOptions] = Field(None, description="with stream only")
+    stop: Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]] = Field(
+        None, description=f"up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters; the output ends "
+                          f"before the first one that appears, which is not included")
+    stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]] = Field(
+        None, description="token ids that end the output like end-of-text (the token is not shown); extension")
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX, description=(
+        "makes sampling reproducible: the same request gives the same output, alone or under load"))
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted once from every token already "
+                                                                  "generated")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per occurrence from every token "
+                                                                   "already generated")
+    logit_bias: Optional[Annotated[dict[TokenKey, Bias], Field(max_length=MAX_LOGIT_BIAS)]] = Field(
+        None, description=f"token id (as a string) -> a bias in [-100, 100] added to its logit; at most "
+                          f"{MAX_LOGIT_BIAS} entries, ids within the tokenizer's vocabulary")
+    user: Optional[str] = Field(None, description="accepted and ignored")
     # extensions (vLLM's names); the openai client sends them with extra_body=
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    ignore_eos: bool = False
+    top_k: int = Field(0, ge=-1, description="sample among the k most likely tokens; 0 or -1: off; extension")
+    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens less likely than min_p times the most likely "
+                                                      "one; extension")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description=(
+        "divides positive and multiplies negative logits of tokens in the prompt or output; 1: off; extension"))
+    min_tokens: int = Field(0, ge=0, description="end-of-text and stop_token_ids cannot end the output before "
+                                                 "this many tokens (stop strings still can); extension")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-text; extension")
+
+    _unsupported = model_validator(mode="before")(_check_unsupported)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_sizes(cls, v):  # the limits, in words clearer than a union's type errors
+        stops = [v] if isinstance(v, str) else v if isinstance(v, list) else []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        longest = max((len(s) for s in stops if isinstance(s, str)), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -53,27 +144,29 @@ class SamplingFields(_Strict):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
         return [s for s in stops if s]
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_keys(cls, v):  # in words clearer than a pattern mismatch
+        if isinstance(v, dict):
+            if len(v) > MAX_LOGIT_BIAS:
+                raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(v)}")
+            bad = next((k for k in v if not (isinstance(k, str) and k.isascii() and k.isdigit())), None)
+            if bad is not None:
+                raise ValueError(f"keys must be token ids (integers as strings), got {bad!r}")
+        return v
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v):
-        if v is None:
-            return None
-        out = {}
-        for key, bias in v.items():
-            try:
-                tok = int(key)
-            except ValueError:
-                raise ValueError(f"keys must be token ids (integers as strings), got {key!r}") from None
-            if tok < 0:
-                raise ValueError(f"token id {tok} is negative")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"the bias for token {tok} must be in [-100, 100], got {bias}")
-            out[tok] = float(bias)
-        return out
+        return None if v is None else {int(key): float(bias) for key, bias in v.items()}
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "only allowed when stream is true", {"name": "stream_options"})
+        return self
 
 
 class CompletionRequest(SamplingFields):
@@ -134,9 +227,14 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    tools: Optional[list[Any]] = None
+    logprobs: bool = Field(False, description="report each output token's logprob")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="and this many most likely alternatives "
+                                                                        "(needs logprobs)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_unsupported(cls, data):
+        return _check_unsupported(data, CHAT_UNSUPPORTED)
 
     @property
     def wanted_max_tokens(self) -> Optional[int]:

@@ -10,7 +10,7 @@ from .deps import check_model, get_chat_template, get_engine, get_settings
 from .errors import invalid
 from .fanout import collect, finish_reason, submit_all
 from .logprobs import chat_logprobs
-from .params import budget, choices, prompt_ids, render_messages
+from .params import budget, check_fanout, choices, prompt_ids_off_loop, render_messages
 from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                        Usage, new_id, now)
 from .sse import EventStream, event_stream
@@ -23,12 +23,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                  settings: Settings = Depends(get_settings),
                                  template: ChatTemplate = Depends(get_chat_template)):
     model_name = check_model(settings, body.model)
-    if body.tools:
-        raise invalid("tools are not supported", "tools")
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     tok = engine.tokenizer
-    ids = prompt_ids(engine, render_messages(template, body.messages), "messages")
+    check_fanout(engine, 1, body.n)
+    (ids,) = await prompt_ids_off_loop(engine, [render_messages(template, body.messages)], "messages")
     max_tokens = budget(engine, len(ids), body.wanted_max_tokens, settings.default_max_tokens)
     top_n = body.top_logprobs or 0
     jobs = choices(engine, body, ids, max_tokens, extra_stop=template.stop, logprobs=top_n)
@@ -37,7 +36,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_stream(handles, tok, body, rid, created, model_name, len(ids), include_usage))
+        return EventStream(_stream(handles, tok, body, rid, created, model_name, len(ids), include_usage), handles)
 
     done = await collect(request, handles)
     out = [ChatChoice(index=i, message=AssistantMessage(content=c.text),

@@ -9,7 +9,7 @@ from .deps import check_model, get_engine, get_settings
 from .errors import invalid
 from .fanout import collect, finish_reason, submit_all
 from .logprobs import CompletionLogprobBuilder
-from .params import budget, choices, prompt_ids
+from .params import budget, check_fanout, choices, prompt_ids_off_loop
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, new_id, now
 from .sse import EventStream, event_stream
 
@@ -27,7 +27,8 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("best_of other than n is not supported", "best_of")
     tok = engine.tokenizer
-    prompts = [prompt_ids(engine, p, "prompt") for p in body.prompt]
+    check_fanout(engine, len(body.prompt), body.n)
+    prompts = await prompt_ids_off_loop(engine, body.prompt, "prompt")
     jobs = []
     for ids in prompts:
         max_tokens = budget(engine, len(ids), body.max_tokens, settings.default_max_tokens)
@@ -38,7 +39,7 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_stream(handles, tok, body, rid, created, model_name, prompt_tokens, include_usage))
+        return EventStream(_stream(handles, tok, body, rid, created, model_name, prompt_tokens, include_usage), handles)
 
     done = await collect(request, handles)
     out = []

@@ -2,6 +2,7 @@
 and the chat page. Probes, metrics and the page are open; the rest needs the API key."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
@@ -103,7 +104,7 @@ async def tokenize(body: TokenizeRequest, engine=Depends(get_engine), settings: 
     if (body.prompt is None) == (body.messages is None):
         raise invalid('send exactly one of "prompt" and "messages"', "prompt")
     text = body.prompt if body.prompt is not None else render_messages(template, body.messages)
-    tokens = engine.tokenizer.encode(text)
+    tokens = await asyncio.to_thread(engine.tokenizer.encode, text)  # a large text must not hold the loop
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.limits.max_len}
 
 

@@ -8,7 +8,7 @@ from typing import AsyncIterator, Union
 from starlette.responses import StreamingResponse
 
 from .errors import APIError
-from .fanout import finish_reason, merged
+from .fanout import cancel_unfinished, finish_reason, merged
 from .protocol import Usage
 
 
@@ -56,16 +56,18 @@ async def event_stream(handles, *, object_name: str, rid: str, created: int, mod
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that always closes its generator, so the generator's cleanup (cancelling
-    the engine requests) runs the moment the client is gone, not whenever it is garbage-collected."""
+    """An SSE response that, however it ends, closes its generator and cancels the engine
+    requests it streams: the moment the client is gone, even before the first byte was sent (a
+    generator that never started runs no cleanup of its own), not when it is garbage-collected."""
 
-    def __init__(self, gen: AsyncIterator[str]):
+    def __init__(self, gen: AsyncIterator[str], handles=()):
         super().__init__(gen, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._gen = gen
+        self._gen, self._handles = gen, handles
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            cancel_unfinished(self._handles)
             await self._gen.aclose()

@@ -163,3 +163,51 @@ def test_library_generation_clamps_the_budget_to_the_context():
     out = complete(model, BYTES, [[1] * 60], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
     assert isinstance(out, Piece)
+
+
+def test_a_stop_token_id_ends_like_end_of_text_and_is_not_shown():
+    d = _decoder(stop_token_ids=[ord(";")])
+    pieces = _feed(d, "ab;")
+    assert "".join(p.text for p in pieces) == "ab"
+    assert (pieces[-1].finish_reason, d.output_ids[-1]) == ("stop", ord(";"))
+
+
+def test_min_tokens_holds_back_end_of_text_and_stop_tokens_but_not_other_tokens():
+    V = BYTES.vocab_size
+    logits = torch.full((3, V), -10.0)
+    logits[:, BYTES.eot_token] = 10.0  # the model wants to stop at once...
+    logits[:, ord(";")] = 9.0  # ...or to emit the stop token
+    logits[:, ord("a")] = 1.0
+    decoders = [SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[ord(";")])),
+                SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, min_tokens=0)),
+                SequenceDecoder(BYTES, [1], SamplingParams(temperature=0.7, seed=1, min_tokens=2,
+                                                           stop_token_ids=[ord(";")]))]
+    first = gpt.decode_tokens(logits, decoders)
+    assert [p.token_ids[0] for p in first] == [ord("a"), BYTES.eot_token, ord("a")]
+    assert first[1].finish_reason == "stop"
+    # the reported logprob is the model's own, not the masked distribution's
+    assert first[0].logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[ord("a")].item())
+    second = gpt.decode_tokens(logits[[0, 2]], [decoders[0], decoders[2]])
+    assert [p.token_ids[0] for p in second] == [ord("a"), ord("a")]
+    third = gpt.decode_tokens(logits[[0]], [decoders[0]])  # two tokens out: ending is allowed again
+    assert third[0].token_ids == [BYTES.eot_token] and third[0].finish_reason == "stop"
+
+
+def test_ids_past_the_tokenizer_in_a_padded_output_layer_are_never_chosen():
+    V = BYTES.vocab_size
+    logits = torch.zeros(2, V + 64)
+    logits[:, V + 10] = 100.0  # the padded ids are by far the likeliest
+    decoders = [SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, logprobs=3)),
+                SequenceDecoder(BYTES, [1], SamplingParams(temperature=1.0, seed=0, logprobs=3))]
+    pieces = gpt.decode_tokens(logits, decoders)
+    for p in pieces:
+        assert p.token_ids[0] < V
+        assert all(t < V for t in p.top_logprobs[0])
+
+
+def test_beam_search_never_chooses_an_id_past_the_tokenizer():
+    torch.manual_seed(0)
+    inner = gpt.GPT(gpt.preset("gpt-tiny", vocab_size=BYTES.vocab_size + 64))
+    padded = ForcedModel(inner, [BYTES.vocab_size + 10])  # the model insists on a padded id
+    outs = beam_search(padded, BYTES, [1, 2, 3], SamplingParams(max_new_tokens=5, num_beams=3, ignore_eos=True))
+    assert all(t < BYTES.vocab_size for o in outs for t in o.token_ids)

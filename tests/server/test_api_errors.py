@@ -60,7 +60,7 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     (COMPLETIONS, {"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
-    (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    (COMPLETIONS, {"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias.5"),
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, "logprobs"),
     (COMPLETIONS, {"prompt": "x", "top_k": -2}, "top_k"),
