@@ -85,6 +85,7 @@ class DrainingServer(uvicorn.Server):
         self.app, self.banner = app, banner
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._draining = False
+        self.exit_code = 0
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -101,6 +102,12 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         self._loop.call_soon_threadsafe(self._begin_drain, sig)
+
+    def engine_died(self, reason: str) -> None:
+        """The engine thread is gone (called from it): stop serving and exit with 1, so that a
+        supervisor (systemd, Docker, Kubernetes) restarts the process."""
+        self.exit_code = 1
+        self.should_exit = True
 
     def _begin_drain(self, sig) -> None:
         log.info("received %s: draining (grace %.0fs)", signal.Signals(sig).name,
@@ -182,8 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server = DrainingServer(config, app, banner=f"gpt-serve: serving {settings.model_name!r} at "
                             f"http://{shown_host}:{sock.getsockname()[1]} (chat page at /, API at /v1)")
+    engine.on_death = server.engine_died
     server.run(sockets=[sock])
-    return 0
+    if server.exit_code:
+        print(f"gpt-serve: the engine stopped ({engine.dead}); exiting with {server.exit_code}", file=sys.stderr)
+    return server.exit_code
 
 
 if __name__ == "__main__":

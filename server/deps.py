@@ -20,6 +20,9 @@ from .errors import APIError
 def get_engine(request: Request):
     """The running engine, or a 503 while the model loads or the server drains."""
     state = request.app.state
+    if state.engine is not None and state.engine.dead is not None:
+        raise APIError(503, f"the engine has stopped ({state.engine.dead}); the server must be restarted",
+                       code="engine_dead")
     if state.draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down")
     engine = state.engine

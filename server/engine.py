@@ -130,6 +130,9 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._draining = False
         self._stop = False
+        self._admitting: list[Request] = []
+        self.dead: Optional[str] = None  # why the engine thread died; it serves nothing after that
+        self.on_death = None  # called (from the engine thread) with that reason, e.g. to exit the process
 
     # --- the asyncio side ---------------------------------------------------------------
 
@@ -158,6 +161,8 @@ class Engine:
         handle = RequestHandle(self, req)
         req.handle = handle
         with self._cond:
+            if self.dead is not None:
+                raise EngineClosed(f"the engine has stopped ({self.dead}); the server must be restarted")
             if self._draining or self._stop:
                 raise EngineClosed("the server is shutting down and takes no new requests")
             if len(self._waiting) >= self.max_queue:
@@ -190,7 +195,7 @@ class Engine:
 
     @property
     def draining(self) -> bool:
-        return self._draining or self._stop
+        return self._draining or self._stop or self.dead is not None
 
     def _alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -202,6 +207,30 @@ class Engine:
     # --- the engine thread --------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # the step loop itself broke: nothing more can be served
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _die(self, reason: str) -> None:
+        """The engine thread cannot go on: every request still waiting or running ends with
+        "error" (none hangs), new ones are refused, and `on_death` lets the process exit so
+        that a supervisor restarts it."""
+        log.critical("the engine thread died (%s); every request fails from now on", reason)
+        with self._cond:
+            self.dead = reason
+            left = list({id(r): r for r in [*self._waiting, *self._admitting, *self._sched.running]}.values())
+            self._waiting.clear()
+        self._sched.running.clear()
+        for r in left:
+            try:
+                r.loop.call_soon_threadsafe(r.handle._put, Piece(finish_reason="error"))
+            except RuntimeError:  # that event loop is closed
+                pass
+        if self.on_death is not None:
+            self.on_death(reason)
+
+    def _serve(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
         with torch.inference_mode():
@@ -212,6 +241,7 @@ class Engine:
                     if self._stop:
                         break
                     admit, gone = self._take_from_queue()
+                    self._admitting = admit  # out of the queue, not yet running: _die must see them
                 try:
                     self._sched.step(admit=admit, gone=gone)
                 except Exception:  # a failed forward must not kill the server: fail the batch instead

@@ -55,6 +55,8 @@ async def health():
 async def ready(request: Request):
     """200 once the model is loaded; 503 before that and while draining (take me out of rotation)."""
     state = request.app.state
+    if state.engine is not None and state.engine.dead is not None:
+        return APIError(503, f"the engine has stopped ({state.engine.dead})", code="engine_dead").response()
     if state.draining or (state.engine is not None and state.engine.draining):
         return APIError(503, "draining: the server is shutting down", code="shutting_down").response()
     if state.engine is None:

@@ -13,14 +13,16 @@ from server.cli import build_parser, main
 
 OPTIONS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--max-queue",
            "--max-prompt-tokens", "--default-max-tokens", "--timeout", "--drain-grace", "--chat-template",
-           "--device", "--dtype", "--quantize", "--log-level"]
+           "--device", "--dtype", "--quantize", "--log-level", "--no-prefix-cache", "--max-body-bytes",
+           "--body-timeout", "--max-connections", "--keep-alive-timeout", "--allowed-origins", "--no-docs"]
 
 
 def test_help_documents_every_option_and_its_environment_variable():
     text = build_parser().format_help()
     for opt in OPTIONS:
         assert opt in text
-        assert "GPT_SERVE_" + opt[2:].upper().replace("-", "_") in text.replace("\n", "").replace(" ", "")
+        env = "GPT_SERVE_" + opt[2:].upper().replace("-", "_").removeprefix("NO_")  # --no-x: GPT_SERVE_X=0
+        assert env in text.replace("\n", "").replace(" ", "")
 
 
 @pytest.mark.parametrize("argv, env, fragment", [
@@ -84,3 +86,52 @@ def test_sigterm_drains_running_streams_then_exits_0(long_checkpoint, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+# Runs gpt-serve with a scheduler whose step fails once a request arrives, and whose recovery
+# fails too: the engine thread dies.
+_DYING_SERVER = """
+import sys
+import server.scheduler as s
+
+def broken(self, *args, **kwargs):
+    raise RuntimeError("simulated corruption")
+
+step = s.Scheduler.step
+s.Scheduler.step = lambda self, **kw: broken(self) if kw.get("admit") else step(self, **kw)
+s.Scheduler.fail_all = broken
+from server.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_engine_fails_the_request_and_the_process_exits_1(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "GPT_SERVE_LOG_LEVEL": "warning"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_SERVER, "--model", tiny_checkpoint, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0]
+        assert httpx.get(url + "/ready").status_code == 200
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}, timeout=30)
+        assert r.status_code in (500, 503) and "error" in r.json()
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "the engine stopped" in (tmp_path / "server.log").read_text()
+
+
+def test_a_dead_engine_makes_ready_503(tiny_checkpoint, server_factory):
+    from conftest import tiny_settings
+    from server.app import load_engine
+
+    settings = tiny_settings(tiny_checkpoint)
+    server = server_factory(settings, engine=load_engine(settings))
+    server.engine._die("RuntimeError: simulated")
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "engine_dead"
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"

@@ -447,3 +447,32 @@ def test_a_request_whose_admission_fails_ends_alone_and_loses_no_slot(tiny_gpt, 
     assert [r[2] for r in results] == ["length", "error", "length"]
     assert (stats.running, stats.slots_in_use) == (0, 0)
     assert after[1] == results[0][1]
+
+
+def test_a_dead_engine_thread_fails_every_request_refuses_new_ones_and_says_so(tiny_gpt, monkeypatch):
+    params = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    slow_steps(tiny_gpt, 0.01)
+    deaths = []
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2)
+        engine.on_death = deaths.append
+        running = [engine.submit([1, 2, 3], params) for _ in range(3)]  # two running, one waiting
+        first = await running[0].__anext__()
+        assert first.finish_reason is None
+
+        def broken(*args, **kwargs):  # the step fails, and so does its recovery: the thread dies
+            raise RuntimeError("corrupted state")
+
+        monkeypatch.setattr(engine._sched, "step", broken)
+        monkeypatch.setattr(engine._sched, "fail_all", broken)
+        ends = await asyncio.gather(*(collect(h) for h in running))
+        with pytest.raises(EngineClosed, match="restarted"):
+            engine.submit([1], params)
+        await engine.shutdown(1)
+        return ends, engine
+
+    ends, engine = run(main(), limit=20)
+    assert [e[2] for e in ends] == ["error"] * 3
+    assert engine.dead and "corrupted state" in engine.dead
+    assert engine.draining and len(deaths) == 1
