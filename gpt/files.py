@@ -1,7 +1,8 @@
 """File I/O shared by checkpoints, Hugging Face directories and the trainer's run directories.
 
 - atomic writes: `atomic_write_bytes` for one file, `atomic_directory` for a whole directory;
-  readers see the old version or the new one, never a mixture or a part;
+  readers see the old version or the new one, never a mixture or a part; `remove_directory`
+  and `recover_interrupted_writes` for what a process killed midway leaves behind;
 - safe reads: `read_json` and `read_safetensors`, every failure a `CheckpointError` naming the
   file (weights are only read with safetensors, so reading cannot run code as unpickling can);
 - tensors <-> model: `tied_names`, `load_tensors_into` and `stored_dtype`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -41,7 +43,8 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     # Directories must be fsynced too, or a crash can lose the rename that published a file.
     # Windows cannot open a directory for that, and does not need it.
     try:
@@ -77,7 +80,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -108,8 +111,8 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         for f in tmp.iterdir():
             if f.is_file():
                 os.chmod(f, 0o666 & ~_UMASK)  # safetensors writes its files private
-            _fsync_path(f)
-        _fsync_path(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
@@ -120,12 +123,57 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
             if old is not None:
                 os.rename(old, path)  # put the previous checkpoint back
             raise
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_directory(path: PathLike) -> None:
+    """Delete a directory so that a crash midway never leaves a half-deleted one under its name:
+    it is renamed to a temporary name first (which `recover_interrupted_writes` removes)."""
+    path = Path(path)
+    doomed = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# The names the writers above give their temporary and set-aside entries.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
+
+
+def recover_interrupted_writes(directory: PathLike) -> list[str]:
+    """Undo what a process killed in the middle of the writes above left in `directory`; a
+    description of each repair.
+
+    A set-aside `.NAME.old-*` whose NAME is missing (a kill between the two renames of
+    `atomic_directory`) is the last complete version: it is renamed back. Every other leftover
+    (temporary files and directories, set-aside copies already replaced) is deleted. Only call
+    this while no other process is writing in `directory`: its temporaries look the same."""
+    directory = Path(directory)
+    leftovers = []
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        m = _LEFTOVER.match(entry.name)
+        if m:
+            leftovers.append((m.group("kind"), m.group("name"), entry))
+    done = []
+    # the newest set-aside copy first, should a name have several
+    for kind, name, entry in sorted(leftovers, key=lambda t: (t[0], -t[2].lstat().st_mtime_ns)):
+        target = directory / name
+        if kind == "old" and not target.exists():
+            os.rename(entry, target)
+            done.append(f"restored {target} from an interrupted save")
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(f"removed {entry.name}, left by an interrupted write")
+    if done:
+        fsync_path(directory)
+    return done
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -1,18 +1,25 @@
 """Text corpora for the GPT: find the files, tokenize them once into memory-mapped token files
-(train / validation split) cached under the run directory, and sample random contiguous blocks."""
+(train / validation split) cached under the run directory, and sample random contiguous blocks.
+
+The cache is crash-safe: the token files are fsynced and renamed into place before meta.json,
+written last, marks them complete; and a cache whose files are not the size meta.json gives
+(a full disk, a copy cut short) is rebuilt rather than trained on."""
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
 import os
+import secrets
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import torch
 
-from gpt.files import atomic_write_bytes
+from gpt.files import atomic_write_bytes, fsync_path, recover_interrupted_writes
 from gpt.tokenizer import Tokenizer
 
 from .config import ConfigError
@@ -22,6 +29,7 @@ from .config import ConfigError
 STDLIB_BYTES = 8 * 1024 * 1024
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib", "lib2to3"}
 _SNIFF = 8192
+META = "meta.json"  # written last: a cache without it is incomplete
 
 
 def stdlib_files(limit: int = STDLIB_BYTES) -> list[Path]:
@@ -119,37 +127,62 @@ def _tokenize(files: list[Path], tokenizer: Tokenizer, dest: Path, progress: boo
     return n
 
 
+def _complete_cache(d: Path) -> Optional[dict]:
+    """The metadata of the cache in `d`, or None if it is missing, unreadable, or its token
+    files are not the size it gives."""
+    try:
+        meta = json.loads((d / META).read_text())
+        size = np.dtype(meta["dtype"]).itemsize
+        whole = all((d / f"{name}.bin").stat().st_size == meta[f"{name}_tokens"] * size for name in ("train", "val"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if whole else None
+
+
+def _build_cache(files: list[Path], tokenizer: Tokenizer, d: Path, val_fraction: float, progress: bool) -> dict:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / META).unlink(missing_ok=True)  # it must only ever vouch for the files written below
+    dtype = token_dtype(tokenizer.vocab_size)
+    tmp = d / f".train.bin.tmp-{secrets.token_hex(4)}"  # a name recover() knows
+    try:
+        n = _tokenize(files, tokenizer, tmp, progress)
+        if n == 0:
+            raise ConfigError("the corpus is empty (no tokens)")
+        n_val = max(1, int(n * val_fraction))
+        size = np.dtype(dtype).itemsize
+        # the validation tail is copied out, then the file is cut to the training prefix:
+        # no pass over the whole corpus in memory
+        with open(tmp, "r+b") as f:
+            f.seek((n - n_val) * size)
+            atomic_write_bytes(d / "val.bin", f.read())
+            f.truncate((n - n_val) * size)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before meta.json can say it is complete
+        os.replace(tmp, d / "train.bin")
+        fsync_path(d)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": n - n_val,
+            "val_tokens": n_val, "files": [str(f) for f in files[:1000]], "n_files": len(files)}
+    atomic_write_bytes(d / META, json.dumps(meta, indent=1).encode())  # written last: marks it complete
+    return meta
+
+
+def recover(cache_root: Path) -> None:
+    """Delete the temporary files a process killed while tokenizing left in the cache. Only
+    call it while no other process is tokenizing into `cache_root`."""
+    for d in cache_root.iterdir() if cache_root.is_dir() else ():
+        if d.is_dir():
+            recover_interrupted_writes(d)
+
+
 def prepare(files: list[Path], tokenizer: Tokenizer, cache_root: Path, *, val_fraction: float,
             block_size: int, progress: bool = True) -> TokenData:
     """Tokenize `files` into cache_root/<fingerprint>/{train,val}.bin once; later runs reuse it.
 
     The last `val_fraction` of the tokens is validation, as nanoGPT splits its corpora."""
-    key = _fingerprint(files, tokenizer, val_fraction)
-    d = cache_root / key
-    meta_file = d / "meta.json"
-    dtype = token_dtype(tokenizer.vocab_size)
-    if not meta_file.is_file():
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".all.{os.getpid()}.bin"
-        try:
-            n = _tokenize(files, tokenizer, tmp, progress)
-            if n == 0:
-                raise ConfigError("the corpus is empty (no tokens)")
-            n_val = max(1, int(n * val_fraction))
-            size = np.dtype(dtype).itemsize
-            # the validation tail is copied out, then the file is cut to the training prefix:
-            # no pass over the whole corpus in memory
-            with open(tmp, "r+b") as f:
-                f.seek((n - n_val) * size)
-                atomic_write_bytes(d / "val.bin", f.read())
-                f.truncate((n - n_val) * size)
-            os.replace(tmp, d / "train.bin")
-        finally:
-            tmp.unlink(missing_ok=True)
-        meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": n - n_val,
-                "val_tokens": n_val, "files": [str(f) for f in files[:1000]], "n_files": len(files)}
-        atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())  # written last: marks it complete
-    meta = json.loads(meta_file.read_text())
+    d = cache_root / _fingerprint(files, tokenizer, val_fraction)
+    meta = _complete_cache(d) or _build_cache(files, tokenizer, d, val_fraction, progress)
     for name in ("train", "val"):
         if meta[f"{name}_tokens"] <= block_size:
             raise ConfigError(f"the corpus is too short: its {'training' if name == 'train' else 'validation'} "

@@ -109,6 +109,7 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
         # rank 0 tokenizes, the others then find the finished cache
         tokens = None
         if is_main:
+            corpus.recover(cache)  # the other ranks wait at the barrier: nobody else writes there now
             tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
                                     progress=not cfg.quiet and sys.stderr.isatty())
         barrier()

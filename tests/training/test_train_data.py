@@ -12,6 +12,8 @@ from training.config import ConfigError, TrainConfig, get_lr
 from training.dates import date_pair
 from training.setup import make_optimizer
 
+from train_helpers import make_corpus
+
 
 def test_tokens_are_cached_as_uint16_with_the_last_tenth_as_validation(tmp_path):
     (tmp_path / "a.txt").write_text("hello world " * 50)
@@ -24,6 +26,31 @@ def test_tokens_are_cached_as_uint16_with_the_last_tenth_as_validation(tmp_path)
     n_val = int(len(ids) * 0.1)
     assert list(t.train) == ids[:-n_val] and list(t.val) == ids[-n_val:]
     assert (t.directory / "train.bin").stat().st_size == 2 * (len(ids) - n_val)
+
+
+@pytest.mark.parametrize("damage", ["truncate train.bin", "delete val.bin", "delete meta.json"])
+def test_a_damaged_token_cache_is_detected_and_rebuilt(tmp_path, monkeypatch, damage):
+    files = [make_corpus(tmp_path / "c.txt", n_words=800)]
+    tok, cache = gpt.get_tokenizer("byte"), tmp_path / "tokens"
+    first = data.prepare(files, tok, cache, val_fraction=0.1, block_size=16, progress=False)
+    d = first.directory
+    train, val = np.array(first.train), np.array(first.val)
+    if damage == "truncate train.bin":  # e.g. the disk filled up, or a copy was cut short
+        with open(d / "train.bin", "r+b") as f:
+            f.truncate(len(train))  # half its bytes (uint16 tokens)
+    else:
+        (d / damage.split()[1]).unlink()
+    (d / ".train.bin.tmp-0a1b2c3d").write_bytes(b"\0" * 10)  # and a killed tokenization's leftover
+    data.recover(cache)
+    assert not list(d.glob(".*"))
+
+    real, calls = data._tokenize, []
+    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(1) or real(*a))
+    again = data.prepare(files, tok, cache, val_fraction=0.1, block_size=16, progress=False)
+    assert calls == [1]  # tokenized again, not trusted
+    assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
+    data.prepare(files, tok, cache, val_fraction=0.1, block_size=16, progress=False)
+    assert calls == [1]  # and the rebuilt cache is whole: reused from then on
 
 
 def test_directories_skip_binary_and_hidden_files_but_named_binaries_fail(tmp_path):
