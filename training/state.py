@@ -7,14 +7,15 @@
     OUT/latest          the name of the newest step checkpoint
 
 The trainer state is split into JSON and tensors (safetensors), so nothing is ever unpickled.
-Every write is atomic (gpt.files.atomic_directory / atomic_write_bytes): a crash mid-save
-leaves the previous checkpoint in place.
+Every write is atomic (gpt.files.atomic_directory / atomic_write_bytes), and old checkpoints
+are renamed away before they are deleted: a crash mid-save leaves the previous checkpoint in
+place, and `recover` (run before a run starts) tidies up what the crash left.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +23,8 @@ import safetensors.torch
 import torch
 
 import gpt
-from gpt.files import CONFIG_FILE, CheckpointError, atomic_write_bytes, read_json, read_safetensors
+from gpt.files import (CONFIG_FILE, CheckpointError, atomic_write_bytes, read_json, read_safetensors,
+                       recover_interrupted_writes, remove_directory)
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
@@ -75,14 +77,17 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
 def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, keep_last: int) -> Path:
     """Write OUT/ckpt-<step>/ (model + trainer state), point `latest` at it, drop old ones."""
     tensors: dict[str, torch.Tensor] = {}
-    as_json = split_tensors(state, tensors)
-    files = {STATE_JSON: (json.dumps(as_json) + "\n").encode(), STATE_TENSORS: safetensors.torch.save(tensors)}
+    # no best loss yet is stored as null: JSON has no Infinity
+    best = state["best_val_loss"]
+    as_json = split_tensors({**state, "best_val_loss": best if math.isfinite(best) else None}, tensors)
+    files = {STATE_JSON: (json.dumps(as_json, allow_nan=False) + "\n").encode(),
+             STATE_TENSORS: safetensors.torch.save(tensors)}
     name = ckpt_name(state["step"])
     path = gpt.save(model, out / name, metadata=metadata, extra_files=files)
     atomic_write_bytes(out / LATEST, (name + "\n").encode())
     for old in step_checkpoints(out)[:-keep_last]:
         if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_directory(old)
     return path
 
 
@@ -118,9 +123,18 @@ def load_state(ckpt: Path) -> dict:
     as_json = read_json(ckpt / STATE_JSON)
     tensors = read_safetensors(ckpt / STATE_TENSORS)
     try:
-        return join_tensors(as_json, tensors)
+        state = join_tensors(as_json, tensors)
     except KeyError as e:
         raise CheckpointError(f"{ckpt / STATE_TENSORS}: missing tensor {e}") from None
+    if state.get("best_val_loss") is None:
+        state["best_val_loss"] = math.inf
+    return state
+
+
+def recover(out: Path) -> list[str]:
+    """Repair what a run killed mid-write left in OUT: temporary checkpoint directories and
+    files are deleted, and a best/ caught between its two renames is put back. What was done."""
+    return recover_interrupted_writes(out)
 
 
 def has_run(out: Path) -> bool:

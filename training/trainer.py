@@ -97,8 +97,10 @@ def train(overrides: dict, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict], d: ddp.Dist,
            device: torch.device) -> dict:
     out = Path(cfg.out)
+    repairs: list[str] = []
     if d.is_main:
         check_writable(out)
+        repairs = ckpt.recover(out)  # a run killed mid-write left these; nothing else writes here now
     if device.type == "cpu":
         torch.set_num_threads(_threads(cfg))
     dtype = getattr(torch, cfg.dtype)
@@ -141,6 +143,8 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
     report.say(f"data: {data.description}")
     report.say(f"model: {title}, {raw.num_params() / 1e6:.2f}M parameters, on {device}"
                + (f" x {d.world_size} ranks" if d.enabled else ""))
+    for msg in repairs:
+        report.say(msg)
     if resume_path is not None:
         report.say(f"resuming from {resume_path} at step {step}")
 
