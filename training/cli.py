@@ -34,6 +34,11 @@ output (OUT = --out):
   OUT/metrics.jsonl    one JSON object per log line and evaluation
   OUT/loss.png         training and validation loss against step
 
+failures: a step whose loss or gradient norm is NaN or infinite is skipped (no update) and
+  counted ("skipped_steps" in metrics.jsonl); --max-bad-steps in a row stop the run with exit
+  code 1, keeping the checkpoints written so far. After a crash or kill, --resume continues
+  from the last complete checkpoint and removes what the interrupted writes left behind.
+
 distributed: torchrun --nproc_per_node N -m training ...   (each rank draws its own batches;
   the effective batch is batch-size x grad-accum x N). SIGINT/SIGTERM save a checkpoint and stop.
 """
@@ -72,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta1", type=float, metavar="X", help=f"AdamW beta1 ({D.beta1})")
     g.add_argument("--beta2", type=float, metavar="X", help=f"AdamW beta2 ({D.beta2})")
     g.add_argument("--grad-clip", type=float, metavar="X", help=f"clip the gradient norm to this; 0 = off ({D.grad_clip})")
+    g.add_argument("--max-bad-steps", type=int, metavar="N",
+                   help=f"stop after N steps in a row whose loss or gradient norm is not finite; such steps "
+                        f"are skipped, not applied ({D.max_bad_steps})")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-interval", type=int, metavar="N", help=f"evaluate and checkpoint every N steps ({D.eval_interval})")
     g.add_argument("--eval-iters", type=int, metavar="N", help=f"validation batches per evaluation ({D.eval_iters})")
@@ -100,6 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from gpt.files import CheckpointError
 
+    from .nonfinite import TrainingDiverged
     from .trainer import train
 
     try:
@@ -109,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # before training started (the loop itself saves and stops cleanly)
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
-    except OSError as e:  # e.g. the disk filled up mid-run: the last complete checkpoint survives
+    except (OSError, TrainingDiverged) as e:  # e.g. the disk filled up: the last complete checkpoint survives
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     if summary["interrupted"]:

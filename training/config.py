@@ -46,6 +46,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
+    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
     # evaluation, logging, checkpoints
     eval_interval: int = 250
     eval_iters: int = 100
@@ -77,7 +78,7 @@ class TrainConfig:
         need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         need(0.0 < self.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
-                     "keep_last", "eval_pairs", "num_beams"):
+                     "keep_last", "eval_pairs", "num_beams", "max_bad_steps"):
             v = getattr(self, name)
             need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,13 @@ from .plot import plot_losses
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
+
+
+def to_json_line(rec: dict) -> str:
+    """One metrics.jsonl line. json.dumps writes NaN and Infinity bare, which is not JSON and
+    breaks strict readers (jq, JavaScript): a non-finite number is written as null."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 class Reporter:
@@ -49,9 +57,10 @@ class Reporter:
         atomic_write_bytes(path, "".join(k + "\n" for k in kept).encode())
 
     def _remember(self, rec: dict) -> None:
-        if rec.get("kind") == "train":
+        # the curves leave out windows where every step was skipped, and non-finite evaluations
+        if rec.get("kind") == "train" and _finite(rec.get("loss")):
             self.train.append((rec["step"], rec["loss"]))
-        elif rec.get("kind") == "eval":
+        elif rec.get("kind") == "eval" and _finite(rec.get("val_loss")):
             self.val.append((rec["step"], rec["val_loss"]))
 
     def log(self, rec: dict) -> None:
@@ -59,7 +68,7 @@ class Reporter:
             return
         self._remember(rec)
         with open(self.out / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(to_json_line(rec) + "\n")
 
     def step(self, step: int, rec: Optional[dict]) -> None:
         """Advance the bar; `rec` is the train record on logging steps."""
@@ -67,10 +76,10 @@ class Reporter:
             return
         if self.bar is not None:
             if rec is not None:
-                self.bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
+                self.bar.set_postfix(loss=_loss(rec), tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
             self.bar.update(1)
         elif rec is not None and not self.quiet:
-            print(f"step {step}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, {rec['ms_per_iter']:.1f} ms/iter, "
+            print(f"step {step}: loss {_loss(rec)}, lr {rec['lr']:.2e}, {rec['ms_per_iter']:.1f} ms/iter, "
                   f"{rec['tokens_per_s']:,.0f} tokens/s", flush=True)
 
     def say(self, msg: str) -> None:
@@ -90,3 +99,11 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _loss(rec: dict) -> str:
+    return f"{rec['loss']:.4f}" if rec["loss"] is not None else "n/a (every step skipped)"

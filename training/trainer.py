@@ -1,6 +1,7 @@
 """The training loop (nanoGPT's, for both model kinds): AdamW, warmup + cosine learning rate,
 gradient accumulation and clipping, mixed precision, periodic evaluation and checkpoints,
-exact resume, DistributedDataParallel under torchrun, and a clean stop on SIGINT/SIGTERM."""
+exact resume, DistributedDataParallel under torchrun, a clean stop on SIGINT/SIGTERM, and
+steps with a non-finite loss or gradient skipped rather than applied."""
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from . import distributed as ddp
 from . import state as ckpt
 from .config import ConfigError, TrainConfig, get_lr
+from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, non_finite
 from .pairs import IGNORE, exact_match
 from .progress import Reporter
 from .setup import (build_data, check_resumable, check_writable, make_optimizer, model_and_tokenizer,
@@ -74,6 +76,17 @@ def _threads(cfg: TrainConfig) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _last_good(out: Path) -> str:
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return "no checkpoint had been written yet"
+    return f"the last good checkpoint is {latest} (continue with --resume --out {out}, perhaps with a lower --lr)"
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -118,12 +131,14 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
     step, best_val, tokens_seen = 0, math.inf, 0
+    bad = BadSteps(cfg.max_bad_steps)
     torch.manual_seed(cfg.seed + d.rank)  # dropout differs per rank; initial weights did not
     if saved is not None:
         ckpt.load_optimizer_state(optimizer, saved["optimizer"])
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         step, best_val, tokens_seen = saved["step"], saved["best_val_loss"], saved.get("tokens_seen", 0)
+        bad = BadSteps(cfg.max_bad_steps, saved.get("skipped_steps", 0), saved.get("bad_in_a_row", 0))
         ranks = saved["ranks"]
         if d.rank < len(ranks):  # a different world size leaves new ranks freshly seeded
             torch.set_rng_state(ranks[d.rank]["torch_rng"])
@@ -172,21 +187,40 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
         finally:
             raw.train()
 
+    def require_finite_weights(step: int) -> None:
+        # skipped steps should make this impossible; it is the last line before a checkpoint
+        if not finite_weights(raw):
+            report.close()
+            raise TrainingDiverged(f"the weights are not finite at step {step}; nothing was saved, and "
+                                   f"{_last_good(out)}")
+
     def save(step: int, val_loss: Optional[float]) -> None:
+        require_finite_weights(step)  # on every rank (they hold the same weights): all stop together
         rank_state = {"torch_rng": torch.get_rng_state(), "sampler": data.train.state_dict(),
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         ranks = ddp.gather(rank_state, d)
         if not d.is_main:
             return
         st = {"step": step, "best_val_loss": best_val, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "ranks": ranks,
-              "optimizer": ckpt.optimizer_state(optimizer), "scaler": scaler.state_dict() if scaler.is_enabled() else None}
-        meta = {"step": step, "val_loss": val_loss, "tokens_seen": tokens_seen, "train_config": cfg.to_dict()}
+              "optimizer": ckpt.optimizer_state(optimizer), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+              "skipped_steps": bad.total, "bad_in_a_row": bad.in_a_row}
+        meta = {"step": step, "val_loss": _finite_or_none(val_loss), "tokens_seen": tokens_seen,
+                "train_config": cfg.to_dict()}
         ckpt.save_step(out, raw, st, meta, cfg.keep_last)
+
+    def report_skip(step: int, why: str) -> None:
+        report.log({"kind": "skip", "step": step, "reason": f"non-finite {why}", "in_a_row": bad.in_a_row,
+                    "skipped_steps": bad.total})
+        report.say(f"step {step}: non-finite {why}, update skipped ({bad.in_a_row} in a row, {bad.total} in all)")
+        if bad.too_many:
+            report.close()
+            raise TrainingDiverged(f"{bad.in_a_row} steps in a row, up to step {step}, had a non-finite loss or "
+                                   f"gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopped, and {_last_good(out)}")
 
     summary: dict = {"out": str(out), "best": str(out / ckpt.BEST), "start_step": step, "evals": []}
     interrupted, started = None, time.perf_counter()
     train_time, timed_steps = 0.0, 0
-    window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+    window_t, window_steps, window_tokens, window_good = time.perf_counter(), 0, 0, 0
     loss_sum = torch.zeros((), device=device)
     raw.train()
     with StopFlag() as stop:
@@ -194,7 +228,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_tokens = 0
+            step_tokens, step_loss = 0, torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
                 batch = data.train.next_batch()
                 step_tokens += count_tokens(batch, cfg.model)
@@ -203,30 +237,39 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 with sync:
                     with autocast:
                         loss = compute_loss(model, to_device(batch), cfg.model)
-                    loss_sum += loss.detach().float()
+                    step_loss += loss.detach().float()
                     scaler.scale(loss / cfg.grad_accum).backward()
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
+            scaler.unscale_(optimizer)  # the norm is measured (and clipped) unscaled; no-op without a scaler
+            why = non_finite(step_loss, grad_norm(raw, cfg.grad_clip), scaler.is_enabled())
+            # every rank must skip together, or their weights part ways; the gradients agree after
+            # the all-reduce, but each rank's loss is its own
+            skip = ddp.any_rank(why is not None, d)
+            if not skip:
+                scaler.step(optimizer)
+                loss_sum += step_loss
+                window_good += 1
+                tokens_seen += step_tokens * d.world_size
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += step_tokens * d.world_size
             window_steps += 1
             window_tokens += step_tokens * d.world_size
+            bad.record(skip)
+            if skip:
+                report_skip(step, why or "loss on another rank")
 
             rec = None
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 elapsed = time.perf_counter() - window_t
                 train_time += elapsed
                 timed_steps += window_steps
-                rec = {"kind": "train", "step": step, "loss": float(loss_sum) / (window_steps * cfg.grad_accum),
+                rec = {"kind": "train", "step": step,
+                       "loss": float(loss_sum) / (window_good * cfg.grad_accum) if window_good else None,
                        "lr": lr, "ms_per_iter": 1000 * elapsed / window_steps,
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": bad.total}
                 report.log(rec)
                 loss_sum.zero_()
-                window_t, window_steps, window_tokens = time.perf_counter(), 0, 0
+                window_t, window_steps, window_tokens, window_good = time.perf_counter(), 0, 0, 0
             report.step(step, rec)
 
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
@@ -242,8 +285,9 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 if "exact_match_greedy" in ev:
                     msg += f", exact match (greedy) {100 * ev['exact_match_greedy']:.1f}%"
                 report.say(msg)
-                if val_loss < best_val:
+                if val_loss < best_val:  # never true for NaN
                     best_val = val_loss
+                    require_finite_weights(step)
                     if d.is_main:
                         ckpt.save_best(out, raw, {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()})
                 save(step, val_loss)

@@ -1,4 +1,4 @@
-"""gpt-train with one fault injected, for tests that kill a real run at a chosen point.
+"""gpt-train with one fault injected, for tests that kill or poison a real run at a chosen point.
 
     python fault_driver.py GPT-TRAIN-ARGUMENTS...        (or under torchrun)
 
@@ -8,6 +8,7 @@ FAULT (environment) says where:
     pause-replace:NAME:K  the K-th replacement of NAME stops between its two renames: the old
                           directory is set aside and the new one not yet in place
     pause-step:N          step N stops after its first forward pass
+    nan-loss:RANK:STEP    that rank's first loss at that step is NaN (its gradients stay finite)
 A pause writes the file named by MARKER, then sleeps until the test kills the process, so the
 kill lands at exactly that point and the test needs no timing guesses."""
 from __future__ import annotations
@@ -73,13 +74,17 @@ def in_steps() -> None:
         if not model.training:  # evaluation
             return loss
         seen["count"] += 1
-        if seen["step"] == int(ARGS[0]) and seen["count"] == 1:
+        first = seen["count"] == 1
+        if KIND == "pause-step" and seen["step"] == int(ARGS[0]) and first:
             pause()
+        if (KIND == "nan-loss" and int(os.environ.get("RANK", 0)) == int(ARGS[0])
+                and seen["step"] == int(ARGS[1]) and first):
+            return loss + loss.detach() * float("nan")  # the gradient does not flow through detach()
         return loss
 
     trainer.get_lr, trainer.compute_loss = get_lr, compute_loss
 
 
 {"pause-save": pause_in_save, "pause-replace": pause_in_replace,
- "pause-step": in_steps}[KIND]()
+ "pause-step": in_steps, "nan-loss": in_steps}[KIND]()
 sys.exit(main(sys.argv[1:]))
