@@ -25,6 +25,7 @@ from .chat_template import load_chat_template
 from .config import Settings
 from .errors import install_error_handlers
 from .guard import RequestGuard
+from .openapi import install_openapi
 from .metrics import Metrics
 
 log = logging.getLogger("server")
@@ -144,9 +145,11 @@ def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
     state.load_error = None
     state.created = int(time.time())
     install_error_handlers(app)
+    install_openapi(app)
     # the last added runs first: count every response, then CORS (a preflight never needs a
     # body), then the body checks
-    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
+                       json_paths=routes_system.JSON_BODY_PATHS)
     if settings.origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)

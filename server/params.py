@@ -26,7 +26,7 @@ def check_fanout(engine, prompts: int, n: int) -> None:
     if prompts * n > engine.max_queue:
         what = f"{prompts} prompts x n {n} = {prompts * n} generations" if prompts > 1 else f"n {n} generations"
         raise invalid(f"the request asks for {what}, but the server queues at most {engine.max_queue}",
-                      "n")
+                      "n", code="invalid_combination")
 
 
 async def prompt_ids_off_loop(engine, prompts: list, param: str) -> list[list[int]]:
@@ -79,7 +79,7 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choic
         raise invalid(f"logit_bias: token id {bad} is out of range [0, {vocab_size})", "logit_bias")
     if req.min_tokens > max_tokens:
         raise invalid(f"min_tokens is {req.min_tokens}, more than the {max_tokens} new tokens this request may "
-                      f"generate", "min_tokens")
+                      f"generate", "min_tokens", code="invalid_combination")
     bad = next((i for i, t in enumerate(req.stop_token_ids or ()) if t >= vocab_size), None)
     if bad is not None:
         raise invalid(f"stop_token_ids: token id {req.stop_token_ids[bad]} is out of range [0, {vocab_size})",

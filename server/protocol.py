@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 128  # choices per request; each one takes a batch slot
@@ -28,8 +28,25 @@ TokenKey = Annotated[str, Field(pattern=r"^[0-9]+$", max_length=12)]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
+def _integral(v):
+    """JSON Schema counts 1.0 as an integer, and some clients send whole numbers so: take them as
+    ints (in lists too: token ids). Strict float fields still accept the int."""
+    if type(v) is float and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_integral(x) for x in v]
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data):
+        if isinstance(data, dict):
+            return {k: _integral(v) for k, v in data.items()}
+        return data
 
 
 class StreamOptions(_Strict):
@@ -165,16 +182,30 @@ class SamplingFields(_Strict):
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
         if self.stream_options is not None and not self.stream:
-            raise PydanticCustomError("stream_options", "only allowed when stream is true", {"name": "stream_options"})
+            raise PydanticCustomError("invalid_combination", "only allowed when stream is true",
+                                      {"name": "stream_options"})
         return self
 
 
+PROMPT_SCHEMA = {
+    "description": "a string, a list of token ids, a list of strings or a list of token-id lists (a batch, "
+                   f"at most {MAX_PROMPTS} prompts); none empty, each must leave room in the model's context",
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+         "minItems": 1, "maxItems": MAX_PROMPTS},
+    ]}
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Any  # str | list[int] | list[str] | list[list[int]]; checked by prompts()
-    logprobs: Optional[int] = Field(None, ge=0, le=20)
-    echo: bool = False
-    best_of: Optional[int] = Field(None, ge=1)
-    suffix: Optional[str] = None
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # checked and made a list of prompts by parse_prompt
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="report each output token's logprob and this "
+                                                                   "many most likely alternatives")
+    echo: Optional[Literal[False]] = Field(False, description="returning the prompt is not supported yet")
+    best_of: Optional[int] = Field(None, ge=1, description="only equal to n")
+    suffix: Optional[Literal[""]] = Field(None, description="insertion is not supported")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -187,6 +218,8 @@ def parse_prompt(v) -> list[Union[str, list[int]]]:
     def is_ids(x) -> bool:
         return isinstance(x, list) and all(type(t) is int for t in x)
 
+    if isinstance(v, list) and len(v) > MAX_PROMPTS and not all(type(t) is int for t in v):
+        raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
     if isinstance(v, str):
         prompts = [v]
     elif is_ids(v) and v:
@@ -241,10 +274,20 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(_Strict):
-    prompt: Optional[str] = None
-    messages: Optional[list[ChatMessage]] = None  # tokenize a chat as the template renders it
+class TokenizePrompt(_Strict):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
     model: Optional[str] = None
+
+
+class TokenizeChat(_Strict):
+    """A chat's messages, tokenized as the chat template renders them."""
+    model_config = ConfigDict(extra="forbid")
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: Optional[str] = None
+
+
+TokenizeRequest = Union[TokenizePrompt, TokenizeChat]
 
 
 class DetokenizeRequest(_Strict):

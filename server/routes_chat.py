@@ -24,10 +24,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
                                  template: ChatTemplate = Depends(get_chat_template)):
     model_name = check_model(settings, body.model)
     if body.top_logprobs and not body.logprobs:
-        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs", code="invalid_combination")
     tok = engine.tokenizer
     check_fanout(engine, 1, body.n)
     (ids,) = await prompt_ids_off_loop(engine, [render_messages(template, body.messages)], "messages")
+    if body.max_completion_tokens is not None and body.max_tokens is not None:  # both must hold
+        budget(engine, len(ids), body.max_tokens, settings.default_max_tokens)
     max_tokens = budget(engine, len(ids), body.wanted_max_tokens, settings.default_max_tokens)
     top_n = body.top_logprobs or 0
     jobs = choices(engine, body, ids, max_tokens, extra_stop=template.stop, logprobs=top_n)

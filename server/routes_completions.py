@@ -20,12 +20,8 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def create_completion(body: CompletionRequest, request: Request, engine=Depends(get_engine),
                             settings: Settings = Depends(get_settings)):
     model_name = check_model(settings, body.model)
-    if body.echo:
-        raise invalid("echo is not supported", "echo")
-    if body.suffix:
-        raise invalid("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
-        raise invalid("best_of other than n is not supported", "best_of")
+        raise invalid("best_of other than n is not supported", "best_of", code="invalid_combination")
     tok = engine.tokenizer
     check_fanout(engine, len(body.prompt), body.n)
     prompts = await prompt_ids_off_loop(engine, body.prompt, "prompt")

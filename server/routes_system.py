@@ -14,9 +14,11 @@ from .config import Settings
 from .deps import check_model, get_chat_template, get_engine, get_settings
 from .errors import APIError, invalid
 from .params import render_messages
-from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizeRequest
+from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizePrompt, TokenizeRequest
 
 STATIC_DIR = Path(__file__).parent / "static"
+# the routes that take a JSON body (server/guard.py refuses other content types there)
+JSON_BODY_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 
 open_router = APIRouter()
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -65,7 +67,9 @@ async def ready(request: Request):
     return {"status": "ready", "model": state.settings.model_name}
 
 
-@open_router.get("/metrics")
+@open_router.get("/metrics", response_class=Response,
+                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                  "description": "Prometheus text format"}})
 async def metrics(request: Request):
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
@@ -103,9 +107,7 @@ async def tokenize(body: TokenizeRequest, engine=Depends(get_engine), settings: 
     """vLLM's shape: {"prompt": text} (or {"messages": [...]}, rendered by the chat template)
     -> {"tokens": [...], "count": n, "max_model_len": context}."""
     check_model(settings, body.model)
-    if (body.prompt is None) == (body.messages is None):
-        raise invalid('send exactly one of "prompt" and "messages"', "prompt")
-    text = body.prompt if body.prompt is not None else render_messages(template, body.messages)
+    text = body.prompt if isinstance(body, TokenizePrompt) else render_messages(template, body.messages)
     tokens = await asyncio.to_thread(engine.tokenizer.encode, text)  # a large text must not hold the loop
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.limits.max_len}
 

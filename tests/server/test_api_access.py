@@ -7,15 +7,13 @@ import time
 import httpx
 import pytest
 
-from conftest import tiny_settings
+from conftest import start_live_server, tiny_settings
 from server.app import load_engine
 from test_api_errors import COMPLETIONS, assert_error, wait_for_idle
 
 
 @pytest.fixture(scope="module")
 def small_body_server(tiny_checkpoint):
-    from conftest import start_live_server
-
     settings = tiny_settings(tiny_checkpoint, max_body_bytes=4096, body_timeout=1.0)
     server = start_live_server(settings, engine=load_engine(settings))
     yield server
@@ -132,3 +130,15 @@ def test_without_a_key_the_docs_are_open_unless_turned_off(tiny_checkpoint, serv
     server = server_factory(tiny_settings(tiny_checkpoint, docs=False))
     for path in ("/openapi.json", "/docs", "/redoc"):
         assert_error(httpx.get(server.url + path), 404)
+
+
+def test_every_post_route_is_vetted_as_json(live_server):
+    from server.routes_system import JSON_BODY_PATHS
+
+    paths = httpx.get(live_server.url + "/openapi.json").json()["paths"]
+    posts = {path for path, ops in paths.items() if "post" in ops}
+    assert posts == JSON_BODY_PATHS
+
+
+def test_a_post_to_a_get_route_is_405_not_415(live_server):
+    assert_error(httpx.post(live_server.url + "/health", content=b"x"), 405)

@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from conftest import tiny_settings
+from server.app import load_engine
 from server.cli import build_parser, main
 
 OPTIONS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--max-queue",
@@ -125,9 +127,6 @@ def test_a_dead_engine_fails_the_request_and_the_process_exits_1(tiny_checkpoint
 
 
 def test_a_dead_engine_makes_ready_503(tiny_checkpoint, server_factory):
-    from conftest import tiny_settings
-    from server.app import load_engine
-
     settings = tiny_settings(tiny_checkpoint)
     server = server_factory(settings, engine=load_engine(settings))
     server.engine._die("RuntimeError: simulated")
