@@ -66,7 +66,8 @@ def _param(loc: tuple) -> Optional[str]:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 _CODE_BY_PYDANTIC = {"missing": "missing_required_parameter", "json_invalid": "invalid_json",
-                     "model_attributes_type": "invalid_type", "dict_type": "invalid_type"}
+                     "model_attributes_type": "invalid_type", "dict_type": "invalid_type",
+                     "unsupported": "unsupported_parameter"}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
