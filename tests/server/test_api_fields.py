@@ -3,7 +3,6 @@ ones not implemented are refused naming the field, the size limits hold before a
 done, and no logprob can make a response invalid JSON."""
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -113,19 +112,22 @@ def test_a_request_with_more_generations_than_the_queue_is_refused_before_tokeni
 
 def test_tokenizing_a_large_prompt_does_not_hold_the_event_loop(live_server, monkeypatch):
     encode = live_server.engine.tokenizer.encode
+    entered, health_answered = threading.Event(), threading.Event()
 
-    def slow_encode(text):
-        time.sleep(1.0)  # what a large body costs, without sending one
+    def blocking_encode(text):  # stands for a large body's encoding: it ends only after /health answered
+        entered.set()
+        health_answered.wait(20)
         return encode(text)
 
-    monkeypatch.setattr(live_server.engine.tokenizer, "encode", slow_encode)
+    monkeypatch.setattr(live_server.engine.tokenizer, "encode", blocking_encode)
     slow = threading.Thread(target=_post, args=(live_server, COMPLETIONS, {"prompt": "x", "max_tokens": 1}))
     slow.start()
-    time.sleep(0.2)
-    t0 = time.monotonic()
-    assert httpx.get(live_server.url + "/health").status_code == 200
-    assert time.monotonic() - t0 < 0.5
-    slow.join()
+    assert entered.wait(20)
+    try:  # on the event loop, encoding would block this until the wait above gives up
+        assert httpx.get(live_server.url + "/health", timeout=10).status_code == 200
+    finally:
+        health_answered.set()
+        slow.join()
 
 
 def test_non_finite_logprobs_are_sent_as_numbers(tiny_checkpoint, server_factory, monkeypatch):
