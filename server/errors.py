@@ -67,7 +67,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 _CODE_BY_PYDANTIC = {"missing": "missing_required_parameter", "json_invalid": "invalid_json",
                      "model_attributes_type": "invalid_type", "dict_type": "invalid_type",
-                     "unsupported": "unsupported_parameter"}
+                     "unsupported": "unsupported_parameter", "invalid_combination": "invalid_combination"}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
@@ -86,7 +86,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         msg = msg[len("Value error, "):]
     if param is None and kind in ("model_attributes_type", "dict_type"):
         return invalid("the request body must be a JSON object", code="invalid_type")
-    code = _CODE_BY_PYDANTIC.get(kind) or ("invalid_combination" if kind == "invalid_combination" else None) or ("invalid_type" if kind.endswith("_type") else "invalid_value")
+    code = _CODE_BY_PYDANTIC.get(kind) or ("invalid_type" if kind.endswith("_type") else "invalid_value")
     message = f"{param}: {msg}" if param else msg
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
