@@ -4,6 +4,7 @@ A checkpoint is a directory:
   config.json        {"format": "gpt-checkpoint", "version": 1, "model": {...ModelConfig...},
                       "tokenizer": "gpt2", "metadata": {...}}
   model.safetensors  the weights; a tied output projection is stored once, as the embedding
+  tokenizer.json     only for a tokenizer trained with the model (gpt/bpe.py)
   (anything else)    files the caller adds, e.g. the trainer's optimizer state
 
 Weights are only ever read with safetensors, so loading a checkpoint cannot run code the way
@@ -30,6 +31,7 @@ from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory,  #
 from .hf import load_hf_gpt2
 from .model import build_model
 from .quantization import MODES as QUANTIZATIONS, is_quantized, quantize
+from .bpe import TOKENIZER_FILE
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gpt-checkpoint"
@@ -39,15 +41,20 @@ WEIGHTS_FILE = "model.safetensors"
 
 # --- our checkpoints -------------------------------------------------------------------------
 
-def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str] = None,
+def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str | Tokenizer] = None,
          metadata: Optional[dict] = None, extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Save `model` as a checkpoint directory at `path`, atomically replacing any previous one.
 
-    tokenizer: the tokenizer name to record (default: model.config.tokenizer).
+    tokenizer: the tokenizer, or its name, to record (default: model.config.tokenizer); one
+        trained with the model (gpt/bpe.py) must be passed itself, as it is stored here.
     metadata: JSON-serialisable facts to keep with it (step, loss, data, ...).
     extra_files: {file name: bytes} written into the same directory, e.g. trainer state."""
     config: ModelConfig = model.config
-    tokenizer = tokenizer or config.tokenizer
+    tokenizer_json = tokenizer.to_json() if isinstance(tokenizer, Tokenizer) else None
+    tokenizer = (tokenizer.name if isinstance(tokenizer, Tokenizer) else tokenizer) or config.tokenizer
+    if tokenizer == "bpe" and tokenizer_json is None:
+        raise ValueError("a model with a trained 'bpe' tokenizer is saved with the tokenizer itself: "
+                         "save(model, path, tokenizer=tok)")
     model_dict = config.to_dict()
     model_dict["tokenizer"] = tokenizer  # one answer to "which tokenizer", wherever it is read
     header = {"format": FORMAT, "version": VERSION, "model": model_dict, "tokenizer": tokenizer,
@@ -58,7 +65,7 @@ def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str] = None,
     config_bytes = (json.dumps(header, indent=2, sort_keys=False) + "\n").encode("utf-8")
     extra_files = dict(extra_files or {})
     for name in extra_files:
-        if name in (CONFIG_FILE, WEIGHTS_FILE) or not name or Path(name).name != name or name.startswith("."):
+        if name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) or not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"extra file name {name!r} must be a plain file name other than "
                              f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     aliases = tied_names(model)
@@ -68,6 +75,8 @@ def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str] = None,
     path = Path(path)
     with atomic_directory(path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
         (tmp / CONFIG_FILE).write_bytes(config_bytes)
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data)
@@ -164,4 +173,8 @@ def load(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] = None) -
         kind = header.get("format") or header.get("model_type") or header.get("architectures")
         raise CheckpointError(f"{p / CONFIG_FILE}: expected a {FORMAT} checkpoint or a Hugging Face GPT-2 "
                               f"directory (model_type 'gpt2'), found {kind!r}")
-    return model, get_tokenizer(config.tokenizer)
+    try:
+        tokenizer = get_tokenizer(config.tokenizer, directory=p)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+    return model, tokenizer

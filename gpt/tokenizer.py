@@ -1,4 +1,5 @@
-"""Tokenizers: GPT-2 BPE (via tiktoken, fully offline) and a raw-byte fallback.
+"""Tokenizers: GPT-2 BPE (via tiktoken, fully offline), a raw-byte fallback, and a BPE trained
+on the user's corpus and stored in the checkpoint (gpt/bpe.py).
 
 Every tokenizer maps text <-> a list of integer ids in [0, vocab_size) and can
 return the raw bytes of any single id, which is what streaming detokenization
@@ -75,6 +76,15 @@ class Tokenizer(ABC):
     @abstractmethod
     def _token_bytes(self, token_id: int) -> bytes:
         """token_bytes for an id already checked to be in range."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the exact mapping (token caches are keyed by it); a name, for fixed ones."""
+        return self.name
+
+    def to_json(self) -> str | None:
+        """A tokenizer that lives in its checkpoint returns what to store there; named ones None."""
+        return None
 
     def encode_batch(self, texts: Iterable[str], *, allow_special: bool = False) -> list[list[int]]:
         return [self.encode(t, allow_special=allow_special) for t in texts]
@@ -172,11 +182,19 @@ class ByteTokenizer(Tokenizer):
         return EOT_TEXT.encode("utf-8") if token_id == self.eot_token else bytes([token_id])
 
 
-LOCAL_TOKENIZERS = ("gpt2", "byte")
+LOCAL_TOKENIZERS = ("gpt2", "byte", "bpe")
 
 
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """Tokenizer by name: "gpt2" (bundled, offline), "byte", or any tiktoken encoding name."""
+def get_tokenizer(name: str = "gpt2", directory: str | Path | None = None) -> Tokenizer:
+    """Tokenizer by name: "gpt2" (bundled, offline), "byte", any tiktoken encoding name, or "bpe",
+    a trained one read from `directory`/tokenizer.json (the checkpoint it was saved with)."""
+    if name == "bpe":
+        from .bpe import TOKENIZER_FILE, BPETokenizer
+
+        if directory is None:
+            raise ValueError("the 'bpe' tokenizer is trained per model and read from its checkpoint "
+                             "directory; load the checkpoint (gpt.load) rather than the tokenizer by name")
+        return BPETokenizer.from_file(Path(directory) / TOKENIZER_FILE)
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":

@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-embd", type=int, metavar="N", help="model width, divisible by --n-head (preset's)")
     g.add_argument("--block-size", type=int, metavar="N", help="context length in tokens (preset's)")
     g.add_argument("--dropout", type=float, metavar="X", help="dropout probability (preset's)")
-    g.add_argument("--tokenizer", metavar="NAME", help="gpt2, byte or a tiktoken encoding name (preset's)")
+    g.add_argument("--tokenizer", metavar="NAME",
+                   help="gpt2, byte, bpe (a byte-level BPE learned from the training data in seconds, "
+                        "saved with the checkpoints) or a tiktoken encoding name (preset's)")
+    g.add_argument("--bpe-vocab", type=int, metavar="N", help=f"--tokenizer bpe: vocabulary size ({D.bpe_vocab})")
     g.add_argument("--init-from", metavar="PATH",
                    help="fine-tune from a checkpoint directory or a Hugging Face GPT-2 directory")
     g = p.add_argument_group("data")

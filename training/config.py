@@ -31,6 +31,7 @@ class TrainConfig:
     block_size: Optional[int] = None
     dropout: Optional[float] = None
     tokenizer: Optional[str] = None  # default: the preset's
+    bpe_vocab: int = 4096  # --tokenizer bpe: ids in the tokenizer trained on the data
     init_from: Optional[str] = None  # fine-tune from a checkpoint / Hugging Face GPT-2 directory
     # data
     data: list[str] = field(default_factory=list)  # empty: stdlib sources (gpt) / date task (seq2seq)
@@ -88,12 +89,14 @@ class TrainConfig:
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)")
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        need(257 <= self.bpe_vocab <= 65536, f"--bpe-vocab must be in [257, 65536], got {self.bpe_vocab}")
         need(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
         if self.model == "seq2seq":
             need(self.init_from is None, "--init-from loads GPT checkpoints; it cannot start a seq2seq run")
 
-    def model_config(self, vocab_size: int, tokenizer: str) -> gpt.ModelConfig:
-        """The model to build: the preset with the command line's overrides."""
+    def model_config(self, vocab_size: int, tokenizer: str, eot: Optional[int] = None) -> gpt.ModelConfig:
+        """The model to build: the preset with the command line's overrides. eot: the
+        tokenizer's end-of-text id, which a seq2seq decoder starts from."""
         name = self.preset or DEFAULT_PRESET[self.model]
         base = dict(gpt.PRESETS[name])
         if base["arch"] != self.model:
@@ -102,6 +105,8 @@ class TrainConfig:
         if self.model == "gpt":
             if overrides.pop("n_encoder_layer", None) is not None:
                 raise ConfigError("--n-encoder-layer only applies to --model seq2seq")
+        elif eot is not None and base.get("decoder_start_token") is None:
+            overrides["decoder_start_token"] = eot  # explicit: a trained tokenizer has no name to look up
         try:
             return gpt.ModelConfig(**{**base, **overrides, "vocab_size": vocab_size, "tokenizer": tokenizer})
         except ValueError as e:

@@ -14,7 +14,7 @@ import secrets
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -87,7 +87,7 @@ def find_files(specs: list[str]) -> list[Path]:
 
 
 def _fingerprint(files: list[Path], tokenizer: Tokenizer, val_fraction: float) -> str:
-    h = hashlib.sha256(json.dumps([tokenizer.name, val_fraction]).encode())
+    h = hashlib.sha256(json.dumps([tokenizer.fingerprint, val_fraction]).encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -125,6 +125,21 @@ def _tokenize(files: list[Path], tokenizer: Tokenizer, dest: Path, progress: boo
             n += len(ids)
             bar.update(f.stat().st_size)
     return n
+
+
+def training_texts(files: list[Path], val_fraction: float) -> Iterator[str]:
+    """The files' texts up to the training share of their bytes: what a tokenizer may learn from
+    without seeing the validation tail (validation is the corpus's last tokens)."""
+    budget = sum(f.stat().st_size for f in files) * (1 - val_fraction)
+    for f in files:
+        if budget <= 0:
+            return
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--data {f}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        yield text if len(text) <= budget else text[: int(budget)]
+        budget -= f.stat().st_size
 
 
 def _complete_cache(d: Path) -> Optional[dict]:

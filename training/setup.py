@@ -3,6 +3,7 @@ model and optimizer. Bad input surfaces here as a ConfigError, before anything i
 from __future__ import annotations
 
 import os
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any, Optional
 import torch
 
 import gpt
-from gpt.files import CheckpointError
+from gpt.bpe import TOKENIZER_FILE, BPETokenizer, train_bpe
+from gpt.files import CheckpointError, atomic_write_bytes
 
 from . import data as corpus
 from . import pairs as pairdata
@@ -58,7 +60,8 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
 
 
-def model_and_tokenizer(cfg: TrainConfig) -> tuple[torch.nn.Module, gpt.Tokenizer]:
+def model_and_tokenizer(cfg: TrainConfig, resume_path: Optional[Path] = None, is_main: bool = True,
+                        barrier=lambda: None) -> tuple[torch.nn.Module, gpt.Tokenizer]:
     """A freshly initialised model (seeded by cfg.seed), or the --init-from weights."""
     if cfg.init_from:
         try:
@@ -81,13 +84,52 @@ def model_and_tokenizer(cfg: TrainConfig) -> tuple[torch.nn.Module, gpt.Tokenize
             model = fresh
         return model.train(), tok
     name = cfg.tokenizer or gpt.PRESETS[cfg.preset or DEFAULT_PRESET[cfg.model]].get("tokenizer", "gpt2")
-    try:
-        tok = gpt.get_tokenizer(name)
-    except ValueError as e:
-        raise ConfigError(f"--tokenizer: {e}") from None
-    mcfg = cfg.model_config(tok.vocab_size, tok.name)
+    if name == "bpe":
+        tok = trained_tokenizer(cfg, resume_path, is_main, barrier)
+    else:
+        try:
+            tok = gpt.get_tokenizer(name)
+        except ValueError as e:
+            raise ConfigError(f"--tokenizer: {e}") from None
+    mcfg = cfg.model_config(tok.vocab_size, tok.name, eot=tok.eot_token if name == "bpe" else None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and for every rerun
     return gpt.build_model(mcfg).train(), tok
+
+
+TOKENIZER_SAMPLE_PAIRS = 20_000  # generated pairs a seq2seq run without --data learns its BPE from
+
+
+def trained_tokenizer(cfg: TrainConfig, resume_path: Optional[Path], is_main: bool, barrier) -> BPETokenizer:
+    """--tokenizer bpe: the one saved with the checkpoint being resumed, or one learned now from
+    the training part of the data (by rank 0, into OUT/tokenizer.json, which every rank reads)."""
+    if resume_path is not None:
+        try:
+            return BPETokenizer.from_file(resume_path / TOKENIZER_FILE)
+        except ValueError as e:
+            raise ConfigError(f"--resume: {e}") from None
+    path = Path(cfg.out) / TOKENIZER_FILE
+    if is_main:
+        tok = train_bpe(_tokenizer_texts(cfg), cfg.bpe_vocab, progress=not cfg.quiet and sys.stderr.isatty())
+        atomic_write_bytes(path, tok.to_json().encode("utf-8"))
+    barrier()
+    return BPETokenizer.from_file(path)
+
+
+def _tokenizer_texts(cfg: TrainConfig):
+    if cfg.model == "gpt":
+        files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
+        if not files:
+            raise ConfigError("no --data given and no standard library sources found; pass --data")
+        yield from corpus.training_texts(files, cfg.val_fraction)
+    elif cfg.data:
+        pairs = [p for f in corpus.find_files(cfg.data) for p in pairdata.read_pairs(f)]
+        for src, tgt in pairs[: len(pairs) - max(1, int(len(pairs) * cfg.val_fraction))]:
+            yield src
+            yield tgt
+    else:
+        rng = random.Random(cfg.seed)
+        for _ in range(TOKENIZER_SAMPLE_PAIRS):
+            yield from date_pair(rng)
 
 
 @dataclass

@@ -74,7 +74,8 @@ def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
 
 # --- writing ----------------------------------------------------------------------------------
 
-def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, keep_last: int) -> Path:
+def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, keep_last: int,
+              tokenizer: Optional[gpt.Tokenizer] = None) -> Path:
     """Write OUT/ckpt-<step>/ (model + trainer state), point `latest` at it, drop old ones."""
     tensors: dict[str, torch.Tensor] = {}
     # no best loss yet is stored as null: JSON has no Infinity
@@ -83,7 +84,7 @@ def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, ke
     files = {STATE_JSON: (json.dumps(as_json, allow_nan=False) + "\n").encode(),
              STATE_TENSORS: safetensors.torch.save(tensors)}
     name = ckpt_name(state["step"])
-    path = gpt.save(model, out / name, metadata=metadata, extra_files=files)
+    path = gpt.save(model, out / name, tokenizer=tokenizer, metadata=metadata, extra_files=files)
     atomic_write_bytes(out / LATEST, (name + "\n").encode())
     for old in step_checkpoints(out)[:-keep_last]:
         if old.name != name:
@@ -91,8 +92,8 @@ def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, ke
     return path
 
 
-def save_best(out: Path, model: torch.nn.Module, metadata: dict) -> Path:
-    return gpt.save(model, out / BEST, metadata=metadata)
+def save_best(out: Path, model: torch.nn.Module, metadata: dict, tokenizer: Optional[gpt.Tokenizer] = None) -> Path:
+    return gpt.save(model, out / BEST, tokenizer=tokenizer, metadata=metadata)
 
 
 # --- reading ----------------------------------------------------------------------------------

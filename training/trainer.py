@@ -120,7 +120,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--dtype bfloat16: this GPU does not support it; use float16")
 
-    raw, tok = model_and_tokenizer(cfg)
+    raw, tok = model_and_tokenizer(cfg, resume_path, d.is_main, lambda: ddp.barrier(d))
     if resume_path is not None:
         check_resumable(raw, resume_path)
     raw.to(device)
@@ -206,7 +206,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
               "skipped_steps": bad.total, "bad_in_a_row": bad.in_a_row}
         meta = {"step": step, "val_loss": _finite_or_none(val_loss), "tokens_seen": tokens_seen,
                 "train_config": cfg.to_dict()}
-        ckpt.save_step(out, raw, st, meta, cfg.keep_last)
+        ckpt.save_step(out, raw, st, meta, cfg.keep_last, tokenizer=tok)
 
     def report_skip(step: int, why: str) -> None:
         report.log({"kind": "skip", "step": step, "reason": f"non-finite {why}", "in_a_row": bad.in_a_row,
@@ -289,7 +289,8 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                     best_val = val_loss
                     require_finite_weights(step)
                     if d.is_main:
-                        ckpt.save_best(out, raw, {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()})
+                        ckpt.save_best(out, raw, {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()},
+                                       tokenizer=tok)
                 save(step, val_loss)
                 report.plot()
                 window_t += time.perf_counter() - paused  # evaluation time is not training time

@@ -56,7 +56,7 @@ def test_help_documents_every_option(capsys):
     for opt in ["--model", "--preset", "--n-layer", "--n-head", "--n-embd", "--block-size", "--dropout", "--batch-size",
                 "--grad-accum", "--lr", "--min-lr", "--warmup", "--max-iters", "--weight-decay", "--grad-clip",
                 "--eval-interval", "--eval-iters", "--dtype", "--compile", "--seed", "--device", "--data",
-                "--tokenizer", "--out", "--resume", "--init-from", "standard library", "OUT/best/"]:
+                "--tokenizer", "--bpe-vocab", "--out", "--resume", "--init-from", "standard library", "OUT/best/"]:
         assert opt in text, opt
 
 
@@ -74,6 +74,7 @@ def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--max-iters", "ten"], "invalid int value"),
     (["--tokenizer", "klingon"], "unknown tokenizer"),
+    (["--tokenizer", "bpe", "--bpe-vocab", "100"], "--bpe-vocab must be in [257, 65536]"),
     (["--dtype", "float8"], "invalid choice"),
     (["--preset", "seq2seq-tiny"], "is a seq2seq model"),
     (["--init-from", "/nonexistent/ckpt"], "--init-from"),
