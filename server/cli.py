@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--default-max-tokens", "max_tokens when a request gives none", type=int, metavar="N")
     _opt(p, "--timeout", "seconds a request may take, queueing included", type=float, metavar="S")
     _opt(p, "--drain-grace", "seconds running requests get to finish after SIGTERM", type=float, metavar="S")
-    _opt(p, "--chat-template", "JSON chat template (see the README); default: System:/User:/Assistant: lines",
+    _opt(p, "--chat-template", "JSON chat template (see the README); default: System:/User:/Assistant: lines. "
+         "Given, it marks the model a chat model: /v1/models suggests chat mode, the web page opens in it",
          metavar="FILE")
     _opt(p, "--device", "torch device, e.g. cpu or cuda")
     _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)

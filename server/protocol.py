@@ -385,7 +385,12 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "gpt-serve"
-    max_model_len: int
+    max_model_len: int = Field(description="the model's context in tokens (0 while it loads); extension")
+    suggested_mode: Literal["completion", "chat"] = Field(description=(
+        'how the model is best used; extension. "chat" when the server was started with --chat-template '
+        '(the operator gave the model a chat format), else "completion": a model that continues text, best '
+        "prompted through /v1/completions (/v1/chat/completions still works, through the plain-text default "
+        "template). The web page at / opens in this mode."))
 
 
 class ModelList(BaseModel):

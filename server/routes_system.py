@@ -95,10 +95,13 @@ async def get_model(model_id: str, request: Request, settings: Settings = Depend
 
 
 def _card(request: Request) -> ModelCard:
-    """The served model; listed while it loads too (max_model_len 0 until it is in memory)."""
+    """The served model; listed while it loads too (max_model_len 0 until it is in memory). A
+    model is a chat model only when the operator gave it a chat template."""
     state = request.app.state
     max_len = state.engine.limits.max_len if state.engine is not None else 0
-    return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=max_len)
+    mode = "chat" if state.settings.chat_template else "completion"
+    return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=max_len,
+                     suggested_mode=mode)
 
 
 @router.post("/tokenize")

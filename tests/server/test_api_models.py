@@ -106,6 +106,21 @@ def test_models_endpoint_reports_the_context(openai_client, live_server):
     assert card.model_extra["max_model_len"] == TINY_CONTEXT
 
 
+def test_models_suggest_completion_mode_unless_a_chat_template_was_given(openai_client, live_server, tmp_path,
+                                                                        tiny_checkpoint, server_factory):
+    assert openai_client.models.list().data[0].model_extra["suggested_mode"] == "completion"
+    assert openai_client.models.retrieve(live_server.model).model_extra["suggested_mode"] == "completion"
+    path = tmp_path / "template.json"
+    path.write_text('{"roles": {"user": {"prefix": "Q: "}, "assistant": {"prefix": "A: "}}}')
+    server = server_factory(tiny_settings(tiny_checkpoint, chat_template=str(path)))  # loads in the background
+    cards = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [c["suggested_mode"] for c in cards] == ["chat"]
+    card = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["ModelCard"]
+    assert card["properties"]["suggested_mode"]["enum"] == ["completion", "chat"]
+    assert "--chat-template" in card["properties"]["suggested_mode"]["description"]
+    assert "suggested_mode" in card["required"]
+
+
 def test_chat_page_is_served_without_a_key(tiny_checkpoint, server_factory):
     server = server_factory(tiny_settings(tiny_checkpoint, api_key="k"))
     r = httpx.get(server.url + "/")
