@@ -18,7 +18,6 @@ from typing import Optional
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.staticfiles import StaticFiles
 
 from . import routes_chat, routes_completions, routes_system
 from .chat_template import load_chat_template
@@ -160,5 +159,5 @@ def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
         app.include_router(module.router)
     app.include_router(routes_system.open_router)
     if routes_system.STATIC_DIR.is_dir():
-        app.mount("/static", StaticFiles(directory=routes_system.STATIC_DIR), name="static")
+        app.mount("/static", routes_system.PageFiles(directory=routes_system.STATIC_DIR), name="static")
     return app

@@ -2,7 +2,7 @@
 
 Clients send `Authorization: Bearer <key>` (what the openai client does with `api_key=`).
 The comparison runs in constant time so response timing does not reveal how much of a guessed
-key was right. /health, /ready, /metrics and the chat page do not depend on this.
+key was right. /health, /ready, /metrics and the web page do not depend on this.
 """
 from __future__ import annotations
 

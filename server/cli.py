@@ -37,7 +37,8 @@ def _opt(p: argparse.ArgumentParser, flag: str, help: str, **kw) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gpt-serve", description=(
         "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models) with streaming, continuous batching, Prometheus /metrics and a chat page at /. "
+        "/v1/models) with streaming, continuous batching, Prometheus /metrics and a web page at / "
+        "(completion and chat). "
         "PATH is a checkpoint directory (gpt-train / gpt.save) or a Hugging Face GPT-2 directory. "
         "Every option can be given as an environment variable instead; the command line wins."),
         epilog="SIGTERM drains: /ready turns 503, running requests finish within --drain-grace, exit 0.")
@@ -189,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             timeout_graceful_shutdown=max(5, int(settings.drain_grace) + 5))
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     server = DrainingServer(config, app, banner=f"gpt-serve: serving {settings.model_name!r} at "
-                            f"http://{shown_host}:{sock.getsockname()[1]} (chat page at /, API at /v1)")
+                            f"http://{shown_host}:{sock.getsockname()[1]} (web page at /, API at /v1)")
     engine.on_death = server.engine_died
     server.run(sockets=[sock])
     if server.exit_code:

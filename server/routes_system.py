@@ -1,5 +1,5 @@
 """Everything that is not generation: probes, metrics, the model list, the tokenizer endpoints
-and the chat page. Probes, metrics and the page are open; the rest needs the API key."""
+and the web page. Probes, metrics and the page are open; the rest needs the API key."""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from .auth import require_api_key
 from .chat_template import ChatTemplate
@@ -75,12 +76,27 @@ async def metrics(request: Request):
     return Response(body, media_type=content_type)
 
 
+# Revalidated on every load (a cheap 304 while unchanged): a browser never runs a cached
+# static/app.js against a newer page after an upgrade.
+REVALIDATE = {"Cache-Control": "no-cache"}
+
+
+class PageFiles(StaticFiles):
+    """/static: the web page's script, with REVALIDATE."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(REVALIDATE)
+        return response
+
+
 @open_router.get("/", include_in_schema=False)
 async def index():
+    """The web page: completion and chat modes (server/static/index.html and app.js)."""
     page = STATIC_DIR / "index.html"
     if not page.is_file():
-        raise APIError(404, "the chat page is not installed (server/static/index.html)")
-    return FileResponse(page, media_type="text/html")
+        raise APIError(404, "the web page is not installed (server/static/index.html)")
+    return FileResponse(page, media_type="text/html", headers=REVALIDATE)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -121,11 +121,15 @@ def test_models_suggest_completion_mode_unless_a_chat_template_was_given(openai_
     assert "suggested_mode" in card["required"]
 
 
-def test_chat_page_is_served_without_a_key(tiny_checkpoint, server_factory):
+def test_web_page_and_its_script_are_served_without_a_key(tiny_checkpoint, server_factory):
     server = server_factory(tiny_settings(tiny_checkpoint, api_key="k"))
     r = httpx.get(server.url + "/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "<html" in r.text.lower()
+    assert "<html" in r.text.lower() and 'src="static/app.js"' in r.text
+    r = httpx.get(server.url + "/static/app.js")
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    for path in ("/", "/static/app.js"):  # revalidated, so an upgrade never mixes old and new files
+        assert httpx.get(server.url + path).headers["cache-control"] == "no-cache"
 
 
 def test_create_app_rejects_a_bad_chat_template(tmp_path):

@@ -1,60 +1,23 @@
-"""The chat page at / in a real headless browser (Debian's chromium + chromedriver) against a live
-server: type a message, press Enter, watch the reply stream in."""
+"""The web page's chat mode at / in a real headless browser (Debian's chromium + chromedriver)
+against a live server: type a message, press Enter, watch the reply stream in."""
 from __future__ import annotations
-
-import os
-import shutil
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
-                ".ci/run does)", allow_module_level=True)
-
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
+from webpage import WAIT, browser, open_page, set_field, text_of, wait_for_models  # noqa: F401 (browser: a fixture)
+from selenium.webdriver.common.by import By  # noqa: E402 (webpage skips this module without chromium)
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-WAIT = 60  # seconds: generous, the machine is shared; nothing here asserts timings
-
-
-@pytest.fixture(scope="module")
-def browser():
-    options = Options()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,800"):
-        options.add_argument(arg)
-    # An explicit driver path: selenium-manager would otherwise try to download one.
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    yield driver
-    driver.quit()
 
 
 @pytest.fixture
 def page(browser, live_server):
-    browser.get(live_server.url + "/")
-    browser.execute_script("localStorage.clear()")
-    browser.refresh()  # start from the page's defaults
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded"))
-    return browser
+    return open_page(browser, live_server.url, mode="chat")  # the user chose chat mode before
 
 
 @pytest.fixture(scope="module")
 def model(live_server):
     return live_server.model
-
-
-def set_field(driver, element_id: str, value) -> None:
-    # Settings live in a collapsible panel; set values through the DOM as typing would, so the
-    # page's own change handlers (localStorage) run.
-    driver.execute_script(
-        "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
-        "el.dispatchEvent(new Event('change'));", element_id, str(value))
 
 
 def send(driver, text: str):
@@ -67,10 +30,6 @@ def send(driver, text: str):
         return len(replies) > before and replies[-1].get_attribute("data-done") == "true" and replies[-1]
 
     return WebDriverWait(driver, WAIT).until(finished)
-
-
-def text_of(driver, element) -> str:
-    return driver.execute_script("return arguments[0].textContent", element)
 
 
 def api_reply(openai_client, model, messages, **sampling) -> str:
@@ -165,15 +124,13 @@ def test_api_key_typed_into_settings_unlocks_a_keyed_server(browser, tiny_checkp
 
     settings = Settings(model=tiny_checkpoint, api_key="sekret", max_batch_size=2)
     server = server_factory(settings, engine=load_engine(settings))
-    browser.get(server.url + "/")
-    browser.execute_script("localStorage.clear()")
-    browser.refresh()
+    open_page(browser, server.url, mode="chat", wait=False)  # the model list needs the key
     error = browser.find_element(By.ID, "error")
     WebDriverWait(browser, WAIT).until(lambda _: error.is_displayed())
     assert "(HTTP 401)" in error.text  # the page itself loads without a key; the API does not
 
     set_field(browser, "api-key", "sekret")  # its change handler lists the models again
-    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "model").get_attribute("data-loaded"))
+    wait_for_models(browser)
     assert not error.is_displayed()
     set_field(browser, "max-tokens", 8)
     reply = send(browser, "hi")
