@@ -4,9 +4,11 @@
     text = gpt.generate(model, tokenizer, "a prompt", max_new_tokens=64, temperature=0.0)
 """
 from .beam import beam_search
+from .bpe import BPETokenizer, train_bpe
 from .checkpoint import CheckpointError, load, load_checkpoint, save
 from .config import PRESETS, ModelConfig, preset
 from .decoding import Piece, SequenceDecoder, decode_tokens
+from .evaluate import Score, score_pairs, score_texts
 from .generate import Completion, complete, generate
 from .hf import export_hf_gpt2, load_hf_gpt2
 from .kv_cache import KVCache
@@ -23,5 +25,6 @@ __all__ = [
     "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
     "generate", "complete", "beam_search", "Completion", "Piece", "SamplingParams",
     "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError", "quantize",
-    "Tokenizer", "get_tokenizer", "IncrementalDetokenizer", "TextStream", "StopMatcher",
+    "Tokenizer", "get_tokenizer", "BPETokenizer", "train_bpe", "IncrementalDetokenizer", "TextStream",
+    "StopMatcher", "Score", "score_texts", "score_pairs",
 ]

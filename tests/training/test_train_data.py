@@ -68,6 +68,8 @@ def test_default_corpus_is_a_sorted_capped_stdlib_subset():
     assert files == sorted(files) and len(files) > 50
     assert sum(f.stat().st_size for f in files) <= data.STDLIB_BYTES
     assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    # the held-out tests and the data-like directories stay out of it
+    assert not any({"test", "tests", "encodings", "pydoc_data"} & set(f.parts) for f in files)
 
 
 def test_block_sampler_targets_are_inputs_shifted_and_state_restores():
