@@ -43,7 +43,7 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE from a `tokenizers` JSON (GPT-2's pre-tokenizer pattern), plus end-of-text."""
+    """Byte-level BPE from a `tokenizers` JSON, plus end-of-text."""
 
     name = "bpe"
 
@@ -111,14 +111,19 @@ class BPETokenizer(Tokenizer):
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = False) -> BPETokenizer:
     """Learn a byte-level BPE with `vocab_size` ids (end-of-text included) from `texts`."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"a BPE vocabulary needs at least {MIN_VOCAB} ids (256 bytes + end-of-text), got {vocab_size}")
     hf = HFTokenizer(models.BPE())
-    # GPT-2's pattern: words keep their leading space, and a run of spaces (indentation) gives all
-    # but its last space to a token of its own, so code's indentation levels become single tokens.
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Newlines are pieces of their own, never merged with the indentation after them: a prompt
+    # ending in a newline (the usual way to ask for the next line) then ends on a boundary the
+    # model saw in training. It costs about 6% more tokens on Python than GPT-2's pattern alone.
+    # Within a line, GPT-2's pattern: words keep their leading space, and a run of spaces gives
+    # all but its last to a token of its own, so indentation levels become single tokens.
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=progress)

@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prompt (for an encoder-decoder, the source text); '-' or omitted reads stdin")
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint or GPT-2 directory")
     p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128, help="tokens to generate (128)")
-    p.add_argument("--temperature", "-t", type=float, default=0.8, help="0 is greedy (0.8)")
+    # Small models read best a little cooler than 1, with the unlikely tail cut off.
+    p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 is greedy (0.7)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1.0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off (0.95)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, [-2, 2]")
