@@ -104,6 +104,9 @@ PRESETS: dict[str, dict] = {
     "gpt-mini": dict(arch="gpt", n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.1),
     "gpt-char": dict(arch="gpt", n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=257,
                      tokenizer="byte"),
+    # ./start.sh's default model: a BPE GPT for Python, sized for a few minutes on a 2-core CPU.
+    "gpt-code": dict(arch="gpt", n_layer=3, n_head=4, n_embd=128, block_size=256, tokenizer="bpe",
+                     pos_encoding="rotary", dropout=0.0),
     "seq2seq-mini": dict(arch="seq2seq", n_layer=3, n_encoder_layer=3, n_head=4, n_embd=128, block_size=64,
                          vocab_size=257, tokenizer="byte", dropout=0.0),
     # For tests: builds in milliseconds.
