@@ -31,7 +31,7 @@ from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory,  #
 from .hf import load_hf_gpt2
 from .model import build_model
 from .quantization import MODES as QUANTIZATIONS, is_quantized, quantize
-from .bpe import TOKENIZER_FILE
+from .bpe import TOKENIZER_FILE, BPETokenizer
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gpt-checkpoint"
@@ -174,7 +174,10 @@ def load(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] = None) -
         raise CheckpointError(f"{p / CONFIG_FILE}: expected a {FORMAT} checkpoint or a Hugging Face GPT-2 "
                               f"directory (model_type 'gpt2'), found {kind!r}")
     try:
-        tokenizer = get_tokenizer(config.tokenizer, directory=p)
+        if config.tokenizer == BPETokenizer.name:  # trained with the model, stored beside it
+            tokenizer = BPETokenizer.from_file(p / TOKENIZER_FILE)
+        else:
+            tokenizer = get_tokenizer(config.tokenizer)
     except ValueError as e:
         raise CheckpointError(f"{p}: {e}") from None
     return model, tokenizer

@@ -185,16 +185,12 @@ class ByteTokenizer(Tokenizer):
 LOCAL_TOKENIZERS = ("gpt2", "byte", "bpe")
 
 
-def get_tokenizer(name: str = "gpt2", directory: str | Path | None = None) -> Tokenizer:
-    """Tokenizer by name: "gpt2" (bundled, offline), "byte", any tiktoken encoding name, or "bpe",
-    a trained one read from `directory`/tokenizer.json (the checkpoint it was saved with)."""
+def get_tokenizer(name: str = "gpt2") -> Tokenizer:
+    """Tokenizer by name: "gpt2" (bundled, offline), "byte", or any tiktoken encoding name.
+    A trained "bpe" is not found by name: it is read from its checkpoint (gpt.load)."""
     if name == "bpe":
-        from .bpe import TOKENIZER_FILE, BPETokenizer
-
-        if directory is None:
-            raise ValueError("the 'bpe' tokenizer is trained per model and read from its checkpoint "
-                             "directory; load the checkpoint (gpt.load) rather than the tokenizer by name")
-        return BPETokenizer.from_file(Path(directory) / TOKENIZER_FILE)
+        raise ValueError("the 'bpe' tokenizer is trained per model and read from its checkpoint "
+                         "directory; load the checkpoint (gpt.load) rather than the tokenizer by name")
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":
