@@ -22,6 +22,20 @@ from .tokenizer import Tokenizer
 
 
 @dataclass
+class PromptLogprobs:
+    """How likely the model found each prompt token, given the tokens before it (a server's `echo`
+    with logprobs). One entry per prompt token; the first token's are None, as nothing predicts it.
+    From the same unprocessed distribution as generated tokens' logprobs."""
+    token_ids: list[int]
+    logprobs: list[Optional[float]] = field(default_factory=lambda: [None])
+    top_logprobs: list[Optional[dict[int, float]]] = field(default_factory=lambda: [None])  # {} when none asked
+
+    @property
+    def complete(self) -> bool:
+        return len(self.logprobs) == len(self.token_ids)
+
+
+@dataclass
 class Piece:
     """Output of one sequence: a streamed piece, or merged, a whole completion.
 
@@ -37,13 +51,16 @@ class Piece:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated up to and including this piece
     cached_tokens: int = 0  # prompt tokens a server took from its prefix cache instead of computing
+    # the prompt's own logprobs, when a server was asked for them: on the sequence's first piece
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
     def merge(self, later: "Piece") -> "Piece":
         """This piece followed by a later one of the same sequence, as one piece."""
         return Piece(self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
                      self.top_logprobs + later.top_logprobs, later.finish_reason,
                      later.prompt_tokens or self.prompt_tokens, later.completion_tokens,
-                     later.cached_tokens or self.cached_tokens)
+                     later.cached_tokens or self.cached_tokens,
+                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
 
     @property
     def logprob(self) -> float:

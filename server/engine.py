@@ -143,21 +143,39 @@ class Engine:
                 self._thread.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: Optional[float] = None,
-               request_id: Optional[str] = None) -> RequestHandle:
+               request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
+               generate: bool = True) -> RequestHandle:
         """Queue a request (starting the engine if need be). Raises gpt.RequestError (a
         ValueError: bad prompt or params, or more than fits in the context; see
-        `self.limits`), QueueFull or EngineClosed."""
+        `self.limits`), QueueFull or EngineClosed.
+
+        prompt_logprobs: also score the prompt, each token given the ones before it, with this
+        many most likely alternatives (0-20); the request's first piece carries them
+        (`Piece.prompt_logprobs`). A GPT only: an encoder-decoder's prompt is a source it does
+        not predict. generate=False: read (and score) the prompt but generate nothing; the
+        request ends with finish reason "length" and no tokens (params.max_new_tokens is ignored)."""
         loop = asyncio.get_running_loop()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.num_beams > 1:
             raise RequestError("beam search (num_beams > 1) is not served", "num_beams")
+        if prompt_logprobs is not None:
+            if self.limits.is_seq2seq:
+                raise RequestError("prompt logprobs need a decoder-only model: an encoder-decoder's prompt is "
+                                   "its source, which it does not predict", "prompt_logprobs")
+            if isinstance(prompt_logprobs, bool) or not isinstance(prompt_logprobs, int) \
+                    or not 0 <= prompt_logprobs <= 20:
+                raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {prompt_logprobs!r}",
+                                   "prompt_logprobs")
         prompt, budget = self.limits.check(prompt_ids, params)
+        if not generate:
+            budget = 0
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         now = time.monotonic()
         req = Request(id=request_id or uuid.uuid4().hex, prompt=prompt, params=params, max_new_tokens=budget,
-                      loop=loop, arrival=now, deadline=None if timeout is None else now + timeout)
+                      loop=loop, arrival=now, deadline=None if timeout is None else now + timeout,
+                      prompt_logprobs=prompt_logprobs)
         handle = RequestHandle(self, req)
         req.handle = handle
         with self._cond:

@@ -22,6 +22,14 @@ sharing the longest token prefix with its prompt and prefills only the rest. If 
 prefix is in a row that is in use (another choice of the same prompt, a common system prompt),
 the request takes the least recently used free row and, once that prefix is prefilled, copies
 its keys and values instead of computing them again.
+
+Prompt logprobs (a completion's `echo` with `logprobs`): a request that asks for them prefills its
+whole prompt, without reusing a cached prefix, and each prefill forward that carries such a
+request returns logits at every position instead of each row's last; its rows' logits give the
+logprob of each next prompt token and the top alternatives, cut to the tokenizer's vocabulary and
+taken from the same unprocessed distribution as generated tokens' logprobs (`token_logprobs`).
+They travel on the request's first piece. A request with a budget of 0 new tokens ends once its
+prompt is scored (with nothing to score, at admission, without taking a slot).
 """
 from __future__ import annotations
 
@@ -33,6 +41,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from gpt import Piece, SamplingParams, SequenceDecoder, decode_tokens
+from gpt.decoding import PromptLogprobs
+from gpt.sampling import token_logprobs
 
 from .metrics import Metrics
 from .prefix_cache import PrefixIndex
@@ -45,10 +55,11 @@ class Request:
     id: str
     prompt: list[int]
     params: SamplingParams
-    max_new_tokens: int  # the budget, checked against the context at submit
+    max_new_tokens: int  # the budget, checked against the context at submit; 0: only read (and score) the prompt
     loop: Any  # the asyncio loop the request's handle lives on
     arrival: float  # time.monotonic() at submit
     deadline: Optional[float] = None
+    prompt_logprobs: Optional[int] = None  # report the prompt's logprobs with this many alternatives; None: not
     handle: Any = None
     cancelled: bool = False  # set from any thread by RequestHandle.cancel
     # engine-thread state from admission on
@@ -58,6 +69,7 @@ class Request:
     cached_tokens: int = 0  # of those, tokens whose keys and values came from the prefix cache
     share_from: Optional["Request"] = None  # until it has prefilled share_len tokens, wait, then copy them
     share_len: int = 0
+    scored: Optional[PromptLogprobs] = None  # the prompt's logprobs so far, when asked
     first_token_at: Optional[float] = None
     last_token_at: float = 0.0
 
@@ -155,6 +167,9 @@ class Scheduler:
     def _admit_or_fail(self, r: Request, now: float, outs) -> None:
         """Admit `r`; if that fails (a bug, or a request the checks at submit missed), only `r`
         ends, with finish reason "error", and whatever slot it took is free again."""
+        if r.max_new_tokens == 0 and r.prompt_logprobs is None:  # nothing to compute: done, without a slot
+            self._finish(r, "length", outs, now)
+            return
         try:
             self._admit(r, now)
         except Exception:
@@ -169,9 +184,12 @@ class Scheduler:
 
     def _place(self, r: Request) -> tuple[int, int]:
         """The free row `r` takes and how many of its prompt tokens that row already holds. When
-        a row in use holds a longer prefix, `r` is told to copy it from there once it is written."""
+        a row in use holds a longer prefix, `r` is told to copy it from there once it is written.
+        A request that wants its prompt's logprobs computes the whole prompt: it reuses nothing."""
         if self.prefix is None:
             return min(self._free), 0
+        if r.prompt_logprobs is not None:
+            return self.prefix.evictable(self._free), 0
         self.metrics.prefix_cache_lookups_total.inc()
         common = self.prefix.common_prefix(torch.tensor(r.prompt), self.prefix.known).tolist()
         best_free = max(self._free, key=lambda row: (common[row], -row))
@@ -271,21 +289,56 @@ class Scheduler:
         if not picked:
             return
         rows = torch.tensor([r.slot for r, _ in picked])
-        if all(r.prefilled == 0 and n == len(r.prompt) for r, n in picked):
+        scoring = [i for i, (r, _) in enumerate(picked) if r.prompt_logprobs is not None]
+        if not scoring and all(r.prefilled == 0 and n == len(r.prompt) for r, n in picked):
             logits = self.model.start([r.prompt for r, _ in picked], self.cache, rows=rows)
         else:  # chunks continue rows that earlier chunks (or admission's reset) left in the cache
             ids = torch.zeros(len(picked), width, dtype=torch.long)
             for i, (r, n) in enumerate(picked):
                 ids[i, :n] = torch.tensor(r.prompt[r.prefilled: r.prefilled + n])
             n_tokens = torch.tensor([n for _, n in picked])
-            logits = self.model.step(ids.to(self.model.device), self.cache, rows=rows, n_tokens=n_tokens)
+            ids = ids.to(self.model.device)
+            if scoring:  # logits at every position (B, T, V): the prompts' own tokens are scored from them
+                every = self.model(ids, cache=self.cache, rows=rows, n_tokens=n_tokens)
+                logits = every[torch.arange(len(picked), device=every.device), (n_tokens - 1).to(every.device)]
+                for i in scoring:
+                    r, n = picked[i]
+                    self._score_prompt(r, every[i, :n])
+            else:
+                logits = self.model.step(ids, self.cache, rows=rows, n_tokens=n_tokens)
         done = []
         for i, (r, n) in enumerate(picked):
             r.prefilled += n
             if r.prefilled == len(r.prompt):
                 done.append(i)
+        scored_only = [i for i in done if picked[i][0].max_new_tokens == 0]
+        if scored_only:  # a budget of 0: the prompt is read and scored, nothing is generated
+            now = time.monotonic()
+            for i in scored_only:
+                self._finish(picked[i][0], "length", outs, now)
+            done = [i for i in done if i not in scored_only]
         if done:
             self._sample([picked[i][0] for i in done], logits[done], outs)
+
+    def _score_prompt(self, r: Request, logits: torch.Tensor) -> None:
+        """Add the logprobs of the prompt tokens that a chunk's logits (n, V) predict: the chunk's
+        position j (prompt position r.prefilled + j) predicts prompt token r.prefilled + j + 1; the
+        prompt's last position predicts the first generated token instead (sampled, not scored here)."""
+        if r.scored is None:
+            r.scored = PromptLogprobs(list(r.prompt))
+        start = r.prefilled
+        m = min(len(logits), len(r.prompt) - 1 - start)
+        if m <= 0:
+            return
+        top_n = r.prompt_logprobs
+        targets = torch.tensor(r.prompt[start + 1: start + 1 + m], dtype=torch.long, device=logits.device)
+        # ids past the tokenizer's vocabulary (a padded output layer) are never reported, as in decode_tokens
+        chosen, top_v, top_i = token_logprobs(logits[:m, :self.tokenizer.vocab_size], targets, top_n)
+        r.scored.logprobs += chosen.tolist()
+        if top_n:
+            r.scored.top_logprobs += [dict(zip(ids, lps)) for ids, lps in zip(top_i.tolist(), top_v.tolist())]
+        else:
+            r.scored.top_logprobs += [{} for _ in range(m)]
 
     # --- sampling and finishing --------------------------------------------------------
 
@@ -301,6 +354,7 @@ class Scheduler:
             if r.first_token_at is None:
                 r.first_token_at = now
                 m.time_to_first_token_seconds.observe(now - r.arrival)
+                piece.prompt_logprobs = r.scored
             else:
                 m.inter_token_latency_seconds.observe(now - r.last_token_at)
             r.last_token_at = now
@@ -316,6 +370,8 @@ class Scheduler:
         else:
             piece = Piece(finish_reason=reason, prompt_tokens=len(r.prompt))
         piece.cached_tokens = r.cached_tokens
+        if r.first_token_at is None and r.scored is not None and r.scored.complete:  # a budget of 0
+            piece.prompt_logprobs = r.scored
         outs.append((r, piece))
         self._release(r, reason, now)
 

@@ -476,3 +476,77 @@ def test_a_dead_engine_thread_fails_every_request_refuses_new_ones_and_says_so(t
     assert [e[2] for e in ends] == ["error"] * 3
     assert engine.dead and "corrupted state" in engine.dead
     assert engine.draining and len(deaths) == 1
+
+
+def _reference_prompt_logprobs(model, ids):
+    import torch
+
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids]))[0, :, :TOK.vocab_size].float(), dim=-1)
+
+
+def test_prompt_logprobs_are_scored_in_chunks_beside_decoding_and_ride_on_the_first_piece(tiny_gpt):
+    long_prompt = TOK.encode("the quick brown fox jumps over the lazy dog")  # 43 tokens: 9 chunks of 5
+    ref = _reference_prompt_logprobs(tiny_gpt, long_prompt)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=3, prefill_chunk=5)
+        try:
+            busy = engine.submit(TOK.encode("busy"), SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+            await busy.__anext__()  # decoding while the others prefill
+            score = engine.submit(long_prompt, SamplingParams(max_new_tokens=1), prompt_logprobs=2, generate=False)
+            both = engine.submit(long_prompt, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+                                 prompt_logprobs=0)
+            results = await asyncio.gather(collect(score), collect(both), collect(busy))
+            await settle(engine)
+            return results, engine.stats()
+        finally:
+            await engine.shutdown(1)
+
+    (score, both, busy), stats = run(main())
+    _, ids, reason, outs = score
+    assert ids == [] and reason == "length" and outs[-1].completion_tokens == 0
+    scored = outs[0].prompt_logprobs
+    assert scored.token_ids == long_prompt and scored.logprobs[0] is None and scored.top_logprobs[0] is None
+    want = [ref[k - 1, long_prompt[k]].item() for k in range(1, len(long_prompt))]
+    assert scored.logprobs[1:] == pytest.approx(want, abs=1e-5)
+    for k in range(1, len(long_prompt)):
+        assert sorted(scored.top_logprobs[k].values(), reverse=True) == \
+            pytest.approx(ref[k - 1].topk(2).values.tolist(), abs=1e-5)
+    _, ids, reason, outs = both
+    assert len(ids) == 3 and reason == "length"
+    assert outs[0].prompt_logprobs.logprobs[1:] == pytest.approx(want, abs=1e-5)
+    assert all(t == {} for t in outs[0].prompt_logprobs.top_logprobs[1:])  # no alternatives asked
+    assert all(o.prompt_logprobs is None for o in outs[1:])
+    assert busy[2] == "length" and all(o.prompt_logprobs is None for o in busy[3])
+    assert stats.slots_in_use == 0 and stats.running == 0
+
+
+def test_nothing_to_generate_nor_score_ends_at_admission_without_a_slot(tiny_gpt):
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=1)
+        try:
+            handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), generate=False)
+            result = await collect(handle)
+            return result, gauges(engine)
+        finally:
+            await engine.shutdown(1)
+
+    (text, ids, reason, outs), gauge_values = run(main())
+    assert (text, ids, reason) == ("", [], "length") and outs[-1].prompt_logprobs is None
+    assert outs[-1].prompt_tokens == 3 and gauge_values == (0.0, 0.0, 0.0)
+
+
+def test_prompt_logprobs_are_refused_for_an_encoder_decoder_and_out_of_range(tiny_gpt, tiny_s2s):
+    async def main():
+        for model, value, message in ((tiny_s2s, 1, "decoder-only"), (tiny_gpt, 21, r"\[0, 20\]"),
+                                      (tiny_gpt, True, r"\[0, 20\]")):
+            engine = Engine(model, TOK)
+            try:
+                with pytest.raises(gpt.RequestError, match=message) as e:
+                    engine.submit([1, 2], SamplingParams(max_new_tokens=2), prompt_logprobs=value)
+                assert e.value.param == "prompt_logprobs" and engine.stats().waiting == 0
+            finally:
+                await engine.shutdown(1)
+
+    run(main())
