@@ -30,13 +30,15 @@ def finish_reason(reason: Optional[str]) -> Optional[str]:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def submit_all(engine, jobs: Sequence[tuple[list[int], SamplingParams]], timeout: Optional[float]) -> list:
+def submit_all(engine, jobs: Sequence[tuple[list[int], SamplingParams]], timeout: Optional[float],
+               **options) -> list:
     """Submit every choice, or none: on a failure the ones already queued are cancelled. (A
-    request with more choices than the queue holds was refused earlier: params.check_fanout.)"""
+    request with more choices than the queue holds was refused earlier: params.check_fanout.)
+    `options` go to every `engine.submit` (prompt_logprobs, generate)."""
     handles = []
     try:
         for ids, params in jobs:
-            handles.append(engine.submit(ids, params, timeout=timeout))
+            handles.append(engine.submit(ids, params, timeout=timeout, **options))
     except BaseException as e:
         for h in handles:
             h.cancel()

@@ -12,7 +12,7 @@ schemathesis) sends what is accepted:
 What JSON Schema cannot say is in the descriptions and comes back as a 400 with code
 "context_length_exceeded" (a prompt and max_tokens that do not fit together) or
 "invalid_combination" (fields that are each valid but not together, like min_tokens over
-max_tokens).
+max_tokens, or a completion's max_tokens 0 without echo).
 """
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def _fill_limits(schema: dict, model_name: str, engine) -> None:
             props["model"] = {"anyOf": [{"enum": [model_name]}, {"type": "null"}],
                               "description": "the served model's name (optional)"}
         for field in ("max_tokens", "max_completion_tokens"):
-            if field in props:
-                props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": limits.room(1)},
+            if field in props:  # the model's minimum (0 for a completion's max_tokens, with echo), the room left
+                low = min((node.get("minimum", 1) for node in _walk(props[field])), default=1)
+                props[field] = {"anyOf": [{"type": "integer", "minimum": low, "maximum": limits.room(1)},
                                           {"type": "null"}], "description": props[field].get("description", "")}
         if "n" in props:
             props["n"]["maximum"] = min(props["n"].get("maximum", engine.max_queue), engine.max_queue)

@@ -72,7 +72,9 @@ def choice_seed(seed: Optional[int], choice: int) -> Optional[int]:
 
 def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choice: int, *,
                     extra_stop: Sequence[str] = (), logprobs: int = 0) -> SamplingParams:
-    """The SamplingParams of one choice of a request; token ids checked against `vocab_size`."""
+    """The SamplingParams of one choice of a request; token ids checked against `vocab_size`.
+    max_tokens 0 (an echo that generates nothing) is checked like the others, and the engine is
+    told not to generate (`Engine.submit(generate=False)`), since SamplingParams wants >= 1."""
     bias = req.logit_bias or {}
     bad = next((t for t in bias if t >= vocab_size), None)
     if bad is not None:
@@ -88,7 +90,7 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choic
         raise invalid(f"top_k is {req.top_k}, more than the vocabulary ({vocab_size})", "top_k")
     try:
         return SamplingParams(
-            max_new_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+            max_new_tokens=max(max_tokens, 1), temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logit_bias=bias or None, seed=choice_seed(req.seed, choice),
             stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])), stop_token_ids=req.stop_token_ids or (),

@@ -3,7 +3,7 @@
 Requests are validated strictly (no "5" for 5, no true for 1, no NaN or infinity), so a wrong
 type is a 400 naming the field rather than a surprise further in. Unknown fields are ignored,
 as OpenAI-compatible servers usually do, so clients that send extra options still work; the
-options we cannot honour (`echo`, `best_of` > n, `suffix`, tools) are rejected explicitly.
+options we cannot honour (`best_of` > n, `suffix`, tools, `echo` on chat) are rejected explicitly.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ UNSUPPORTED = {
     "use_beam_search": ((False,), "beam search is not served"),
     "num_beams": ((1,), "beam search is not served"),
     "length_penalty": ((1, 1.0), "length_penalty applies to beam search, which is not served"),
-    "prompt_logprobs": ((), "prompt logprobs are not supported"),
+    "prompt_logprobs": ((), "vLLM's prompt_logprobs is not supported; on /v1/completions, echo: true with "
+                            "logprobs returns the prompt tokens' logprobs"),
     "allowed_token_ids": ((), "allowed_token_ids is not supported; use logit_bias"),
     "bad_words": (([],), "bad_words is not supported; use logit_bias"),
     "include_stop_str_in_output": ((False,), "including stop strings in the output is not supported"),
@@ -201,9 +202,17 @@ PROMPT_SCHEMA = {
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # checked and made a list of prompts by parse_prompt
-    logprobs: Optional[int] = Field(None, ge=0, le=20, description="report each output token's logprob and this "
-                                                                   "many most likely alternatives")
-    echo: Optional[Literal[False]] = Field(False, description="returning the prompt is not supported yet")
+    max_tokens: Optional[int] = Field(None, ge=0, description=(
+        "new tokens at most; the prompt plus these must fit the model's context (a 400 names both numbers). "
+        "0 only with echo: return (and with logprobs, score) the prompt and generate nothing. "
+        "Default: the server's --default-max-tokens, shrunk to the room left"))
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description=(
+        "report each output token's logprob and this many most likely alternatives; with echo, the prompt's "
+        "tokens too (the first prompt token's logprob and alternatives are null: nothing predicts it)"))
+    echo: Optional[bool] = Field(False, description=(
+        "return the prompt before the generated text (a prompt of token ids as the text they decode to); with "
+        "logprobs, its tokens are scored by the model and listed first. Streamed: each choice's first chunk is "
+        "the prompt"))
     best_of: Optional[int] = Field(None, ge=1, description="only equal to n")
     suffix: Optional[Literal[""]] = Field(None, description="insertion is not supported")
 
@@ -211,6 +220,13 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _prompt(cls, v):
         return parse_prompt(v)
+
+    @model_validator(mode="after")
+    def _nothing_to_generate_needs_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError("invalid_combination", "0 (generate nothing) is only allowed with echo: true",
+                                      {"name": "max_tokens"})
+        return self
 
 
 def parse_prompt(v) -> list[Union[str, list[int]]]:
@@ -324,8 +340,9 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: Optional[list[dict[str, float]]] = None
+    # with echo, the first prompt token's entries are null (nothing predicts it)
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
     text_offset: list[int] = []
 
 

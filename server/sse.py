@@ -23,7 +23,7 @@ def sse_error(exc: APIError) -> str:
 async def event_stream(handles, *, object_name: str, rid: str, created: int, model_name: str,
                        prompt_tokens: int, include_usage: bool, choice_delta, opening=(), n: int = 1):
     """A chunk per piece of a choice (`choice_delta(i, piece, finish_reason)` gives the choice
-    dict, or None to skip the piece), with `include_usage` a last chunk with `choices: []` and
+    dict, a list of them for one chunk each, or None to skip the piece), with `include_usage` a last chunk with `choices: []` and
     the usage, then `[DONE]`. An engine error mid-stream becomes an error event. Choices come
     `n` per prompt; a prompt's cached tokens are counted once, from its first choice."""
     completion_tokens = [0] * len(handles)
@@ -43,8 +43,8 @@ async def event_stream(handles, *, object_name: str, rid: str, created: int, mod
             completion_tokens[i] = piece.completion_tokens
             cached_tokens[i] = piece.cached_tokens
             choice = choice_delta(i, piece, finish_reason(piece.finish_reason))
-            if choice is not None:
-                yield sse(chunk([choice]))
+            for c in choice if isinstance(choice, list) else [] if choice is None else [choice]:
+                yield sse(chunk([c]))
         if include_usage:
             usage = Usage.of(prompt_tokens, sum(completion_tokens), sum(cached_tokens[::n]))
             yield sse(chunk([], usage.model_dump()))

@@ -70,6 +70,10 @@ def test_the_schema_carries_the_served_models_limits(fuzzed_server):
     assert props["n"]["maximum"] == 8
     assert props["model"]["anyOf"][0]["enum"] == [fuzzed_server.model]
     assert props["response_format"]["enum"] == [None, {"type": "text"}]
+    assert props["max_tokens"]["anyOf"][0]["minimum"] == 0  # with echo: score the prompt, generate nothing
+    assert props["echo"]["anyOf"][0]["type"] == "boolean" and "logprobs" in props["echo"]["description"]
+    chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert chat["max_tokens"]["anyOf"][0]["minimum"] == 1 and chat["echo"]["enum"] == [None, False]
     ids = props["prompt"]["anyOf"][1]["items"]
     assert (ids["minimum"], ids["maximum"]) == (0, 256)
     post = spec["paths"]["/v1/completions"]["post"]["responses"]
