@@ -76,8 +76,7 @@ UNSUPPORTED = {
     "use_beam_search": ((False,), "beam search is not served"),
     "num_beams": ((1,), "beam search is not served"),
     "length_penalty": ((1, 1.0), "length_penalty applies to beam search, which is not served"),
-    "prompt_logprobs": ((), "vLLM's prompt_logprobs is not supported; on /v1/completions, echo: true with "
-                            "logprobs returns the prompt tokens' logprobs"),
+    "prompt_logprobs": ((), "vLLM's prompt_logprobs is not supported; use echo with logprobs (completions)"),
     "allowed_token_ids": ((), "allowed_token_ids is not supported; use logit_bias"),
     "bad_words": (([],), "bad_words is not supported; use logit_bias"),
     "include_stop_str_in_output": ((False,), "including stop strings in the output is not supported"),
@@ -203,16 +202,10 @@ PROMPT_SCHEMA = {
 class CompletionRequest(SamplingFields):
     prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # checked and made a list of prompts by parse_prompt
     max_tokens: Optional[int] = Field(None, ge=0, description=(
-        "new tokens at most; the prompt plus these must fit the model's context (a 400 names both numbers). "
-        "0 only with echo: return (and with logprobs, score) the prompt and generate nothing. "
-        "Default: the server's --default-max-tokens, shrunk to the room left"))
-    logprobs: Optional[int] = Field(None, ge=0, le=20, description=(
-        "report each output token's logprob and this many most likely alternatives; with echo, the prompt's "
-        "tokens too (the first prompt token's logprob and alternatives are null: nothing predicts it)"))
-    echo: Optional[bool] = Field(False, description=(
-        "return the prompt before the generated text (a prompt of token ids as the text they decode to); with "
-        "logprobs, its tokens are scored by the model and listed first. Streamed: each choice's first chunk is "
-        "the prompt"))
+        SamplingFields.model_fields["max_tokens"].description + ". 0 only with echo: the prompt, nothing generated"))
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="each token's logprob and this many likeliest "
+                                    "alternatives; with echo, the prompt's first (its first token's are null)")
+    echo: Optional[bool] = Field(False, description="prepend the prompt (ids as their text); streamed: a first chunk")
     best_of: Optional[int] = Field(None, ge=1, description="only equal to n")
     suffix: Optional[Literal[""]] = Field(None, description="insertion is not supported")
 
@@ -220,13 +213,6 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _prompt(cls, v):
         return parse_prompt(v)
-
-    @model_validator(mode="after")
-    def _nothing_to_generate_needs_echo(self):
-        if self.max_tokens == 0 and not self.echo:
-            raise PydanticCustomError("invalid_combination", "0 (generate nothing) is only allowed with echo: true",
-                                      {"name": "max_tokens"})
-        return self
 
 
 def parse_prompt(v) -> list[Union[str, list[int]]]:
@@ -340,8 +326,7 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    # with echo, the first prompt token's entries are null (nothing predicts it)
-    token_logprobs: list[Optional[float]] = []
+    token_logprobs: list[Optional[float]] = []  # with echo, the first prompt token's is null
     top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
     text_offset: list[int] = []
 

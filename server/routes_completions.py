@@ -31,6 +31,9 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("best_of other than n is not supported", "best_of", code="invalid_combination")
     echo, generate = bool(body.echo), body.max_tokens != 0
+    if not (generate or echo):
+        raise invalid("max_tokens: 0 (generate nothing) is only allowed with echo: true", "max_tokens",
+                      code="invalid_combination")
     score_prompt = echo and body.logprobs is not None
     if score_prompt and engine.limits.is_seq2seq:
         raise invalid("echo with logprobs needs a decoder-only model: this encoder-decoder's prompt is its source, "

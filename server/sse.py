@@ -23,9 +23,10 @@ def sse_error(exc: APIError) -> str:
 async def event_stream(handles, *, object_name: str, rid: str, created: int, model_name: str,
                        prompt_tokens: int, include_usage: bool, choice_delta, opening=(), n: int = 1):
     """A chunk per piece of a choice (`choice_delta(i, piece, finish_reason)` gives the choice
-    dict, a list of them for one chunk each, or None to skip the piece), with `include_usage` a last chunk with `choices: []` and
-    the usage, then `[DONE]`. An engine error mid-stream becomes an error event. Choices come
-    `n` per prompt; a prompt's cached tokens are counted once, from its first choice."""
+    dict, a list of them for one chunk each, or None to skip the piece), with `include_usage` a
+    last chunk with `choices: []` and the usage, then `[DONE]`. An engine error mid-stream becomes
+    an error event. Choices come `n` per prompt; a prompt's cached tokens are counted once, from
+    its first choice."""
     completion_tokens = [0] * len(handles)
     cached_tokens = [0] * len(handles)
     pieces = merged(handles)

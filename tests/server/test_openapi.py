@@ -71,7 +71,8 @@ def test_the_schema_carries_the_served_models_limits(fuzzed_server):
     assert props["model"]["anyOf"][0]["enum"] == [fuzzed_server.model]
     assert props["response_format"]["enum"] == [None, {"type": "text"}]
     assert props["max_tokens"]["anyOf"][0]["minimum"] == 0  # with echo: score the prompt, generate nothing
-    assert props["echo"]["anyOf"][0]["type"] == "boolean" and "logprobs" in props["echo"]["description"]
+    assert props["echo"]["anyOf"][0]["type"] == "boolean" and "prompt" in props["echo"]["description"]
+    assert "echo" in props["logprobs"]["description"] and "echo" in props["max_tokens"]["description"]
     chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert chat["max_tokens"]["anyOf"][0]["minimum"] == 1 and chat["echo"]["enum"] == [None, False]
     ids = props["prompt"]["anyOf"][1]["items"]
