@@ -38,8 +38,9 @@ def api_reply(openai_client, model, messages, **sampling) -> str:
 
 
 def test_typed_message_streams_a_reply_equal_to_the_api_reply(page, paced_live_server, openai_client, model):
-    sampling = dict(temperature=0.9, seed=11, max_tokens=16)
+    sampling = dict(temperature=0.9, top_p=0.8, seed=11, max_tokens=16)
     set_field(page, "temperature", sampling["temperature"])
+    set_field(page, "top-p", sampling["top_p"])
     set_field(page, "seed", sampling["seed"])
     set_field(page, "max-tokens", sampling["max_tokens"])
     message = "<b>hi</b> & co"  # short: the tiny test model has a 64-byte context

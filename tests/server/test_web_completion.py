@@ -48,7 +48,7 @@ def generate(driver, prompt: str):
 
 def test_prompt_streams_a_continuation_equal_to_the_api_one_with_its_usage(page, paced_live_server, openai_client):
     assert mode_of(page) == "completion"
-    sampling = dict(temperature=0.9, seed=11, max_tokens=16, top_k=40)
+    sampling = dict(temperature=0.9, top_p=0.8, seed=11, max_tokens=16, top_k=40)
     for field, value in sampling.items():
         set_field(page, field.replace("_", "-"), value)
     prompt = "<b>Once</b> upon & a"  # short: the tiny test model has a 128-byte context
