@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .tokenizer import Tokenizer
 
-IGNORE = -100
+IGNORE = -100  # cross_entropy's ignore_index: padded target positions add no loss
 
 
 @dataclass
@@ -114,6 +114,23 @@ def score_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Iterable[st
     return Score(nll=nll, tokens=n_tokens, bytes=n_bytes, documents=len(texts))
 
 
+def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], bos: int, eos: int):
+    """(src, src_mask, tgt_in, tgt_out), each (B, T), right-padded: the decoder reads
+    [bos] + target and predicts target + [eos]; padding is masked in the encoder and ignored
+    by the loss. Training batches pairs this way too."""
+    S = max(len(s) for s, _ in pairs)
+    T = max(len(t) for _, t in pairs) + 1
+    src = torch.zeros(len(pairs), S, dtype=torch.long)
+    src_mask = torch.zeros(len(pairs), S, dtype=torch.bool)
+    tgt_in = torch.zeros(len(pairs), T, dtype=torch.long)
+    tgt_out = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
+    for i, (s, t) in enumerate(pairs):
+        src[i, :len(s)], src_mask[i, :len(s)] = torch.tensor(s), True
+        tgt_in[i, :len(t) + 1] = torch.tensor([bos, *t])
+        tgt_out[i, :len(t) + 1] = torch.tensor([*t, eos])
+    return src, src_mask, tgt_in, tgt_out
+
+
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *,
                 batch_size: int = 32, progress: bool = False) -> Score:
@@ -134,15 +151,7 @@ def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tu
             if not s or len(s) > limit or len(t) + 1 > limit:
                 raise ValueError(f"pair {lo + i + 1}: the source must have 1 to {limit} tokens and the target "
                                  f"at most {limit - 1} (it has {len(s)} and {len(t)})")
-        S, T = max(len(s) for s, _ in enc), max(len(t) for _, t in enc) + 1
-        src = torch.zeros(len(enc), S, dtype=torch.long)
-        mask = torch.zeros(len(enc), S, dtype=torch.bool)
-        tgt_in = torch.zeros(len(enc), T, dtype=torch.long)
-        tgt_out = torch.full((len(enc), T), IGNORE, dtype=torch.long)
-        for i, (s, t) in enumerate(enc):
-            src[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
-            tgt_in[i, :len(t) + 1] = torch.tensor([model.start_token, *t])
-            tgt_out[i, :len(t) + 1] = torch.tensor([*t, tokenizer.eot_token])
+        src, mask, tgt_in, tgt_out = collate_pairs(enc, model.start_token, tokenizer.eot_token)
         logits = model(src.to(device), tgt_in.to(device), mask.to(device)).float()
         nll += F.cross_entropy(logits.flatten(0, 1), tgt_out.to(device).flatten(), ignore_index=IGNORE,
                                reduction="sum").item()

@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
+from gpt.evaluate import IGNORE, collate_pairs as collate  # noqa: F401 (both used by the trainer too)
 from gpt.tokenizer import Tokenizer
 
 from .config import ConfigError
 from .data import find_files
 
-IGNORE = -100  # cross_entropy's ignore_index: padded target positions add no loss
 
 Pair = tuple[list[int], list[int]]
 
@@ -73,24 +73,6 @@ def load_pair_files(specs: list[str], tokenizer: Tokenizer, block_size: int,
     n_val = max(1, int(len(texts) * val_fraction))
     ids = encode_pairs(texts, tokenizer, block_size, "--data")
     return ids[:-n_val], ids[-n_val:], texts[-n_val:]
-
-
-def collate(pairs: list[Pair], bos: int, eos: int):
-    """(src, src_mask, tgt_in, tgt_out), each (B, T), right-padded: the decoder reads
-    [bos] + target and learns to predict target + [eos]; padding is masked in the encoder and
-    ignored by the loss."""
-    S = max(len(s) for s, _ in pairs)
-    T = max(len(t) for _, t in pairs) + 1
-    src = torch.zeros(len(pairs), S, dtype=torch.long)
-    src_mask = torch.zeros(len(pairs), S, dtype=torch.bool)
-    tgt_in = torch.zeros(len(pairs), T, dtype=torch.long)
-    tgt_out = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
-    for i, (s, t) in enumerate(pairs):
-        src[i, : len(s)] = torch.tensor(s)
-        src_mask[i, : len(s)] = True
-        tgt_in[i, : len(t) + 1] = torch.tensor([bos] + t)
-        tgt_out[i, : len(t) + 1] = torch.tensor(t + [eos])
-    return src, src_mask, tgt_in, tgt_out
 
 
 class PairSampler:
