@@ -28,6 +28,7 @@ import torch
 
 from gpt import ContextLimits, Piece, RequestError, SamplingParams, pack_linear_weights
 
+from .beams import BeamJob
 from .metrics import Metrics
 from .scheduler import Request, Scheduler
 
@@ -126,6 +127,7 @@ class Engine:
         self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
                                 self._deliver, prefix_cache=prefix_cache)
         self._waiting: collections.deque[Request] = collections.deque()
+        self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._draining = False
@@ -158,7 +160,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if params.num_beams > 1:
-            raise RequestError("beam search (num_beams > 1) is not served", "num_beams")
+            raise RequestError("beam search (num_beams > 1) goes through submit_beams", "num_beams")
         if prompt_logprobs is not None:
             if self.limits.is_seq2seq:
                 raise RequestError("prompt logprobs need a decoder-only model: an encoder-decoder's prompt is "
@@ -179,17 +181,50 @@ class Engine:
         handle = RequestHandle(self, req)
         req.handle = handle
         with self._cond:
-            if self.dead is not None:
-                raise EngineClosed(f"the engine has stopped ({self.dead}); the server must be restarted")
-            if self._draining or self._stop:
-                raise EngineClosed("the server is shutting down and takes no new requests")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
+            self._check_open()
             self._waiting.append(req)
             self.metrics.requests_waiting.set(len(self._waiting))
             self._cond.notify()
         self.start()
         return handle
+
+    def submit_beams(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, *,
+                     timeout: Optional[float] = None, request_id: Optional[str] = None) -> list[RequestHandle]:
+        """Queue a beam search (params.num_beams > 1; see server/beams.py): one handle per choice,
+        the i-th receiving the i-th best beam as a single piece when the search ends. It counts
+        as one request against the queue. Raises like `submit`."""
+        loop = asyncio.get_running_loop()
+        if not isinstance(params, SamplingParams) or params.num_beams < 2:
+            raise TypeError("submit_beams takes SamplingParams with num_beams > 1")
+        if not 1 <= n <= params.num_beams:
+            raise RequestError(f"n must be in [1, num_beams = {params.num_beams}], got {n}", "n")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        prompt, budget = self.limits.check(prompt_ids, params)
+        now = time.monotonic()
+        rid = request_id or uuid.uuid4().hex
+        reqs = [Request(id=f"{rid}-{i}" if n > 1 else rid, prompt=prompt, params=params, max_new_tokens=budget,
+                        loop=loop, arrival=now, deadline=None if timeout is None else now + timeout)
+                for i in range(n)]
+        handles = []
+        for r in reqs:
+            r.handle = RequestHandle(self, r)
+            handles.append(r.handle)
+        with self._cond:
+            self._check_open()
+            self._beams.append(BeamJob(self.model, self.tokenizer, reqs))
+            self._cond.notify()
+        self.start()
+        return handles
+
+    def _check_open(self) -> None:
+        """Raise unless a new request may queue (called under the lock)."""
+        if self.dead is not None:
+            raise EngineClosed(f"the engine has stopped ({self.dead}); the server must be restarted")
+        if self._draining or self._stop:
+            raise EngineClosed("the server is shutting down and takes no new requests")
+        if len(self._waiting) + len(self._beams) >= self.max_queue:
+            raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
 
     async def shutdown(self, grace: float = 30.0) -> None:
         """Take no new requests; let queued and running ones finish for up to `grace` seconds;
@@ -198,7 +233,8 @@ class Engine:
             self._draining = True
             self._cond.notify()
         deadline = time.monotonic() + max(grace, 0.0)
-        while (self._waiting or self._sched.running) and time.monotonic() < deadline and self._alive():
+        while (self._waiting or self._sched.running or self._beams) and time.monotonic() < deadline \
+                and self._alive():
             await asyncio.sleep(0.02)
         with self._cond:
             self._stop = True
@@ -208,8 +244,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return EngineStats(slots=self.max_batch_size, slots_in_use=self._sched.slots_in_use,
-                           running=len(self._sched.running), waiting=len(self._waiting), max_queue=self.max_queue,
-                           draining=self.draining)
+                           running=len(self._sched.running), waiting=len(self._waiting) + len(self._beams),
+                           max_queue=self.max_queue, draining=self.draining)
 
     @property
     def draining(self) -> bool:
@@ -237,8 +273,10 @@ class Engine:
         log.critical("the engine thread died (%s); every request fails from now on", reason)
         with self._cond:
             self.dead = reason
-            left = list({id(r): r for r in [*self._waiting, *self._admitting, *self._sched.running]}.values())
+            beams = [r for job in self._beams for r in job.requests]
+            left = list({id(r): r for r in [*self._waiting, *self._admitting, *self._sched.running, *beams]}.values())
             self._waiting.clear()
+            self._beams.clear()
         self._sched.running.clear()
         for r in left:
             try:
@@ -254,18 +292,35 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stop or self._waiting or self._sched.running):
+                    while not (self._stop or self._waiting or self._sched.running or self._beams):
                         self._cond.wait()
                     if self._stop:
                         break
                     admit, gone = self._take_from_queue()
                     self._admitting = admit  # out of the queue, not yet running: _die must see them
-                try:
-                    self._sched.step(admit=admit, gone=gone)
-                except Exception:  # a failed forward must not kill the server: fail the batch instead
-                    log.exception("engine step failed; failing the running requests")
-                    self._sched.fail_all()
+                    beam = self._beams[0] if self._beams else None
+                if admit or gone or self._sched.running:
+                    try:
+                        self._sched.step(admit=admit, gone=gone)
+                    except Exception:  # a failed forward must not kill the server: fail the batch instead
+                        log.exception("engine step failed; failing the running requests")
+                        self._sched.fail_all()
+                if beam is not None:
+                    self._advance_beam(beam)
             self._cancel_everything()
+
+    def _advance_beam(self, job: BeamJob) -> None:
+        try:
+            outs = job.advance(time.monotonic())
+        except Exception:  # like a failed batch step: this search fails, the server goes on
+            log.exception("beam search step failed; failing its request")
+            if job.search is not None:
+                job.search.close()
+            outs = [(r, Piece(finish_reason="error")) for r in job.requests]
+        if outs is not None:
+            with self._cond:
+                self._beams.remove(job)
+            self._deliver(outs)
 
     def _take_from_queue(self) -> tuple[list[Request], list[Request]]:
         """(requests to admit into free slots, oldest first; cancelled or timed-out requests
@@ -290,6 +345,10 @@ class Engine:
         with self._cond:
             left = list(self._waiting)
             self._waiting.clear()
+            beams = list(self._beams)
+            self._beams.clear()
+        for job in beams:
+            self._deliver(job.end("cancelled"))
         for r in left:
             r.cancelled = True
         self._sched.step(admit=[], gone=left, cancel_all=True)

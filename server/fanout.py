@@ -13,10 +13,11 @@ from typing import AsyncIterator, Optional, Sequence
 
 from fastapi import Request
 
-from gpt import Piece, RequestError, SamplingParams
+from gpt import Piece, RequestError
 
 from .engine import EngineClosed, QueueFull
 from .errors import APIError, from_request_error, invalid
+from .params import Job
 
 # OpenAI knows "stop" and "length". A request cut short by --timeout or by shutdown did not
 # reach a stop either, so it reports "length": the output ended at a limit, not naturally.
@@ -30,15 +31,18 @@ def finish_reason(reason: Optional[str]) -> Optional[str]:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def submit_all(engine, jobs: Sequence[tuple[list[int], SamplingParams]], timeout: Optional[float],
-               **options) -> list:
-    """Submit every choice, or none: on a failure the ones already queued are cancelled. (A
+def submit_all(engine, jobs: Sequence[Job], timeout: Optional[float], **options) -> list:
+    """Submit every job, or none: on a failure the ones already queued are cancelled. (A
     request with more choices than the queue holds was refused earlier: params.check_fanout.)
-    `options` go to every `engine.submit` (prompt_logprobs, generate)."""
+    One handle per choice, in order; `options` go to every `engine.submit` (prompt_logprobs,
+    generate)."""
     handles = []
     try:
-        for ids, params in jobs:
-            handles.append(engine.submit(ids, params, timeout=timeout, **options))
+        for job in jobs:
+            if job.params.num_beams > 1:
+                handles += engine.submit_beams(job.ids, job.params, job.n, timeout=timeout)
+            else:
+                handles.append(engine.submit(job.ids, job.params, timeout=timeout, **options))
     except BaseException as e:
         for h in handles:
             h.cancel()

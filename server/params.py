@@ -9,7 +9,7 @@ seed + i, so a request's choices differ yet reproduce.
 from __future__ import annotations
 
 import asyncio
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 from gpt import RequestError, SamplingParams
 
@@ -94,14 +94,26 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choic
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, logit_bias=bias or None, seed=choice_seed(req.seed, choice),
             stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])), stop_token_ids=req.stop_token_ids or (),
-            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs)
+            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs, num_beams=req.num_beams,
+            length_penalty=req.length_penalty)
     except ValueError as e:
         raise invalid(str(e)) from None
 
 
+class Job(NamedTuple):
+    """What the engine is asked for: `n` choices of one prompt. A sampled job has n = 1 (one per
+    choice, each with its own seed); a beam search (params.num_beams > 1) is one job whose n best
+    beams are the choices."""
+    ids: list[int]
+    params: SamplingParams
+    n: int = 1
+
+
 def choices(engine, req: SamplingFields, ids: list[int], max_tokens: int, *, extra_stop: Sequence[str] = (),
-            logprobs: int = 0) -> list[tuple[list[int], SamplingParams]]:
-    """The engine jobs for one prompt: (ids, params) for each of the request's `n` choices."""
+            logprobs: int = 0) -> list[Job]:
+    """The engine jobs for one prompt's `n` choices: one per choice, or one beam search for all."""
     vocab = engine.limits.vocab_size
-    return [(ids, sampling_params(req, vocab, max_tokens, i, extra_stop=extra_stop, logprobs=logprobs))
+    if req.num_beams > 1:
+        return [Job(ids, sampling_params(req, vocab, max_tokens, 0, extra_stop=extra_stop), req.n)]
+    return [Job(ids, sampling_params(req, vocab, max_tokens, i, extra_stop=extra_stop, logprobs=logprobs))
             for i in range(req.n)]

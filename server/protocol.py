@@ -14,11 +14,14 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .unsupported import CHAT_UNSUPPORTED, UNSUPPORTED, check_unsupported
+
 MAX_N = 128  # choices per request; each one takes a batch slot
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # logit_bias entries, as OpenAI allows
+MAX_BEAMS = 16  # a beam search holds this many KV-cache rows of its own
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request (times n: at most the queue)
 SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
 
@@ -57,54 +60,6 @@ class TextFormat(_Strict):
     type: Literal["text"]
 
 
-# Fields of OpenAI's or vLLM's API that would change the output but are not implemented here:
-# any value but the "off" one is a 400 naming the field, never silently dropped.
-# (field, accepted values, why not)
-UNSUPPORTED = {
-    "response_format": (({"type": "text"},), "structured output (JSON mode, json_schema) is not supported"),
-    "tools": (([],), "tool calling is not supported"),
-    "tool_choice": (("none",), "tool calling is not supported"),
-    "functions": (([],), "function calling is not supported"),
-    "function_call": (("none",), "function calling is not supported"),
-    "parallel_tool_calls": ((True, False), ""),
-    "guided_json": ((), "guided decoding is not supported"),
-    "guided_regex": ((), "guided decoding is not supported"),
-    "guided_choice": ((), "guided decoding is not supported"),
-    "guided_grammar": ((), "guided decoding is not supported"),
-    "structured_outputs": ((), "guided decoding is not supported"),
-    "typical_p": ((1, 1.0), "typical sampling is not supported"),
-    "use_beam_search": ((False,), "beam search is not served"),
-    "num_beams": ((1,), "beam search is not served"),
-    "length_penalty": ((1, 1.0), "length_penalty applies to beam search, which is not served"),
-    "prompt_logprobs": ((), "vLLM's prompt_logprobs is not supported; use echo with logprobs (completions)"),
-    "allowed_token_ids": ((), "allowed_token_ids is not supported; use logit_bias"),
-    "bad_words": (([],), "bad_words is not supported; use logit_bias"),
-    "include_stop_str_in_output": ((False,), "including stop strings in the output is not supported"),
-    "truncate_prompt_tokens": ((), "prompts are never truncated: a prompt that does not fit is a 400"),
-    "modalities": ((["text"],), "only text output is supported"),
-    "audio": ((), "audio output is not supported"),
-    "prediction": ((), "predicted outputs are not supported"),
-    "reasoning_effort": ((), "this model does not reason"),
-    "web_search_options": ((), "web search is not supported"),
-}
-
-
-CHAT_UNSUPPORTED = {
-    "echo": ((False,), "echo is not supported on chat completions"),
-    "best_of": ((1,), "best_of is not supported on chat completions"),
-    "suffix": ((), "suffix is not supported"),
-}
-
-
-def _check_unsupported(data: Any, table=UNSUPPORTED) -> Any:
-    if isinstance(data, dict):
-        for name, (accepted, why) in table.items():
-            value = data.get(name)
-            if value is not None and not any(value == a and type(value) is type(a) for a in accepted):
-                raise PydanticCustomError("unsupported", "{why}", {"name": name, "why": why or "invalid value"})
-    return data
-
-
 class SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
     model: Optional[str] = Field(None, description="the served model's name (optional: this server serves one)")
@@ -141,8 +96,15 @@ class SamplingFields(_Strict):
     min_tokens: int = Field(0, ge=0, description="end-of-text and stop_token_ids cannot end the output before "
                                                  "this many tokens (stop strings still can); extension")
     ignore_eos: bool = Field(False, description="keep generating past end-of-text; extension")
+    num_beams: int = Field(1, ge=1, le=MAX_BEAMS, description=(
+        "> 1: beam search with this many beams, and the n best beams are the choices (n <= num_beams). "
+        "Deterministic (temperature, top_k/top_p/min_p and seed do not apply; penalties and logit_bias do), "
+        "not streamed, no logprobs; extension"))
+    length_penalty: float = Field(1.0, ge=-10, le=10, description=(
+        "beam search ranks a finished beam by its logprob / length ** length_penalty (> 1 favours longer "
+        "output); extension"))
 
-    _unsupported = model_validator(mode="before")(_check_unsupported)
+    _unsupported = model_validator(mode="before")(check_unsupported)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -180,10 +142,21 @@ class SamplingFields(_Strict):
         return None if v is None else {int(key): float(bias) for key, bias in v.items()}
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self):
+    def _combinations(self):
+        def bad(name, why):
+            return PydanticCustomError("invalid_combination", why, {"name": name})
         if self.stream_options is not None and not self.stream:
-            raise PydanticCustomError("invalid_combination", "only allowed when stream is true",
-                                      {"name": "stream_options"})
+            raise bad("stream_options", "only allowed when stream is true")
+        if self.num_beams > 1:
+            if self.stream:
+                raise bad("stream", "beam search (num_beams > 1) is not streamed")
+            if self.n > self.num_beams:
+                raise bad("n", f"n ({self.n}) must be at most num_beams ({self.num_beams}): the choices are "
+                               f"the best beams")
+            if getattr(self, "logprobs", None) not in (None, False):
+                raise bad("logprobs", "logprobs are not reported for beam search (num_beams > 1)")
+        elif self.length_penalty != 1.0:
+            raise bad("length_penalty", "length_penalty applies to beam search: set num_beams > 1")
         return self
 
 
@@ -269,7 +242,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _chat_unsupported(cls, data):
-        return _check_unsupported(data, CHAT_UNSUPPORTED)
+        return check_unsupported(data, CHAT_UNSUPPORTED)
 
     @property
     def wanted_max_tokens(self) -> Optional[int]:

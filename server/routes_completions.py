@@ -34,6 +34,9 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
     if not (generate or echo):
         raise invalid("max_tokens: 0 (generate nothing) is only allowed with echo: true", "max_tokens",
                       code="invalid_combination")
+    if body.num_beams > 1 and not generate:
+        raise invalid("max_tokens: 0 generates nothing to search: beam search needs max_tokens >= 1", "max_tokens",
+                      code="invalid_combination")
     score_prompt = echo and body.logprobs is not None
     if score_prompt and engine.limits.is_seq2seq:
         raise invalid("echo with logprobs needs a decoder-only model: this encoder-decoder's prompt is its source, "

@@ -31,7 +31,6 @@ def _post(server, path, body):
     ("guided_choice", ["a", "b"]),
     ("typical_p", 0.5),
     ("use_beam_search", True),
-    ("num_beams", 4),
     ("prompt_logprobs", 1),
     ("include_stop_str_in_output", True),
     ("truncate_prompt_tokens", 10),

@@ -389,7 +389,7 @@ def test_encoder_decoder_model_is_served_with_the_text_of_gpt_complete(tiny_s2s)
     ([1, 300], SamplingParams(), "300"),
     ([1] * 60, SamplingParams(max_new_tokens=10),
      "the prompt has 60 tokens and max_new_tokens is 10: 70 tokens, more than the model's context of 64"),
-    ([1, 2], SamplingParams(max_new_tokens=8, num_beams=2), "beam"),
+    ([1, 2], SamplingParams(max_new_tokens=8, num_beams=2), "submit_beams"),
     ([1, 2], SamplingParams(max_new_tokens=8, logit_bias={999: 1.0}), "999"),
 ])
 def test_bad_requests_are_refused_at_submit_with_a_clear_message(tiny_gpt, prompt, params, message):
