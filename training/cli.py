@@ -31,7 +31,7 @@ output (OUT = --out):
                        --model, gpt-serve, or gpt.load
   OUT/ckpt-<step>/     the last --keep-last checkpoints, with optimizer/RNG/data state
   OUT/latest           names the newest checkpoint; --resume continues from it
-  OUT/metrics.jsonl    one JSON object per log line and evaluation
+  OUT/metrics.jsonl    one JSON object per log line, evaluation and set of samples
   OUT/loss.png         training and validation loss against step
 
 failures: a step whose loss or gradient norm is NaN or infinite is skipped (no update) and
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="PATH", help="files, directories or globs (see below)")
     g.add_argument("--val-fraction", type=float, metavar="X", help=f"last fraction held out for validation ({D.val_fraction})")
+    g.add_argument("--val-data", nargs="+", metavar="PATH",
+                   help="validate on these files (like --data) instead of holding out a fraction: then all "
+                        "of --data trains")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per micro-batch per rank ({D.batch_size})")
     g.add_argument("--grad-accum", type=int, metavar="N", help=f"micro-batches per optimizer step ({D.grad_accum})")
@@ -88,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, metavar="N", help=f"validation batches per evaluation ({D.eval_iters})")
     g.add_argument("--eval-pairs", type=int, metavar="N", help=f"seq2seq: held-out pairs for exact match ({D.eval_pairs})")
     g.add_argument("--num-beams", type=int, metavar="N", help=f"seq2seq: beams for the beam-search accuracy ({D.num_beams})")
+    g.add_argument("--sample-prompt", dest="sample_prompts", action="append", metavar="TEXT",
+                   help="at each evaluation, continue this prompt and show it in the log, metrics.jsonl and "
+                        "TensorBoard (repeatable; default: a new line for a GPT, the first held-out source "
+                        "for seq2seq)")
+    g.add_argument("--sample-tokens", type=int, metavar="N", help=f"new tokens per sample; 0 = no samples "
+                                                                   f"({D.sample_tokens})")
+    g.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard scalars and samples to DIR "
+                                                        "(needs the tensorboard package)")
     g.add_argument("--log-interval", type=int, metavar="N", help=f"log the training loss every N steps ({D.log_interval})")
     g.add_argument("--keep-last", type=int, metavar="N", help=f"step checkpoints to keep ({D.keep_last})")
     g.add_argument("--out", metavar="DIR", help=f"run directory ({D.out})")

@@ -36,6 +36,7 @@ class TrainConfig:
     # data
     data: list[str] = field(default_factory=list)  # empty: stdlib sources (gpt) / date task (seq2seq)
     val_fraction: float = 0.1
+    val_data: list[str] = field(default_factory=list)  # validation from these files instead of a split
     # optimisation
     batch_size: int = 12
     grad_accum: int = 1
@@ -53,6 +54,9 @@ class TrainConfig:
     eval_iters: int = 100
     eval_pairs: int = 200  # seq2seq: held-out pairs for exact-match accuracy
     num_beams: int = 4  # seq2seq: beam width for the beam-search accuracy
+    sample_prompts: Optional[list[str]] = None  # continued at each evaluation; None: a default per model kind
+    sample_tokens: int = 48  # new tokens per sample; 0: no samples
+    tensorboard: Optional[str] = None  # a directory for TensorBoard event files
     log_interval: int = 10
     keep_last: int = 3  # step checkpoints kept besides best/
     out: str = "runs/train"
@@ -91,8 +95,7 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(257 <= self.bpe_vocab <= 65536, f"--bpe-vocab must be in [257, 65536], got {self.bpe_vocab}")
         need(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
-        if self.model == "seq2seq":
-            need(self.init_from is None, "--init-from loads GPT checkpoints; it cannot start a seq2seq run")
+        need(self.sample_tokens >= 0, f"--sample-tokens must be >= 0 (0 = no samples), got {self.sample_tokens}")
 
     def model_config(self, vocab_size: int, tokenizer: str, eot: Optional[int] = None) -> gpt.ModelConfig:
         """The model to build: the preset with the command line's overrides. eot: the

@@ -64,16 +64,17 @@ def _is_text(path: Path) -> bool:
     return True
 
 
-def find_files(specs: list[str]) -> list[Path]:
+def find_files(specs: list[str], option: str = "--data") -> list[Path]:
     """Files named by `specs` (files, directories searched recursively, or globs), sorted within
-    each spec. Named files must be text; inside directories, binary files are skipped."""
+    each spec. Named files must be text; inside directories, binary files are skipped. Errors
+    name `option`, the flag that gave the specs."""
     out: list[Path] = []
     for spec in specs:
         if any(c in spec for c in "*?["):
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             matches = [m for m in matches if m.is_file()]
             if not matches:
-                raise ConfigError(f"--data {spec}: the pattern matches no files")
+                raise ConfigError(f"{option} {spec}: the pattern matches no files")
             out.extend(m for m in matches if _is_text(m))
         elif os.path.isdir(spec):
             found = sorted(p for p in Path(spec).rglob("*")
@@ -81,18 +82,22 @@ def find_files(specs: list[str]) -> list[Path]:
             out.extend(p for p in found if _is_text(p))
         elif os.path.isfile(spec):
             if not _is_text(Path(spec)):
-                raise ConfigError(f"--data {spec}: not UTF-8 text (binary file?)")
+                raise ConfigError(f"{option} {spec}: not UTF-8 text (binary file?)")
             out.append(Path(spec))
         else:
-            raise ConfigError(f"--data {spec}: no such file or directory")
+            raise ConfigError(f"{option} {spec}: no such file or directory")
     if not out:
-        raise ConfigError(f"--data {' '.join(specs)}: no text files found")
+        raise ConfigError(f"{option} {' '.join(specs)}: no text files found")
     return out
 
 
-def _fingerprint(files: list[Path], tokenizer: Tokenizer, val_fraction: float) -> str:
+def _fingerprint(files: list[Path], tokenizer: Tokenizer, val_fraction: float,
+                 val_files: Optional[list[Path]] = None) -> str:
     h = hashlib.sha256(json.dumps([tokenizer.fingerprint, val_fraction]).encode())
-    for f in files:
+    for f in [*files, *(["--val-data"] if val_files else []), *(val_files or [])]:
+        if isinstance(f, str):
+            h.update(f.encode())
+            continue
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -158,10 +163,13 @@ def _complete_cache(d: Path) -> Optional[dict]:
     return meta if whole else None
 
 
-def _build_cache(files: list[Path], tokenizer: Tokenizer, d: Path, val_fraction: float, progress: bool) -> dict:
+def _build_cache(files: list[Path], tokenizer: Tokenizer, d: Path, val_fraction: float, progress: bool,
+                 val_files: Optional[list[Path]] = None) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     (d / META).unlink(missing_ok=True)  # it must only ever vouch for the files written below
     dtype = token_dtype(tokenizer.vocab_size)
+    if val_files:
+        return _build_separate_cache(files, val_files, tokenizer, d, dtype, progress)
     tmp = d / f".train.bin.tmp-{secrets.token_hex(4)}"  # a name recover() knows
     try:
         n = _tokenize(files, tokenizer, tmp, progress)
@@ -187,6 +195,29 @@ def _build_cache(files: list[Path], tokenizer: Tokenizer, d: Path, val_fraction:
     return meta
 
 
+def _build_separate_cache(files: list[Path], val_files: list[Path], tokenizer: Tokenizer, d: Path, dtype,
+                          progress: bool) -> dict:
+    """--val-data: every --data token trains, and the validation tokens are the other files'."""
+    counts = {}
+    for name, group in (("train", files), ("val", val_files)):
+        tmp = d / f".{name}.bin.tmp-{secrets.token_hex(4)}"
+        try:
+            counts[name] = _tokenize(group, tokenizer, tmp, progress)
+            if counts[name] == 0:
+                raise ConfigError(f"the {'--data' if name == 'train' else '--val-data'} files are empty (no tokens)")
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, d / f"{name}.bin")
+        finally:
+            tmp.unlink(missing_ok=True)
+    fsync_path(d)
+    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": counts["train"],
+            "val_tokens": counts["val"], "files": [str(f) for f in files[:1000]], "n_files": len(files),
+            "val_files": [str(f) for f in val_files[:1000]]}
+    atomic_write_bytes(d / META, json.dumps(meta, indent=1).encode())  # written last: marks it complete
+    return meta
+
+
 def recover(cache_root: Path) -> None:
     """Delete the temporary files a process killed while tokenizing left in the cache. Only
     call it while no other process is tokenizing into `cache_root`."""
@@ -196,12 +227,13 @@ def recover(cache_root: Path) -> None:
 
 
 def prepare(files: list[Path], tokenizer: Tokenizer, cache_root: Path, *, val_fraction: float,
-            block_size: int, progress: bool = True) -> TokenData:
+            block_size: int, progress: bool = True, val_files: Optional[list[Path]] = None) -> TokenData:
     """Tokenize `files` into cache_root/<fingerprint>/{train,val}.bin once; later runs reuse it.
 
-    The last `val_fraction` of the tokens is validation, as nanoGPT splits its corpora."""
-    d = cache_root / _fingerprint(files, tokenizer, val_fraction)
-    meta = _complete_cache(d) or _build_cache(files, tokenizer, d, val_fraction, progress)
+    The last `val_fraction` of the tokens is validation, as nanoGPT splits its corpora; with
+    `val_files`, all of `files` trains and validation is those files."""
+    d = cache_root / _fingerprint(files, tokenizer, val_fraction, val_files)
+    meta = _complete_cache(d) or _build_cache(files, tokenizer, d, val_fraction, progress, val_files)
     for name in ("train", "val"):
         if meta[f"{name}_tokens"] <= block_size:
             raise ConfigError(f"the corpus is too short: its {'training' if name == 'train' else 'validation'} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -62,14 +62,25 @@ def encode_pairs(pairs: list[tuple[str, str]], tokenizer: Tokenizer, block_size:
     return out
 
 
-def load_pair_files(specs: list[str], tokenizer: Tokenizer, block_size: int,
-                    val_fraction: float) -> tuple[list[Pair], list[Pair], list[tuple[str, str]]]:
-    """Training pairs, validation pairs (the last val_fraction), and the validation texts."""
+def read_pair_files(specs: list[str], option: str = "--data", least: int = 1) -> list[tuple[str, str]]:
     texts: list[tuple[str, str]] = []
-    for f in find_files(specs):
+    for f in find_files(specs, option):
         texts.extend(read_pairs(f))
-    if len(texts) < 2:
-        raise ConfigError(f"--data {' '.join(specs)}: need at least 2 source/target pairs, found {len(texts)}")
+    if len(texts) < least:
+        raise ConfigError(f"{option} {' '.join(specs)}: need at least {least} source/target pairs, found {len(texts)}")
+    return texts
+
+
+def load_pair_files(specs: list[str], tokenizer: Tokenizer, block_size: int, val_fraction: float,
+                    val_specs: Optional[list[str]] = None) -> tuple[list[Pair], list[Pair], list[tuple[str, str]]]:
+    """Training pairs, validation pairs (the last val_fraction, or with `val_specs` those
+    files' pairs), and the validation texts."""
+    if val_specs:
+        texts = read_pair_files(specs)
+        val_texts = read_pair_files(val_specs, "--val-data")
+        return (encode_pairs(texts, tokenizer, block_size, "--data"),
+                encode_pairs(val_texts, tokenizer, block_size, "--val-data"), val_texts)
+    texts = read_pair_files(specs, least=2)
     n_val = max(1, int(len(texts) * val_fraction))
     ids = encode_pairs(texts, tokenizer, block_size, "--data")
     return ids[:-n_val], ids[-n_val:], texts[-n_val:]

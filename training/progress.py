@@ -1,4 +1,5 @@
-"""What a run reports: the progress bar, log lines, metrics.jsonl and the loss-curve PNG."""
+"""What a run reports: the progress bar, log lines, metrics.jsonl, the loss-curve PNG and,
+with --tensorboard, TensorBoard event files."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from typing import Optional
 from gpt.files import atomic_write_bytes
 
 from .plot import plot_losses
+from .tensorboard import open_writer, write_record
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -26,14 +28,17 @@ class Reporter:
     """Rank 0 reports; other ranks get a silent one. The bar shows step, loss, tokens/s and ETA
     on a terminal; elsewhere (logs, CI) a plain line is printed every log interval instead."""
 
-    def __init__(self, out: Path, *, start_step: int, max_iters: int, enabled: bool, quiet: bool, title: str = ""):
+    def __init__(self, out: Path, *, start_step: int, max_iters: int, enabled: bool, quiet: bool, title: str = "",
+                 tensorboard: Optional[str] = None):
         self.out, self.enabled, self.quiet, self.title = out, enabled, quiet, title
+        self.writer = None
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         self.bar = None
         if not enabled:
             return
         self._load_history(start_step)
+        self.writer = open_writer(tensorboard)
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -69,6 +74,8 @@ class Reporter:
         self._remember(rec)
         with open(self.out / METRICS, "a", encoding="utf-8") as f:
             f.write(to_json_line(rec) + "\n")
+        if self.writer is not None:
+            write_record(self.writer, rec)
 
     def step(self, step: int, rec: Optional[dict]) -> None:
         """Advance the bar; `rec` is the train record on logging steps."""
@@ -96,6 +103,9 @@ class Reporter:
         return plot_losses(self.out / PLOT, self.train, self.val, self.title)
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -68,6 +68,9 @@ def model_and_tokenizer(cfg: TrainConfig, resume_path: Optional[Path] = None, is
             model, tok = gpt.load(cfg.init_from)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
+        if model.config.arch != cfg.model:
+            raise ConfigError(f"--init-from {cfg.init_from} holds a {model.config.arch} model: pass "
+                              f"--model {model.config.arch}")
         if cfg.tokenizer and cfg.tokenizer != tok.name:
             raise ConfigError(f"--tokenizer {cfg.tokenizer}: --init-from {cfg.init_from} uses {tok.name!r}")
         if model.config.vocab_size < tok.vocab_size:
@@ -120,10 +123,11 @@ def _tokenizer_texts(cfg: TrainConfig):
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
         if not files:
             raise ConfigError("no --data given and no standard library sources found; pass --data")
-        yield from corpus.training_texts(files, cfg.val_fraction)
+        yield from corpus.training_texts(files, 0.0 if cfg.val_data else cfg.val_fraction)
     elif cfg.data:
         pairs = [p for f in corpus.find_files(cfg.data) for p in pairdata.read_pairs(f)]
-        for src, tgt in pairs[: len(pairs) - max(1, int(len(pairs) * cfg.val_fraction))]:
+        held = 0 if cfg.val_data else max(1, int(len(pairs) * cfg.val_fraction))
+        for src, tgt in pairs[: len(pairs) - held]:
             yield src
             yield tgt
     else:
@@ -147,18 +151,21 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
         if not files:
             raise ConfigError("no --data given and no standard library sources found; pass --data")
+        val_files = corpus.find_files(cfg.val_data, "--val-data") if cfg.val_data else None
         cache = Path(cfg.out) / "tokens"
         # rank 0 tokenizes, the others then find the finished cache
         tokens = None
         if is_main:
             corpus.recover(cache)  # the other ranks wait at the barrier: nobody else writes there now
             tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
-                                    progress=not cfg.quiet and sys.stderr.isatty())
+                                    progress=not cfg.quiet and sys.stderr.isatty(), val_files=val_files)
         barrier()
         if tokens is None:
             tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
-                                    progress=False)
+                                    progress=False, val_files=val_files)
         what = " ".join(cfg.data) if cfg.data else f"the Python standard library ({len(files)} files)"
+        if cfg.val_data:
+            what += f", validated on {' '.join(cfg.val_data)}"
         return Data(
             train=corpus.BlockSampler(tokens.train, block_size, cfg.batch_size, seed),
             make_val=lambda s: corpus.BlockSampler(tokens.val, block_size, cfg.batch_size, s),
@@ -166,12 +173,15 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
             description=f"{what}: {len(tokens.train):,} training / {len(tokens.val):,} validation tokens")
     eot = tok.eot_token
     if cfg.data:
-        train, val, val_texts = pairdata.load_pair_files(cfg.data, tok, block_size, cfg.val_fraction)
+        train, val, val_texts = pairdata.load_pair_files(cfg.data, tok, block_size, cfg.val_fraction, cfg.val_data)
         sampler = pairdata.PairSampler(train, cfg.batch_size, seed, eot, eot)
         what = f"{' '.join(cfg.data)}: {len(train):,} training / {len(val):,} validation pairs"
     else:
-        val_texts = pairdata.held_out(date_pair, DATES_HELD_OUT, cfg.seed)
-        val = pairdata.encode_pairs(val_texts, tok, block_size, "date task")
+        if cfg.val_data:
+            val_texts = pairdata.read_pair_files(cfg.val_data, "--val-data")
+        else:
+            val_texts = pairdata.held_out(date_pair, DATES_HELD_OUT, cfg.seed)
+        val = pairdata.encode_pairs(val_texts, tok, block_size, "--val-data" if cfg.val_data else "date task")
         sampler = pairdata.GeneratedPairSampler(date_pair, tok, block_size, cfg.batch_size, seed,
                                                 {s for s, _ in val_texts}, eot, eot)
         what = f"the date-normalisation task: generated training pairs, {len(val):,} held-out"

@@ -23,6 +23,7 @@ from .config import ConfigError, TrainConfig, get_lr
 from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, non_finite
 from .pairs import IGNORE, exact_match
 from .progress import Reporter
+from .samples import default_prompts, describe, sample
 from .setup import (build_data, check_resumable, check_writable, make_optimizer, model_and_tokenizer,
                     resolve_config)
 
@@ -154,7 +155,9 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
 
     title = f"{mcfg.arch} {mcfg.n_layer}L/{mcfg.n_head}H/{mcfg.n_embd}, block {mcfg.block_size}, {tok.name}"
     report = Reporter(out, start_step=step, max_iters=cfg.max_iters, enabled=d.is_main, quiet=cfg.quiet,
-                      title=title)
+                      title=title, tensorboard=cfg.tensorboard)
+    prompts = cfg.sample_prompts if cfg.sample_prompts is not None else default_prompts(cfg.model,
+                                                                                        data.accuracy_pairs)
     report.say(f"data: {data.description}")
     report.say(f"model: {title}, {raw.num_params() / 1e6:.2f}M parameters, on {device}"
                + (f" x {d.world_size} ranks" if d.enabled else ""))
@@ -186,6 +189,17 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
             return exact_match(raw, tok, data.accuracy_pairs, num_beams=num_beams)
         finally:
             raw.train()
+
+    def show_samples(step: int) -> None:
+        if not (cfg.sample_tokens and prompts and d.is_main):
+            return
+        raw.eval()
+        try:
+            samples = sample(raw, tok, prompts, cfg.sample_tokens, cfg.model)
+        finally:
+            raw.train()
+        report.log({"kind": "sample", "step": step, "samples": samples})
+        report.say(describe(samples))
 
     def require_finite_weights(step: int) -> None:
         # skipped steps should make this impossible; it is the last line before a checkpoint
@@ -285,6 +299,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 if "exact_match_greedy" in ev:
                     msg += f", exact match (greedy) {100 * ev['exact_match_greedy']:.1f}%"
                 report.say(msg)
+                show_samples(step)
                 if val_loss < best_val:  # never true for NaN
                     best_val = val_loss
                     require_finite_weights(step)

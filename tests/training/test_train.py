@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 from pathlib import Path
@@ -8,9 +9,10 @@ import torch
 import gpt
 from training import state as ckpt
 from training import trainer
+from training.config import ConfigError
 from training.trainer import weights_digest
 
-from train_helpers import read_metrics
+from train_helpers import TINY as TINY_ARGS, read_metrics
 
 
 def _train_losses(out):
@@ -144,3 +146,72 @@ def test_init_from_checkpoint_and_hf_directory_starts_from_those_weights(run, tm
         assert tok.name == ("byte" if i == 0 else "gpt2") and s["step"] == 1
         for (k, a), b in zip(src.state_dict().items(), tuned.state_dict().values()):
             assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_init_from_an_encoder_decoder_checkpoint_fine_tunes_it(tmp_path):
+    base = dict(model="seq2seq", preset="seq2seq-tiny", eval_iters=1, eval_pairs=4, num_beams=2, batch_size=4,
+                threads=1, quiet=True, sample_tokens=0)
+    trainer.train(dict(base, max_iters=2, eval_interval=2, out=str(tmp_path / "a")))
+    src, _ = gpt.load(tmp_path / "a" / "best")
+    s = trainer.train(dict(base, init_from=str(tmp_path / "a" / "best"), lr=1e-20, min_lr=0, max_iters=1,
+                           eval_interval=1, out=str(tmp_path / "b")))
+    tuned, _ = gpt.load(tmp_path / "b" / "best")
+    assert s["step"] == 1 and tuned.config.arch == "seq2seq"
+    for (k, a), b in zip(src.state_dict().items(), tuned.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # the kind must match what is loaded, said before anything is written
+    with pytest.raises(ConfigError, match="--model seq2seq"):
+        trainer.train(dict(TINY_ARGS, init_from=str(tmp_path / "a" / "best"), out=str(tmp_path / "c")))
+
+
+def test_val_data_files_are_the_validation_set_and_all_of_data_trains(run, tmp_path):
+    val = tmp_path / "val.txt"
+    val.write_text("zzzz qqqq xxxx\n" * 200, encoding="utf-8")  # unlike the corpus: a high loss
+    same = run(max_iters=20, out=str(tmp_path / "split"))
+    other = run(max_iters=20, val_data=[str(val)], out=str(tmp_path / "sep"))
+    assert other["best_val_loss"] > same["best_val_loss"] + 1.0
+    meta = json.loads(next((tmp_path / "sep" / "tokens").glob("*/meta.json")).read_text())
+    corpus_bytes = (tmp_path / "corpus.txt").stat().st_size
+    assert meta["train_tokens"] == corpus_bytes and meta["val_tokens"] == val.stat().st_size
+    with pytest.raises(ConfigError, match="--val-data"):
+        run(val_data=[str(tmp_path / "missing-*.txt")], out=str(tmp_path / "none"))
+
+
+def test_samples_at_each_evaluation_go_to_the_log_metrics_and_tensorboard(run, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    tb = tmp_path / "tb"
+    run(max_iters=10, eval_interval=5, sample_prompts=["the cat", "alpha"], sample_tokens=12, quiet=False,
+        tensorboard=str(tb))
+    samples = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "sample"]
+    assert [r["step"] for r in samples] == [5, 10]
+    assert [s["prompt"] for s in samples[-1]["samples"]] == ["the cat", "alpha"]
+    assert all(len(s["text"]) > 0 for r in samples for s in r["samples"])
+    assert "sample: the cat →" in capsys.readouterr().out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/val_loss"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("eval/val_loss")] == [5, 10]
+    texts = acc.Tensors("samples/text_summary")
+    assert [t.step for t in texts] == [5, 10] and b"the cat" in texts[-1].tensor_proto.string_val[0]
+
+
+def test_the_default_sample_prompt_of_a_gpt_is_a_new_line_and_sample_tokens_0_turns_samples_off(run, tmp_path):
+    run(max_iters=5, eval_interval=5, out=str(tmp_path / "a"))
+    (rec,) = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "sample"]
+    assert rec["samples"][0]["prompt"] == "\n"
+    run(max_iters=5, eval_interval=5, sample_tokens=0, out=str(tmp_path / "b"))
+    assert not [r for r in read_metrics(tmp_path / "b") if r["kind"] == "sample"]
+
+
+def test_seq2seq_val_data_pairs_are_the_held_out_set(tmp_path):
+    rows = [json.dumps({"source": w, "target": w[::-1]}) + "\n" for w in ("abc", "hello", "xyz", "gpt", "cat")]
+    (tmp_path / "train.jsonl").write_text("".join(rows * 4))
+    (tmp_path / "val.jsonl").write_text("".join(rows[:3]))
+    s = trainer.train(dict(model="seq2seq", preset="seq2seq-tiny", data=[str(tmp_path / "train.jsonl")],
+                           val_data=[str(tmp_path / "val.jsonl")], max_iters=2, eval_interval=2, eval_iters=1,
+                           batch_size=4, threads=1, quiet=True, out=str(tmp_path / "run")))
+    (acc,) = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "accuracy"]
+    assert acc["pairs"] == 3 and s["step"] == 2
+    (sample,) = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "sample"]
+    assert sample["samples"][0]["prompt"] == "abc"  # the default: the first held-out source
