@@ -28,7 +28,7 @@ data:
 
 output (OUT = --out):
   OUT/best/            the model with the lowest validation loss: pass it to gpt-generate
-                       --model, gpt-serve, or gpt.load
+                       --model, gpt-serve, or gpt.load (with LoRA: the adapters merged in)
   OUT/ckpt-<step>/     the last --keep-last checkpoints, with optimizer/RNG/data state
   OUT/latest           names the newest checkpoint; --resume continues from it
   OUT/metrics.jsonl    one JSON object per log line, evaluation and set of samples
@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bpe-vocab", type=int, metavar="N", help=f"--tokenizer bpe: vocabulary size ({D.bpe_vocab})")
     g.add_argument("--init-from", metavar="PATH",
                    help="fine-tune from a checkpoint directory or a Hugging Face GPT-2 directory")
+    g = p.add_argument_group("LoRA fine-tuning (with --init-from)")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="train rank-R adapters beside the frozen weights "
+                                                             "instead of every weight (0 = off)")
+    g.add_argument("--lora-alpha", type=float, metavar="X", help="adapter scale: alpha / rank (2 x rank)")
+    g.add_argument("--lora-dropout", type=float, metavar="X", help="dropout on the adapters' input (0)")
+    g.add_argument("--lora-targets", nargs="+", metavar="NAME",
+                   help="layers to adapt, by name (c_attn q_proj kv_proj c_proj c_fc: attention and MLP)")
+    g.add_argument("--lora-bias", action="store_true", help="train the biases too")
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", metavar="PATH", help="files, directories or globs (see below)")
     g.add_argument("--val-fraction", type=float, metavar="X", help=f"last fraction held out for validation ({D.val_fraction})")

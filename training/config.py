@@ -33,6 +33,11 @@ class TrainConfig:
     tokenizer: Optional[str] = None  # default: the preset's
     bpe_vocab: int = 4096  # --tokenizer bpe: ids in the tokenizer trained on the data
     init_from: Optional[str] = None  # fine-tune from a checkpoint / Hugging Face GPT-2 directory
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the whole model (needs init_from)
+    lora_alpha: Optional[float] = None  # adapter scale alpha / rank; default 2 x rank
+    lora_dropout: float = 0.0
+    lora_targets: Optional[list[str]] = None  # layer names to adapt; default: attention and MLP projections
+    lora_bias: bool = False  # train every bias too
     # data
     data: list[str] = field(default_factory=list)  # empty: stdlib sources (gpt) / date task (seq2seq)
     val_fraction: float = 0.1
@@ -95,6 +100,14 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(257 <= self.bpe_vocab <= 65536, f"--bpe-vocab must be in [257, 65536], got {self.bpe_vocab}")
         need(self.threads >= 0, f"--threads must be >= 0, got {self.threads}")
+        need(self.lora_rank >= 0, f"--lora-rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank:
+            need(self.init_from is not None, "--lora-rank adapts a trained model: pass --init-from PATH")
+        else:
+            for name in ("lora_alpha", "lora_targets"):
+                need(getattr(self, name) is None, f"--{name.replace('_', '-')} needs --lora-rank")
+            need(not self.lora_bias and not self.lora_dropout, "--lora-bias and --lora-dropout need --lora-rank")
         need(self.sample_tokens >= 0, f"--sample-tokens must be >= 0 (0 = no samples), got {self.sample_tokens}")
 
     def model_config(self, vocab_size: int, tokenizer: str, eot: Optional[int] = None) -> gpt.ModelConfig:

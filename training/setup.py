@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 import gpt
+from gpt import lora
 from gpt.bpe import TOKENIZER_FILE, BPETokenizer, train_bpe
 from gpt.files import CheckpointError, atomic_write_bytes
 
@@ -187,6 +188,28 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
         what = f"the date-normalisation task: generated training pairs, {len(val):,} held-out"
     return Data(train=sampler, make_val=lambda s: pairdata.PairSampler(val, cfg.batch_size, s, eot, eot),
                 accuracy_pairs=val_texts[: cfg.eval_pairs], description=what)
+
+
+def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> Optional[str]:
+    """--lora-rank: freeze `model` and give it adapters; a description for the log, or None."""
+    if not cfg.lora_rank:
+        return None
+    torch.manual_seed(cfg.seed)  # the adapters' random A: the same on every rank and every rerun
+    try:
+        layers = lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                            cfg.lora_targets or lora.DEFAULT_TARGETS, cfg.lora_bias)
+    except ValueError as e:
+        raise ConfigError(f"--lora-targets: {e}") from None
+    trainable, total = lora.trainable_count(model)
+    return (f"LoRA rank {cfg.lora_rank} on {len(layers)} layers: {trainable:,} of {total:,} parameters train "
+            f"({100 * trainable / total:.2f}%)")
+
+
+def resume_adapters(model: torch.nn.Module, saved: dict, path: Path) -> None:
+    try:
+        lora.load_adapters(model, saved.get("adapters") or {})
+    except ValueError as e:
+        raise ConfigError(f"--resume: {path}: {e}; resume with the run's own --lora settings") from None
 
 
 def check_resumable(model: torch.nn.Module, path: Path) -> None:

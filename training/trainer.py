@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from gpt import lora
+
 from . import distributed as ddp
 from . import state as ckpt
 from .config import ConfigError, TrainConfig, get_lr
@@ -24,8 +26,8 @@ from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, no
 from .pairs import IGNORE, exact_match
 from .progress import Reporter
 from .samples import default_prompts, describe, sample
-from .setup import (build_data, check_resumable, check_writable, make_optimizer, model_and_tokenizer,
-                    resolve_config)
+from .setup import (add_lora, build_data, check_resumable, check_writable, make_optimizer, model_and_tokenizer,
+                    resolve_config, resume_adapters)
 
 # Tests set this to a directory: every rank then writes a hash of its final weights there.
 DEBUG_DUMP_ENV = "GPT_TRAIN_DEBUG_WEIGHTS_DIR"
@@ -122,7 +124,10 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
         raise ConfigError("--dtype bfloat16: this GPU does not support it; use float16")
 
     raw, tok = model_and_tokenizer(cfg, resume_path, d.is_main, lambda: ddp.barrier(d))
-    if resume_path is not None:
+    adapted = add_lora(raw, cfg)
+    if resume_path is not None and adapted:  # a LoRA run's base weights are --init-from's, unchanged
+        resume_adapters(raw, saved, resume_path)
+    elif resume_path is not None:
         check_resumable(raw, resume_path)
     raw.to(device)
     mcfg = raw.config
@@ -159,6 +164,8 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
     prompts = cfg.sample_prompts if cfg.sample_prompts is not None else default_prompts(cfg.model,
                                                                                         data.accuracy_pairs)
     report.say(f"data: {data.description}")
+    if adapted:
+        report.say(adapted)
     report.say(f"model: {title}, {raw.num_params() / 1e6:.2f}M parameters, on {device}"
                + (f" x {d.world_size} ranks" if d.enabled else ""))
     for msg in repairs:
@@ -208,6 +215,10 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
             raise TrainingDiverged(f"the weights are not finite at step {step}; nothing was saved, and "
                                    f"{_last_good(out)}")
 
+    def plain_model():
+        """What checkpoints hold: with LoRA, the adapters merged in (gpt.load reads it as is)."""
+        return lora.merged(raw) if adapted else raw
+
     def save(step: int, val_loss: Optional[float]) -> None:
         require_finite_weights(step)  # on every rank (they hold the same weights): all stop together
         rank_state = {"torch_rng": torch.get_rng_state(), "sampler": data.train.state_dict(),
@@ -217,10 +228,11 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
             return
         st = {"step": step, "best_val_loss": best_val, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "ranks": ranks,
               "optimizer": ckpt.optimizer_state(optimizer), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-              "skipped_steps": bad.total, "bad_in_a_row": bad.in_a_row}
+              "skipped_steps": bad.total, "bad_in_a_row": bad.in_a_row,
+              "adapters": lora.adapters(raw) if adapted else None}
         meta = {"step": step, "val_loss": _finite_or_none(val_loss), "tokens_seen": tokens_seen,
                 "train_config": cfg.to_dict()}
-        ckpt.save_step(out, raw, st, meta, cfg.keep_last, tokenizer=tok)
+        ckpt.save_step(out, plain_model(), st, meta, cfg.keep_last, tokenizer=tok)
 
     def report_skip(step: int, why: str) -> None:
         report.log({"kind": "skip", "step": step, "reason": f"non-finite {why}", "in_a_row": bad.in_a_row,
@@ -304,7 +316,7 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                     best_val = val_loss
                     require_finite_weights(step)
                     if d.is_main:
-                        ckpt.save_best(out, raw, {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()},
+                        ckpt.save_best(out, plain_model(), {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()},
                                        tokenizer=tok)
                 save(step, val_loss)
                 report.plot()
