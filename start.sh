@@ -46,8 +46,8 @@ if [ "$has_model" = 0 ]; then
             # The gpt-code preset: a BPE learned from the corpus, 3 layers, 128 wide, context
             # 256 tokens. Its budget is counted in tokens, 4.9M (steps x batch x context),
             # because CPUs differ; benchmarks/first_run.py measured the choices (README).
-            .venv/bin/gpt-train --out "$RUN" --preset gpt-code --bpe-vocab 2048 \
-                --batch-size 8 --max-iters "${GPT_DEFAULT_ITERS:-2400}" --lr 3e-3 --min-lr 3e-4 \
+            .venv/bin/gpt-train --out "$RUN" --preset gpt-code --bpe-vocab 3072 \
+                --batch-size 8 --max-iters "${GPT_DEFAULT_ITERS:-2400}" --lr 6e-3 --min-lr 6e-4 \
                 --warmup 100 --eval-interval 800 --eval-iters 20
         fi
         say "      trained in $(elapsed $t)"
