@@ -96,7 +96,7 @@ def main() -> None:
             continue
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     full = next((r for r in rows if r["mode"] == "full"), None)
-    print(f"\n| mode | trainable parameters | peak memory | step time | memory vs full | step time vs full |")
+    print("\n| mode | trainable parameters | peak memory | step time | memory vs full | step time vs full |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         mem = f"{r['peak_gib'] / full['peak_gib']:.2f}x" if full else "-"

@@ -6,7 +6,7 @@ schemathesis) sends what is accepted:
 
 - the served model's name, the tokenizer's id range (prompt ids, logit_bias keys,
   stop_token_ids), the context's room for max_tokens, and n within the queue;
-- the fields the server refuses rather than ignores (protocol.UNSUPPORTED), each with the only
+- the fields the server refuses rather than ignores (server/unsupported.py), each with the only
   values it accepts, instead of leaving them to "additional properties".
 
 What JSON Schema cannot say is in the descriptions and comes back as a 400 with code
@@ -19,7 +19,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .protocol import CHAT_UNSUPPORTED, UNSUPPORTED
+from .unsupported import CHAT_UNSUPPORTED, UNSUPPORTED
 
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],

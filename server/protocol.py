@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .unsupported import CHAT_UNSUPPORTED, UNSUPPORTED, check_unsupported
+from .unsupported import CHAT_UNSUPPORTED, check_unsupported
 
 MAX_N = 128  # choices per request; each one takes a batch slot
 MAX_STOP = 16  # stop strings per request

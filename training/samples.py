@@ -38,4 +38,4 @@ def describe(samples: list[dict]) -> str:
     """The samples as log lines: the prompt and its continuation, newlines shown as ⏎."""
     def show(s: str) -> str:
         return s.replace("\n", "⏎")
-    return "\n".join(f"  sample: {show(s['prompt'])!s} → {show(s['text'])}" for s in samples)
+    return "\n".join(f"  sample: {show(s['prompt'])} → {show(s['text'])}" for s in samples)

@@ -4,6 +4,7 @@ streamed requests without disturbing them, and what cannot work is a 400 before 
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -182,7 +183,6 @@ def test_a_timed_out_search_returns_its_best_beams_so_far(tiny_gpt):
     step = tiny_gpt.step
 
     def slow(*a, **k):
-        import time
         time.sleep(0.02)
         return step(*a, **k)
     tiny_gpt.step = slow
