@@ -6,6 +6,7 @@
 from .beam import BeamSearch, beam_search
 from .bpe import BPETokenizer, train_bpe
 from .checkpoint import CheckpointError, load, load_checkpoint, save
+from .compile import compile_decode
 from .config import PRESETS, ModelConfig, preset
 from .decoding import Piece, SequenceDecoder, decode_tokens
 from .evaluate import Score, score_pairs, score_texts
@@ -24,7 +25,7 @@ __all__ = [
     "GPT", "EncoderDecoder", "build_model", "pack_linear_weights", "ModelConfig", "PRESETS", "preset", "KVCache",
     "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
     "generate", "complete", "beam_search", "BeamSearch", "Completion", "Piece", "SamplingParams",
-    "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError", "quantize",
+    "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError", "quantize", "compile_decode",
     "Tokenizer", "get_tokenizer", "BPETokenizer", "train_bpe", "IncrementalDetokenizer", "TextStream",
     "StopMatcher", "Score", "score_texts", "score_pairs",
 ]

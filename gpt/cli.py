@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype (float32)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: 8-bit weights and activations in every linear layer (none)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (tens of seconds the first time); faster with --quantize int8")
     return p
 
 
@@ -61,6 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from . import checkpoint
+    from .compile import compile_decode
     from .device import resolve_device
     from .generate import generate
     from .quantization import quantize
@@ -85,6 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--model {args.model}: {e}")
     if args.quantize != "none":
         quantize(model, args.quantize)
+    if args.compile and args.num_beams == 1:
+        compile_decode(model)
     try:
         pieces = generate(model, tokenizer, prompt, stream=True, **vars(params))
         for piece in pieces:

@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from .beam import beam_search
+from .compile import is_compiled
 from .decoding import Piece, SequenceDecoder, decode_tokens
 from .limits import ContextLimits
 from .sampling import SamplingParams
@@ -39,7 +40,9 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]]
         ids, budget = limits.check(ids, p, clamp=True)
         decoders.append(SequenceDecoder(tokenizer, ids, p, budget))
     B = len(decoders)
-    if limits.is_seq2seq:
+    if B == 1 and is_compiled(model):
+        cache = model.new_cache(1)  # full length: the compiled step's graph is specialised to the cache's shape
+    elif limits.is_seq2seq:
         cache = model.new_cache(B, max_len=max(d.budget for d in decoders) + 1,
                                 src_len=max(len(d.prompt_ids) for d in decoders))
     else:

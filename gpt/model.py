@@ -62,6 +62,7 @@ class _Transformer(nn.Module):
     # A GPT's prompt can be fed to the cache a chunk at a time (the server interleaves long
     # prompts with decoding that way); the encoder is not causal, so a source is encoded whole.
     prefills_in_chunks: bool = True
+    _compiled_stack = None  # set by gpt.compile_decode
 
     def _embed(self, wte: nn.Embedding, wpe: PositionEncoding, idx: Tensor, pos: Tensor) -> Tensor:
         x = wte(idx)
@@ -88,6 +89,17 @@ class _Transformer(nn.Module):
             pos = pos.clamp(max=self.config.block_size - 1).to(idx.device)  # padding may run past the end
             if memory is None and cache.max_src_len:  # decoding against stored encoder outputs
                 memory_mask = cache.cross_mask(view)
+        # A decode step (one token per row, against the cache) may run compiled (gpt.compile_decode);
+        # everything above, the cache's host-side bookkeeping, stays eager.
+        # (lengths of 1 would need graphs of their own: a 1-token prompt, a 1-token source stay eager)
+        single = cache is not None and B == T == 1 and view.kv_len > 1 and view.src_len != 1
+        run = self._compiled_stack if single and self._compiled_stack else self._run_stack
+        return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view,
+                   memory=memory, memory_mask=memory_mask)
+
+    def _run_stack(self, stack: nn.ModuleDict, wte: nn.Embedding, idx: Tensor, pos: Tensor, *,
+                   mask: Optional[Tensor], causal: bool, cache: Optional[KVCache], view,
+                   memory: Optional[Tensor], memory_mask: Optional[Tensor]) -> Tensor:
         x = self._embed(wte, stack.wpe, idx, pos)
         x = stack.drop(x)
         rope = stack.wpe.rotary(pos)
@@ -123,8 +135,11 @@ class _Transformer(nn.Module):
             raise ValueError(f"a cache row holds at most block_size ({c.block_size}) tokens, "
                              f"asked for {max(max_len, src)}")
         p = next(self.parameters())
-        return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
-                       dtype=p.dtype, device=p.device)
+        # Never inference tensors, even when made under inference_mode: one kind of cache for the
+        # compiled decode step to guard on (gpt.compile_decode); in-place writes work in both modes.
+        with torch.inference_mode(False):
+            return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
+                           dtype=p.dtype, device=p.device)
 
     @property
     def device(self) -> torch.device:

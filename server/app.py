@@ -55,7 +55,7 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
                         settings.dtype, settings.max_batch_size, slowdown, settings.dtype)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                   max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads,
-                  prefix_cache=settings.prefix_cache)
+                  prefix_cache=settings.prefix_cache, compile_decode=settings.compile)
 
 
 async def _load_in_background(app: FastAPI) -> None:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)
     _opt(p, "--quantize", "int8: 8-bit weights (and activations) in every linear layer; default: none",
          choices=QUANTIZATIONS)
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help=f"torch.compile the decode step of a single stream, compiling at start-up (tens of "
+                        f"seconds the first time); faster with --quantize int8, slower in float32 on CPU "
+                        f"(env {ENV_PREFIX}COMPILE=1)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help=f"prefill every prompt in full instead of reusing cached prefixes of earlier ones "
                         f"(env {ENV_PREFIX}PREFIX_CACHE=0)")

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+import gpt
 from gpt import ContextLimits, Piece, RequestError, SamplingParams, pack_linear_weights
+from gpt.compile import warm_up
 
 from .beams import BeamJob
 from .metrics import Metrics
@@ -104,6 +106,8 @@ class Engine:
     max_len: tokens per KV-cache row (a GPT's prompt plus output; an encoder-decoder's output,
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
+    compile_decode: torch.compile the single-stream decode step (gpt.compile_decode), compiling
+    it now, in the scheduler's own cache, rather than in the first request.
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
     from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
@@ -114,7 +118,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
                  max_len: Optional[int] = None, max_prompt_tokens: Optional[int] = None, prefill_chunk: int = 512,
                  metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, compile_decode: bool = False):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -126,6 +130,10 @@ class Engine:
         self.limits = ContextLimits.of(model, tokenizer, max_len=max_len, max_prompt_tokens=max_prompt_tokens)
         self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
                                 self._deliver, prefix_cache=prefix_cache)
+        if compile_decode:
+            gpt.compile_decode(model)
+            log.info("compiling the decode step (torch.compile) ...")
+            log.info("decode step compiled in %.1f s", warm_up(model, self._sched.cache))
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()

@@ -6,6 +6,7 @@ import pytest
 
 import gpt
 from gpt import SamplingParams
+from gpt.compile import is_compiled
 from server.engine import Engine, EngineClosed, QueueFull
 
 TOK = gpt.get_tokenizer("byte")
@@ -550,3 +551,21 @@ def test_prompt_logprobs_are_refused_for_an_encoder_decoder_and_out_of_range(tin
                 await engine.shutdown(1)
 
     run(main())
+
+
+def test_a_compiled_engine_warms_up_at_start_and_streams_the_eager_text(tiny_gpt):
+    twin = gpt.GPT(tiny_gpt.config).eval()
+    twin.load_state_dict(tiny_gpt.state_dict())
+    model, eager = gpt.quantize(tiny_gpt, "int8"), gpt.quantize(twin, "int8")
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    want = gpt.complete(eager, TOK, ["Once upon a time"], [params])[0]
+
+    async def main():
+        engine = Engine(model, TOK, max_batch_size=4, compile_decode=True)
+        try:
+            return await collect(engine.submit(TOK.encode("Once upon a time"), params))
+        finally:
+            await engine.shutdown(1)
+
+    text, ids, reason, _ = run(main(), limit=300)
+    assert is_compiled(model) and (text, ids, reason) == (want.text, want.token_ids, "length")

@@ -1,0 +1,64 @@
+"""gpt.compile_decode: the compiled single-stream decode step gives what the eager one gives,
+with one graph for every prompt and output length."""
+import shutil
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import gpt
+from gpt.compile import is_compiled, warm_up
+
+BYTES = gpt.get_tokenizer("byte")
+PROMPTS = ["Once upon a time", "x", "A longer prompt, to move the lengths around a little more"]
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                reason="torch.compile (inductor) needs a C++ compiler on CPU")
+
+
+def _twin(model):
+    twin = gpt.build_model(model.config)
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "seq2seq-tiny"])
+def test_compiled_int8_decode_matches_eager_with_one_graph_for_every_length(preset):
+    model = gpt.build_model(gpt.preset(preset)).eval()
+    fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8"))
+    eager = gpt.quantize(model, "int8")
+    assert is_compiled(fast) and not is_compiled(eager)
+    graphs = counters["stats"]["unique_graphs"]
+    warm_up(fast)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    params = gpt.SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    for prompt in PROMPTS:
+        want = gpt.complete(eager, BYTES, [prompt], [params])[0]
+        got = gpt.complete(fast, BYTES, [prompt], [params])[0]
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-3)
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # no recompiling for other lengths
+
+
+def test_batched_steps_stay_eager_and_agree_with_single_rows():
+    model = gpt.compile_decode(gpt.quantize(gpt.GPT(gpt.preset("gpt-tiny")).eval(), "int8"))
+    graphs = counters["stats"]["unique_graphs"]
+    params = [gpt.SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)] * 2
+    together = gpt.complete(model, BYTES, PROMPTS[:2], params)
+    assert counters["stats"]["unique_graphs"] == graphs  # two rows: nothing compiled
+    alone = [gpt.complete(model, BYTES, [p], params[:1])[0] for p in PROMPTS[:2]]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+
+
+def test_gpt_generate_compile_flag(tmp_path, capsys):
+    from gpt.cli import main
+    model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
+    gpt.save(model, str(tmp_path / "m"), tokenizer="byte")
+    args = ["--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos"]
+    assert main([*args, "hello"]) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--quantize", "int8", "--compile", "hello"]) == 0
+    quantized = gpt.quantize(_twin(model), "int8")
+    want = gpt.complete(quantized, BYTES, ["hello"], [gpt.SamplingParams(max_new_tokens=8, temperature=0,
+                                                                         ignore_eos=True)])[0].text
+    assert capsys.readouterr().out.startswith(want) and eager
