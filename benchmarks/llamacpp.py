@@ -18,10 +18,11 @@ share of CPU that other processes take is sampled before each phase and printed.
       single-token steps for every row: B x steps / time of the steps) and the prefill time of a
       1024-token prompt. Ours: `model.start` / `model.step` with greedy argmax under
       `torch.inference_mode()`, the rows of a 32-row KV cache as the server batches them, fp32
-      (weights packed with `gpt.pack_linear_weights`) and int8 (`gpt.quantize`). llama.cpp f32,
+      (weights packed with `gpt.pack_linear_weights`), int8 (`gpt.quantize`) and int8 with the
+      single-row decode step compiled (`gpt.compile_decode`, compiled before timing). llama.cpp f32,
       f16, q8_0: `llama-bench -p 1024 -n 128` (batch 1 decode, from an empty context, and prefill)
       and `llama-batched-bench -npp 32 -ntg 128` (batch 8 and 32). Best of `--repeats` for both.
-   b. served: `gpt-serve` (fp32, `--quantize int8`) and `llama-server` (f32, f16, q8_0), one after
+   b. served: `gpt-serve` (fp32, `--quantize int8`, `--quantize int8 --compile`) and `llama-server` (f32, f16, q8_0), one after
       the other, under the same streaming load generator (benchmarks/serve.py's) at `--clients`
       concurrent clients, each a 32-token prompt and `--new-tokens` tokens (greedy, ignore_eos):
       aggregate tokens/s and time to first token, p50. Every request has a connection of its own
@@ -57,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serve  # noqa: E402  (benchmarks/serve.py: the server launcher and the streaming load generator)
 
 import gpt  # noqa: E402
+from gpt.compile import warm_up  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "gpt-serve-bench")
@@ -444,11 +446,14 @@ def int8_available() -> tuple[bool, str]:
 
 
 def load_ours(ckpt: str, quant: str):
+    """quant: fp32, int8, or int8c (int8 with the single-row decode step compiled, gpt.compile_decode)."""
     model, tokenizer = gpt.load(ckpt)
     model.eval()
-    if quant == "int8":
+    if quant in ("int8", "int8c"):
         gpt.quantize(model, "int8")
     gpt.pack_linear_weights(model, rows_hint=32)  # what the server's engine does (a no-op for int8 layers)
+    if quant == "int8c":
+        gpt.compile_decode(model)
     return model, tokenizer
 
 
@@ -479,12 +484,15 @@ def bench_ours_inprocess(ckpt: str, quant: str, batches: list[int], prompt: list
     model, _ = load_ours(ckpt, quant)
     cache = model.new_cache(max(32, max(batches)), max_len=model.config.block_size)
     res: dict = {"decode": {}}
+    if quant == "int8c":
+        res["compile_s"] = warm_up(model, cache)
+        log(f"  ours {quant} compiled its decode step in {res['compile_s']:.1f} s")
     ours_decode_rate(model, cache, prompt, max(batches), 4)  # warm-up: first-call costs stay out
     for b in batches:
         t0 = time.perf_counter()
         rates = [ours_decode_rate(model, cache, prompt, b, steps) for _ in range(repeats)]
         res["decode"][b] = max(rates)
-        log(f"  ours {quant:<4} decode batch {b:>2}: {max(rates):7.1f} tok/s "
+        log(f"  ours {quant:<5} decode batch {b:>2}: {max(rates):7.1f} tok/s "
             f"(runs {', '.join(f'{r:.1f}' for r in rates)}) [{fmt_s(time.perf_counter() - t0)}]")
     ours_prefill_s(model, cache, long_prompt[:64])
     times = [ours_prefill_s(model, cache, long_prompt) for _ in range(repeats)]
@@ -639,7 +647,7 @@ def bench_server(kind: str, label: str, start, url_port: int, health: str, promp
 
 # --- 3c. the table ----------------------------------------------------------------------------
 
-COLS = [("ours fp32", "ours", "fp32"), ("ours int8", "ours", "int8"),
+COLS = [("ours fp32", "ours", "fp32"), ("ours int8", "ours", "int8"), ("ours int8+compile", "ours", "int8c"),
         ("llama f32", "llama", "f32"), ("llama f16", "llama", "f16"), ("llama q8_0", "llama", "q8_0")]
 
 
@@ -673,11 +681,12 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
     for r in rows:
         v = r["values"]
         pick = max if r["higher"] else min
-        ours = [v[c] for c in ("ours fp32", "ours int8") if v[c] is not None]
+        ours = [v[c] for c in ("ours fp32", "ours int8", "ours int8+compile") if v[c] is not None]
         theirs = [v[c] for c in ("llama f32", "llama f16", "llama q8_0") if v[c] is not None]
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
         r["ratios"] = {"fp32/f32": ratio(v["ours fp32"], v["llama f32"]),
                        "int8/q8_0": ratio(v["ours int8"], v["llama q8_0"]),
+                       "int8+compile/q8_0": ratio(v["ours int8+compile"], v["llama q8_0"]),
                        "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None}
     return rows
 
@@ -689,8 +698,9 @@ def fmt_v(v, unit: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| figure | " + " | ".join(c[0] for c in COLS) + " | fp32/f32 | int8/q8_0 | best/best |")
-    print("|---" * (len(COLS) + 4) + "|")
+    print("\n| figure | " + " | ".join(c[0] for c in COLS) + " | fp32/f32 | int8/q8_0 | int8+compile/q8_0 | "
+          "best/best |")
+    print("|---" * (len(COLS) + 5) + "|")
     for r in rows:
         vals = " | ".join(fmt_v(r["values"][c[0]], r["unit"]) for c in COLS)
         rats = " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"].values())
@@ -762,8 +772,8 @@ def main() -> None:
     if args.only in ("decode", "all"):
         log(f"== in-process: decode {args.new_tokens} steps after a {args.prompt_len}-token prompt at batch "
             f"{args.batches}; prefill {args.prefill_len} tokens; best of {args.repeats}")
-        for quant in ("fp32", "int8"):
-            if quant == "int8" and not have_int8:
+        for quant in ("fp32", "int8", "int8c"):
+            if quant != "fp32" and not have_int8:
                 continue
             results["decode"][f"ours:{quant}"] = bench_ours_inprocess(
                 models["ours"], quant, args.batches, prompt, long_prompt, args.new_tokens, args.repeats)
@@ -788,9 +798,10 @@ def main() -> None:
                                                                               ignore_eos=True))[0].text
         del model
         gc.collect()
-        servers = [("ours", "fp32", ()), ("ours", "int8", ("--quantize", "int8"))]
+        servers = [("ours", "fp32", ()), ("ours", "int8", ("--quantize", "int8")),
+                   ("ours", "int8c", ("--quantize", "int8", "--compile"))]
         for kind, quant, extra_args in servers:
-            if quant == "int8" and not serve_int8:
+            if quant != "fp32" and not serve_int8:
                 continue
             port = serve.free_port()
             label = f"gpt-serve {quant}"
