@@ -107,7 +107,8 @@ class Engine:
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
     compile_decode: torch.compile the single-stream decode step (gpt.compile_decode), compiling
-    it now, in the scheduler's own cache, rather than in the first request.
+    it now, in the scheduler's own cache, rather than in the first request; where compiling
+    fails (e.g. no C++ compiler), the engine warns and serves uncompiled.
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
     from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
@@ -131,9 +132,7 @@ class Engine:
         self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
                                 self._deliver, prefix_cache=prefix_cache)
         if compile_decode:
-            gpt.compile_decode(model)
-            log.info("compiling the decode step (torch.compile) ...")
-            log.info("decode step compiled in %.1f s", warm_up(model, self._sched.cache))
+            self._compile(model)
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()
@@ -145,6 +144,17 @@ class Engine:
         self.on_death = None  # called (from the engine thread) with that reason, e.g. to exit the process
 
     # --- the asyncio side ---------------------------------------------------------------
+
+    def _compile(self, model) -> None:
+        gpt.compile_decode(model)
+        log.info("compiling the decode step (torch.compile) ...")
+        try:
+            log.info("decode step compiled in %.1f s", warm_up(model, self._sched.cache))
+        except Exception as e:  # no C++ compiler, an unsupported op or device: serve uncompiled
+            model._compiled_stack = None
+            self._sched.cache.reset()
+            log.warning("--compile: torch.compile failed (%s: %s); serving without it",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
 
     def start(self) -> None:
         with self._cond:

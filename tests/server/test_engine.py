@@ -7,6 +7,7 @@ import pytest
 import gpt
 from gpt import SamplingParams
 from gpt.compile import is_compiled
+import server.engine
 from server.engine import Engine, EngineClosed, QueueFull
 
 TOK = gpt.get_tokenizer("byte")
@@ -569,3 +570,24 @@ def test_a_compiled_engine_warms_up_at_start_and_streams_the_eager_text(tiny_gpt
 
     text, ids, reason, _ = run(main(), limit=300)
     assert is_compiled(model) and (text, ids, reason) == (want.text, want.token_ids, "length")
+
+
+def test_where_compiling_fails_the_engine_warns_and_serves_uncompiled(tiny_gpt, monkeypatch, caplog):
+    def broken(model, cache=None):
+        raise RuntimeError("no C++ compiler here\nmore detail")
+
+    monkeypatch.setattr(server.engine, "warm_up", broken)
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    want = gpt.complete(tiny_gpt, TOK, ["hi"], [params])[0]
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=2, compile_decode=True)
+        try:
+            return await collect(engine.submit(TOK.encode("hi"), params))
+        finally:
+            await engine.shutdown(1)
+
+    with caplog.at_level("WARNING"):
+        text, ids, _, _ = run(main())
+    assert not is_compiled(tiny_gpt) and (text, ids) == (want.text, want.token_ids)
+    assert any("torch.compile failed (RuntimeError: no C++ compiler here)" in r.getMessage() for r in caplog.records)
