@@ -554,22 +554,26 @@ def test_prompt_logprobs_are_refused_for_an_encoder_decoder_and_out_of_range(tin
     run(main())
 
 
+def serve_one_compiled(model, prompt: str, params: SamplingParams, limit: float = 300):
+    """(text, token ids, finish reason) of one request to an engine built with compile_decode=True."""
+    async def main():
+        engine = Engine(model, TOK, max_batch_size=2, compile_decode=True)
+        try:
+            return await collect(engine.submit(TOK.encode(prompt), params))
+        finally:
+            await engine.shutdown(1)
+
+    return run(main(), limit=limit)[:3]
+
+
 def test_a_compiled_engine_warms_up_at_start_and_streams_the_eager_text(tiny_gpt):
     twin = gpt.GPT(tiny_gpt.config).eval()
     twin.load_state_dict(tiny_gpt.state_dict())
     model, eager = gpt.quantize(tiny_gpt, "int8"), gpt.quantize(twin, "int8")
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     want = gpt.complete(eager, TOK, ["Once upon a time"], [params])[0]
-
-    async def main():
-        engine = Engine(model, TOK, max_batch_size=4, compile_decode=True)
-        try:
-            return await collect(engine.submit(TOK.encode("Once upon a time"), params))
-        finally:
-            await engine.shutdown(1)
-
-    text, ids, reason, _ = run(main(), limit=300)
-    assert is_compiled(model) and (text, ids, reason) == (want.text, want.token_ids, "length")
+    got = serve_one_compiled(model, "Once upon a time", params)
+    assert is_compiled(model) and got == (want.text, want.token_ids, "length")
 
 
 def test_where_compiling_fails_the_engine_warns_and_serves_uncompiled(tiny_gpt, monkeypatch, caplog):
@@ -579,15 +583,7 @@ def test_where_compiling_fails_the_engine_warns_and_serves_uncompiled(tiny_gpt, 
     monkeypatch.setattr(server.engine, "warm_up", broken)
     params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
     want = gpt.complete(tiny_gpt, TOK, ["hi"], [params])[0]
-
-    async def main():
-        engine = Engine(tiny_gpt, TOK, max_batch_size=2, compile_decode=True)
-        try:
-            return await collect(engine.submit(TOK.encode("hi"), params))
-        finally:
-            await engine.shutdown(1)
-
     with caplog.at_level("WARNING"):
-        text, ids, _, _ = run(main())
-    assert not is_compiled(tiny_gpt) and (text, ids) == (want.text, want.token_ids)
+        got = serve_one_compiled(tiny_gpt, "hi", params, limit=60)
+    assert not is_compiled(tiny_gpt) and got == (want.text, want.token_ids, "length")
     assert any("torch.compile failed (RuntimeError: no C++ compiler here)" in r.getMessage() for r in caplog.records)
