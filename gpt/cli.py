@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: 8-bit weights and activations in every linear layer (none)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (tens of seconds the first time); faster with --quantize int8")
+                   help="torch.compile the decode step of one stream (tens of seconds the first time; beam search stays "
+                        "uncompiled); faster with --quantize int8")
     return p
 
 
