@@ -79,7 +79,10 @@ class _Transformer(nn.Module):
 
     def _run(self, stack: nn.ModuleDict, wte: nn.Embedding, idx: Tensor, *, cache: Optional[KVCache],
              rows: Optional[Rows], n_tokens, causal: bool, mask: Optional[Tensor] = None,
-             memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None) -> Tensor:
+             memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
+             head: Optional[nn.Module] = None, last_only: bool = False) -> Tensor:
+        """The stack's final hidden states (B, T, C); with `head`, its outputs (logits); with
+        `last_only`, only at each row's last real token (B, ...)."""
         B, T = idx.shape
         view = None
         if cache is None:
@@ -92,14 +95,17 @@ class _Transformer(nn.Module):
         # A decode step (one token per row, against the cache) may run compiled (gpt.compile_decode);
         # everything above, the cache's host-side bookkeeping, stays eager.
         # (lengths of 1 would need graphs of their own: a 1-token prompt, a 1-token source stay eager)
+        # The output head runs inside that graph too: its activation quantization (int8) fuses there.
         single = cache is not None and B == T == 1 and view.kv_len > 1 and view.src_len != 1
         run = self._compiled_stack if single and self._compiled_stack else self._run_stack
         return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view,
-                   memory=memory, memory_mask=memory_mask)
+                   memory=memory, memory_mask=memory_mask, head=head, last_only=last_only,
+                   n_tokens=None if T == 1 else n_tokens)  # one token per row: it is the last
 
     def _run_stack(self, stack: nn.ModuleDict, wte: nn.Embedding, idx: Tensor, pos: Tensor, *,
                    mask: Optional[Tensor], causal: bool, cache: Optional[KVCache], view,
-                   memory: Optional[Tensor], memory_mask: Optional[Tensor]) -> Tensor:
+                   memory: Optional[Tensor], memory_mask: Optional[Tensor],
+                   head: Optional[nn.Module] = None, last_only: bool = False, n_tokens=None) -> Tensor:
         x = self._embed(wte, stack.wpe, idx, pos)
         x = stack.drop(x)
         rope = stack.wpe.rotary(pos)
@@ -107,7 +113,10 @@ class _Transformer(nn.Module):
             x = block(x, mask=mask, is_causal=causal, rope=rope,
                       cache=None if cache is None else cache.layers[i], view=view,
                       memory=memory, memory_mask=memory_mask)
-        return stack.ln_f(x)
+        x = stack.ln_f(x)
+        if last_only:
+            x = self._last(x, n_tokens)
+        return x if head is None else head(x)
 
     @staticmethod
     def _last(x: Tensor, n_tokens) -> Tensor:
@@ -170,11 +179,8 @@ class GPT(_Transformer):
         when `last_only`. With a cache, the tokens are appended to `rows` of the cache (default
         the first B); row b brings `n_tokens[b]` real tokens, the rest of it is padding."""
         self._check_ids(idx, "input_ids")
-        x = self._run(self.transformer, self.transformer.wte, idx, cache=cache, rows=rows,
-                      n_tokens=n_tokens, causal=True)
-        if last_only:
-            x = self._last(x, n_tokens)
-        return self.lm_head(x)
+        return self._run(self.transformer, self.transformer.wte, idx, cache=cache, rows=rows,
+                         n_tokens=n_tokens, causal=True, head=self.lm_head, last_only=last_only)
 
     def start(self, prompts: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
         """Prefill the cache rows with prompts of any lengths; next-token logits (B, V)."""
@@ -226,9 +232,8 @@ class EncoderDecoder(_Transformer):
         """Teacher-forced logits (B, T, vocab) for target inputs `tgt` given source `src`."""
         self._check_ids(tgt, "tgt_ids")
         memory = self.encode(src, src_mask)
-        x = self._run(self.decoder, self.wte, tgt, cache=None, rows=None, n_tokens=None, causal=True,
-                      memory=memory, memory_mask=self._key_mask(src_mask))
-        return self.lm_head(x)
+        return self._run(self.decoder, self.wte, tgt, cache=None, rows=None, n_tokens=None, causal=True,
+                         memory=memory, memory_mask=self._key_mask(src_mask), head=self.lm_head)
 
     def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
         """Encode the sources once, store every decoder layer's cross-attention K/V in the cache
@@ -250,8 +255,8 @@ class EncoderDecoder(_Transformer):
     def step(self, tokens: Tensor, cache: KVCache, rows: Optional[Rows] = None, n_tokens=None) -> Tensor:
         """Append target tokens (B, T) to the cache rows; next-token logits (B, V)."""
         self._check_ids(tokens, "tgt_ids")
-        x = self._run(self.decoder, self.wte, tokens, cache=cache, rows=rows, n_tokens=n_tokens, causal=True)
-        return self.lm_head(self._last(x, n_tokens))
+        return self._run(self.decoder, self.wte, tokens, cache=cache, rows=rows, n_tokens=n_tokens, causal=True,
+                         head=self.lm_head, last_only=True)
 
 
 def build_model(config: ModelConfig) -> _Transformer:
