@@ -451,7 +451,7 @@ def load_ours(ckpt: str, quant: str):
     model.eval()
     if quant in ("int8", "int8c"):
         gpt.quantize(model, "int8")
-    gpt.pack_linear_weights(model, rows_hint=32)  # what the server's engine does (a no-op for int8 layers)
+    gpt.pack_linear_weights(model, rows_hint=32)  # what the server's engine does (fp32 and int8 layers)
     if quant == "int8c":
         gpt.compile_decode(model)
     return model, tokenizer

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import LayerCache, CacheView
+from .quantization import Int8Linear
 
 
 def _onednn_linear_available() -> bool:
@@ -82,9 +83,10 @@ class Linear(nn.Linear):
 
 
 def pack_linear_weights(model: nn.Module, rows_hint: int = 32) -> int:
-    """Give every eligible `Linear` of `model` its oneDNN-blocked weight (see `Linear.pack`);
-    returns how many were packed. For fp32 inference on CPU with batches of several rows."""
-    return sum(m.pack(rows_hint) for m in model.modules() if isinstance(m, Linear))
+    """Give every eligible linear layer of `model` its oneDNN-blocked weight (`Linear.pack`, and
+    `gpt.quantization.Int8Linear.pack` for int8 layers); returns how many were packed. For
+    inference on CPU with batches of several rows."""
+    return sum(m.pack(rows_hint) for m in model.modules() if isinstance(m, (Linear, Int8Linear)))
 
 
 class Attention(nn.Module):

@@ -4,7 +4,8 @@ Every linear layer, the output head included, keeps its weight as int8 with one 
 output channel (symmetric: w ~ scale * q, q in [-127, 127]). At each call the activations are
 quantized the same way with one scale per row, the product runs as an int8 GEMM with int32
 accumulation (`torch._int_mm`, oneDNN's int8 kernel on x86; the kernel torchao's int8 dynamic
-path is built on), and the result is rescaled to floating point.
+path is built on), and the result is rescaled to floating point. Calls of several rows can run
+on a prepacked copy of the weight instead (`Int8Linear.pack`), with the same numbers.
 
 Why per row: a scale shared by the whole batch (what `quantized::linear_dynamic` does) lets one
 row with large activations wipe out the precision of every other row in the batch, so a
@@ -49,17 +50,56 @@ def int_mm_available(device: torch.device) -> bool:
     return _INT_MM[key]
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 quantization with one scale per row: x (M, K) ~ scale (M, 1) * q."""
+def _qlinear_works() -> bool:
+    try:
+        w = torch.ones(24, 32, dtype=torch.int8)
+        packed = torch.ops.onednn.qlinear_prepack(w, [4, 32])
+        x = torch.full((4, 32), 129, dtype=torch.uint8)  # 1 with the zero point of 128
+        y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, packed, torch.ones(24), torch.zeros(24, dtype=torch.long),
+                                               None, 1.0, 0, torch.float32, "none", [], "")
+        return bool((y == 32).all())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+_QLINEAR: list[bool] = []
+
+
+def qlinear_available() -> bool:
+    """Whether this build has oneDNN's int8 linear with a prepacked weight (x86 CPU builds)."""
+    if not _QLINEAR:
+        _QLINEAR.append(_qlinear_works())
+    return _QLINEAR[0]
+
+
+def quantize_rows(x: Tensor, dtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantization with one scale per row: x (M, K) ~ scale (M, 1) * q. With
+    dtype=torch.uint8, q comes shifted by 128 (a zero point of 128), for kernels that want it."""
     x = x.float()
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)
     # |x / scale| <= 127 by construction (the row's largest entry maps to +-127), so no clamp;
     # few ops matter here: eagerly, a decode step quantizes activations ~50 times
-    return x.div(scale).round_().to(torch.int8), scale
+    q = x.div(scale).round_()
+    return (q.add_(128) if dtype == torch.uint8 else q).to(dtype), scale
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and per-output-channel scales (inference only)."""
+    """A linear layer with int8 weights and per-output-channel scales (inference only).
+
+    `pack()` adds a copy of the weight in oneDNN's blocked layout for calls of several rows
+    (batched decode steps, prefill). Given the plain layout, `torch._int_mm` re-lays the weight
+    out on every such call; oneDNN's prepacked int8 linear (`onednn::qlinear_pointwise`, the
+    kernel of PyTorch's x86 int8 inductor path) skips that. Its activations are uint8 with one
+    zero point for the whole call, so each row is still quantized with its own scale (int8,
+    shifted by 128) and the call runs with scale 1: it returns the exact integer products, and
+    the rescaling after it is the same as `_int_mm`'s, so a row's result does not depend on
+    which kernel ran or what it was batched with. A single row stays on `_int_mm` and the plain
+    weight, which is faster there. The copy costs the weight's memory again: opt-in, like
+    `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
+    """
+    _packed: Optional[Tensor] = None  # an opaque oneDNN tensor: never in the state dict
+    _packed_from: tuple = ()  # (weight_q, its version, its storage) when packed
+    _unit: tuple = ()  # the packed call's weight scales (ones) and zero points (zeros)
 
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor]):
         super().__init__()
@@ -78,12 +118,50 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self, dtype=torch.float32) -> Tensor:
         return self.weight_q.to(dtype) * self.weight_scale[:, None].to(dtype)
 
+    def pack(self, rows_hint: int = 32) -> bool:
+        """Make the blocked copy of the weight for calls of several rows; False where oneDNN's
+        int8 linear is not available (then `_int_mm` runs every call)."""
+        w = self.weight_q
+        if w.device.type != "cpu" or not qlinear_available():
+            return False
+        self._packed = torch.ops.onednn.qlinear_prepack(w, [max(2, rows_hint), self.in_features])
+        self._unit = (torch.ones(self.out_features), torch.zeros(self.out_features, dtype=torch.long))
+        self._packed_from = (w, w._version, w.data_ptr())
+        return True
+
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
+
+    def _packed_weight(self, x2: Tensor) -> Optional[Tensor]:
+        if self._packed is None or x2.shape[0] < 2 or torch.compiler.is_compiling():
+            return None
+        w, version, ptr = self._packed_from
+        if w is not self.weight_q or w._version != version or w.data_ptr() != ptr:
+            self._packed, self._packed_from = None, ()  # the weight changed since: never use a stale copy
+            return None
+        return self._packed
+
+    def _packed_int_mm(self, packed: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """The exact integer products of x2's rows (quantized per row) with the weight, as
+        float32 (M, N), and the rows' scales (M, 1)."""
+        q, scale = quantize_rows(x2, torch.uint8)
+        ones, zeros = self._unit
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                               "none", [], "")
+        return y, scale
+
     def forward(self, x: Tensor) -> Tensor:
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
-        if int_mm_available(x.device):
-            q, s = quantize_rows(x2)
-            y = torch._int_mm(q, self.weight_q.t()).float().mul_(s)
+        packed = self._packed_weight(x2)
+        if packed is not None or int_mm_available(x.device):
+            if packed is not None:
+                y, s = self._packed_int_mm(packed, x2)
+            else:
+                q, s = quantize_rows(x2)
+                y = torch._int_mm(q, self.weight_q.t()).float()
+            y = y.mul_(s)
             y = y.mul_(self.weight_scale) if self.bias is None else torch.addcmul(self.bias.float(), y, self.weight_scale)
             y = y.to(x.dtype)
         else:

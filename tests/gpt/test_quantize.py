@@ -48,6 +48,56 @@ def test_without_an_int8_kernel_the_layer_falls_back_to_weight_only(monkeypatch)
     assert (fast - slow).abs().max() < 0.02 * slow.abs().max()
 
 
+needs_qlinear = pytest.mark.skipif(not quantization.qlinear_available(),
+                                   reason="this build has no oneDNN int8 linear (onednn::qlinear_pointwise)")
+
+
+@needs_qlinear
+@pytest.mark.parametrize("rows", [2, 5, 33])
+def test_a_packed_int8_layer_gives_exactly_the_unpacked_result_and_rows_alone_match_rows_in_a_batch(rows):
+    layer = Int8Linear.from_float(torch.randn(80, 96) * 0.05, torch.randn(80) * 0.1)
+    x = torch.randn(rows, 96) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different scales
+    plain = layer(x)
+    assert layer.pack(rows_hint=8) and layer.is_packed
+    packed = layer(x)
+    assert torch.equal(packed, plain)
+    # a single row runs on _int_mm and the plain weight: still the same numbers as inside the batch
+    assert all(torch.equal(layer(x[i:i + 1]), packed[i:i + 1]) for i in range(rows))
+
+
+def test_without_onednn_int8_pack_declines_and_the_layer_still_runs(monkeypatch):
+    monkeypatch.setattr(quantization, "qlinear_available", lambda: False)
+    layer = Int8Linear.from_float(torch.randn(48, 32) * 0.05)
+    x = torch.randn(4, 32)
+    assert layer.pack() is False and not layer.is_packed
+    assert torch.equal(layer(x), Int8Linear.from_float(layer.dequantized_weight())(x))
+
+
+@needs_qlinear
+def test_a_packed_int8_layer_drops_its_copy_when_the_weight_changes():
+    layer = Int8Linear.from_float(torch.randn(48, 32) * 0.05)
+    layer.pack()
+    with torch.no_grad():
+        layer.weight_q.mul_(-1)  # e.g. load_state_dict writing new weights in place
+    x = torch.randn(3, 32)
+    fresh = Int8Linear(layer.weight_q.clone(), layer.weight_scale.clone(), None)
+    assert torch.equal(layer(x), fresh(x))
+    assert not layer.is_packed
+
+
+@needs_qlinear
+def test_packing_a_quantized_model_leaves_batched_generation_unchanged():
+    torch.manual_seed(0)
+    model = gpt.quantize(gpt.GPT(gpt.preset("gpt-tiny")).eval())
+    prompts = [list(BYTES.encode(p)) for p in ("To be, or not", "Once", "A long, long time ago in")]
+    params = gpt.SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    before = [c.token_ids for c in gpt.complete(model, BYTES, prompts, params)]
+    n_linear = sum(isinstance(m, Int8Linear) for m in model.modules())
+    assert gpt.pack_linear_weights(model) == n_linear
+    assert [c.token_ids for c in gpt.complete(model, BYTES, prompts, params)] == before
+    assert "weight_q" in "".join(model.state_dict()) and not any("packed" in k for k in model.state_dict())
+
+
 @pytest.mark.parametrize("preset", ["gpt-tiny", "seq2seq-tiny"])
 def test_every_linear_layer_and_the_head_are_quantized_but_the_embedding_stays_exact(preset):
     model = gpt.build_model(gpt.preset(preset)).eval()
