@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import LayerCache, CacheView
+from .packing import is_current, stamp
 from .quantization import Int8Linear
 
 
@@ -56,7 +57,7 @@ class Linear(nn.Linear):
             return False
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows_hint)
-        self._packed_from = (w, w._version, w.data_ptr())
+        self._packed_from = stamp(w)
         return True
 
     @property
@@ -68,8 +69,7 @@ class Linear(nn.Linear):
     def _packed_weight(self, x: Tensor) -> Optional[Tensor]:
         if self._packed is None or x.numel() == x.shape[-1]:  # unpacked, or a single row
             return None
-        w, version, ptr = self._packed_from
-        if w is not self.weight or w._version != version or w.data_ptr() != ptr:
+        if not is_current(self._packed_from, self.weight):
             self._packed, self._packed_from = None, ()  # the weight changed since: never use a stale copy
             return None
         return self._packed

@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .packing import is_current, stamp
+
 MODES = ("int8",)
 
 
@@ -126,7 +128,7 @@ class Int8Linear(nn.Module):
             return False
         self._packed = torch.ops.onednn.qlinear_prepack(w, [max(2, rows_hint), self.in_features])
         self._unit = (torch.ones(self.out_features), torch.zeros(self.out_features, dtype=torch.long))
-        self._packed_from = (w, w._version, w.data_ptr())
+        self._packed_from = stamp(w)
         return True
 
     @property
@@ -136,8 +138,7 @@ class Int8Linear(nn.Module):
     def _packed_weight(self, x2: Tensor) -> Optional[Tensor]:
         if self._packed is None or x2.shape[0] < 2 or torch.compiler.is_compiling():
             return None
-        w, version, ptr = self._packed_from
-        if w is not self.weight_q or w._version != version or w.data_ptr() != ptr:
+        if not is_current(self._packed_from, self.weight_q):
             self._packed, self._packed_from = None, ()  # the weight changed since: never use a stale copy
             return None
         return self._packed
