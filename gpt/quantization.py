@@ -19,6 +19,7 @@ activations' dtype and multiplied in floating point.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -64,14 +65,10 @@ def _qlinear_works() -> bool:
         return False
 
 
-_QLINEAR: list[bool] = []
-
-
+@functools.cache
 def qlinear_available() -> bool:
     """Whether this build has oneDNN's int8 linear with a prepacked weight (x86 CPU builds)."""
-    if not _QLINEAR:
-        _QLINEAR.append(_qlinear_works())
-    return _QLINEAR[0]
+    return _qlinear_works()
 
 
 def quantize_rows(x: Tensor, dtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
