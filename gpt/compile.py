@@ -11,8 +11,8 @@ and a new graph compiled in the middle of serving would stall every stream for a
 
 Where it pays depends on the kernels underneath, so it is opt-in and measured in
 `benchmarks/llamacpp.py`: with int8 layers (`gpt.quantize`) the step is all small ops around
-`torch._int_mm`, and compiling wins; a float32 step under torch.compile loses the oneDNN kernel
-that `gpt.layers.Linear` calls eagerly, and is slower.
+the matrix products, and compiling wins; a float32 step is nearly all matrix products (our
+single-row kernel, `gpt.native`, runs both eagerly and compiled), and compiling does not pay.
 
 Compiling takes tens of seconds per graph on a small CPU (inductor caches its work on disk, so
 a second start is quicker). `warm_up` compiles the graph before the first request needs it.

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import LayerCache, CacheView
+from . import native
 from .packing import is_current, stamp
 from .quantization import Int8Linear
 
@@ -37,9 +38,12 @@ class Linear(nn.Linear):
 
     `pack()` adds a copy of the weight in oneDNN's blocked layout. Given the plain layout,
     oneDNN reorders the weight on every call that has more than one row; with the packed copy
-    a GPT-2-small forward of 4-512 rows ran 1.2-1.8x faster here. One row stays on the plain
-    weight, whose kernel is faster there. The copy costs the weight's memory again, so packing
-    is opt-in (`pack_linear_weights(model)`; the server does it).
+    a GPT-2-small forward of 4-512 rows ran 1.2-1.8x faster here. The copy costs the weight's
+    memory again, so packing is opt-in (`pack_linear_weights(model)`; the server does it).
+
+    A single row (the decode step of one stream) runs on our own matrix-vector kernel where it
+    could be built (`gpt.native`), eagerly and under torch.compile, and on the plain weight with
+    oneDNN elsewhere.
     """
     _packed: Optional[Tensor] = None
     _packed_from: tuple = ()  # (weight, its version, its storage) when packed: a changed weight drops the copy
@@ -74,7 +78,18 @@ class Linear(nn.Linear):
             return None
         return self._packed
 
+    def _native_ok(self, x: Tensor) -> bool:
+        """A single row in float32 on a CPU, for inference: our matrix-vector kernel (gpt.native),
+        eagerly and inside torch.compile alike."""
+        w, b = self.weight, self.bias
+        return (x.numel() == x.shape[-1] and w.numel() >= _ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
+                and x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
+                and w.is_contiguous() and (b is None or b.dtype == torch.float32) and native.f32_available())
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._native_ok(x):
+            y = torch.ops.gpt.gemv_f32(x.reshape(1, -1), self.weight, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         if self._onednn_ok(x):
             w = self._packed_weight(x)
             return torch.ops.mkldnn._linear_pointwise(x, self.weight if w is None else w, self.bias,

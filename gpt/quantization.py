@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .packing import is_current, stamp
 
 MODES = ("int8",)
@@ -99,6 +100,7 @@ class Int8Linear(nn.Module):
     _packed: Optional[Tensor] = None  # an opaque oneDNN tensor: never in the state dict
     _packed_from: tuple = ()  # (weight_q, its version, its storage) when packed
     _unit: tuple = ()  # the packed call's weight scales (ones) and zero points (zeros)
+    _sum_from: tuple = ()  # (weight_q, its version, its storage) that weight_sum was summed from
 
     def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor]):
         super().__init__()
@@ -106,6 +108,29 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
+        # the rows' sums, which the single-row kernel needs (gpt/csrc/gemv.c says why): derived,
+        # so not saved, and summed again whenever the weight is loaded or changed
+        self.register_buffer("weight_sum", torch.empty(0, dtype=torch.int32, device=weight_q.device),
+                             persistent=False)
+        self._sum_weights()
+        self.register_load_state_dict_post_hook(lambda module, _: module._sum_weights())
+
+    @torch.no_grad()
+    def _sum_weights(self) -> None:
+        sums = self.weight_q.sum(dim=1, dtype=torch.int32)
+        if self.weight_sum.shape == sums.shape:
+            self.weight_sum.copy_(sums)  # in place: a compiled graph holds on to this tensor
+        else:
+            self.weight_sum = sums
+        self._sum_from = stamp(self.weight_q)
+
+    def _single_row_native(self, x2: Tensor) -> bool:
+        if x2.shape[0] != 1 or x2.device.type != "cpu" or not self.weight_q.is_contiguous() \
+                or not native.int8_available():
+            return False
+        if not torch.compiler.is_compiling() and not is_current(self._sum_from, self.weight_q):
+            self._sum_weights()  # written in place since (a compiled step assumes frozen weights)
+        return True
 
     @classmethod
     @torch.no_grad()
@@ -153,8 +178,12 @@ class Int8Linear(nn.Module):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         packed = self._packed_weight(x2)
-        if packed is not None or int_mm_available(x.device):
-            if packed is not None:
+        native_row = packed is None and self._single_row_native(x2)
+        if native_row or packed is not None or int_mm_available(x.device):
+            if native_row:
+                q, s = quantize_rows(x2, torch.uint8)
+                y = torch.ops.gpt.gemv_u8s8(q, self.weight_q, self.weight_sum).float()
+            elif packed is not None:
                 y, s = self._packed_int_mm(packed, x2)
             else:
                 q, s = quantize_rows(x2)

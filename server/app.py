@@ -53,6 +53,8 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
             log.warning("--dtype %s: a batch of %d rows multiplies %.1fx slower than float32 on this CPU (no "
                         "native %s arithmetic); for batched serving prefer --dtype float32 or --quantize int8",
                         settings.dtype, settings.max_batch_size, slowdown, settings.dtype)
+    if model.device.type == "cpu":  # builds our single-row kernels now rather than in the first request
+        log.info("single-row kernels: %s", gpt.native.status())
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                   max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads,
                   prefix_cache=settings.prefix_cache, compile_decode=settings.compile)

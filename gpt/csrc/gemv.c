@@ -1,0 +1,211 @@
+/* Matrix products for decode steps of a few rows: y[m, n] = sum_k x[m, k] * w[n, k].
+ *
+ * A decode step of one stream multiplies one activation row by every weight matrix, so its time
+ * is the time to read the weights from memory. These kernels do only that: each thread streams
+ * its own share of the weight rows, four at a time, through one vector accumulator per row, and
+ * reuses each block of rows (still in L1) for the next activation row. Built by gpt/native.py
+ * with -march=native, which picks the widest instruction set this CPU has; see there for why
+ * we have our own kernels at all.
+ *
+ * int8: x is uint8, the int8 activations shifted by 128 (what gpt.quantization's per-row
+ * quantizer writes), w is int8, and y gets the exact int32 products of (x - 128) and w.
+ * With VNNI (dpbusd: u8 x s8 into int32) the shifted activations go straight in, and the
+ * shift comes back out as 128 * w_sum[n], the row sums the caller keeps with the weight, so a
+ * weight block costs one instruction. Without VNNI (AVX2's maddubs adds pairs into int16, which
+ * would saturate on shifted values), the activations are shifted back and the signs moved onto
+ * them: |w| * (x * sign(w)), whose pairs stay below 2 * 128 * 127 < 32767. Exact either way.
+ */
+#include <stdint.h>
+#include <immintrin.h>
+
+#define ROWS 4
+
+/* A parallel region costs a few microseconds: small matrices stay on the calling thread. */
+#define PARALLEL_MIN (1L << 15)
+
+/* ---- float32 ---- */
+#if defined(__AVX512F__)
+#define F32_LANES 16
+typedef __m512 vf;
+#define vf_zero() _mm512_setzero_ps()
+#define vf_load(p) _mm512_loadu_ps(p)
+#define vf_fma(a, b, c) _mm512_fmadd_ps(a, b, c)
+static inline float vf_sum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define F32_LANES 8
+typedef __m256 vf;
+#define vf_zero() _mm256_setzero_ps()
+#define vf_load(p) _mm256_loadu_ps(p)
+#define vf_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float vf_sum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ---- int8 ---- */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define I8_ISA 1
+#define I8_BYTES 64
+#define I8_SHIFTED 1 /* accumulates x * w with x still shifted by 128 */
+typedef __m512i vi;
+#define vi_zero() _mm512_setzero_si512()
+#define vi_load(p) _mm512_loadu_si512((const void *)(p))
+#define vi_x(v) (v)
+#define vi_dot(acc, x, w) _mm512_dpbusd_epi32(acc, x, w)
+static inline int32_t vi_sum(vi v) { return _mm512_reduce_add_epi32(v); }
+#elif defined(__AVX2__)
+#define I8_BYTES 32
+typedef __m256i vi;
+#define vi_zero() _mm256_setzero_si256()
+#define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+static inline int32_t vi_sum(vi v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+#if defined(__AVXVNNI__)
+#define I8_ISA 2
+#define I8_SHIFTED 1
+#define vi_x(v) (v)
+#define vi_dot(acc, x, w) _mm256_dpbusd_avx_epi32(acc, x, w)
+#else
+#define I8_ISA 3
+#define I8_SHIFTED 0 /* accumulates the true products: x is shifted back first */
+#define vi_x(v) _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80))
+static inline vi vi_dot(vi acc, vi x, vi w) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+#endif
+
+/* Which kernels this build has: bit 0 float32; bits 4-7 the int8 flavour (1 AVX-512 VNNI,
+ * 2 AVX-VNNI, 3 AVX2). 0: none (the caller keeps PyTorch's kernels). */
+int gemv_isa(void) {
+    int isa = 0;
+#ifdef F32_LANES
+    isa |= 1;
+#endif
+#ifdef I8_ISA
+    isa |= I8_ISA << 4;
+#endif
+    return isa;
+}
+
+/* One activation row against four weight rows (w, w + K, w + 2K, w + 3K), or against one: the
+ * full blocks and the last few rows. Kept apart so the hot loop has nothing in it but loads
+ * and multiply-adds into four named accumulators (an array of them, or row pointers chosen at
+ * run time, cost register shuffles there, measurably). */
+#ifdef F32_LANES
+static inline void f32_rows4(const float *x, const float *w, long K, float out[4]) {
+    const long kv = K - K % F32_LANES;
+    const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+    vf a0 = vf_zero(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < kv; k += F32_LANES) {
+        const vf xv = vf_load(x + k);
+        a0 = vf_fma(vf_load(w0 + k), xv, a0);
+        a1 = vf_fma(vf_load(w1 + k), xv, a1);
+        a2 = vf_fma(vf_load(w2 + k), xv, a2);
+        a3 = vf_fma(vf_load(w3 + k), xv, a3);
+    }
+    float s0 = vf_sum(a0), s1 = vf_sum(a1), s2 = vf_sum(a2), s3 = vf_sum(a3);
+    for (long k = kv; k < K; k++) {
+        s0 += x[k] * w0[k]; s1 += x[k] * w1[k]; s2 += x[k] * w2[k]; s3 += x[k] * w3[k];
+    }
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+static inline float f32_row(const float *x, const float *w, long K) {
+    const long kv = K - K % F32_LANES;
+    vf a = vf_zero();
+    for (long k = 0; k < kv; k += F32_LANES) a = vf_fma(vf_load(w + k), vf_load(x + k), a);
+    float s = vf_sum(a);
+    for (long k = kv; k < K; k++) s += x[k] * w[k];
+    return s;
+}
+
+/* bias may be NULL. */
+void gemv_f32(const float *x, const float *w, const float *bias, float *y, long M, long N, long K) {
+    const long blocks = N / ROWS;
+    if (M == 1) { /* the decode step of one stream: without the row loop, measurably faster */
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
+        for (long b = 0; b < blocks; b++) {
+            f32_rows4(x, w + b * ROWS * K, K, y + b * ROWS);
+            if (bias)
+                for (long r = 0; r < ROWS; r++) y[b * ROWS + r] += bias[b * ROWS + r];
+        }
+    } else {
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)
+        for (long b = 0; b < blocks; b++) {
+            for (long m = 0; m < M; m++) { /* the block's rows are in L1 again for the next activation row */
+                float s[ROWS];
+                f32_rows4(x + m * K, w + b * ROWS * K, K, s);
+                for (long r = 0; r < ROWS; r++) y[m * N + b * ROWS + r] = bias ? s[r] + bias[b * ROWS + r] : s[r];
+            }
+        }
+    }
+    for (long n = blocks * ROWS; n < N; n++)
+        for (long m = 0; m < M; m++) y[m * N + n] = f32_row(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
+}
+#endif
+
+#ifdef I8_ISA
+/* Integer sums of x and w over one or four rows; for the VNNI flavours x is still shifted. */
+static inline void i8_rows4(const uint8_t *x, const int8_t *w, long K, int32_t out[4]) {
+    const long kv = K - K % I8_BYTES;
+    const int8_t *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+    vi a0 = vi_zero(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < kv; k += I8_BYTES) {
+        const vi xv = vi_x(vi_load(x + k));
+        a0 = vi_dot(a0, xv, vi_load(w0 + k));
+        a1 = vi_dot(a1, xv, vi_load(w1 + k));
+        a2 = vi_dot(a2, xv, vi_load(w2 + k));
+        a3 = vi_dot(a3, xv, vi_load(w3 + k));
+    }
+    int32_t s0 = vi_sum(a0), s1 = vi_sum(a1), s2 = vi_sum(a2), s3 = vi_sum(a3);
+    for (long k = kv; k < K; k++) {
+        const int32_t xk = (int32_t)x[k] - (I8_SHIFTED ? 0 : 128);
+        s0 += xk * w0[k]; s1 += xk * w1[k]; s2 += xk * w2[k]; s3 += xk * w3[k];
+    }
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+static inline int32_t i8_row(const uint8_t *x, const int8_t *w, long K) {
+    const long kv = K - K % I8_BYTES;
+    vi a = vi_zero();
+    for (long k = 0; k < kv; k += I8_BYTES) a = vi_dot(a, vi_x(vi_load(x + k)), vi_load(w + k));
+    int32_t s = vi_sum(a);
+    for (long k = kv; k < K; k++) s += ((int32_t)x[k] - (I8_SHIFTED ? 0 : 128)) * w[k];
+    return s;
+}
+
+/* w_sum[n] = sum_k w[n, k]; read only by the VNNI flavours (I8_SHIFTED). */
+void gemv_u8s8(const uint8_t *x, const int8_t *w, const int32_t *w_sum, int32_t *y, long M, long N, long K) {
+    const long blocks = N / ROWS;
+    if (M == 1) {
+#pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
+        for (long b = 0; b < blocks; b++) {
+            int32_t *yb = y + b * ROWS;
+            i8_rows4(x, w + b * ROWS * K, K, yb);
+            if (I8_SHIFTED)
+                for (long r = 0; r < ROWS; r++) yb[r] -= 128 * w_sum[b * ROWS + r];
+        }
+    } else {
+#pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)
+        for (long b = 0; b < blocks; b++) {
+            for (long m = 0; m < M; m++) {
+                int32_t s[ROWS];
+                i8_rows4(x + m * K, w + b * ROWS * K, K, s);
+                for (long r = 0; r < ROWS; r++) y[m * N + b * ROWS + r] = s[r] - (I8_SHIFTED ? 128 * w_sum[b * ROWS + r] : 0);
+            }
+        }
+    }
+    for (long n = blocks * ROWS; n < N; n++)
+        for (long m = 0; m < M; m++)
+            y[m * N + n] = i8_row(x + m * K, w + n * K, K) - (I8_SHIFTED ? 128 * w_sum[n] : 0);
+}
+#endif

@@ -1,0 +1,195 @@
+"""Our own matrix-vector kernels for the decode step of one stream (`gpt/csrc/gemv.c`).
+
+A one-stream decode step multiplies one activation row by every weight matrix: its time is the
+time to read the weights. PyTorch's CPU kernels for one row read them at well below the memory
+bandwidth that a plain vector loop reaches (its oneDNN, MKL and int8 `_int_mm` GEMMs are built
+for matrices, not for one row). The maintained int8 route, torchao, ends in those same kernels
+on an x86 CPU (`_int_mm` or oneDNN's int8 linear for int8 activations, `_weight_int8pack_mm`
+for weight-only int8, which measured slower still), and we found no library with a faster
+single-row product for PyTorch tensors; `benchmarks/llamacpp.py` measures the difference
+(`GPT_NATIVE_KERNELS=0` gives the baseline). So these few dozen lines of C, behind
+`torch.ops.gpt.gemv_f32` and `torch.ops.gpt.gemv_u8s8`, serve `gpt.layers.Linear` and
+`gpt.quantization.Int8Linear` for single rows; calls of several rows stay on oneDNN's packed
+kernels, which are faster there.
+
+The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) for this
+CPU (`-march=native`: AVX-512 VNNI, AVX-VNNI or AVX2, whichever it has) into a cache directory
+(`$GPT_KERNEL_CACHE`, else `~/.cache/gpt-serve/kernels`), keyed by the source, the compiler and
+the CPU's flags, and written atomically. The library links to the OpenMP runtime that PyTorch
+has already loaded, so both share one pool of threads and `torch.set_num_threads`. Where
+anything is missing (no compiler, not x86-64 Linux, no AVX2, a failed self-check) PyTorch's
+kernels run as before; `GPT_NATIVE_KERNELS=0` turns ours off. `status()` says which is in use.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_INT8_FLAVOURS = {1: "avx512-vnni", 2: "avx-vnni", 3: "avx2"}
+_NOT_BUILT = ""  # why the kernels are not in use, once known
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GPT_KERNEL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt-serve" / "kernels"
+
+
+def _compile(cc: str) -> Path:
+    """The shared library for this source, compiler and CPU: from the cache, or built now."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    target = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # another process may be building it too
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _self_check(lib: ctypes.CDLL, isa: int) -> None:
+    """Both kernels against PyTorch on awkward shapes (a short last block, a K tail)."""
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in [(1, 7, 5), (1, 37, 200), (3, 9, 130)]:
+        if isa & 1:
+            x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+            y = torch.empty(M, N)
+            lib.gemv_f32(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K)
+            if not torch.allclose(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
+                raise RuntimeError("float32 kernel disagrees with torch")
+        if isa >> 4:
+            xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+            w8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+            xu = (xq.int() + 128).to(torch.uint8)
+            y8, sums = torch.empty(M, N, dtype=torch.int32), w8.sum(1, dtype=torch.int32)
+            lib.gemv_u8s8(xu.data_ptr(), w8.data_ptr(), sums.data_ptr(), y8.data_ptr(), M, N, K)
+            if not torch.equal(y8.long(), xq.long() @ w8.long().t()):
+                raise RuntimeError("int8 kernel disagrees with torch")
+
+
+@functools.cache
+def _library() -> Optional[ctypes.CDLL]:
+    global _NOT_BUILT
+    try:
+        if os.environ.get("GPT_NATIVE_KERNELS", "1") == "0":
+            raise RuntimeError("turned off by GPT_NATIVE_KERNELS=0")
+        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+            raise RuntimeError(f"built only for x86-64 Linux, not {platform.system()} {platform.machine()}")
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            raise RuntimeError("no C compiler (cc) found")
+        lib = ctypes.CDLL(str(_compile(cc)))
+        ptr, n = ctypes.c_void_p, ctypes.c_long
+        lib.gemv_isa.restype = ctypes.c_int
+        isa = lib.gemv_isa()
+        if isa == 0:
+            raise RuntimeError("this CPU has neither AVX2 nor AVX-512")
+        for name in ("gemv_f32", "gemv_u8s8"):
+            if hasattr(lib, name):
+                getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, n, n, n]
+                getattr(lib, name).restype = None
+        _self_check(lib, isa)
+        return lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _NOT_BUILT = str(e)
+        log.info("native decode kernels not in use (%s): PyTorch's kernels run instead", e)
+        return None
+
+
+@functools.cache
+def _isa() -> int:
+    lib = _library()
+    return lib.gemv_isa() if lib is not None else 0
+
+
+@torch.compiler.assume_constant_result  # a fact about this machine: torch.compile need not trace it
+def f32_available() -> bool:
+    """Whether `torch.ops.gpt.gemv_f32` runs our kernel here (builds it on the first call)."""
+    return bool(_isa() & 1)
+
+
+@torch.compiler.assume_constant_result
+def int8_available() -> bool:
+    """Whether `torch.ops.gpt.gemv_u8s8` runs our kernel here (builds it on the first call)."""
+    return bool(_isa() >> 4)
+
+
+def status() -> str:
+    """One line for logs: which kernels run single-row products, or why ours do not."""
+    isa = _isa()
+    if not isa:
+        return f"PyTorch's ({_NOT_BUILT})"
+    return f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')})"
+
+
+_ops = torch.library.Library("gpt", "DEF")
+_ops.define("gemv_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor")
+_ops.define("gemv_u8s8(Tensor x, Tensor w, Tensor w_sum) -> Tensor")
+
+
+def _gemv_f32(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x (M, K) @ w (N, K).T + bias, float32, contiguous."""
+    x = x.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = x.new_empty(M, N)
+    _library().gemv_f32(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K)
+    return y
+
+
+def _gemv_u8s8(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
+    """The exact int32 products of (x - 128) (M, K) and w (N, K).T; w_sum = w.sum(1) as int32."""
+    x = x.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y = x.new_empty(M, N, dtype=torch.int32)
+    _library().gemv_u8s8(x.data_ptr(), w.data_ptr(), w_sum.data_ptr(), y.data_ptr(), M, N, K)
+    return y
+
+
+_ops.impl("gemv_f32", _gemv_f32, "CPU")
+_ops.impl("gemv_u8s8", _gemv_u8s8, "CPU")
+
+
+@torch.library.register_fake("gpt::gemv_f32")
+def _(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.register_fake("gpt::gemv_u8s8")
+def _(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0], dtype=torch.int32)

@@ -1,0 +1,179 @@
+"""Our single-row kernels (gpt.native): they agree with PyTorch on every flavour this CPU can run,
+the layers that use them give the numbers they gave before, and without them everything still
+runs on PyTorch's kernels."""
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt
+import gpt.native as native
+from gpt.layers import Linear
+from gpt.quantization import Int8Linear
+
+needs_kernels = pytest.mark.skipif(not native.f32_available(), reason=f"no native kernels here: {native.status()}")
+
+
+def _cpu_has(*flags: str) -> bool:
+    return all(f in native._cpu_flags().split() for f in flags)
+
+
+@pytest.fixture
+def without_native(monkeypatch):
+    """PyTorch's kernels, as on a machine where ours could not be built."""
+    monkeypatch.setattr(native, "_isa", lambda: 0)
+
+
+SHAPES = [(1, 1, 1), (1, 7, 5), (1, 37, 200), (1, 64, 3072), (2, 9, 130), (5, 100, 64), (3, 4, 65)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_float32_kernel_matches_torch(M, N, K):
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    torch.testing.assert_close(torch.ops.gpt.gemv_f32(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.ops.gpt.gemv_f32(x, w, None), F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_kernel_gives_the_exact_integer_products(M, N, K):
+    x = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)  # -128 too: no weight value is off limits
+    shifted = (x.int() + 128).to(torch.uint8)
+    y = torch.ops.gpt.gemv_u8s8(shifted, w, w.sum(1, dtype=torch.int32))
+    assert y.dtype == torch.int32 and torch.equal(y.long(), x.long() @ w.long().t())
+
+
+FLAVOURS = {  # the instruction sets gemv.c picks from, each built on purpose where this CPU runs it
+    "avx2": (["-march=x86-64-v3"], ("avx2", "fma"), 3),
+    "avx-vnni": (["-march=x86-64-v3", "-mavxvnni"], ("avx2", "fma", "avx_vnni"), 2),
+    "avx512-vnni": (["-march=x86-64-v4", "-mavx512vnni"], ("avx512f", "avx512bw", "avx512_vnni"), 1),
+}
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
+    flags, cpu_flags, isa = FLAVOURS[flavour]
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc or not _cpu_has(*cpu_flags):
+        pytest.skip(f"needs a C compiler and a CPU with {', '.join(cpu_flags)}")
+    monkeypatch.setattr(native, "FLAGS", [f for f in native.FLAGS if f != "-march=native"] + flags)
+    monkeypatch.setenv("GPT_KERNEL_CACHE", str(tmp_path))
+    lib = ctypes.CDLL(str(native._compile(cc)))
+    assert lib.gemv_isa() >> 4 == isa
+    for name in ("gemv_f32", "gemv_u8s8"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+    native._self_check(lib, lib.gemv_isa())  # raises on any disagreement
+    M, N, K = 2, 67, 3 * 64 + 33  # every loop: full blocks, a short last block, a K tail
+    x = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    xu, sums, y = (x.int() + 128).to(torch.uint8), w.sum(1, dtype=torch.int32), torch.empty(M, N, dtype=torch.int32)
+    lib.gemv_u8s8(xu.data_ptr(), w.data_ptr(), sums.data_ptr(), y.data_ptr(), M, N, K)
+    assert torch.equal(y.long(), x.long() @ w.long().t())
+
+
+@needs_kernels
+def test_an_int8_layer_gives_the_same_numbers_on_our_kernel_and_on_torchs(monkeypatch):
+    layer = Int8Linear.from_float(torch.randn(300, 200) * 0.05, torch.randn(300) * 0.1)
+    x = torch.randn(1, 200)
+    with torch.inference_mode():
+        ours = layer(x)
+        monkeypatch.setattr(native, "_isa", lambda: 0)
+        assert torch.equal(ours, layer(x))
+
+
+@needs_kernels
+def test_a_float32_layer_on_our_kernel_stays_within_rounding_of_torchs(monkeypatch):
+    layer = Linear(768, 768)  # big enough for the fast paths (small layers stay on F.linear)
+    x = torch.randn(1, 1, 768)
+    with torch.no_grad():
+        ours = layer(x)
+        assert ours.shape == (1, 1, 768)
+        monkeypatch.setattr(native, "_isa", lambda: 0)
+        torch.testing.assert_close(ours, layer(x), atol=1e-5, rtol=1e-5)
+        monkeypatch.undo()
+        torch.testing.assert_close(layer(x.expand(3, 1, 768))[1], ours[0], atol=1e-5, rtol=1e-5)  # oneDNN, 3 rows
+
+
+@needs_kernels
+def test_training_never_runs_on_our_kernel():
+    layer = Linear(768, 768)
+    x = torch.randn(1, 768, requires_grad=True)
+    layer(x).sum().backward()  # our op has no backward: with grad enabled the layer must not call it
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+@needs_kernels
+def test_row_sums_follow_the_weight_through_loading_and_in_place_edits():
+    layer, other = (Int8Linear.from_float(torch.randn(40, 64)) for _ in range(2))
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        expected = other(x)
+        layer.load_state_dict(other.state_dict())
+        assert "weight_sum" not in layer.state_dict()  # derived: never saved
+        assert torch.equal(layer(x), expected)
+    with torch.no_grad():
+        layer.weight_q[0].neg_()
+        other.weight_q[0].neg_()
+        other._sum_weights()
+    with torch.inference_mode():
+        assert torch.equal(layer(x), other(x))
+
+
+@needs_kernels
+def test_a_quantized_checkpoint_decodes_the_same_with_and_without_our_kernels(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = gpt.build_model(gpt.ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    gpt.quantize(model, "int8")
+    gpt.save(model, tmp_path / "m", tokenizer="byte")
+    loaded, _ = gpt.load(tmp_path / "m")  # load_state_dict into fresh int8 layers: the sums follow
+    prompt = [[1, 2, 3, 4]]
+
+    def greedy():
+        with torch.inference_mode():
+            cache = loaded.new_cache(1)
+            logits = [loaded.start(prompt, cache)]
+            for _ in range(8):
+                logits.append(loaded.step(logits[-1].argmax(-1).view(1, 1), cache))
+            return torch.cat([t.view(1, -1) for t in logits])
+
+    ours = greedy()
+    monkeypatch.setattr(native, "_isa", lambda: 0)
+    assert torch.equal(ours, greedy())
+
+
+def _status_in_subprocess(env: dict) -> str:
+    code = "import gpt.native, torch; print(gpt.native.status()); " \
+           "import gpt; m = gpt.build_model(gpt.ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, " \
+           "n_embd=512)).eval(); gpt.quantize(m, 'int8'); c = m.new_cache(1); m.start([[1, 2]], c); " \
+           "print(m.step(torch.ones(1, 1, dtype=torch.long), c).shape)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_turning_our_kernels_off_leaves_torchs_running():
+    out = _status_in_subprocess({"GPT_NATIVE_KERNELS": "0"})
+    assert "turned off by GPT_NATIVE_KERNELS=0" in out and "torch.Size([1, 64])" in out
+
+
+def test_without_a_compiler_torchs_kernels_run(tmp_path):
+    out = _status_in_subprocess({"CC": str(tmp_path / "no-such-cc"), "GPT_KERNEL_CACHE": str(tmp_path)})
+    assert out.startswith("PyTorch's (") and "torch.Size([1, 64])" in out
+
+
+def test_where_they_can_be_built_our_kernels_are_in_use():
+    """So that a kernel broken by an edit fails here rather than quietly skipping the tests above."""
+    import platform
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not (cc and platform.system() == "Linux" and platform.machine() == "x86_64" and _cpu_has("avx2", "fma")) \
+            or os.environ.get("GPT_NATIVE_KERNELS") == "0":
+        pytest.skip("not an x86-64 Linux machine with AVX2 and a C compiler")
+    assert native.f32_available() and native.int8_available(), native.status()
