@@ -83,6 +83,10 @@ def quantize_rows(x: Tensor, dtype: torch.dtype = torch.int8) -> tuple[Tensor, T
     return (q.add_(128) if dtype == torch.uint8 else q).to(dtype), scale
 
 
+def _resum_after_load(module: "Int8Linear", incompatible_keys) -> None:  # a function, not a lambda: picklable
+    module._sum_weights()
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and per-output-channel scales (inference only).
 
@@ -113,7 +117,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_sum", torch.empty(0, dtype=torch.int32, device=weight_q.device),
                              persistent=False)
         self._sum_weights()
-        self.register_load_state_dict_post_hook(lambda module, _: module._sum_weights())
+        self.register_load_state_dict_post_hook(_resum_after_load)
 
     @torch.no_grad()
     def _sum_weights(self) -> None:
