@@ -6,9 +6,9 @@ bandwidth that a plain vector loop reaches (its oneDNN, MKL and int8 `_int_mm` G
 for matrices, not for one row). The maintained int8 route, torchao, ends in those same kernels
 on an x86 CPU (`_int_mm` or oneDNN's int8 linear for int8 activations, `_weight_int8pack_mm`
 for weight-only int8, which measured slower still), and we found no library with a faster
-single-row product for PyTorch tensors; `benchmarks/llamacpp.py` measures the difference
-(`GPT_NATIVE_KERNELS=0` gives the baseline). So a small C file of our own, behind
-`torch.ops.gpt.gemv_f32` and `torch.ops.gpt.gemv_u8s8`, serve `gpt.layers.Linear` and
+single-row product for PyTorch tensors; `benchmarks/native_kernels.py` measures the difference
+on the machine at hand. So a small C file of our own, behind `torch.ops.gpt.gemv_f32` and
+`torch.ops.gpt.gemv_u8s8`, serves `gpt.layers.Linear` and
 `gpt.quantization.Int8Linear` for single rows; calls of several rows stay on oneDNN's packed
 kernels, which are faster there.
 
