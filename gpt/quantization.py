@@ -97,8 +97,9 @@ class Int8Linear(nn.Module):
     zero point for the whole call, so each row is still quantized with its own scale (int8,
     shifted by 128) and the call runs with scale 1: it returns the exact integer products, and
     the rescaling after it is the same as `_int_mm`'s, so a row's result does not depend on
-    which kernel ran or what it was batched with. A single row stays on `_int_mm` and the plain
-    weight, which is faster there. The copy costs the weight's memory again: opt-in, like
+    which kernel ran or what it was batched with. A single row never uses the copy: it runs on
+    our own kernel (`gpt.native`, with `weight_sum`), else `_int_mm`, with the same numbers
+    again. The copy costs the weight's memory again: opt-in, like
     `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
     """
     _packed: Optional[Tensor] = None  # an opaque oneDNN tensor: never in the state dict
