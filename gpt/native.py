@@ -103,6 +103,18 @@ def _self_check(lib: ctypes.CDLL, isa: int) -> None:
                 raise RuntimeError("int8 kernel disagrees with torch")
 
 
+def _bind(path: Path) -> ctypes.CDLL:
+    """Load a built library and declare its functions' arguments (pointers and sizes)."""
+    lib = ctypes.CDLL(str(path))
+    ptr, n = ctypes.c_void_p, ctypes.c_long
+    lib.gemv_isa.restype = ctypes.c_int
+    for name in ("gemv_f32", "gemv_u8s8"):
+        if hasattr(lib, name):  # a flavour without a kernel for one of them leaves it out
+            getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, n, n, n]
+            getattr(lib, name).restype = None
+    return lib
+
+
 @functools.cache
 def _library() -> Optional[ctypes.CDLL]:
     global _NOT_BUILT
@@ -114,16 +126,10 @@ def _library() -> Optional[ctypes.CDLL]:
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if not cc:
             raise RuntimeError("no C compiler (cc) found")
-        lib = ctypes.CDLL(str(_compile(cc)))
-        ptr, n = ctypes.c_void_p, ctypes.c_long
-        lib.gemv_isa.restype = ctypes.c_int
+        lib = _bind(_compile(cc))
         isa = lib.gemv_isa()
         if isa == 0:
             raise RuntimeError("this CPU has neither AVX2 nor AVX-512")
-        for name in ("gemv_f32", "gemv_u8s8"):
-            if hasattr(lib, name):
-                getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, n, n, n]
-                getattr(lib, name).restype = None
         _self_check(lib, isa)
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
