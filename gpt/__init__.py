@@ -8,6 +8,7 @@ from .bpe import BPETokenizer, train_bpe
 from .checkpoint import CheckpointError, load, load_checkpoint, save
 from .compile import compile_decode
 from .config import PRESETS, ModelConfig, preset
+from .cuda_graphs import cuda_graph_decode
 from .decoding import Piece, SequenceDecoder, decode_tokens
 from .evaluate import Score, score_pairs, score_texts
 from .generate import Completion, complete, generate
@@ -26,6 +27,7 @@ __all__ = [
     "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
     "generate", "complete", "beam_search", "BeamSearch", "Completion", "Piece", "SamplingParams",
     "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError", "quantize", "compile_decode",
+    "cuda_graph_decode",
     "Tokenizer", "get_tokenizer", "BPETokenizer", "train_bpe", "IncrementalDetokenizer", "TextStream",
     "StopMatcher", "Score", "score_texts", "score_pairs",
 ]

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step of one stream (tens of seconds the first time; beam search stays "
                         "uncompiled); faster with --quantize int8")
+    p.add_argument("--eager", action="store_true",
+                   help="on a GPU, run each decode step eagerly instead of replaying a CUDA graph of it")
     return p
 
 
@@ -65,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from . import checkpoint
     from .compile import compile_decode
+    from .cuda_graphs import cuda_graph_decode
     from .device import resolve_device
     from .generate import generate
     from .quantization import quantize
@@ -91,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         quantize(model, args.quantize)
     if args.compile and args.num_beams == 1:
         compile_decode(model)
+    if device.type == "cuda" and not args.eager:
+        cuda_graph_decode(model)
     try:
         pieces = generate(model, tokenizer, prompt, stream=True, **vars(params))
         for piece in pieces:

@@ -95,11 +95,9 @@ class KVCache(nn.Module):
             return rows, slice(first, first + B)  # contiguous: read views, not gathered copies
         return rows, rows
 
-    def advance(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
-        """Advance the lengths of B rows by the tokens a forward pass is about to append (row b
-        brings n_tokens[b] <= T real tokens, the rest is padding), and say where they go: the
-        view for the layers, each token's position (B, T) (on CPU), the attention mask (or None
-        when plain causal/no mask is exact), and whether plain causal attention is exact."""
+    def _claim(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
+        """The host-side half of `advance`: check, then advance the lengths of B rows by the
+        tokens they bring. Returns (row ids, selector, start lengths, tokens per row, kv_len)."""
         rows_t, select = self.resolve_rows(rows, B)
         start = self.lengths[rows_t]
         n = torch.full((B,), T, dtype=torch.long) if n_tokens is None else torch.as_tensor(n_tokens).long().cpu()
@@ -109,6 +107,21 @@ class KVCache(nn.Module):
         kv_len = int(end.max())
         if kv_len > self.max_len:
             raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        self.lengths[rows_t] = end
+        return rows_t, select, start, n, kv_len
+
+    def advance_one(self, B: int, rows: Optional[Rows]) -> tuple[Tensor, Tensor]:
+        """Advance B rows by one token each, on the host alone (a replayed CUDA graph does the
+        device side: `gpt.cuda_graphs`). Returns (row ids, the position each token goes to)."""
+        rows_t, _, start, _, _ = self._claim(B, 1, rows, None)
+        return rows_t, start
+
+    def advance(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
+        """Advance the lengths of B rows by the tokens a forward pass is about to append (row b
+        brings n_tokens[b] <= T real tokens, the rest is padding), and say where they go: the
+        view for the layers, each token's position (B, T) (on CPU), the attention mask (or None
+        when plain causal/no mask is exact), and whether plain causal attention is exact."""
+        rows_t, select, start, n, kv_len = self._claim(B, T, rows, n_tokens)
         pos = start[:, None] + torch.arange(T)
         real = torch.arange(T)[None, :] < n[:, None]
         write_pos = torch.where(real, pos, torch.full_like(pos, self.max_len))
@@ -123,7 +136,6 @@ class KVCache(nn.Module):
             mask = (key[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, kv_len)
             mask = mask.to(self.device)
             causal = False
-        self.lengths[rows_t] = end
         dev = self.device
         src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
         view = CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),

@@ -63,6 +63,12 @@ class _Transformer(nn.Module):
     # prompts with decoding that way); the encoder is not causal, so a source is encoded whole.
     prefills_in_chunks: bool = True
     _compiled_stack = None  # set by gpt.compile_decode
+    _decode_graphs = None  # set by gpt.cuda_graph_decode
+
+    def _apply(self, fn, *args, **kwargs):
+        if self._decode_graphs is not None:  # recorded graphs hold the old tensors' addresses
+            self._decode_graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def _embed(self, wte: nn.Embedding, wpe: PositionEncoding, idx: Tensor, pos: Tensor) -> Tensor:
         x = wte(idx)
@@ -84,6 +90,10 @@ class _Transformer(nn.Module):
         """The stack's final hidden states (B, T, C); with `head`, its outputs (logits); with
         `last_only`, only at each row's last real token (B, ...)."""
         B, T = idx.shape
+        graphs = self._decode_graphs
+        if (graphs is not None and cache is not None and head is not None and memory is None
+                and graphs.accepts(idx, cache, n_tokens, last_only)):
+            return graphs.step(self, stack, wte, head, idx, cache, rows)  # gpt.cuda_graph_decode
         view = None
         if cache is None:
             pos = torch.arange(T, device=idx.device)
@@ -181,6 +191,10 @@ class GPT(_Transformer):
         self._check_ids(idx, "input_ids")
         return self._run(self.transformer, self.transformer.wte, idx, cache=cache, rows=rows,
                          n_tokens=n_tokens, causal=True, head=self.lm_head, last_only=last_only)
+
+    def decode_parts(self) -> tuple[nn.ModuleDict, nn.Embedding, nn.Module]:
+        """What a decode step runs: the block stack, the token embedding, the output head."""
+        return self.transformer, self.transformer.wte, self.lm_head
 
     def start(self, prompts: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
         """Prefill the cache rows with prompts of any lengths; next-token logits (B, V)."""

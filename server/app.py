@@ -57,7 +57,8 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
         log.info("single-row kernels: %s", gpt.native.status())
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                   max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads,
-                  prefix_cache=settings.prefix_cache, compile_decode=settings.compile)
+                  prefix_cache=settings.prefix_cache, compile_decode=settings.compile,
+                  cuda_graphs=not settings.eager)
 
 
 async def _load_in_background(app: FastAPI) -> None:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch.compile the decode step of a single stream, compiling at start-up (tens of "
                         f"seconds the first time); faster with --quantize int8, slower in float32 on CPU "
                         f"(env {ENV_PREFIX}COMPILE=1)")
+    p.add_argument("--eager", dest="eager", action="store_true", default=None,
+                   help=f"on a GPU, run the decode step eagerly; by default it replays CUDA graphs recorded at "
+                        f"start-up (env {ENV_PREFIX}EAGER=1)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
                    help=f"prefill every prompt in full instead of reusing cached prefixes of earlier ones "
                         f"(env {ENV_PREFIX}PREFIX_CACHE=0)")

@@ -36,6 +36,7 @@ class Settings:
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
     compile: bool = False  # torch.compile the one-stream decode step (gpt.compile_decode); compiles at start-up
+    eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
     max_connections: int = 1024  # open connections at most; beyond that, new ones get 503
@@ -104,7 +105,7 @@ _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "defa
                "max_connections"}
 _FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "keep_alive_timeout"}
 _CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES}
-_BOOL_FIELDS = {"prefix_cache", "docs", "compile"}
+_BOOL_FIELDS = {"prefix_cache", "docs", "compile", "eager"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

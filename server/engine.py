@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 import gpt
-from gpt import ContextLimits, Piece, RequestError, SamplingParams, pack_linear_weights
+from gpt import ContextLimits, Piece, RequestError, SamplingParams, cuda_graph_decode, pack_linear_weights
 from gpt.compile import warm_up
 
 from .beams import BeamJob
@@ -109,6 +109,8 @@ class Engine:
     compile_decode: torch.compile the single-stream decode step (gpt.compile_decode), compiling
     it now, in the scheduler's own cache, rather than in the first request; where compiling
     fails (e.g. no C++ compiler), the engine warns and serves uncompiled.
+    cuda_graphs: on a GPU, replay the decode step as CUDA graphs (gpt.cuda_graph_decode), all
+    of them recorded now, for every batch size up to max_batch_size and every cache length.
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
     from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
@@ -119,7 +121,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
                  max_len: Optional[int] = None, max_prompt_tokens: Optional[int] = None, prefill_chunk: int = 512,
                  metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True,
-                 prefix_cache: bool = True, compile_decode: bool = False):
+                 prefix_cache: bool = True, compile_decode: bool = False, cuda_graphs: bool = True):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -133,6 +135,8 @@ class Engine:
                                 self._deliver, prefix_cache=prefix_cache)
         if compile_decode:
             self._compile(model)
+        if cuda_graphs and model.device.type == "cuda" and not self.limits.is_seq2seq:
+            self._record_graphs(model, max_batch_size)
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()
@@ -155,6 +159,13 @@ class Engine:
             self._sched.cache.reset()
             log.warning("--compile: torch.compile failed (%s: %s); serving without it",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+
+    def _record_graphs(self, model, max_batch_size: int) -> None:
+        t0 = time.perf_counter()
+        cuda_graph_decode(model)
+        with torch.inference_mode():
+            n = model._decode_graphs.record_all(model, self._sched.cache, max_batch_size)
+        log.info("decode step: %d CUDA graphs recorded in %.1f s", n, time.perf_counter() - t0)
 
     def start(self) -> None:
         with self._cond:

@@ -1,0 +1,123 @@
+"""gpt.cuda_graph_decode: the recorded decode step computes what the eager step computes.
+
+The step a graph records (rows 0..Bb-1, keys 0..Kb-1, riders writing to the spare slot, masked
+keys) is ordinary PyTorch, so it is checked on the CPU, against the eager step, on every
+machine. Recording and replaying need a GPU: those tests run where CUDA is available."""
+import dataclasses
+
+import pytest
+import torch
+
+import gpt
+from gpt.cuda_graphs import MIN_KEYS, DecodeGraphs, _bucket, _buckets, _Graph
+
+BYTES = gpt.get_tokenizer("byte")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _model(pos_encoding="learned", device="cpu", dtype=torch.float32):
+    config = dataclasses.replace(gpt.preset("gpt-tiny"), pos_encoding=pos_encoding)
+    return gpt.GPT(config).eval().to(device=device, dtype=dtype)
+
+
+def _prefilled(model, prompts, max_len=40):
+    cache = model.new_cache(len(prompts), max_len=max_len)
+    model.start(prompts, cache)
+    return cache
+
+
+def test_buckets_are_powers_of_two_capped_at_the_cache():
+    assert [_bucket(n, 1, 32) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
+    assert _bucket(1, MIN_KEYS, 1024) == MIN_KEYS and _bucket(65, MIN_KEYS, 100) == 100
+    assert _buckets(1, 6) == [1, 2, 4, 6] and _buckets(MIN_KEYS, 32) == [32]
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+@torch.inference_mode()
+def test_recorded_step_matches_eager_step_and_leaves_riders_rows_alone(pos_encoding):
+    model = _model(pos_encoding)
+    prompts = [[5, 6, 7], [8] * 9, [1, 2], [3] * 20]
+    eager_cache, graph_cache = _prefilled(model, prompts), _prefilled(model, prompts)
+    rows = torch.tensor([2, 0])  # rows 1 and 3 ride along; the caller's order is not the cache's
+    tokens = torch.tensor([[11], [12]])
+    want = model.step(tokens, eager_cache, rows=rows)
+
+    got_rows, positions = graph_cache.advance_one(2, rows)
+    assert got_rows.tolist() == [2, 0] and positions.tolist() == [2, 3]
+    g = _Graph(rows=4, keys=_bucket(int(positions.max()) + 1, 16, graph_cache.max_len),
+               spare=graph_cache.max_len, device=torch.device("cpu"))
+    g.load(tokens, got_rows, positions)
+    got = g._body(model, *model.decode_parts(), graph_cache)[:2]
+
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(graph_cache.lengths, eager_cache.lengths)
+    for a, b in zip(eager_cache.layers, graph_cache.layers):  # every real position; only the spare slot differs
+        torch.testing.assert_close(a.k[:, :, :-1], b.k[:, :, :-1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.v[:, :, :-1], b.v[:, :, :-1], rtol=0, atol=1e-6)
+
+
+def test_advance_one_checks_the_cache_length_before_moving_anything():
+    model = _model()
+    cache = _prefilled(model, [[1] * 5, [2] * 3], max_len=5)
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        cache.advance_one(2, None)
+    assert cache.lengths.tolist() == [5, 3]
+
+
+@torch.inference_mode()
+def test_on_a_cpu_the_step_stays_eager():
+    model = gpt.cuda_graph_decode(_model())
+    params = gpt.SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    got = gpt.complete(model, BYTES, ["abc", "de"], [params, params])
+    model._decode_graphs = None
+    assert got == gpt.complete(model, BYTES, ["abc", "de"], [params, params])
+    assert not DecodeGraphs.accepts(torch.zeros(1, 1, dtype=torch.long), model.new_cache(1), None, True)
+
+
+# --- on a GPU ----------------------------------------------------------------------------
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_replayed_generation_matches_eager_generation(dtype):
+    torch.manual_seed(0)
+    eager = _model(device="cuda", dtype=dtype)
+    graphed = gpt.cuda_graph_decode(_model(device="cuda", dtype=dtype))
+    graphed.load_state_dict(eager.state_dict())
+    # rows of different lengths that finish at different steps: the batch shrinks and rides along
+    prompts = ["Once upon a time", "x", "A longer prompt, to move the lengths around"]
+    params = [gpt.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (30, 5, 12)]
+    with torch.inference_mode():
+        want = gpt.complete(eager, BYTES, prompts, params)
+        got = gpt.complete(graphed, BYTES, prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=tol)
+
+
+@cuda
+@torch.inference_mode()
+def test_replay_matches_the_eager_step_logits_at_every_length():
+    model = _model(device="cuda")
+    graphed = gpt.cuda_graph_decode(_model(device="cuda"))
+    graphed.load_state_dict(model.state_dict())
+    prompts = [[5, 6, 7], [8] * 9]
+    a, b = _prefilled(model, prompts, max_len=64), _prefilled(graphed, prompts, max_len=64)
+    tok = torch.tensor([[1], [2]], device="cuda")
+    for _ in range(40):  # crosses key buckets
+        want, got = model.step(tok, a), graphed.step(tok, b)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tok = want.argmax(-1, keepdim=True)
+    assert graphed._decode_graphs.count(b) >= 1
+
+
+@cuda
+@torch.inference_mode()
+def test_record_all_covers_every_bucket_and_moving_the_model_drops_them():
+    model = gpt.cuda_graph_decode(_model(device="cuda"))
+    cache = model.new_cache(6, max_len=48)
+    n = model._decode_graphs.record_all(model, cache)
+    assert n == len(_buckets(1, 6)) * len(_buckets(MIN_KEYS, 48)) == 4
+    assert cache.lengths.tolist() == [0] * 6  # recording appends nothing
+    model.half()
+    assert model._decode_graphs.count(cache) == 0
