@@ -22,6 +22,7 @@ eager step: its cross-attention reads sources of other lengths per row.
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Optional
 
@@ -114,6 +115,7 @@ class DecodeGraphs:
     def __init__(self):
         self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._pool = None
+        self.failed: Optional[str] = None  # why recording failed; every step is eager after that
 
     def clear(self) -> None:
         self._by_cache.clear()
@@ -121,11 +123,10 @@ class DecodeGraphs:
     def count(self, cache: KVCache) -> int:
         return len(self._by_cache.get(cache, {}))
 
-    @staticmethod
-    def accepts(idx: Tensor, cache: KVCache, n_tokens, last_only: bool) -> bool:
+    def accepts(self, idx: Tensor, cache: KVCache, n_tokens, last_only: bool) -> bool:
         """Whether this step can replay a graph: one token per row, on a GPU, for inference,
         decoder-only (no encoder outputs in the cache), logits of the last token wanted."""
-        return (idx.is_cuda and idx.dim() == 2 and idx.shape[1] == 1 and n_tokens is None and last_only
+        return (self.failed is None and idx.is_cuda and idx.dim() == 2 and idx.shape[1] == 1 and n_tokens is None and last_only
                 and cache.max_src_len == 0 and not torch.is_grad_enabled() and cache.device == idx.device)
 
     def _graph(self, model, stack, wte, head, cache: KVCache, rows: int, keys: int) -> _Graph:
@@ -139,16 +140,46 @@ class DecodeGraphs:
             graphs[(rows, keys)] = g
         return g
 
-    def step(self, model, stack, wte, head, idx: Tensor, cache: KVCache, rows: Optional[Rows]) -> Tensor:
-        """Append one token per row (idx (B, 1)) to `rows` of the cache; next-token logits (B, V)."""
+    def step(self, model, stack, wte, head, idx: Tensor, cache: KVCache, rows: Optional[Rows]) -> Optional[Tensor]:
+        """Append one token per row (idx (B, 1)) to `rows` of the cache; next-token logits (B, V).
+        None, with the cache unchanged, when the graph could not be recorded: the caller steps
+        eagerly instead (as it will from then on, after one warning)."""
         rows_t, positions = cache.advance_one(idx.shape[0], rows)
         try:
             g = self._graph(model, stack, wte, head, cache, _bucket(int(rows_t.max()) + 1, 1, cache.batch_size),
                             _bucket(int(positions.max()) + 1, MIN_KEYS, cache.max_len))
-        except BaseException:
+        except RuntimeError as e:  # an op that cannot be recorded, out of memory, ...
             cache.lengths[rows_t] = positions  # nothing was appended
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"CUDA graphs of the decode step could not be recorded ({self.failed}); "
+                          f"decoding eagerly", RuntimeWarning, stacklevel=2)
+            return None
+        except BaseException:
+            cache.lengths[rows_t] = positions
             raise
         return g.replay(idx, rows_t, positions)
+
+    def check(self, model, cache: KVCache) -> Optional[str]:
+        """Step a short prompt in row 0 of `cache` once eagerly and once through a graph, and
+        compare the logits: None when they agree, else what went wrong. Leaves row 0 empty."""
+        row, tok = slice(0, 1), torch.tensor([[4]], device=cache.device)
+        try:
+            model._decode_graphs = None
+            model.start([[1, 2, 3]], cache, rows=row)
+            want = model.step(tok, cache, rows=row).float()
+            model._decode_graphs = self
+            model.start([[1, 2, 3]], cache, rows=row)  # start resets the row first
+            got = model.step(tok, cache, rows=row)
+        finally:
+            model._decode_graphs = self
+            cache.reset(row)
+        if self.failed is not None:
+            return self.failed
+        err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        tol = 1e-3 if got.dtype == torch.float32 else 3e-2  # 16-bit logits round to ~1e-3 of their scale
+        if not err <= tol:
+            return f"a replayed step differs from the eager step (relative error {err:.1e})"
+        return None
 
     def record_all(self, model, cache: KVCache, max_rows: Optional[int] = None) -> int:
         """Record every graph that steps in `cache` can need (up to `max_rows` rows), so that no
@@ -168,3 +199,21 @@ def cuda_graph_decode(model: nn.Module) -> nn.Module:
     nothing. Combine with `gpt.compile_decode` (call that first) to record the compiled step."""
     model._decode_graphs = DecodeGraphs()
     return model
+
+
+@torch.inference_mode()
+def record_decode_graphs(model: nn.Module, cache: KVCache, max_rows: Optional[int] = None) -> tuple[int, Optional[str]]:
+    """`cuda_graph_decode(model)`, then record every graph for `cache` now (`record_all`) and
+    check one replay against the eager step: (graphs recorded, None), or (0, what went wrong),
+    the model then left decoding eagerly and the cache empty. For a server's start-up."""
+    graphs = cuda_graph_decode(model)._decode_graphs
+    try:
+        n = graphs.record_all(model, cache, max_rows)
+        problem = graphs.check(model, cache)
+    except RuntimeError as e:  # an op that cannot be recorded, out of memory, ...
+        n, problem = 0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if problem:
+        model._decode_graphs = None
+        cache.reset()
+        return 0, problem
+    return n, None

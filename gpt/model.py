@@ -93,7 +93,9 @@ class _Transformer(nn.Module):
         graphs = self._decode_graphs
         if (graphs is not None and cache is not None and head is not None and memory is None
                 and graphs.accepts(idx, cache, n_tokens, last_only)):
-            return graphs.step(self, stack, wte, head, idx, cache, rows)  # gpt.cuda_graph_decode
+            out = graphs.step(self, stack, wte, head, idx, cache, rows)  # gpt.cuda_graph_decode
+            if out is not None:
+                return out
         view = None
         if cache is None:
             pos = torch.arange(T, device=idx.device)

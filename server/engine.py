@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 
 import gpt
-from gpt import ContextLimits, Piece, RequestError, SamplingParams, cuda_graph_decode, pack_linear_weights
+from gpt import ContextLimits, Piece, RequestError, SamplingParams, pack_linear_weights
 from gpt.compile import warm_up
+from gpt.cuda_graphs import record_decode_graphs
 
 from .beams import BeamJob
 from .metrics import Metrics
@@ -109,8 +110,7 @@ class Engine:
     compile_decode: torch.compile the single-stream decode step (gpt.compile_decode), compiling
     it now, in the scheduler's own cache, rather than in the first request; where compiling
     fails (e.g. no C++ compiler), the engine warns and serves uncompiled.
-    cuda_graphs: on a GPU, replay the decode step as CUDA graphs (gpt.cuda_graph_decode), all
-    of them recorded now, for every batch size up to max_batch_size and every cache length.
+    cuda_graphs: on a GPU, replay decode steps as CUDA graphs, all recorded now (gpt.cuda_graphs).
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
     from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
@@ -136,7 +136,12 @@ class Engine:
         if compile_decode:
             self._compile(model)
         if cuda_graphs and model.device.type == "cuda" and not self.limits.is_seq2seq:
-            self._record_graphs(model, max_batch_size)
+            t0 = time.perf_counter()
+            n, problem = record_decode_graphs(model, self._sched.cache, max_batch_size)
+            if problem:
+                log.warning("CUDA graphs of the decode step are off (%s); decoding eagerly", problem)
+            else:
+                log.info("decode step: %d CUDA graphs recorded and checked in %.1f s", n, time.perf_counter() - t0)
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()
@@ -159,13 +164,6 @@ class Engine:
             self._sched.cache.reset()
             log.warning("--compile: torch.compile failed (%s: %s); serving without it",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-
-    def _record_graphs(self, model, max_batch_size: int) -> None:
-        t0 = time.perf_counter()
-        cuda_graph_decode(model)
-        with torch.inference_mode():
-            n = model._decode_graphs.record_all(model, self._sched.cache, max_batch_size)
-        log.info("decode step: %d CUDA graphs recorded in %.1f s", n, time.perf_counter() - t0)
 
     def start(self) -> None:
         with self._cond:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gpt
-from gpt.cuda_graphs import MIN_KEYS, DecodeGraphs, _bucket, _buckets, _Graph
+from gpt.cuda_graphs import MIN_KEYS, DecodeGraphs, _bucket, _buckets, _Graph, record_decode_graphs
 
 BYTES = gpt.get_tokenizer("byte")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -71,7 +71,64 @@ def test_on_a_cpu_the_step_stays_eager():
     got = gpt.complete(model, BYTES, ["abc", "de"], [params, params])
     model._decode_graphs = None
     assert got == gpt.complete(model, BYTES, ["abc", "de"], [params, params])
-    assert not DecodeGraphs.accepts(torch.zeros(1, 1, dtype=torch.long), model.new_cache(1), None, True)
+    assert not DecodeGraphs().accepts(torch.zeros(1, 1, dtype=torch.long), model.new_cache(1), None, True)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+@torch.inference_mode()
+def test_graph_bookkeeping_matches_eager_generation_as_the_batch_shrinks(stand_in_cuda_graphs, pos_encoding):
+    eager = _model(pos_encoding)
+    graphed = gpt.cuda_graph_decode(_model(pos_encoding))
+    graphed.load_state_dict(eager.state_dict())
+    prompts = ["Once upon a time", "x", "A longer prompt, to move the lengths around", "yz"]
+    # rows finish at different steps: the batch shrinks to non-contiguous rows that others ride along with
+    params = [gpt.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, logprobs=2) for n in (20, 3, 9, 5)]
+    want = gpt.complete(eager, BYTES, prompts, params)
+    got = gpt.complete(graphed, BYTES, prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    for a, b in zip(got, want):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert graphed._decode_graphs.failed is None
+
+
+@torch.inference_mode()
+def test_a_step_that_cannot_be_recorded_falls_back_to_eager_once_with_a_warning(stand_in_cuda_graphs, monkeypatch):
+    model = gpt.cuda_graph_decode(_model())
+    cache = _prefilled(model, [[1, 2, 3]])
+
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(_Graph, "record", broken)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        logits = model.step(torch.tensor([[4]]), cache)
+    assert cache.lengths.tolist() == [4] and logits.shape == (1, model.config.vocab_size)
+    assert "stream is capturing" in model._decode_graphs.failed
+
+
+@torch.inference_mode()
+def test_check_compares_a_replayed_step_with_the_eager_one(stand_in_cuda_graphs, monkeypatch):
+    model = gpt.cuda_graph_decode(_model())
+    cache = model.new_cache(2, max_len=16)
+    graphs = model._decode_graphs
+    assert graphs.check(model, cache) is None and cache.lengths.tolist() == [0, 0]
+    real_body = _Graph._body
+    monkeypatch.setattr(_Graph, "_body", lambda self, *a: real_body(self, *a) * 1.5)  # a wrong step
+    graphs.clear()
+    assert "differs from the eager step" in graphs.check(model, cache)
+    assert cache.lengths.tolist() == [0, 0]
+
+
+@torch.inference_mode()
+def test_record_decode_graphs_leaves_the_model_eager_when_the_check_fails(stand_in_cuda_graphs, monkeypatch):
+    model = _model()
+    cache = model.new_cache(2, max_len=16)
+    assert record_decode_graphs(model, cache) == (0, None) and model._decode_graphs is not None  # CPU: none needed
+    real_body = _Graph._body
+    monkeypatch.setattr(_Graph, "_body", lambda self, *a: real_body(self, *a) + 1.0)
+    n, problem = record_decode_graphs(model, cache)
+    assert n == 0 and "differs" in problem and model._decode_graphs is None
+    assert cache.lengths.tolist() == [0, 0]
 
 
 # --- on a GPU ----------------------------------------------------------------------------

@@ -233,25 +233,34 @@ def describe(c: Case, runs: list[dict], got: dict, want: gpt.Completion, diffs: 
 
 
 @pytest.mark.parametrize("device,quantization", [
-    ("cpu", None), ("cpu", "int8"),
+    ("cpu", None), ("cpu", "int8"), ("cpu-graphs", None),
     pytest.param("cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
 @pytest.mark.parametrize("kind", ["gpt", "seq2seq"])
-def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(kind, device, quantization):
+def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(kind, device, quantization, request):
     # int8 too: activations are quantized per row, so a row's logits do not depend on its batch.
     # On a GPU the library decodes eagerly (first) and the Engine replays CUDA graphs (it records
     # them); other kernels for other batch shapes round differently, hence a wider tolerance.
-    model = build_model(kind).to(device)
+    # cpu-graphs: the Engine's steps go through gpt.cuda_graphs' bookkeeping, replayed on the CPU.
+    model = build_model(kind).to(device.removesuffix("-graphs"))
     if quantization:
         gpt.quantize(model, quantization)
     rng = random.Random(f"{SEED}-{kind}")
     cases, runs = draw_cases(rng, model)
     want = gpt.complete(model, TOK, [c.prompt for c in cases], [c.params for c in cases])
+    replays = []
+    if device == "cpu-graphs":
+        request.getfixturevalue("stand_in_cuda_graphs")
+        gpt.cuda_graph_decode(model)
+        steps = gpt.cuda_graphs.DecodeGraphs.step
+        request.getfixturevalue("monkeypatch").setattr(
+            gpt.cuda_graphs.DecodeGraphs, "step", lambda *a: replays.append(1) or steps(*a))
     got = run_engine(model, cases, runs)
+    assert bool(replays) == (device == "cpu-graphs" and kind == "gpt")
 
     assert len(got) == len(cases)
     failures = []
     for c, g, w in zip(cases, got, want):
-        diffs = differences(g, w, tol=LOGPROB_TOL if device == "cpu" else 1e-4)
+        diffs = differences(g, w, tol=1e-4 if device == "cuda" else LOGPROB_TOL)
         if diffs:
             failures.append(describe(c, runs, g, w, diffs))
     assert not failures, (f"{len(failures)} of {len(cases)} requests differ between the Engine and gpt.complete "
