@@ -129,6 +129,14 @@ class Attention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
+    def _native_attention_ok(self, q: Tensor, cache: LayerCache) -> bool:
+        """One query per row against a float32 cache on a CPU, for inference: our kernel
+        (gpt.native), which writes the new keys and values itself. Eager only (it updates the
+        cache in place); rows of up to 8192 positions (its scores live on the stack)."""
+        return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.k.dtype == torch.float32
+                and cache.k.shape[2] <= 8193 and not torch.is_grad_enabled() and not self.training
+                and not torch.compiler.is_compiling() and native.attention_available())
+
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
         return tuple(self._heads(t) for t in self.kv_proj(memory).split(memory.shape[-1], dim=2))
@@ -147,6 +155,11 @@ class Attention(nn.Module):
             q, k, v = (self._heads(t) for t in self.c_attn(x).split(C, dim=2))
             if rope is not None:
                 q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            if cache is not None and T == 1 and self._native_attention_ok(q, cache):
+                H, D = self.n_head, self.head_dim
+                y = torch.ops.gpt.attend_one(q.reshape(B, H, D), k.reshape(B, H, D), v.reshape(B, H, D),
+                                             cache.k, cache.v, view.rows, view.write_pos.view(B))
+                return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
                 k, v = cache.update(view, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,

@@ -1,4 +1,5 @@
-"""Our own matrix-vector kernels for the decode step of one stream (`gpt/csrc/gemv.c`).
+"""Our own CPU kernels for the decode step: matrix-vector products for one stream
+(`gpt/csrc/gemv.c`) and one-query attention for any batch (`gpt/csrc/attention.c`).
 
 A one-stream decode step multiplies one activation row by every weight matrix: its time is the
 time to read the weights. PyTorch's CPU kernels for one row read them at well below the memory
@@ -12,7 +13,12 @@ on the machine at hand. So a small C file of our own, behind `torch.ops.gpt.gemv
 `gpt.quantization.Int8Linear` for single rows; calls of several rows stay on oneDNN's packed
 kernels, which are faster there.
 
-The C file is compiled on first use with the system's C compiler (`$CC`, else `cc`) for this
+The decode step's attention has one query per row. PyTorch's CPU attention tiles queries and,
+with one, reads the cache well below the memory bandwidth; at a batch of 32 it was about half
+of a GPT-2-small step. `torch.ops.gpt.attend_one` writes each row's new key and value into the
+cache and attends to that row's own positions in one pass (`gpt.layers.Attention`, float32).
+
+The C files are compiled on first use with the system's C compiler (`$CC`, else `cc`) for this
 CPU (`-march=native`: AVX-512 VNNI, AVX-VNNI or AVX2, whichever it has) into a cache directory
 (`$GPT_KERNEL_CACHE`, else `~/.cache/gpt-serve/kernels`), keyed by the source, the compiler and
 the CPU's flags, and written atomically. The library links to the OpenMP runtime that PyTorch
@@ -39,7 +45,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.c", "attention.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _INT8_FLAVOURS = {1: "avx512-vnni", 2: "avx-vnni", 3: "avx2"}
 _NOT_BUILT = ""  # why the kernels are not in use, once known
@@ -65,7 +71,7 @@ def _cache_dir() -> Path:
 def _compile(cc: str) -> Path:
     """The shared library for this source, compiler and CPU: from the cache, or built now."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
     target = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -73,7 +79,7 @@ def _compile(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # another process may be building it too
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
@@ -84,8 +90,15 @@ def _compile(cc: str) -> Path:
 
 
 def _self_check(lib: ctypes.CDLL, isa: int) -> None:
-    """Both kernels against PyTorch on awkward shapes (a short last block, a K tail)."""
+    """The kernels against PyTorch on awkward shapes (a short last block, a K tail; rows out of
+    order in a strided cache, of different lengths)."""
     g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(2, 5, 3, 12, 8, generator=g).unbind(0)  # (rows, heads, positions, D)
+    q, k, v = torch.randn(3, 2, 3, 8, generator=g).unbind(0)
+    want = _attend_reference(q, k, v, kc.clone(), vc.clone(), torch.tensor([3, 1]), torch.tensor([0, 6]))
+    got = _attend(lib, q, k, v, kc, vc, torch.tensor([3, 1]), torch.tensor([0, 6]))
+    if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+        raise RuntimeError("attention kernel disagrees with torch")
     for M, N, K in [(1, 7, 5), (1, 37, 200), (3, 9, 130)]:
         if isa & 1:
             x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
@@ -108,6 +121,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, n = ctypes.c_void_p, ctypes.c_long
     lib.gemv_isa.restype = ctypes.c_int
+    lib.attend_one.argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, n, ptr, ptr, ptr, n, n, n, ctypes.c_float]
+    lib.attend_one.restype = None
     for name in ("gemv_f32", "gemv_u8s8"):
         if hasattr(lib, name):  # a flavour without a kernel for one of them leaves it out
             getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, n, n, n]
@@ -156,17 +171,26 @@ def int8_available() -> bool:
     return bool(_isa() >> 4)
 
 
+@torch.compiler.assume_constant_result
+def attention_available() -> bool:
+    """Whether `torch.ops.gpt.attend_one` runs our kernel here (builds it on the first call)."""
+    return _isa() != 0
+
+
 def status() -> str:
     """One line for logs: which kernels run single-row products, or why ours do not."""
     isa = _isa()
     if not isa:
         return f"PyTorch's ({_NOT_BUILT})"
-    return f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')})"
+    return (f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')}, "
+            f"attention: yes)")
 
 
 _ops = torch.library.Library("gpt", "DEF")
 _ops.define("gemv_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 _ops.define("gemv_u8s8(Tensor x, Tensor w, Tensor w_sum) -> Tensor")
+_ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
+            "Tensor pos) -> Tensor")
 
 
 def _gemv_f32(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -187,6 +211,37 @@ def _gemv_u8s8(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
     return y
 
 
+def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+            pos: Tensor) -> Tensor:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rows, pos = rows.contiguous().long(), pos.contiguous().long()
+    (B, H, D), (s_row, s_head, s_pos, s_d) = q.shape, k_cache.stride()
+    assert s_d == 1 and v_cache.stride() == k_cache.stride()
+    out = q.new_empty(B, H, D)
+    lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                   s_row, s_head, s_pos, rows.data_ptr(), pos.data_ptr(), out.data_ptr(), B, H, D, D ** -0.5)
+    return out
+
+
+def _attend_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+                      pos: Tensor) -> Tensor:
+    """What `attend_one` computes, in PyTorch: write each row's k, v (B, H, D) at pos[b] of cache
+    row rows[b], then attend with q (B, H, D) to that row's positions 0..pos[b]."""
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+    n = int(pos.max()) + 1
+    mask = (torch.arange(n)[None, :] <= pos[:, None])[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k_cache[rows, :, :n], v_cache[rows, :, :n], attn_mask=mask)[:, :, 0]
+
+
+def _attend_one(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
+                pos: Tensor) -> Tensor:
+    """One query per (row, head), q (B, H, D) float32: see gpt/csrc/attention.c."""
+    return _attend(_library(), q, k, v, k_cache, v_cache, rows, pos)
+
+
+_ops.impl("attend_one", _attend_one, "CPU")
 _ops.impl("gemv_f32", _gemv_f32, "CPU")
 _ops.impl("gemv_u8s8", _gemv_u8s8, "CPU")
 
@@ -199,3 +254,8 @@ def _(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
 @torch.library.register_fake("gpt::gemv_u8s8")
 def _(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.int32)
+
+
+@torch.library.register_fake("gpt::attend_one")
+def _(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
+    return torch.empty_like(q)

@@ -170,3 +170,34 @@ def test_where_they_can_be_built_our_kernels_are_in_use():
             or os.environ.get("GPT_NATIVE_KERNELS") == "0":
         pytest.skip("not an x86-64 Linux machine with AVX2 and a C compiler")
     assert native.f32_available() and native.int8_available(), native.status()
+
+
+@needs_kernels
+@pytest.mark.parametrize("B,H,D,L", [(1, 1, 1, 1), (3, 2, 8, 12), (4, 12, 64, 130), (2, 3, 80, 1030)])
+def test_attention_kernel_writes_the_new_keys_and_attends_like_torch(B, H, D, L):
+    g = torch.Generator().manual_seed(B * 1000 + L)
+    kc, vc = torch.randn(2, B + 2, H, L + 1, D, generator=g).unbind(0)
+    q, k, v = torch.randn(3, B, H, D, generator=g).unbind(0)
+    rows = torch.randperm(B + 2, generator=g)[:B]  # any rows, in any order
+    pos = torch.randint(0, L, (B,), generator=g)  # each row its own length
+    want_k, want_v = kc.clone(), vc.clone()
+    want = native._attend_reference(q, k, v, want_k, want_v, rows, pos)
+    got = torch.ops.gpt.attend_one(q, k, v, kc, vc, rows, pos)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+@needs_kernels
+@pytest.mark.parametrize("preset", ["gpt-tiny", "seq2seq-tiny"])
+def test_decoding_on_our_attention_stays_within_rounding_of_torchs(preset, monkeypatch):
+    model = gpt.build_model(gpt.preset(preset)).eval()
+    tok = gpt.get_tokenizer("byte")
+    prompts = ["Once upon a time", "x", "rows of different lengths"]
+    params = [gpt.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (20, 7, 12)]
+    with torch.inference_mode():
+        ours = gpt.complete(model, tok, prompts, params)
+        monkeypatch.setattr(native, "_isa", lambda: 0)
+        theirs = gpt.complete(model, tok, prompts, params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    for a, b in zip(ours, theirs):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
