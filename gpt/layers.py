@@ -131,11 +131,12 @@ class Attention(nn.Module):
 
     def _native_attention_ok(self, q: Tensor, cache: LayerCache) -> bool:
         """One query per row against a float32 cache on a CPU, for inference: our kernel
-        (gpt.native), which writes the new keys and values itself. Eager only (it updates the
-        cache in place); rows of up to 8192 positions (its scores live on the stack)."""
+        (gpt.native), which writes the new keys and values itself, eagerly and inside
+        torch.compile (the op declares its in-place writes, so inductor calls it on the cache
+        itself); rows of up to 8192 positions (its scores live on the stack)."""
         return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.k.dtype == torch.float32
                 and cache.k.shape[2] <= 8193 and not torch.is_grad_enabled() and not self.training
-                and not torch.compiler.is_compiling() and native.attention_available())
+                and native.attention_available())
 
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
