@@ -75,7 +75,7 @@ def build_models(dtype, device, compile_: bool):
     base = gpt.GPT(gpt.preset("gpt2")).eval()
     with tempfile.TemporaryDirectory() as tmp:
         gpt.export_hf_gpt2(base, f"{tmp}/gpt2")
-        hf = GPT2LMHeadModel.from_pretrained(f"{tmp}/gpt2", torch_dtype=dtype).to(device).eval()
+        hf = GPT2LMHeadModel.from_pretrained(f"{tmp}/gpt2", dtype=dtype).to(device).eval()
     eager = base.to(device=device, dtype=dtype)
     graphed = gpt.GPT(base.config).eval().to(device=device, dtype=dtype)
     graphed.load_state_dict(eager.state_dict())
