@@ -22,6 +22,8 @@ share of CPU that other processes take is sampled before each phase and printed.
       single-row decode step compiled (`gpt.compile_decode`, compiled before timing). llama.cpp f32,
       f16, q8_0: `llama-bench -p 1024 -n 128` (batch 1 decode, from an empty context, and prefill)
       and `llama-batched-bench -npp 32 -ntg 128` (batch 8 and 32). Best of `--repeats` for both.
+      And transformers' GPT2LMHeadModel on the same weights (fp32, in-process only): `generate`,
+      greedy, its per-token rate measured as benchmarks/decode.py does, and one forward for prefill.
    b. served: `gpt-serve` (fp32, `--quantize int8`, `--quantize int8 --compile`) and `llama-server` (f32, f16, q8_0), one after
       the other, under the same streaming load generator (benchmarks/serve.py's) at `--clients`
       concurrent clients, each a 32-token prompt and `--new-tokens` tokens (greedy, ignore_eos):
@@ -31,7 +33,7 @@ share of CPU that other processes take is sampled before each phase and printed.
       its best pass: a shared VM's speed drifts within minutes, and the passes spread a slow
       spell over every server instead of whichever ran during it.
    c. prints a table with the ratios ours / llama.cpp (int8 vs q8_0, fp32 vs f32, and our best vs
-      their best) and writes everything as JSON to `--json`.
+      their best) and ours / transformers (fp32), and writes everything as JSON to `--json`.
 
     python benchmarks/llamacpp.py --json results/llamacpp.json
     python benchmarks/llamacpp.py --skip-build --only serve --clients 1,32 --new-tokens 64
@@ -505,6 +507,43 @@ def bench_ours_inprocess(ckpt: str, quant: str, batches: list[int], prompt: list
     return res
 
 
+def bench_hf_inprocess(hf_dir: str, batches: list[int], prompt: list[int], long_prompt: list[int], steps: int,
+                       repeats: int) -> dict:
+    """transformers' GPT2LMHeadModel on the same weights (fp32): `generate` greedy, its decode rate
+    batch x steps / (time of steps + 1 new tokens - time of 1), as benchmarks/decode.py measures
+    it; prefill: one forward over the long prompt."""
+    from transformers import GPT2LMHeadModel
+
+    background_busy("transformers in-process")
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                    pad_token_id=hf.config.eos_token_id, num_beams=1)
+        return time.perf_counter() - t0
+
+    res: dict = {"decode": {}}
+    with torch.inference_mode():
+        gen(torch.tensor([prompt] * max(batches)), 4)  # warm-up
+        for b in batches:
+            ids = torch.tensor([prompt] * b)
+            rates = [b * steps / max(gen(ids, steps + 1) - gen(ids, 1), 1e-9) for _ in range(repeats)]
+            res["decode"][b] = max(rates)
+            log(f"  transformers decode batch {b:>2}: {max(rates):7.1f} tok/s "
+                f"(runs {', '.join(f'{r:.1f}' for r in rates)})")
+        ids = torch.tensor([long_prompt])
+        hf(ids[:, :64])
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            hf(ids).logits[:, -1].argmax(-1)
+            times.append(time.perf_counter() - t0)
+    res["prefill_s"] = min(times)
+    log(f"  transformers prefill {len(long_prompt)} tokens: {min(times):.3f} s")
+    return res
+
+
 def run_tool(cmd: list[str], what: str, timeout: float = 1800) -> tuple[str, str]:
     """Run a llama.cpp tool, forwarding its progress lines as they come; returns (stdout, stderr)."""
     import queue
@@ -661,7 +700,8 @@ def keep_best(section: dict, key: str, new: dict) -> None:
 # --- 3c. the table ----------------------------------------------------------------------------
 
 COLS = [("ours fp32", "ours", "fp32"), ("ours int8", "ours", "int8"), ("ours int8+compile", "ours", "int8c"),
-        ("llama f32", "llama", "f32"), ("llama f16", "llama", "f16"), ("llama q8_0", "llama", "q8_0")]
+        ("llama f32", "llama", "f32"), ("llama f16", "llama", "f16"), ("llama q8_0", "llama", "q8_0"),
+        ("transformers fp32", "hf", "fp32")]
 
 
 def build_rows(results: dict, batches: list[int], clients: list[int], prefill_len: int) -> list[dict]:
@@ -700,7 +740,8 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
         r["ratios"] = {"fp32/f32": ratio(v["ours fp32"], v["llama f32"]),
                        "int8/q8_0": ratio(v["ours int8"], v["llama q8_0"]),
                        "int8+compile/q8_0": ratio(v["ours int8+compile"], v["llama q8_0"]),
-                       "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None}
+                       "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None,
+                       "fp32/transformers": ratio(v["ours fp32"], v["transformers fp32"])}
     return rows
 
 
@@ -712,15 +753,16 @@ def fmt_v(v, unit: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
     print("\n| figure | " + " | ".join(c[0] for c in COLS) + " | fp32/f32 | int8/q8_0 | int8+compile/q8_0 | "
-          "best/best |")
-    print("|---" * (len(COLS) + 5) + "|")
+          "best/best | fp32/transformers |")
+    print("|---" * (len(COLS) + 6) + "|")
     for r in rows:
         vals = " | ".join(fmt_v(r["values"][c[0]], r["unit"]) for c in COLS)
         rats = " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"].values())
         arrow = "higher is better" if r["higher"] else "lower is better"
         print(f"| {r['metric']} ({r['unit']}, {arrow}) | {vals} | {rats} |")
     print("\nratios are ours / llama.cpp of the figure itself: above 1 means ours is faster for tok/s rows, "
-          "slower for s and ms rows. best/best: our better of fp32/int8 against their best of f32/f16/q8_0.")
+          "slower for s and ms rows. best/best: our better of fp32/int8 against their best of f32/f16/q8_0. "
+          "transformers: GPT2LMHeadModel.generate in-process on the same weights (no server).")
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -801,6 +843,11 @@ def main() -> None:
             results["decode"][f"llama:{t}"] = r
             log(f"  llama {t:<4} decode " + ", ".join(f"batch {b}: {v:.1f}" for b, v in r["decode"].items())
                 + f" tok/s; prefill {r.get('prefill_s', float('nan')):.3f} s")
+        try:
+            results["decode"]["hf:fp32"] = bench_hf_inprocess(models["hf"], args.batches, prompt, long_prompt,
+                                                              args.new_tokens, args.repeats)
+        except ImportError as e:
+            notes.append(f"transformers in-process skipped: {e}")
         log(f"in-process part done in {fmt_s(time.perf_counter() - t_run)}")
 
     if args.only in ("serve", "all"):
