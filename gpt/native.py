@@ -18,6 +18,12 @@ with one, reads the cache well below the memory bandwidth; at a batch of 32 it w
 of a GPT-2-small step. `torch.ops.gpt.attend_one` writes each row's new key and value into the
 cache and attends to that row's own positions in one pass (`gpt.layers.Attention`, float32).
 
+The ops reach the kernels through `gpt/csrc/ops.cpp`, built against this PyTorch's headers with
+the system's C++ compiler (about ten seconds, once): a call then costs about two microseconds
+through the dispatcher. Without a C++ compiler (or with `GPT_NATIVE_OPS=ctypes`) they are Python
+functions calling the same C library through ctypes, several microseconds a call, which a
+GPT-2-small decode step pays 61 times.
+
 The C files are compiled on first use with the system's C compiler (`$CC`, else `cc`) for this
 CPU (`-march=native`: AVX-512 VNNI, AVX-VNNI or AVX2, whichever it has) into a cache directory
 (`$GPT_KERNEL_CACHE`, else `~/.cache/gpt-serve/kernels`), keyed by the source, the compiler and
@@ -46,6 +52,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.c", "attention.c")]
+OPS_SOURCE = Path(__file__).with_name("csrc") / "ops.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _INT8_FLAVOURS = {1: "avx512-vnni", 2: "avx-vnni", 3: "avx2"}
 _NOT_BUILT = ""  # why the kernels are not in use, once known
@@ -68,18 +75,18 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt-serve" / "kernels"
 
 
-def _compile(cc: str) -> Path:
-    """The shared library for this source, compiler and CPU: from the cache, or built now."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), cc, version, " ".join(FLAGS), _cpu_flags()]).encode())
-    target = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+def _build(name: str, compiler: str, args: list[str], key_parts: list[str], timeout: float) -> Path:
+    """`compiler *args -o <library>`, cached under a key of the sources, compiler, flags and CPU."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([*key_parts, compiler, version, " ".join(args), _cpu_flags()]).encode())
+    target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # another process may be building it too
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([compiler, *args, "-o", tmp], capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
@@ -87,6 +94,25 @@ def _compile(cc: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _compile(cc: str) -> Path:
+    """The C kernels' shared library for this compiler and CPU: from the cache, or built now."""
+    return _build("gemv", cc, [*FLAGS, *map(str, SOURCES)], [s.read_text() for s in SOURCES], 120)
+
+
+def _compile_ops(cxx: str) -> Path:
+    """The C kernels and `ops.cpp`, which registers them as the gpt:: ops' CPU kernels, linked
+    against this PyTorch (its headers come with every wheel)."""
+    from torch.utils import cpp_extension
+
+    lib_dirs = cpp_extension.library_paths()
+    args = [*FLAGS, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *(f"-I{d}" for d in cpp_extension.include_paths()),
+            # "-x c" before each C file: GCC's C++ driver compiled a second C file as C++ otherwise
+            *(arg for source in SOURCES for arg in ("-x", "c", str(source))), "-x", "c++", str(OPS_SOURCE), "-x", "none",
+            *(f"-L{d}" for d in lib_dirs), *(f"-Wl,-rpath,{d}" for d in lib_dirs), "-lc10", "-ltorch_cpu"]
+    return _build("ops", cxx, args, [s.read_text() for s in (*SOURCES, OPS_SOURCE)] + [torch.__version__], 300)
 
 
 def _self_check(lib: ctypes.CDLL, isa: int) -> None:
@@ -146,11 +172,53 @@ def _library() -> Optional[ctypes.CDLL]:
         if isa == 0:
             raise RuntimeError("this CPU has neither AVX2 nor AVX-512")
         _self_check(lib, isa)
+        _register_kernels(isa)
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _NOT_BUILT = str(e)
         log.info("native decode kernels not in use (%s): PyTorch's kernels run instead", e)
         return None
+
+
+_REGISTERED = ""  # how the gpt:: ops reach the kernels: "C++" or "ctypes"
+
+
+def _register_kernels(isa: int) -> None:
+    """Give the gpt:: ops their CPU kernels: `ops.cpp`'s where a C++ compiler builds it against
+    this PyTorch (about a microsecond a call), else the Python ones below (ctypes, several)."""
+    global _REGISTERED
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    try:
+        if os.environ.get("GPT_NATIVE_OPS") == "ctypes":
+            raise RuntimeError("GPT_NATIVE_OPS=ctypes")
+        if not cxx:
+            raise RuntimeError("no C++ compiler (c++) found")
+        torch.ops.load_library(str(_compile_ops(cxx)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log.info("gpt:: ops through ctypes (%s)", e)
+        _ops.impl("attend_one", _attend_one, "CPU")
+        _ops.impl("gemv_f32", _gemv_f32, "CPU")
+        _ops.impl("gemv_u8s8", _gemv_u8s8, "CPU")
+        _REGISTERED = "ctypes"
+        return
+    _REGISTERED = "C++"
+    # the wrapper's own work (shapes, strides, the attention scale) against PyTorch, once
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(2, 3, 2, 9, 8, generator=g).unbind(0)
+    q, k, v = torch.randn(3, 2, 2, 8, generator=g).unbind(0)
+    rows, pos = torch.tensor([2, 0]), torch.tensor([4, 7])
+    want = _attend_reference(q, k, v, kc.clone(), vc.clone(), rows, pos)
+    ok = torch.allclose(torch.ops.gpt.attend_one(q, k, v, kc, vc, rows, pos), want, atol=1e-5, rtol=1e-5)
+    x, w, b = torch.randn(2, 40, generator=g), torch.randn(9, 40, generator=g), torch.randn(9, generator=g)
+    if isa & 1:
+        ok &= torch.allclose(torch.ops.gpt.gemv_f32(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
+    if isa >> 4:
+        xq, wq = torch.randint(-127, 128, (2, 40), generator=g), torch.randint(-128, 128, (9, 40), generator=g)
+        w8 = wq.to(torch.int8)
+        got = torch.ops.gpt.gemv_u8s8((xq + 128).to(torch.uint8), w8, w8.sum(1, dtype=torch.int32))
+        ok &= torch.equal(got.long(), xq @ wq.t())
+    if not ok:
+        raise RuntimeError("the C++ ops disagree with torch")
 
 
 @functools.cache
@@ -183,7 +251,7 @@ def status() -> str:
     if not isa:
         return f"PyTorch's ({_NOT_BUILT})"
     return (f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')}, "
-            f"attention: yes)")
+            f"attention: yes; called through {_REGISTERED})")
 
 
 _ops = torch.library.Library("gpt", "DEF")
@@ -241,9 +309,6 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tenso
     return _attend(_library(), q, k, v, k_cache, v_cache, rows, pos)
 
 
-_ops.impl("attend_one", _attend_one, "CPU")
-_ops.impl("gemv_f32", _gemv_f32, "CPU")
-_ops.impl("gemv_u8s8", _gemv_u8s8, "CPU")
 
 
 @torch.library.register_fake("gpt::gemv_f32")

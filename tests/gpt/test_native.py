@@ -162,6 +162,39 @@ def test_without_a_compiler_torchs_kernels_run(tmp_path):
     assert out.startswith("PyTorch's (") and "torch.Size([1, 64])" in out
 
 
+@needs_kernels
+def test_without_a_cpp_compiler_the_ops_reach_our_kernels_through_ctypes(tmp_path):
+    out = _status_in_subprocess({"GPT_NATIVE_OPS": "ctypes", "GPT_KERNEL_CACHE": str(tmp_path)})
+    assert "called through ctypes" in out and "torch.Size([1, 64])" in out
+
+
+@needs_kernels
+def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
+    """The C++ registration (ops.cpp) and the ctypes one, on the same int8 and float32 inputs."""
+    code = ("import torch, gpt.native as n; n.f32_available(); g = torch.Generator().manual_seed(5); "
+            "x = torch.randn(1, 300, generator=g); w = torch.randn(70, 300, generator=g); "
+            "xq = torch.randint(0, 256, (1, 300), generator=g, dtype=torch.uint8); "
+            "wq = torch.randint(-128, 128, (70, 300), generator=g, dtype=torch.int8); "
+            "q, k, v = torch.randn(3, 2, 4, 16, generator=g).unbind(0); kc, vc = torch.zeros(2, 3, 4, 20, 16).unbind(0); "
+            "a = torch.ops.gpt.attend_one(q, k, v, kc, vc, torch.tensor([2, 0]), torch.tensor([0, 5])); "
+            "print(n.status()); print(torch.ops.gpt.gemv_f32(x, w, None).sum().item(), "
+            "torch.ops.gpt.gemv_u8s8(xq, wq, wq.sum(1, dtype=torch.int32)).sum().item(), a.sum().item())")
+    outs = {}
+    for how in ("C++", "ctypes"):
+        env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path)}
+        if how == "ctypes":
+            env["GPT_NATIVE_OPS"] = "ctypes"
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        status, numbers = run.stdout.splitlines()
+        if f"called through {how}" not in status:
+            pytest.skip(f"no {how} build here: {status}")
+        outs[how] = [float(v) for v in numbers.split()]
+    assert outs["C++"][1] == outs["ctypes"][1]  # exact integer products
+    assert outs["C++"][0] == pytest.approx(outs["ctypes"][0], rel=1e-6)
+    assert outs["C++"][2] == pytest.approx(outs["ctypes"][2], rel=1e-5)
+
+
 def test_where_they_can_be_built_our_kernels_are_in_use():
     """So that a kernel broken by an edit fails here rather than quietly skipping the tests above."""
     import platform

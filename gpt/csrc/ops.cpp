@@ -1,0 +1,64 @@
+// The C kernels (gemv.c, attention.c) as PyTorch's CPU implementations of the gpt:: ops that
+// gpt/native.py declares. Called through the dispatcher directly, a kernel costs about a
+// microsecond per call; the Python implementations that gpt/native.py falls back to (ctypes)
+// cost several, and a decode step of GPT-2-small makes 61 such calls.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+extern "C" {
+// weak: a build for a CPU without the instruction set leaves a kernel out (gpt/native.py then
+// never routes calls to it)
+void gemv_f32(const float *, const float *, const float *, float *, long, long, long) __attribute__((weak));
+void gemv_u8s8(const uint8_t *, const int8_t *, const int32_t *, int32_t *, long, long, long) __attribute__((weak));
+void attend_one(const float *, const float *, const float *, float *, float *, long, long, long, const int64_t *,
+                const int64_t *, float *, long, long, long, float);
+}
+
+namespace {
+
+at::Tensor gemv_f32_op(const at::Tensor &x, const at::Tensor &w, const std::optional<at::Tensor> &bias) {
+    TORCH_CHECK(gemv_f32, "gpt::gemv_f32: this build has no float32 kernel");
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+    at::Tensor y = at::empty({M, N}, xc.options());
+    gemv_f32(xc.data_ptr<float>(), w.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr,
+             y.data_ptr<float>(), M, N, K);
+    return y;
+}
+
+at::Tensor gemv_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum) {
+    TORCH_CHECK(gemv_u8s8, "gpt::gemv_u8s8: this build has no int8 kernel");
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+    at::Tensor y = at::empty({M, N}, xc.options().dtype(at::kInt));
+    gemv_u8s8(xc.data_ptr<uint8_t>(), w.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), y.data_ptr<int32_t>(), M, N, K);
+    return y;
+}
+
+at::Tensor attend_one_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
+                         at::Tensor &v_cache, const at::Tensor &rows, const at::Tensor &pos) {
+    TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
+                "gpt::attend_one: the caches need contiguous head dimensions and the same strides");
+    const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+    const at::Tensor r = rows.contiguous().to(at::kLong), p = pos.contiguous().to(at::kLong);
+    const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2);
+    at::Tensor out = at::empty({B, H, D}, qc.options());
+    attend_one(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), k_cache.data_ptr<float>(),
+               v_cache.data_ptr<float>(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               r.data_ptr<int64_t>(), p.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D,
+               1.0f / std::sqrt(static_cast<float>(D)));
+    return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gpt, CPU, m) {
+    m.impl("gemv_f32", gemv_f32_op);
+    m.impl("gemv_u8s8", gemv_u8s8_op);
+    m.impl("attend_one", attend_one_op);
+}
