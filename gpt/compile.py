@@ -30,7 +30,10 @@ from .kv_cache import KVCache
 
 def compile_decode(model: nn.Module) -> nn.Module:
     """Make `model.step` with one token per row run through torch.compile; returns the model."""
-    model._compiled_stack = torch.compile(model._run_stack, dynamic=True, fullgraph=True)
+    # On a CPU, inductor's C++ wrapper calls the step's kernels and ops with no Python between
+    # them, which measured faster (README, "A compiled decode step").
+    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
+    model._compiled_stack = torch.compile(model._run_stack, dynamic=True, fullgraph=True, options=options)
     return model
 
 
