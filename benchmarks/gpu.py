@@ -254,7 +254,8 @@ def main() -> None:
                 table[dtype_name] += (bench_serve(device, dtype_name, tmp, serve.prompt_ids(tok, args.prompt_len),
                                                   args.new_tokens, clients),)
         del models, hf
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     log("\n| dtype | variant | " + " | ".join(f"batch {b}" for b in batches) + " |")
     log("| --- | --- | " + " | ".join("---" for _ in batches) + " |")

@@ -115,31 +115,33 @@ def _compile_ops(cxx: str) -> Path:
     return _build("ops", cxx, args, [s.read_text() for s in (*SOURCES, OPS_SOURCE)] + [torch.__version__], 300)
 
 
-def _self_check(lib: ctypes.CDLL, isa: int) -> None:
-    """The kernels against PyTorch on awkward shapes (a short last block, a K tail; rows out of
-    order in a strided cache, of different lengths)."""
+def _self_check(isa: int, gemv_f32, gemv_u8s8, attend) -> None:
+    """The kernels, reached through the given callables (the ctypes wrappers of a library, or
+    the registered torch ops), against PyTorch on awkward shapes: a short last block, a K tail;
+    rows out of order in a strided cache, each of its own length."""
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(2, 5, 3, 12, 8, generator=g).unbind(0)  # (rows, heads, positions, D)
     q, k, v = torch.randn(3, 2, 3, 8, generator=g).unbind(0)
-    want = _attend_reference(q, k, v, kc.clone(), vc.clone(), torch.tensor([3, 1]), torch.tensor([0, 6]))
-    got = _attend(lib, q, k, v, kc, vc, torch.tensor([3, 1]), torch.tensor([0, 6]))
-    if not torch.allclose(got, want, atol=1e-5, rtol=1e-5):
+    rows, pos = torch.tensor([3, 1]), torch.tensor([0, 6])
+    want = _attend_reference(q, k, v, kc.clone(), vc.clone(), rows, pos)
+    if not torch.allclose(attend(q, k, v, kc, vc, rows, pos), want, atol=1e-5, rtol=1e-5):
         raise RuntimeError("attention kernel disagrees with torch")
     for M, N, K in [(1, 7, 5), (1, 37, 200), (3, 9, 130)]:
         if isa & 1:
             x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-            y = torch.empty(M, N)
-            lib.gemv_f32(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K)
-            if not torch.allclose(y, torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
+            if not torch.allclose(gemv_f32(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
                 raise RuntimeError("float32 kernel disagrees with torch")
         if isa >> 4:
             xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
             w8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
-            xu = (xq.int() + 128).to(torch.uint8)
-            y8, sums = torch.empty(M, N, dtype=torch.int32), w8.sum(1, dtype=torch.int32)
-            lib.gemv_u8s8(xu.data_ptr(), w8.data_ptr(), sums.data_ptr(), y8.data_ptr(), M, N, K)
+            y8 = gemv_u8s8((xq.int() + 128).to(torch.uint8), w8, w8.sum(1, dtype=torch.int32))
             if not torch.equal(y8.long(), xq.long() @ w8.long().t()):
                 raise RuntimeError("int8 kernel disagrees with torch")
+
+
+def _ctypes_ops(lib: ctypes.CDLL) -> tuple:
+    """The library's kernels as Python functions of tensors: gemv_f32, gemv_u8s8, attend."""
+    return (functools.partial(_gemv_f32, lib), functools.partial(_gemv_u8s8, lib), functools.partial(_attend, lib))
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -171,8 +173,7 @@ def _library() -> Optional[ctypes.CDLL]:
         isa = lib.gemv_isa()
         if isa == 0:
             raise RuntimeError("this CPU has neither AVX2 nor AVX-512")
-        _self_check(lib, isa)
-        _register_kernels(isa)
+        _register_kernels(lib, isa)  # and checks them
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _NOT_BUILT = str(e)
@@ -183,9 +184,10 @@ def _library() -> Optional[ctypes.CDLL]:
 _REGISTERED = ""  # how the gpt:: ops reach the kernels: "C++" or "ctypes"
 
 
-def _register_kernels(isa: int) -> None:
+def _register_kernels(lib: ctypes.CDLL, isa: int) -> None:
     """Give the gpt:: ops their CPU kernels: `ops.cpp`'s where a C++ compiler builds it against
-    this PyTorch (about a microsecond a call), else the Python ones below (ctypes, several)."""
+    this PyTorch (about two microseconds a call), else the library's through ctypes (several);
+    then check them once, as registered."""
     global _REGISTERED
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     try:
@@ -194,31 +196,13 @@ def _register_kernels(isa: int) -> None:
         if not cxx:
             raise RuntimeError("no C++ compiler (c++) found")
         torch.ops.load_library(str(_compile_ops(cxx)))
+        _REGISTERED = "C++"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.info("gpt:: ops through ctypes (%s)", e)
-        _ops.impl("attend_one", _attend_one, "CPU")
-        _ops.impl("gemv_f32", _gemv_f32, "CPU")
-        _ops.impl("gemv_u8s8", _gemv_u8s8, "CPU")
+        for name, fn in zip(("gemv_f32", "gemv_u8s8", "attend_one"), _ctypes_ops(lib)):
+            _ops.impl(name, fn, "CPU")
         _REGISTERED = "ctypes"
-        return
-    _REGISTERED = "C++"
-    # the wrapper's own work (shapes, strides, the attention scale) against PyTorch, once
-    g = torch.Generator().manual_seed(1)
-    kc, vc = torch.randn(2, 3, 2, 9, 8, generator=g).unbind(0)
-    q, k, v = torch.randn(3, 2, 2, 8, generator=g).unbind(0)
-    rows, pos = torch.tensor([2, 0]), torch.tensor([4, 7])
-    want = _attend_reference(q, k, v, kc.clone(), vc.clone(), rows, pos)
-    ok = torch.allclose(torch.ops.gpt.attend_one(q, k, v, kc, vc, rows, pos), want, atol=1e-5, rtol=1e-5)
-    x, w, b = torch.randn(2, 40, generator=g), torch.randn(9, 40, generator=g), torch.randn(9, generator=g)
-    if isa & 1:
-        ok &= torch.allclose(torch.ops.gpt.gemv_f32(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4)
-    if isa >> 4:
-        xq, wq = torch.randint(-127, 128, (2, 40), generator=g), torch.randint(-128, 128, (9, 40), generator=g)
-        w8 = wq.to(torch.int8)
-        got = torch.ops.gpt.gemv_u8s8((xq + 128).to(torch.uint8), w8, w8.sum(1, dtype=torch.int32))
-        ok &= torch.equal(got.long(), xq @ wq.t())
-    if not ok:
-        raise RuntimeError("the C++ ops disagree with torch")
+    _self_check(isa, torch.ops.gpt.gemv_f32, torch.ops.gpt.gemv_u8s8, torch.ops.gpt.attend_one)
 
 
 @functools.cache
@@ -261,26 +245,27 @@ _ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor
             "Tensor pos) -> Tensor")
 
 
-def _gemv_f32(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _gemv_f32(lib: ctypes.CDLL, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x (M, K) @ w (N, K).T + bias, float32, contiguous."""
     x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N)
-    _library().gemv_f32(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K)
+    lib.gemv_f32(x.data_ptr(), w.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K)
     return y
 
 
-def _gemv_u8s8(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
+def _gemv_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
     """The exact int32 products of (x - 128) (M, K) and w (N, K).T; w_sum = w.sum(1) as int32."""
     x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N, dtype=torch.int32)
-    _library().gemv_u8s8(x.data_ptr(), w.data_ptr(), w_sum.data_ptr(), y.data_ptr(), M, N, K)
+    lib.gemv_u8s8(x.data_ptr(), w.data_ptr(), w_sum.data_ptr(), y.data_ptr(), M, N, K)
     return y
 
 
 def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
             pos: Tensor) -> Tensor:
+    """One query per (row, head), q (B, H, D) float32: see gpt/csrc/attention.c."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rows, pos = rows.contiguous().long(), pos.contiguous().long()
     (B, H, D), (s_row, s_head, s_pos, s_d) = q.shape, k_cache.stride()
@@ -301,12 +286,6 @@ def _attend_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache:
     mask = (torch.arange(n)[None, :] <= pos[:, None])[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], k_cache[rows, :, :n], v_cache[rows, :, :n], attn_mask=mask)[:, :, 0]
-
-
-def _attend_one(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
-                pos: Tensor) -> Tensor:
-    """One query per (row, head), q (B, H, D) float32: see gpt/csrc/attention.c."""
-    return _attend(_library(), q, k, v, k_cache, v_cache, rows, pos)
 
 
 

@@ -68,7 +68,7 @@ def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
     assert lib.gemv_isa() >> 4 == isa and lib.gemv_isa() & 1
     # raises on any disagreement: both kernels, one and several rows, full 64-byte blocks, a short
     # last block of rows and a K tail, int8 weights of -128 included
-    native._self_check(lib, lib.gemv_isa())
+    native._self_check(lib.gemv_isa(), *native._ctypes_ops(lib))
 
 
 @needs_kernels
