@@ -158,7 +158,7 @@ def bench_decode(models: dict, hf, device, batches: list[int], n: int, prompt_le
                 res[(name, B)] = decode_rate(run, B, n, repeats)
                 log(f"  {name:<17} batch {B:>2}: {res[(name, B)]:8.1f} tok/s  [{time.perf_counter() - t0:.1f} s]")
             except Exception as e:  # noqa: BLE001 (a variant that fails is reported, the others go on)
-                log(f"  {name:<17} batch {B:>2}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                log(f"  {name:<17} batch {B:>2}: failed: {type(e).__name__}: {' '.join(str(e).split())[:600]}")
     return res
 
 

@@ -35,6 +35,12 @@ from .kv_cache import CacheView, KVCache, Rows
 MIN_KEYS = 64  # the smallest key bucket: shorter rows attend to a few masked keys more, not another graph
 
 
+def _why(e: BaseException) -> str:
+    """A one-line account of an exception; a compiler's errors put the cause past the first line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Set TORCH")]
+    return f"{type(e).__name__}: {' '.join(lines)[:400]}"
+
+
 def _bucket(n: int, low: int, cap: int) -> int:
     b = low
     while b < n:
@@ -113,15 +119,17 @@ class DecodeGraphs:
     """The recorded decode steps of one model, per cache: see the module's docstring."""
 
     def __init__(self):
+        # cache -> (its graphs' memory pool, {(rows, keys): graph}). A pool per cache: PyTorch
+        # retires a pool once every graph recorded into it is gone, and refuses (an internal
+        # assert) to record into it again, so the graphs of a new cache need a new pool.
         self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._pool = None
         self.failed: Optional[str] = None  # why recording failed; every step is eager after that
 
     def clear(self) -> None:
         self._by_cache.clear()
 
     def count(self, cache: KVCache) -> int:
-        return len(self._by_cache.get(cache, {}))
+        return len(self._by_cache.get(cache, (None, {}))[1])
 
     def accepts(self, idx: Tensor, cache: KVCache, n_tokens, last_only: bool) -> bool:
         """Whether this step can replay a graph: one token per row, on a GPU, for inference,
@@ -130,13 +138,13 @@ class DecodeGraphs:
                 and cache.max_src_len == 0 and not torch.is_grad_enabled() and cache.device == idx.device)
 
     def _graph(self, model, stack, wte, head, cache: KVCache, rows: int, keys: int) -> _Graph:
-        graphs = self._by_cache.setdefault(cache, {})
+        if cache not in self._by_cache:
+            self._by_cache[cache] = (torch.cuda.graph_pool_handle(), {})
+        pool, graphs = self._by_cache[cache]
         g = graphs.get((rows, keys))
         if g is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
             g = _Graph(rows, keys, cache.max_len, cache.device)
-            g.record(model, stack, wte, head, cache, self._pool)
+            g.record(model, stack, wte, head, cache, pool)
             graphs[(rows, keys)] = g
         return g
 
@@ -150,7 +158,7 @@ class DecodeGraphs:
                             _bucket(int(positions.max()) + 1, MIN_KEYS, cache.max_len))
         except RuntimeError as e:  # an op that cannot be recorded, out of memory, ...
             cache.lengths[rows_t] = positions  # nothing was appended
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.failed = _why(e)
             warnings.warn(f"CUDA graphs of the decode step could not be recorded ({self.failed}); "
                           f"decoding eagerly", RuntimeWarning, stacklevel=2)
             return None
@@ -211,7 +219,7 @@ def record_decode_graphs(model: nn.Module, cache: KVCache, max_rows: Optional[in
         n = graphs.record_all(model, cache, max_rows)
         problem = graphs.check(model, cache)
     except RuntimeError as e:  # an op that cannot be recorded, out of memory, ...
-        n, problem = 0, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        n, problem = 0, _why(e)
     if problem:
         model._decode_graphs = None
         cache.reset()

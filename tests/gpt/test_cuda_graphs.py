@@ -4,6 +4,7 @@ The step a graph records (rows 0..Bb-1, keys 0..Kb-1, riders writing to the spar
 keys) is ordinary PyTorch, so it is checked on the CPU, against the eager step, on every
 machine. Recording and replaying need a GPU: those tests run where CUDA is available."""
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -178,3 +179,18 @@ def test_record_all_covers_every_bucket_and_moving_the_model_drops_them():
     assert cache.lengths.tolist() == [0] * 6  # recording appends nothing
     model.half()
     assert model._decode_graphs.count(cache) == 0
+
+
+@cuda
+@torch.inference_mode()
+def test_a_new_cache_records_after_the_last_one_and_its_graphs_are_gone():
+    model = _model(device="cuda")
+    graphed = gpt.cuda_graph_decode(_model(device="cuda"))
+    graphed.load_state_dict(model.state_dict())
+    tok = torch.tensor([[1]], device="cuda")
+    for _ in range(2):  # the second cache must not record into the first one's retired memory pool
+        a, b = _prefilled(model, [[5, 6, 7]], max_len=64), _prefilled(graphed, [[5, 6, 7]], max_len=64)
+        torch.testing.assert_close(graphed.step(tok, b), model.step(tok, a), rtol=1e-4, atol=1e-4)
+        assert graphed._decode_graphs.failed is None and graphed._decode_graphs.count(b) == 1
+        del a, b
+        gc.collect()
