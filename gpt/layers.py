@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import ModelConfig
 from .kv_cache import LayerCache, CacheView
@@ -24,6 +25,10 @@ def _onednn_linear_available() -> bool:
 
 
 _ONEDNN_LINEAR = _onednn_linear_available()
+# With a KV cache every step attends to a key length it has not seen before, and cuDNN's attention
+# (which PyTorch may pick on a GPU) builds a new plan for each new shape: ~65 ms a call on an H100
+# with torch 2.11 (benchmarks/gpu.py's server figures). Cached attention keeps to the others.
+_CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _ONEDNN_MIN_WEIGHT = 1 << 19  # oneDNN costs ~15 us more per call: not worth it for small layers
 
 
@@ -163,8 +168,13 @@ class Attention(nn.Module):
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
                 k, v = cache.update(view, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        attend = lambda: F.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None and q.is_cuda:
+            with sdpa_kernel(_CACHED_SDPA_BACKENDS):
+                y = attend()
+        else:
+            y = attend()
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

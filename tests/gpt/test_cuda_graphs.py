@@ -194,3 +194,19 @@ def test_a_new_cache_records_after_the_last_one_and_its_graphs_are_gone():
         assert graphed._decode_graphs.failed is None and graphed._decode_graphs.count(b) == 1
         del a, b
         gc.collect()
+
+
+@cuda
+@torch.inference_mode()
+def test_cached_steps_on_a_gpu_keep_off_cudnn_attention():
+    # cuDNN's attention builds a plan per new key length: ~65 ms a step on an H100 (torch 2.11)
+    model = _model(device="cuda", dtype=torch.float16)
+    cache = model.new_cache(3, max_len=64)
+    model.start([[1, 2, 3], [4] * 7, [5] * 11], cache)  # staggered rows: the step needs a mask
+    tok = torch.tensor([[1], [2], [3]], device="cuda")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model.step(tok, cache)
+        torch.cuda.synchronize()
+    kernels = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    assert kernels and not any("cudnn" in k.lower() for k in kernels)
