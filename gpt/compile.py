@@ -4,15 +4,28 @@ A decode step of a small model on a CPU is hundreds of small ops (layer norms, t
 activation quantization and rescaling, residuals, the cache writes), each paying the eager
 dispatcher's cost; torch.compile fuses them into a few generated kernels around the matmuls.
 Only the step of a single row and a single token is compiled: the latency-bound case (one
-stream), where the small ops weigh most, and one graph that every step of any length reuses
-(`dynamic=True`; the cache's host-side bookkeeping, `KVCache.advance`, stays outside it).
-Batched steps and prefill keep the eager path: their shapes (rows, masks, prompt lengths) vary,
-and a new graph compiled in the middle of serving would stall every stream for as long.
+stream), where the small ops weigh most. Batched steps and prefill keep the eager path: their
+shapes (rows, masks, prompt lengths) vary, and a new graph compiled in the middle of serving
+would stall every stream for as long.
 
-Where it pays depends on the kernels underneath, so it is opt-in and measured in
+Dynamo's guards, the checks that decide at every call whether a compiled graph still fits,
+cost more than the step's small ops: for GPT-2 small about 2,700 of them (every module's
+attributes, hooks and parameters), some 0.5 ms of a step of about 4 ms. Where the step's inputs
+are all tensors, with no Python numbers that a graph could bake in (a decoder-only model on a
+CPU with our attention kernel, `gpt.native`, which finds each row's length in the cache on its
+own), the step runs without them: one graph per kind of call, on a copy of the step's code of
+its own (dynamo keeps graphs per code object, so no other model or call can be handed this
+one), picked by a key that `_key` builds from what the graph was traced with: the cache's
+shape and dtype, the device, the grad mode. What the key cannot see is the model changing
+after compiling: moving or casting it (`model.to`) drops the graphs, but quantize or load other
+modules before `compile_decode`, not after. Every other step (the encoder-decoder, a GPU,
+PyTorch's attention) runs under torch.compile's own guards, with one graph for every length
+(`dynamic=True`).
+
+Where compiling pays depends on the kernels underneath, so it is opt-in and measured in
 `benchmarks/llamacpp.py`: with int8 layers (`gpt.quantize`) the step is all small ops around
 the matrix products, and compiling wins; a float32 step is nearly all matrix products (our
-single-row kernel, `gpt.native`, runs both eagerly and compiled), and compiling does not pay.
+single-row kernel runs both eagerly and compiled), and compiling does not pay.
 
 Compiling takes tens of seconds per graph on a small CPU (inductor caches its work on disk, so
 a second start is quicker). `warm_up` compiles the graph before the first request needs it.
@@ -20,20 +33,67 @@ a second start is quicker). `warm_up` compiles the graph before the first reques
 from __future__ import annotations
 
 import time
-from typing import Optional
+import types
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
+from . import native
 from .kv_cache import KVCache
 
 
+class CompiledStep:
+    """`model._run_stack` for single-row, single-token steps, compiled (see the module's doc)."""
+
+    def __init__(self, model: nn.Module):
+        # On a CPU, inductor's C++ wrapper calls the step's kernels and ops with no Python between
+        # them, which measured faster (README, "A compiled decode step").
+        self._options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
+        self._method = model._run_stack
+        self.guarded = torch.compile(self._method, dynamic=True, fullgraph=True, options=self._options)
+        self.unguarded: dict[tuple, Callable] = {}
+
+    def reset(self) -> None:
+        """Forget the unguarded graphs (the model's parameters moved or changed dtype)."""
+        self.unguarded.clear()
+
+    @staticmethod
+    def _key(stack, wte, idx, cache, view, mask, memory, head, last_only, n_tokens) -> Optional[tuple]:
+        """What an unguarded graph is specialised to, or None where the step must keep dynamo's
+        guards (inputs that are Python numbers, or attention that reads them)."""
+        k = cache.layers[0].k
+        if (stack.training or memory is not None or cache.max_src_len or mask is not None or head is None or not last_only
+                or n_tokens is not None or idx.device.type != "cpu" or k.dtype != torch.float32
+                or k.shape[2] > 8193 or torch.is_grad_enabled() or not native.attention_available()):
+            return None
+        return (tuple(k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype)
+
+    def _compile_unguarded(self) -> Callable:
+        f = self._method.__func__
+        own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        own.__kwdefaults__ = f.__kwdefaults__
+        options = {**self._options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        return torch.compile(types.MethodType(own, self._method.__self__), dynamic=False, fullgraph=True,
+                             options=options)
+
+    def __call__(self, stack, wte, idx, pos, *, mask, causal, cache, view, memory, memory_mask, head=None,
+                 last_only=False, n_tokens=None):
+        key = self._key(stack, wte, idx, cache, view, mask, memory, head, last_only, n_tokens)
+        if key is None:
+            run = self.guarded
+        else:
+            run = self.unguarded.get(key)
+            if run is None:
+                run = self.unguarded[key] = self._compile_unguarded()
+        return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view, memory=memory,
+                   memory_mask=memory_mask, head=head, last_only=last_only, n_tokens=n_tokens)
+
+
 def compile_decode(model: nn.Module) -> nn.Module:
-    """Make `model.step` with one token per row run through torch.compile; returns the model."""
-    # On a CPU, inductor's C++ wrapper calls the step's kernels and ops with no Python between
-    # them, which measured faster (README, "A compiled decode step").
-    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
-    model._compiled_stack = torch.compile(model._run_stack, dynamic=True, fullgraph=True, options=options)
+    """Make `model.step` with one token per row run through torch.compile; returns the model.
+    Call it last: after `gpt.quantize` and loading weights."""
+    model._compiled_stack = CompiledStep(model)
     return model
 
 

@@ -62,3 +62,55 @@ def test_gpt_generate_compile_flag(tmp_path, capsys):
     want = gpt.complete(quantized, BYTES, ["hello"], [gpt.SamplingParams(max_new_tokens=8, temperature=0,
                                                                          ignore_eos=True)])[0].text
     assert capsys.readouterr().out.startswith(want) and eager
+
+
+needs_native = pytest.mark.skipif(not gpt.native.attention_available(), reason="needs our attention kernel")
+
+
+def _greedy(model, prompt, n=8, rows=1):
+    """Greedy ids of one prompt decoded in row `rows - 1` of a `rows`-row cache."""
+    cache, row = model.new_cache(rows), slice(rows - 1, rows)
+    with torch.inference_mode():
+        logits = model.start([BYTES.encode(prompt)], cache, rows=row)
+        out = []
+        for _ in range(n):
+            out.append(int(logits.argmax(-1)))
+            logits = model.step(torch.tensor([[out[-1]]]), cache, rows=row)
+    return out
+
+
+@needs_native
+def test_unguarded_graphs_are_kept_per_model_and_per_cache_shape():
+    """Steps that run without dynamo's guards must never be handed another model's graph (two
+    configs in one process) or one traced for another cache shape."""
+    models = [gpt.GPT(gpt.preset("gpt-tiny", n_layer=n, n_embd=e, n_head=2)).eval() for n, e in [(2, 32), (3, 48)]]
+    fast = [gpt.compile_decode(gpt.quantize(_twin(m), "int8")) for m in models]
+    eager = [gpt.quantize(m, "int8") for m in models]
+    for rows in (1, 3):
+        for f, e in zip(fast, eager):
+            assert _greedy(f, "Once upon", rows=rows) == _greedy(e, "Once upon", rows=rows)
+    for f in fast:
+        assert len(f._compiled_stack.unguarded) == 2  # one graph for each cache shape
+
+
+@needs_native
+def test_steps_that_need_guards_keep_them():
+    model = gpt.compile_decode(gpt.quantize(gpt.build_model(gpt.preset("seq2seq-tiny")).eval(), "int8"))
+    warm_up(model)
+    assert not model._compiled_stack.unguarded
+    model = gpt.compile_decode(gpt.quantize(gpt.GPT(gpt.preset("gpt-tiny")).eval(), "int8"))
+    model.train()  # dropout: the eval graph does not fit
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        model.start([[1, 2]], cache)
+        model.step(torch.zeros(1, 1, dtype=torch.long), cache)
+    assert not model._compiled_stack.unguarded
+
+
+@needs_native
+def test_moving_the_model_drops_its_unguarded_graphs():
+    model = gpt.compile_decode(gpt.quantize(gpt.GPT(gpt.preset("gpt-tiny")).eval(), "int8"))
+    warm_up(model)
+    assert model._compiled_stack.unguarded
+    model.to("cpu")
+    assert not model._compiled_stack.unguarded
