@@ -260,8 +260,8 @@ class Engine:
             self._draining = True
             self._cond.notify()
         deadline = time.monotonic() + max(grace, 0.0)
-        while (self._waiting or self._sched.running or self._beams) and time.monotonic() < deadline \
-                and self._alive():
+        busy = lambda: self._waiting or self._admitting or self._sched.running or self._beams  # noqa: E731
+        while busy() and time.monotonic() < deadline and self._alive():
             await asyncio.sleep(0.02)
         with self._cond:
             self._stop = True
@@ -332,6 +332,7 @@ class Engine:
                     except Exception:  # a failed forward must not kill the server: fail the batch instead
                         log.exception("engine step failed; failing the running requests")
                         self._sched.fail_all()
+                    self._admitting = []  # running (or finished) now
                 if beam is not None:
                     self._advance_beam(beam)
             self._cancel_everything()
