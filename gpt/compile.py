@@ -42,6 +42,9 @@ import torch.nn as nn
 from . import native
 from .kv_cache import KVCache
 
+# torch.compile's guard filters came with torch 2.8; before that every step keeps the guards
+_SKIP_GUARDS = getattr(torch.compiler, "skip_all_guards_unsafe", None)
+
 
 class CompiledStep:
     """`model._run_stack` for single-row, single-token steps, compiled (see the module's doc)."""
@@ -63,8 +66,9 @@ class CompiledStep:
         """What an unguarded graph is specialised to, or None where the step must keep dynamo's
         guards (inputs that are Python numbers, or attention that reads them)."""
         k = cache.layers[0].k
-        if (stack.training or memory is not None or cache.max_src_len or mask is not None or head is None or not last_only
-                or n_tokens is not None or idx.device.type != "cpu" or k.dtype != torch.float32
+        if (_SKIP_GUARDS is None or stack.training or memory is not None or cache.max_src_len or mask is not None
+                or head is None or not last_only or n_tokens is not None or idx.device.type != "cpu"
+                or k.dtype != torch.float32
                 or k.shape[2] > 8193 or torch.is_grad_enabled() or not native.attention_available()):
             return None
         return (tuple(k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype)
@@ -73,7 +77,7 @@ class CompiledStep:
         f = self._method.__func__
         own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
         own.__kwdefaults__ = f.__kwdefaults__
-        options = {**self._options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        options = {**self._options, "guard_filter_fn": _SKIP_GUARDS}
         return torch.compile(types.MethodType(own, self._method.__self__), dynamic=False, fullgraph=True,
                              options=options)
 

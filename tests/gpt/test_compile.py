@@ -114,3 +114,11 @@ def test_moving_the_model_drops_its_unguarded_graphs():
     assert model._compiled_stack.unguarded
     model.to("cpu")
     assert not model._compiled_stack.unguarded
+
+
+def test_a_torch_without_guard_filters_keeps_the_guards(monkeypatch):
+    monkeypatch.setattr(gpt.compile, "_SKIP_GUARDS", None)
+    model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
+    fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8"))
+    assert _greedy(fast, "Once upon") == _greedy(gpt.quantize(model, "int8"), "Once upon")
+    assert not fast._compiled_stack.unguarded
