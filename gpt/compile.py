@@ -39,8 +39,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import native
 from .kv_cache import KVCache
+from .layers import native_attention_fits
 
 # torch.compile's guard filters came with torch 2.8; before that every step keeps the guards
 _SKIP_GUARDS = getattr(torch.compiler, "skip_all_guards_unsafe", None)
@@ -65,13 +65,12 @@ class CompiledStep:
     def _key(stack, wte, idx, cache, view, mask, memory, head, last_only, n_tokens) -> Optional[tuple]:
         """What an unguarded graph is specialised to, or None where the step must keep dynamo's
         guards (inputs that are Python numbers, or attention that reads them)."""
-        k = cache.layers[0].k
-        if (_SKIP_GUARDS is None or stack.training or memory is not None or cache.max_src_len or mask is not None
-                or head is None or not last_only or n_tokens is not None or idx.device.type != "cpu"
-                or k.dtype != torch.float32
-                or k.shape[2] > 8193 or torch.is_grad_enabled() or not native.attention_available()):
+        layer = cache.layers[0]
+        if (_SKIP_GUARDS is None or memory is not None or cache.max_src_len or mask is not None or head is None
+                or not last_only or n_tokens is not None or idx.device.type != "cpu"
+                or not native_attention_fits(wte.weight.dtype, layer, stack.training)):
             return None
-        return (tuple(k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype)
+        return (tuple(layer.k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype)
 
     def _compile_unguarded(self) -> Callable:
         f = self._method.__func__

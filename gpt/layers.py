@@ -109,6 +109,17 @@ def pack_linear_weights(model: nn.Module, rows_hint: int = 32) -> int:
     return sum(m.pack(rows_hint) for m in model.modules() if isinstance(m, (Linear, Int8Linear)))
 
 
+def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool) -> bool:
+    """Whether a step of one query per row (activations of `dtype`) attends with our kernel
+    (gpt.native): a float32 cache on a CPU, for inference. The kernel writes the new keys and
+    values itself, eagerly and inside torch.compile (the op declares its in-place writes, so
+    inductor calls it on the cache itself); rows of up to 8192 positions (its scores live on
+    the stack)."""
+    k = cache.k
+    return (k.device.type == "cpu" and dtype == torch.float32 and k.dtype == torch.float32 and k.shape[2] <= 8193
+            and not torch.is_grad_enabled() and not training and native.attention_available())
+
+
 class Attention(nn.Module):
     """Multi-head scaled-dot-product attention.
 
@@ -135,13 +146,7 @@ class Attention(nn.Module):
         return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
     def _native_attention_ok(self, q: Tensor, cache: LayerCache) -> bool:
-        """One query per row against a float32 cache on a CPU, for inference: our kernel
-        (gpt.native), which writes the new keys and values itself, eagerly and inside
-        torch.compile (the op declares its in-place writes, so inductor calls it on the cache
-        itself); rows of up to 8192 positions (its scores live on the stack)."""
-        return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.k.dtype == torch.float32
-                and cache.k.shape[2] <= 8193 and not torch.is_grad_enabled() and not self.training
-                and native.attention_available())
+        return q.device.type == "cpu" and native_attention_fits(q.dtype, cache, self.training)
 
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
@@ -169,7 +174,8 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(view, k, v)
         attend = lambda: F.scaled_dot_product_attention(  # noqa: E731
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
         if cache is not None and q.is_cuda:
             with sdpa_kernel(_CACHED_SDPA_BACKENDS):
                 y = attend()

@@ -68,7 +68,7 @@ class _Transformer(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         if self._decode_graphs is not None:  # recorded graphs hold the old tensors' addresses
             self._decode_graphs.clear()
-        if self._compiled_stack is not None:  # so do graphs compiled without dynamo's guards
+        if self._compiled_stack is not None:  # its unguarded graphs assume the parameters' dtype and device
             self._compiled_stack.reset()
         return super()._apply(fn, *args, **kwargs)
 
