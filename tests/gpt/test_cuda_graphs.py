@@ -21,6 +21,14 @@ def _model(pos_encoding="learned", device="cpu", dtype=torch.float32):
     return gpt.GPT(config).eval().to(device=device, dtype=dtype)
 
 
+def _eager_and_graphed_on_cuda():
+    """Two models with the same weights on the GPU, the second replaying CUDA graphs."""
+    model = _model(device="cuda")
+    graphed = gpt.cuda_graph_decode(_model(device="cuda"))
+    graphed.load_state_dict(model.state_dict())
+    return model, graphed
+
+
 def _prefilled(model, prompts, max_len=40):
     cache = model.new_cache(len(prompts), max_len=max_len)
     model.start(prompts, cache)
@@ -156,9 +164,7 @@ def test_replayed_generation_matches_eager_generation(dtype):
 @cuda
 @torch.inference_mode()
 def test_replay_matches_the_eager_step_logits_at_every_length():
-    model = _model(device="cuda")
-    graphed = gpt.cuda_graph_decode(_model(device="cuda"))
-    graphed.load_state_dict(model.state_dict())
+    model, graphed = _eager_and_graphed_on_cuda()
     prompts = [[5, 6, 7], [8] * 9]
     a, b = _prefilled(model, prompts, max_len=64), _prefilled(graphed, prompts, max_len=64)
     tok = torch.tensor([[1], [2]], device="cuda")
@@ -184,9 +190,7 @@ def test_record_all_covers_every_bucket_and_moving_the_model_drops_them():
 @cuda
 @torch.inference_mode()
 def test_a_new_cache_records_after_the_last_one_and_its_graphs_are_gone():
-    model = _model(device="cuda")
-    graphed = gpt.cuda_graph_decode(_model(device="cuda"))
-    graphed.load_state_dict(model.state_dict())
+    model, graphed = _eager_and_graphed_on_cuda()
     tok = torch.tensor([[1]], device="cuda")
     for _ in range(2):  # the second cache must not record into the first one's retired memory pool
         a, b = _prefilled(model, [[5, 6, 7]], max_len=64), _prefilled(graphed, [[5, 6, 7]], max_len=64)
