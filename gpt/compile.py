@@ -67,7 +67,7 @@ class CompiledStep:
         guards (inputs that are Python numbers, or attention that reads them)."""
         layer = cache.layers[0]
         if (_SKIP_GUARDS is None or memory is not None or cache.max_src_len or mask is not None or head is None
-                or not last_only or n_tokens is not None or idx.device.type != "cpu"
+                or not last_only or n_tokens is not None
                 or not native_attention_fits(wte.weight.dtype, layer, stack.training)):
             return None
         return (tuple(layer.k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype)

@@ -1,6 +1,7 @@
 """Transformer layers, written once and shared by the GPT and the encoder-decoder."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -146,7 +147,7 @@ class Attention(nn.Module):
         return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
     def _native_attention_ok(self, q: Tensor, cache: LayerCache) -> bool:
-        return q.device.type == "cpu" and native_attention_fits(q.dtype, cache, self.training)
+        return native_attention_fits(q.dtype, cache, self.training)
 
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
@@ -173,14 +174,9 @@ class Attention(nn.Module):
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
                 k, v = cache.update(view, k, v)
-        attend = lambda: F.scaled_dot_product_attention(  # noqa: E731
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0)
-        if cache is not None and q.is_cuda:
-            with sdpa_kernel(_CACHED_SDPA_BACKENDS):
-                y = attend()
-        else:
-            y = attend()
+        with sdpa_kernel(_CACHED_SDPA_BACKENDS) if cache is not None and q.is_cuda else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -288,8 +288,6 @@ def _attend_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache:
         q[:, :, None], k_cache[rows, :, :n], v_cache[rows, :, :n], attn_mask=mask)[:, :, 0]
 
 
-
-
 @torch.library.register_fake("gpt::gemv_f32")
 def _(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
