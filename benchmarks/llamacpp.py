@@ -18,18 +18,21 @@ share of CPU that other processes take is sampled before each phase and printed.
       single-token steps for every row: B x steps / time of the steps) and the prefill time of a
       1024-token prompt. Ours: `model.start` / `model.step` with greedy argmax under
       `torch.inference_mode()`, the rows of a 32-row KV cache as the server batches them, fp32
-      (weights packed with `gpt.pack_linear_weights`), int8 (`gpt.quantize`) and int8 with the
+      (weights packed with `gpt.pack_linear_weights`) and int8 (`gpt.quantize`), each also with the
       single-row decode step compiled (`gpt.compile_decode`, compiled before timing). llama.cpp f32,
       f16, q8_0: `llama-bench -p 1024 -n 128` (batch 1 decode, from an empty context, and prefill)
       and `llama-batched-bench -npp 32 -ntg 128` (batch 8 and 32). Best of `--repeats` for both.
       And transformers' GPT2LMHeadModel on the same weights (fp32, in-process only): `generate`,
       greedy, its per-token rate measured as benchmarks/decode.py does, and one forward for prefill.
-   b. served: `gpt-serve` (fp32, `--quantize int8`, `--quantize int8 --compile`) and `llama-server` (f32, f16, q8_0), one after
+      Batch 1 is also given as a share of the roofline: the weights a step reads times the rate,
+      over the memory read bandwidth sampled just before and after (the VM's speed drifts).
+   b. served: `gpt-serve` (fp32 and `--quantize int8`, each with and without `--compile`) and
+      `llama-server` (f32, f16, q8_0), one after
       the other, under the same streaming load generator (benchmarks/serve.py's) at `--clients`
       concurrent clients, each a 32-token prompt and `--new-tokens` tokens (greedy, ignore_eos):
       aggregate tokens/s and time to first token, p50. Every request has a connection of its own
       (this llama-server drops a kept-alive connection's second request), for both servers.
-      `--server-passes` passes (default 2) go over all six servers in turn, and each figure keeps
+      `--server-passes` passes (default 2) go over all seven servers in turn, and each figure keeps
       its best pass: a shared VM's speed drifts within minutes, and the passes spread a slow
       spell over every server instead of whichever ran during it.
    c. prints a table with the ratios ours / llama.cpp (int8 vs q8_0, fp32 vs f32, and our best vs
@@ -118,6 +121,28 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     n = x.numel() * 4
     del x
     return n / best / 1e9
+
+
+def step_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear layer's tensors (the head included;
+    tied to the embedding, it is the same tensor), each once. The embedding lookups read a row."""
+    seen, n = set(), 0
+    for m in model.modules():
+        if isinstance(m, (gpt.layers.Linear, gpt.quantization.Int8Linear)):
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    n += t.numel() * t.element_size()
+    return n
+
+
+def roofline(tok_s: float, nbytes: int, bw_before: float, bw_after: float) -> dict:
+    """A batch-1 decode rate as a read rate of the weights, and its fraction of the memory
+    bandwidth (the better of the samples taken just before and after: the VM's speed drifts)."""
+    read = tok_s * nbytes / 1e9
+    bw = max(bw_before, bw_after)
+    return dict(step_bytes=nbytes, read_gb_s=read, bandwidth_gb_s=bw, bandwidth_samples=[bw_before, bw_after],
+                fraction=read / bw)
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -448,14 +473,17 @@ def int8_available() -> tuple[bool, str]:
     return True, ""
 
 
+COMPILED = ("fp32c", "int8c")  # the single-row decode step compiled (gpt.compile_decode)
+
+
 def load_ours(ckpt: str, quant: str):
-    """quant: fp32, int8, or int8c (int8 with the single-row decode step compiled, gpt.compile_decode)."""
+    """quant: fp32, int8, or either with the single-row decode step compiled (fp32c, int8c)."""
     model, tokenizer = gpt.load(ckpt)
     model.eval()
     if quant in ("int8", "int8c"):
         gpt.quantize(model, "int8")
     gpt.pack_linear_weights(model, rows_hint=32)  # what the server's engine does (fp32 and int8 layers)
-    if quant == "int8c":
+    if quant in COMPILED:
         gpt.compile_decode(model)
     return model, tokenizer
 
@@ -487,14 +515,19 @@ def bench_ours_inprocess(ckpt: str, quant: str, batches: list[int], prompt: list
     model, _ = load_ours(ckpt, quant)
     cache = model.new_cache(max(32, max(batches)), max_len=model.config.block_size)
     res: dict = {"decode": {}}
-    if quant == "int8c":
+    if quant in COMPILED:
         res["compile_s"] = warm_up(model, cache)
         log(f"  ours {quant} compiled its decode step in {res['compile_s']:.1f} s")
     ours_decode_rate(model, cache, prompt, max(batches), 4)  # warm-up: first-call costs stay out
     for b in batches:
         t0 = time.perf_counter()
+        bw = memory_bandwidth() if b == 1 else None
         rates = [ours_decode_rate(model, cache, prompt, b, steps) for _ in range(repeats)]
         res["decode"][b] = max(rates)
+        if b == 1:
+            res["roofline"] = roofline(max(rates), step_bytes(model), bw, memory_bandwidth())
+            log(f"  ours {quant:<5} batch 1 reads {res['roofline']['read_gb_s']:.1f} GB/s, "
+                f"{res['roofline']['fraction']:.0%} of the bandwidth measured just before and after")
         log(f"  ours {quant:<5} decode batch {b:>2}: {max(rates):7.1f} tok/s "
             f"(runs {', '.join(f'{r:.1f}' for r in rates)}) [{fmt_s(time.perf_counter() - t0)}]")
     ours_prefill_s(model, cache, long_prompt[:64])
@@ -593,10 +626,16 @@ def _batched_summary(line: str) -> str:
         return line.strip()
 
 
+# bytes per weight of each GGUF type, relative to float32 (q8_0: blocks of 32 int8 and an f16 scale)
+GGUF_BYTES = {"f32": 1.0, "f16": 0.5, "q8_0": 34 / 32 / 4}
+
+
 def bench_llama_inprocess(cache: str, gguf: str, batches: list[int], prompt_len: int, prefill_len: int,
-                          steps: int, repeats: int) -> dict:
+                          steps: int, repeats: int, nbytes: int) -> dict:
+    """`nbytes`: the weights one decode step reads, in this file's type."""
     res: dict = {"decode": {}, "decode_llama_bench_b1": None, "batched_bench": {}}
     background_busy(f"llama.cpp {os.path.basename(gguf)} in-process")
+    bw_before = memory_bandwidth()
     # llama-bench: batch-1 decode (tg, from an empty context) and prefill (pp), samples per repetition
     out, _ = run_tool([bin_path(cache, "llama-bench"), "-m", gguf, "-p", str(prefill_len), "-n", str(steps),
                        "-t", str(THREADS), "-r", str(repeats), "-o", "json", "--progress"], "llama-bench")
@@ -611,6 +650,8 @@ def bench_llama_inprocess(cache: str, gguf: str, batches: list[int], prompt_len:
         res.setdefault("llama_bench_info", {k: t.get(k) for k in ("build_commit", "cpu_info", "backends",
                                                                   "n_threads", "n_batch", "n_ubatch",
                                                                   "flash_attn", "type_k")})
+    if res["decode_llama_bench_b1"] is not None:
+        res["roofline"] = roofline(res["decode_llama_bench_b1"], nbytes, bw_before, memory_bandwidth())
     # llama-batched-bench: B sequences, each its own prompt_len-token prompt, then `steps` steps of B tokens
     pls = [b for b in batches for _ in range(repeats)]
     ctx = max(batches) * (prompt_len + steps) + 256
@@ -699,7 +740,8 @@ def keep_best(section: dict, key: str, new: dict) -> None:
 
 # --- 3c. the table ----------------------------------------------------------------------------
 
-COLS = [("ours fp32", "ours", "fp32"), ("ours int8", "ours", "int8"), ("ours int8+compile", "ours", "int8c"),
+COLS = [("ours fp32", "ours", "fp32"), ("ours fp32+compile", "ours", "fp32c"), ("ours int8", "ours", "int8"),
+        ("ours int8+compile", "ours", "int8c"),
         ("llama f32", "llama", "f32"), ("llama f16", "llama", "f16"), ("llama q8_0", "llama", "q8_0"),
         ("transformers fp32", "hf", "fp32")]
 
@@ -721,6 +763,9 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
         for b in batches:
             rows.append(dict(metric=f"decode batch {b}", unit="tok/s", higher=True,
                              values={c[0]: get(dec, c, ["decode", b]) for c in COLS}))
+        if 1 in batches:
+            rows.append(dict(metric="decode batch 1, weights read / memory bandwidth", unit="share", higher=True,
+                             values={c[0]: get(dec, c, ["roofline", "fraction"]) for c in COLS}))
         rows.append(dict(metric=f"prefill {prefill_len} tok", unit="s", higher=False,
                          values={c[0]: get(dec, c, ["prefill_s"]) for c in COLS}))
     if srv:
@@ -734,10 +779,11 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
     for r in rows:
         v = r["values"]
         pick = max if r["higher"] else min
-        ours = [v[c] for c in ("ours fp32", "ours int8", "ours int8+compile") if v[c] is not None]
+        ours = [v[c] for c in ("ours fp32", "ours fp32+compile", "ours int8", "ours int8+compile") if v[c] is not None]
         theirs = [v[c] for c in ("llama f32", "llama f16", "llama q8_0") if v[c] is not None]
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
         r["ratios"] = {"fp32/f32": ratio(v["ours fp32"], v["llama f32"]),
+                       "fp32+compile/f32": ratio(v["ours fp32+compile"], v["llama f32"]),
                        "int8/q8_0": ratio(v["ours int8"], v["llama q8_0"]),
                        "int8+compile/q8_0": ratio(v["ours int8+compile"], v["llama q8_0"]),
                        "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None,
@@ -748,20 +794,24 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
 def fmt_v(v, unit: str) -> str:
     if v is None:
         return "-"
-    return f"{v:.3f}" if unit == "s" else f"{v:.0f}" if unit == "ms" else f"{v:.1f}"
+    return f"{v:.3f}" if unit == "s" else f"{v:.0f}" if unit == "ms" else f"{v:.0%}" if unit == "share" else f"{v:.1f}"
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| figure | " + " | ".join(c[0] for c in COLS) + " | fp32/f32 | int8/q8_0 | int8+compile/q8_0 | "
-          "best/best | fp32/transformers |")
-    print("|---" * (len(COLS) + 6) + "|")
+    if not rows:
+        return
+    print("\n| figure | " + " | ".join(c[0] for c in COLS) + " | " + " | ".join(rows[0]["ratios"]) + " |")
+    print("|---" * (len(COLS) + len(rows[0]["ratios"]) + 1) + "|")
     for r in rows:
         vals = " | ".join(fmt_v(r["values"][c[0]], r["unit"]) for c in COLS)
         rats = " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"].values())
         arrow = "higher is better" if r["higher"] else "lower is better"
         print(f"| {r['metric']} ({r['unit']}, {arrow}) | {vals} | {rats} |")
     print("\nratios are ours / llama.cpp of the figure itself: above 1 means ours is faster for tok/s rows, "
-          "slower for s and ms rows. best/best: our better of fp32/int8 against their best of f32/f16/q8_0. "
+          "slower for s and ms rows. best/best: our best option against their best of f32/f16/q8_0. "
+          "weights read / memory bandwidth: the batch-1 rate times the bytes of weights a step reads, over the "
+          "read bandwidth measured just before and after (the better sample); llama.cpp's bytes are ours in its "
+          "type. "
           "transformers: GPT2LMHeadModel.generate in-process on the same weights (no server).")
 
 
@@ -831,18 +881,21 @@ def main() -> None:
     if args.only in ("decode", "all"):
         log(f"== in-process: decode {args.new_tokens} steps after a {args.prompt_len}-token prompt at batch "
             f"{args.batches}; prefill {args.prefill_len} tokens; best of {args.repeats}")
-        for quant in ("fp32", "int8", "int8c"):
-            if quant != "fp32" and not have_int8:
+        for quant in ("fp32", "fp32c", "int8", "int8c"):
+            if quant.startswith("int8") and not have_int8:
                 continue
             results["decode"][f"ours:{quant}"] = bench_ours_inprocess(
                 models["ours"], quant, args.batches, prompt, long_prompt, args.new_tokens, args.repeats)
+        f32_bytes = step_bytes(random_gpt2())
         for t in GGUF_TYPES:
             log(f"  llama.cpp {t}:")
             r = bench_llama_inprocess(cache, models["gguf"][t], args.batches, args.prompt_len, args.prefill_len,
-                                      args.new_tokens, args.repeats)
+                                      args.new_tokens, args.repeats, int(f32_bytes * GGUF_BYTES[t]))
             results["decode"][f"llama:{t}"] = r
             log(f"  llama {t:<4} decode " + ", ".join(f"batch {b}: {v:.1f}" for b, v in r["decode"].items())
-                + f" tok/s; prefill {r.get('prefill_s', float('nan')):.3f} s")
+                + f" tok/s; prefill {r.get('prefill_s', float('nan')):.3f} s"
+                + (f"; batch 1 reads {r['roofline']['read_gb_s']:.1f} GB/s, {r['roofline']['fraction']:.0%} "
+                   "of the bandwidth measured just before and after" if "roofline" in r else ""))
         try:
             results["decode"]["hf:fp32"] = bench_hf_inprocess(models["hf"], args.batches, prompt, long_prompt,
                                                               args.new_tokens, args.repeats)
@@ -862,7 +915,7 @@ def main() -> None:
                                                                               ignore_eos=True))[0].text
         del model
         gc.collect()
-        servers = [("ours", "fp32", ()), ("ours", "int8", ("--quantize", "int8")),
+        servers = [("ours", "fp32", ()), ("ours", "fp32c", ("--compile",)), ("ours", "int8", ("--quantize", "int8")),
                    ("ours", "int8c", ("--quantize", "int8", "--compile"))]
         # A shared VM's speed drifts by tens of percent within minutes (its neighbours' memory
         # traffic); passes over all the servers in turn, keeping each figure's best, let a slow
@@ -870,7 +923,7 @@ def main() -> None:
         for n_pass in range(1, args.server_passes + 1):
             log(f"  pass {n_pass} of {args.server_passes}: memory read bandwidth now {memory_bandwidth():.1f} GB/s")
             for kind, quant, extra_args in servers:
-                if quant != "fp32" and not serve_int8:
+                if quant.startswith("int8") and not serve_int8:
                     continue
                 port = serve.free_port()
                 label = f"gpt-serve {quant}"
