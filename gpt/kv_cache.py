@@ -121,6 +121,8 @@ class KVCache(nn.Module):
         brings n_tokens[b] <= T real tokens, the rest is padding), and say where they go: the
         view for the layers, each token's position (B, T) (on CPU), the attention mask (or None
         when plain causal/no mask is exact), and whether plain causal attention is exact."""
+        if T == 1 and n_tokens is None and B:
+            return self._advance_one_token(B, rows)
         rows_t, select, start, n, kv_len = self._claim(B, T, rows, n_tokens)
         pos = start[:, None] + torch.arange(T)
         real = torch.arange(T)[None, :] < n[:, None]
@@ -141,6 +143,26 @@ class KVCache(nn.Module):
         view = CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
                          write_pos=write_pos.to(dev), kv_len=kv_len, src_len=src_len)
         return view, pos, mask, causal
+
+    def _advance_one_token(self, B: int, rows: Optional[Rows]):
+        """`advance` for a decode step (one real token per row), with the bookkeeping in Python
+        numbers: a step of a small model streams its weights through the CPU's caches, and every
+        tensor op here then runs from cold caches, several times slower than in isolation."""
+        rows_t, select = self.resolve_rows(rows, B)
+        starts = self.lengths[select].tolist()
+        kv_len = max(starts) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        pos = torch.tensor([[s] for s in starts])
+        self.lengths[select] = pos[:, 0] + 1
+        mask = None
+        if min(starts) != kv_len - 1:  # rows of different lengths: each sees only its own keys
+            mask = (torch.arange(kv_len)[None, None, :] <= pos[:, :, None])[:, None].to(self.device)
+        dev = self.device
+        src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
+        view = CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
+                         write_pos=pos.to(dev), kv_len=kv_len, src_len=src_len)
+        return view, pos, mask, False
 
     def cross_mask(self, view: CacheView) -> Optional[Tensor]:
         """Key-padding mask over the stored encoder outputs, or None when no row is padded."""

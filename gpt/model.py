@@ -103,7 +103,9 @@ class _Transformer(nn.Module):
             pos = torch.arange(T, device=idx.device)
         else:
             view, pos, mask, causal = cache.advance(B, T, rows, n_tokens)
-            pos = pos.clamp(max=self.config.block_size - 1).to(idx.device)  # padding may run past the end
+            if T > 1:  # padding may run past the end
+                pos = pos.clamp(max=self.config.block_size - 1)
+            pos = pos.to(idx.device)
             if memory is None and cache.max_src_len:  # decoding against stored encoder outputs
                 memory_mask = cache.cross_mask(view)
         # A decode step (one token per row, against the cache) may run compiled (gpt.compile_decode);

@@ -93,6 +93,30 @@ def test_overfilling_the_cache_is_a_clear_error(tiny_gpt):
         tiny_gpt.start([[1, 2, 3, 4, 5]], cache)
 
 
+@pytest.mark.parametrize("rows", [slice(1, 4), torch.tensor([3, 1, 2]), torch.tensor([2, 3, 4])])
+@pytest.mark.parametrize("lengths", [[5, 5, 5], [5, 2, 9]])
+def test_a_decode_step_books_the_cache_like_any_other_forward(rows, lengths):
+    """One token per row takes its own short path through the cache's bookkeeping; it must give
+    what the general path gives when told explicitly that every row brings one token."""
+    from gpt.kv_cache import KVCache
+    got, want = (KVCache(1, 5, 2, 16, 4) for _ in range(2))
+    ids = torch.arange(5)[rows] if isinstance(rows, slice) else rows
+    for cache in (got, want):
+        cache.lengths[ids] = torch.tensor(lengths)
+    view, pos, mask, causal = got.advance(3, 1, rows, None)
+    view_w, pos_w, mask_w, causal_w = want.advance(3, 1, rows, torch.ones(3, dtype=torch.long))
+    assert torch.equal(got.lengths, want.lengths) and torch.equal(pos, pos_w) and causal == causal_w
+    assert (mask is None) == (mask_w is None) and (mask is None or torch.equal(mask, mask_w))
+    assert torch.equal(view.rows, view_w.rows) and torch.equal(view.write_pos, view_w.write_pos)
+    assert (view.kv_len, view.src_len) == (view_w.kv_len, view_w.src_len)
+    assert str(view.select) == str(view_w.select)
+    full = KVCache(1, 2, 2, 6, 4)
+    full.lengths[:] = torch.tensor([3, 6])
+    with pytest.raises(ValueError, match="exceeds the cache length 6"):
+        full.advance(2, 1, None, None)
+    assert full.lengths.tolist() == [3, 6]  # checked before anything moved
+
+
 def test_beam_reorder_copies_rows_and_lengths(tiny_gpt):
     cache = tiny_gpt.new_cache(2, max_len=16)
     with torch.no_grad():
