@@ -22,10 +22,12 @@ modules before `compile_decode`, not after. Every other step (the encoder-decode
 PyTorch's attention) runs under torch.compile's own guards, with one graph for every length
 (`dynamic=True`).
 
-Where compiling pays depends on the kernels underneath, so it is opt-in and measured in
-`benchmarks/llamacpp.py`: with int8 layers (`gpt.quantize`) the step is all small ops around
-the matrix products, and compiling wins; a float32 step is nearly all matrix products (our
-single-row kernel runs both eagerly and compiled), and compiling does not pay.
+Compiling costs a C++ compiler and start-up time, so it is opt-in; what it gains is measured
+in `benchmarks/llamacpp.py`. With int8 layers (`gpt.quantize`) the step is mostly small ops
+around the matrix products, and compiling gains most; a float32 step is mostly weight reads,
+and it gains less, but still: once a step has streamed the weights through the CPU's caches,
+every op and line of Python around the kernels runs from cold caches, and compiled there are
+few of them.
 
 Compiling takes tens of seconds per graph on a small CPU (inductor caches its work on disk, so
 a second start is quicker). `warm_up` compiles the graph before the first request needs it.
