@@ -105,8 +105,7 @@ class KVCache(nn.Module):
             raise ValueError(f"each row must bring between 1 and {T} tokens, got {n.tolist()}")
         end = start + n
         kv_len = int(end.max())
-        if kv_len > self.max_len:
-            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        self._check_fits(kv_len)
         self.lengths[rows_t] = end
         return rows_t, select, start, n, kv_len
 
@@ -134,15 +133,8 @@ class KVCache(nn.Module):
         elif not padded and uniform_start and int(start[0]) == 0:
             mask, causal = None, True  # a plain prefill from position 0
         else:
-            key = torch.arange(kv_len)
-            mask = (key[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, kv_len)
-            mask = mask.to(self.device)
-            causal = False
-        dev = self.device
-        src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
-        view = CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
-                         write_pos=write_pos.to(dev), kv_len=kv_len, src_len=src_len)
-        return view, pos, mask, causal
+            mask, causal = self._mask(pos, kv_len), False
+        return self._view(rows_t, select, write_pos, kv_len), pos, mask, causal
 
     def _advance_one_token(self, B: int, rows: Optional[Rows]):
         """`advance` for a decode step (one real token per row), with the bookkeeping in Python
@@ -151,18 +143,26 @@ class KVCache(nn.Module):
         rows_t, select = self.resolve_rows(rows, B)
         starts = self.lengths[select].tolist()
         kv_len = max(starts) + 1
-        if kv_len > self.max_len:
-            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+        self._check_fits(kv_len)
         pos = torch.tensor([[s] for s in starts])
         self.lengths[select] = pos[:, 0] + 1
-        mask = None
-        if min(starts) != kv_len - 1:  # rows of different lengths: each sees only its own keys
-            mask = (torch.arange(kv_len)[None, None, :] <= pos[:, :, None])[:, None].to(self.device)
+        # rows of different lengths: each sees only its own keys
+        mask = None if min(starts) == kv_len - 1 else self._mask(pos, kv_len)
+        return self._view(rows_t, select, pos, kv_len), pos, mask, False
+
+    def _check_fits(self, kv_len: int) -> None:
+        if kv_len > self.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the cache length {self.max_len}")
+
+    def _mask(self, pos: Tensor, kv_len: int) -> Tensor:
+        """Each token (B, T positions) sees the keys at or before its position: (B, 1, T, kv_len)."""
+        return (torch.arange(kv_len)[None, None, :] <= pos[:, :, None])[:, None].to(self.device)
+
+    def _view(self, rows_t: Tensor, select: Rows, write_pos: Tensor, kv_len: int) -> CacheView:
         dev = self.device
         src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
-        view = CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
-                         write_pos=pos.to(dev), kv_len=kv_len, src_len=src_len)
-        return view, pos, mask, False
+        return CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
+                         write_pos=write_pos.to(dev), kv_len=kv_len, src_len=src_len)
 
     def cross_mask(self, view: CacheView) -> Optional[Tensor]:
         """Key-padding mask over the stored encoder outputs, or None when no row is padded."""
