@@ -78,7 +78,7 @@ def kernel_times(model, rounds: int) -> dict[str, float]:
 
     def ours():
         for m in layers:
-            torch.ops.gpt.gemv_u8s8(xs[m], m.weight_q, m.weight_sum)
+            torch.ops.gpt.gemv_u8s8(xs[m], m.weight_rows, m.weight_sum)
 
     def theirs():
         for m in layers:

@@ -115,9 +115,9 @@ def _compile_ops(cxx: str) -> Path:
     return _build("ops", cxx, args, [s.read_text() for s in (*SOURCES, OPS_SOURCE)] + [torch.__version__], 300)
 
 
-def _self_check(isa: int, gemv_f32, gemv_u8s8, attend) -> None:
-    """The kernels, reached through the given callables (the ctypes wrappers of a library, or
-    the registered torch ops), against PyTorch on awkward shapes: a short last block, a K tail;
+def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, attend) -> None:
+    """The kernels of `lib`, reached through the given callables (its ctypes wrappers, or the
+    registered torch ops), against PyTorch on awkward shapes: a short last block, a K tail;
     rows out of order in a strided cache, each of its own length."""
     g = torch.Generator().manual_seed(0)
     kc, vc = torch.randn(2, 5, 3, 12, 8, generator=g).unbind(0)  # (rows, heads, positions, D)
@@ -134,7 +134,7 @@ def _self_check(isa: int, gemv_f32, gemv_u8s8, attend) -> None:
         if isa >> 4:
             xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
             w8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
-            y8 = gemv_u8s8((xq.int() + 128).to(torch.uint8), w8, w8.sum(1, dtype=torch.int32))
+            y8 = gemv_u8s8((xq.int() + 128).to(torch.uint8), _interleave(lib, w8), w8.sum(1, dtype=torch.int32))
             if not torch.equal(y8.long(), xq.long() @ w8.long().t()):
                 raise RuntimeError("int8 kernel disagrees with torch")
 
@@ -151,6 +151,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.gemv_isa.restype = ctypes.c_int
     lib.attend_one.argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, n, ptr, ptr, ptr, n, n, n, ctypes.c_float]
     lib.attend_one.restype = None
+    if hasattr(lib, "i8_interleave"):
+        lib.i8_interleave.argtypes = [ptr, ptr, n, n]
+        lib.i8_interleave.restype = None
     for name in ("gemv_f32", "gemv_u8s8"):
         if hasattr(lib, name):  # a flavour without a kernel for one of them leaves it out
             getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, n, n, n]
@@ -202,7 +205,7 @@ def _register_kernels(lib: ctypes.CDLL, isa: int) -> None:
         for name, fn in zip(("gemv_f32", "gemv_u8s8", "attend_one"), _ctypes_ops(lib)):
             _ops.impl(name, fn, "CPU")
         _REGISTERED = "ctypes"
-    _self_check(isa, torch.ops.gpt.gemv_f32, torch.ops.gpt.gemv_u8s8, torch.ops.gpt.attend_one)
+    _self_check(isa, lib, torch.ops.gpt.gemv_f32, torch.ops.gpt.gemv_u8s8, torch.ops.gpt.attend_one)
 
 
 @functools.cache
@@ -254,8 +257,26 @@ def _gemv_f32(lib: ctypes.CDLL, x: Tensor, w: Tensor, bias: Optional[Tensor]) ->
     return y
 
 
+def _interleave(lib: ctypes.CDLL, w: Tensor) -> Tensor:
+    """The int8 weight (N, K) laid out as `lib`'s int8 kernel reads it (`interleave_int8`)."""
+    w = w.contiguous()
+    out = torch.empty_like(w)
+    lib.i8_interleave(w.data_ptr(), out.data_ptr(), *w.shape)
+    return out
+
+
+def interleave_int8(w: Tensor) -> Tensor:
+    """A copy of the int8 weight `w` (N, K) in the layout `torch.ops.gpt.gemv_u8s8` reads: the
+    rows of each block of four interleaved in chunks of one vector (gpt/csrc/gemv.c says why).
+    The layout depends on this CPU's vector width; only where `int8_available()`."""
+    if not int8_available():
+        raise RuntimeError("our int8 kernel is not in use here: " + status())
+    return _interleave(_library(), w)
+
+
 def _gemv_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
-    """The exact int32 products of (x - 128) (M, K) and w (N, K).T; w_sum = w.sum(1) as int32."""
+    """The exact int32 products of (x - 128) (M, K) and the weight (N, K).T, given as w in the
+    kernel's layout (`interleave_int8`); w_sum = the weight's row sums as int32."""
     x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y = x.new_empty(M, N, dtype=torch.int32)

@@ -3,8 +3,8 @@
 Every linear layer, the output head included, keeps its weight as int8 with one fp32 scale per
 output channel (symmetric: w ~ scale * q, q in [-127, 127]). At each call the activations are
 quantized the same way with one scale per row, the product runs as an int8 GEMM with int32
-accumulation (`torch._int_mm`, oneDNN's int8 kernel on x86; the kernel torchao's int8 dynamic
-path is built on), and the result is rescaled to floating point. Calls of several rows can run
+accumulation (our kernel in `gpt.native` on an x86 CPU, else `torch._int_mm`, the kernel
+torchao's int8 dynamic path is built on), and the result is rescaled to floating point. Calls of several rows can run
 on a prepacked copy of the weight instead (`Int8Linear.pack`), with the same numbers.
 
 Why per row: a scale shared by the whole batch (what `quantized::linear_dynamic` does) lets one
@@ -55,13 +55,18 @@ def int_mm_available(device: torch.device) -> bool:
 
 
 def _qlinear_works() -> bool:
+    """Whether oneDNN's int8 linear gives the exact products of our per-row quantized activations
+    (uint8 with a zero point of 128) with int8 weights. Without VNNI (an AVX2-only CPU) it sums
+    products in pairs into int16 (vpmaddubsw), which saturates on such values: 255 * 127 twice
+    is past 32767, and the results were off by tens on a Zen 3. The check uses such values."""
     try:
-        w = torch.ones(24, 32, dtype=torch.int8)
+        w = torch.full((24, 32), 127, dtype=torch.int8)
+        w[1::2] = -127
         packed = torch.ops.onednn.qlinear_prepack(w, [4, 32])
-        x = torch.full((4, 32), 129, dtype=torch.uint8)  # 1 with the zero point of 128
+        x = torch.full((4, 32), 255, dtype=torch.uint8)  # 127 with the zero point of 128
         y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, packed, torch.ones(24), torch.zeros(24, dtype=torch.long),
                                                None, 1.0, 0, torch.float32, "none", [], "")
-        return bool((y == 32).all())
+        return torch.equal(y, (127.0 * w.float().sum(1)).expand(4, 24))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
@@ -98,8 +103,9 @@ class Int8Linear(nn.Module):
     shifted by 128) and the call runs with scale 1: it returns the exact integer products, and
     the rescaling after it is the same as `_int_mm`'s, so a row's result does not depend on
     which kernel ran or what it was batched with. A single row never uses the copy: it runs on
-    our own kernel (`gpt.native`, with `weight_sum`), else `_int_mm`, with the same numbers
-    again. The copy costs the weight's memory again: opt-in, like
+    our own kernel (`gpt.native`, with `weight_rows` and `weight_sum`), else `_int_mm`, with the
+    same numbers again; so do calls of several rows without a copy (on a CPU without VNNI none
+    is made: oneDNN's int8 linear saturates there). The copy costs the weight's memory again: opt-in, like
     `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
     """
     _packed: Optional[Tensor] = None  # an opaque oneDNN tensor: never in the state dict
@@ -113,28 +119,39 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
-        # the rows' sums, which the single-row kernel needs (gpt/csrc/gemv.c says why): derived,
-        # so not saved, and summed again whenever the weight is loaded or changed
-        self.register_buffer("weight_sum", torch.empty(0, dtype=torch.int32, device=weight_q.device),
-                             persistent=False)
+        # What the single-row kernel reads (gpt/csrc/gemv.c says why): the weight in its own
+        # layout and the rows' sums. Derived, so not saved, and made again whenever the weight
+        # is loaded or changed; the copy costs the int8 weight's memory once more, on CPUs
+        # where our kernel runs.
+        empty = lambda dtype: torch.empty(0, dtype=dtype, device=weight_q.device)  # noqa: E731
+        self.register_buffer("weight_sum", empty(torch.int32), persistent=False)
+        self.register_buffer("weight_rows", empty(torch.int8), persistent=False)
         self._sum_weights()
         self.register_load_state_dict_post_hook(_resum_after_load)
 
     @torch.no_grad()
     def _sum_weights(self) -> None:
-        sums = self.weight_q.sum(dim=1, dtype=torch.int32)
-        if self.weight_sum.shape == sums.shape:
-            self.weight_sum.copy_(sums)  # in place: a compiled graph holds on to this tensor
-        else:
-            self.weight_sum = sums
-        self._sum_from = stamp(self.weight_q)
+        """(Re)derive `weight_sum` and, where our kernel runs, `weight_rows` from `weight_q`."""
+        w = self.weight_q
+        derived = [("weight_sum", w.sum(dim=1, dtype=torch.int32))]
+        if w.device.type == "cpu" and w.is_contiguous() and native.int8_available():
+            derived.append(("weight_rows", native.interleave_int8(w)))
+        for name, value in derived:
+            if getattr(self, name).shape == value.shape:
+                getattr(self, name).copy_(value)  # in place: a compiled graph holds on to this tensor
+            else:
+                setattr(self, name, value)
+        self._sum_from = stamp(w)
 
-    def _single_row_native(self, x2: Tensor) -> bool:
-        if x2.shape[0] != 1 or x2.device.type != "cpu" or not self.weight_q.is_contiguous() \
-                or not native.int8_available():
+    def _native_ok(self, x2: Tensor) -> bool:
+        """Our kernel (gpt.native) runs calls of one row, and any call without a packed copy (on a
+        CPU without VNNI, where oneDNN's int8 linear saturates, it beat torch._int_mm 20-40x and
+        the float32 product at 1 to 512 rows)."""
+        if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not native.int8_available():
             return False
-        if not torch.compiler.is_compiling() and not is_current(self._sum_from, self.weight_q):
-            self._sum_weights()  # written in place since (a compiled step assumes frozen weights)
+        if not torch.compiler.is_compiling() and (not is_current(self._sum_from, self.weight_q)
+                                                  or self.weight_rows.shape != self.weight_q.shape):
+            self._sum_weights()  # written in place or moved since (a compiled step assumes frozen weights)
         return True
 
     @classmethod
@@ -183,11 +200,11 @@ class Int8Linear(nn.Module):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, K)
         packed = self._packed_weight(x2)
-        native_row = packed is None and self._single_row_native(x2)
-        if native_row or packed is not None or int_mm_available(x.device):
-            if native_row:
+        ours = packed is None and self._native_ok(x2)
+        if ours or packed is not None or int_mm_available(x.device):
+            if ours:
                 q, s = quantize_rows(x2, torch.uint8)
-                y = torch.ops.gpt.gemv_u8s8(q, self.weight_q, self.weight_sum).float()
+                y = torch.ops.gpt.gemv_u8s8(q, self.weight_rows, self.weight_sum).float()
             elif packed is not None:
                 y, s = self._packed_int_mm(packed, x2)
             else:
