@@ -11,7 +11,8 @@ single-row product for PyTorch tensors; `benchmarks/native_kernels.py` measures 
 on the machine at hand. So a small C file of our own, behind `torch.ops.gpt.gemv_f32` and
 `torch.ops.gpt.gemv_u8s8`, serves `gpt.layers.Linear` and
 `gpt.quantization.Int8Linear` for single rows; calls of several rows stay on oneDNN's packed
-kernels, which are faster there.
+kernels, which are faster there (int8: where oneDNN's kernel is exact; gpt.quantization). The
+int8 kernel reads the weight in a layout of its own (`interleave_int8`).
 
 The decode step's attention has one query per row. PyTorch's CPU attention tiles queries and,
 with one, reads the cache well below the memory bandwidth; at a batch of 32 it was about half
