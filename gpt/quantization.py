@@ -104,8 +104,8 @@ class Int8Linear(nn.Module):
     the rescaling after it is the same as `_int_mm`'s, so a row's result does not depend on
     which kernel ran or what it was batched with. A single row never uses the copy: it runs on
     our own kernel (`gpt.native`, with `weight_rows` and `weight_sum`), else `_int_mm`, with the
-    same numbers again; so do calls of several rows without a copy (on a CPU without VNNI none
-    is made: oneDNN's int8 linear saturates there). The copy costs the weight's memory again: opt-in, like
+    same numbers again; so do calls of several rows on a CPU without VNNI, where no copy is made
+    (oneDNN's int8 linear saturates there). The copy costs the weight's memory again: opt-in, like
     `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
     """
     _packed: Optional[Tensor] = None  # an opaque oneDNN tensor: never in the state dict
@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
-        # What the single-row kernel reads (gpt/csrc/gemv.c says why): the weight in its own
+        # What our kernel reads (gpt/csrc/gemv.c says why): the weight in its own
         # layout and the rows' sums. Derived, so not saved, and made again whenever the weight
         # is loaded or changed; the copy costs the int8 weight's memory once more, on CPUs
         # where our kernel runs.
@@ -144,10 +144,12 @@ class Int8Linear(nn.Module):
         self._sum_from = stamp(w)
 
     def _native_ok(self, x2: Tensor) -> bool:
-        """Our kernel (gpt.native) runs calls of one row, and any call without a packed copy (on a
-        CPU without VNNI, where oneDNN's int8 linear saturates, it beat torch._int_mm 20-40x and
-        the float32 product at 1 to 512 rows)."""
+        """Our kernel (gpt.native) runs calls of one row; and calls of several where oneDNN's int8
+        linear is inexact (no VNNI), since torch._int_mm is far slower there (README, "8-bit
+        weights"). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
         if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not native.int8_available():
+            return False
+        if x2.shape[0] != 1 and qlinear_available():
             return False
         if not torch.compiler.is_compiling() and (not is_current(self._sum_from, self.weight_q)
                                                   or self.weight_rows.shape != self.weight_q.shape):

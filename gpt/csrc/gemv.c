@@ -175,8 +175,8 @@ void i8_interleave(const int8_t *w, int8_t *out, long N, long K) {
     for (long i = blocks * ROWS * K; i < N * K; i++) out[i] = w[i];
 }
 
-/* Integer sums of x against one block of four interleaved rows, or against one plain row (the
- * rows past the last block); for the VNNI flavours x is still shifted. */
+/* Integer sums of x against one block of four interleaved rows (i8_row: one plain row, past
+ * the last block); for the VNNI flavours x is still shifted. */
 static inline void i8_rows4(const uint8_t *x, const int8_t *w, long K, int32_t out[4]) {
     const long kv = K - K % I8_BYTES, tail = K - kv;
     const int8_t *p = w;

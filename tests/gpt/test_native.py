@@ -85,7 +85,7 @@ def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 5])  # several rows run on our kernel wherever no oneDNN copy is packed
+@pytest.mark.parametrize("rows", [1, 5])  # several rows run on our kernel where oneDNN int8 is inexact (no VNNI)
 def test_an_int8_layer_gives_the_same_numbers_on_our_kernel_and_on_torchs(monkeypatch, rows):
     layer = Int8Linear.from_float(torch.randn(300, 200) * 0.05, torch.randn(300) * 0.1)
     x = torch.randn(rows, 200) * torch.logspace(-2, 2, rows)[:, None]
