@@ -12,7 +12,10 @@ on the machine at hand. So a small C file of our own, behind `torch.ops.gpt.gemv
 `torch.ops.gpt.gemv_u8s8`, serves `gpt.layers.Linear` and
 `gpt.quantization.Int8Linear` for single rows; calls of several rows stay on oneDNN's packed
 kernels, which are faster there (int8: where oneDNN's kernel is exact; gpt.quantization). The
-int8 kernel reads the weight in a layout of its own (`interleave_int8`).
+int8 kernel reads the weight in a layout of its own (`interleave_int8`). `torch.ops.gpt.linear_u8s8`
+is the whole int8 layer in one call (quantize the rows, multiply, rescale, add the bias): done
+as a dozen small tensor operations instead, that work cost an eager decode step about as much as
+the products themselves (benchmarks/native_kernels.py shows the step).
 
 The decode step's attention has one query per row. PyTorch's CPU attention tiles queries and,
 with one, reads the cache well below the memory bandwidth; at a batch of 32 it was about half
@@ -116,7 +119,7 @@ def _compile_ops(cxx: str) -> Path:
     return _build("ops", cxx, args, [s.read_text() for s in (*SOURCES, OPS_SOURCE)] + [torch.__version__], 300)
 
 
-def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, attend) -> None:
+def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, attend) -> None:
     """The kernels of `lib`, reached through the given callables (its ctypes wrappers, or the
     registered torch ops), against PyTorch on awkward shapes: a short last block, a K tail;
     rows out of order in a strided cache, each of its own length."""
@@ -138,11 +141,16 @@ def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, attend) -> None
             y8 = gemv_u8s8((xq.int() + 128).to(torch.uint8), _interleave(lib, w8), w8.sum(1, dtype=torch.int32))
             if not torch.equal(y8.long(), xq.long() @ w8.long().t()):
                 raise RuntimeError("int8 kernel disagrees with torch")
+            x, ws, b = torch.randn(M, K, generator=g), torch.rand(N, generator=g), torch.randn(N, generator=g)
+            if not torch.equal(linear_u8s8(x, _interleave(lib, w8), w8.sum(1, dtype=torch.int32), ws, b),
+                               _linear_u8s8_reference(x, w8, ws, b)):
+                raise RuntimeError("int8 linear kernel disagrees with torch")
 
 
 def _ctypes_ops(lib: ctypes.CDLL) -> tuple:
-    """The library's kernels as Python functions of tensors: gemv_f32, gemv_u8s8, attend."""
-    return (functools.partial(_gemv_f32, lib), functools.partial(_gemv_u8s8, lib), functools.partial(_attend, lib))
+    """The library's kernels as Python functions of tensors: gemv_f32, gemv_u8s8, linear_u8s8, attend."""
+    return (functools.partial(_gemv_f32, lib), functools.partial(_gemv_u8s8, lib), functools.partial(_linear_u8s8, lib),
+            functools.partial(_attend, lib))
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -150,6 +158,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, n = ctypes.c_void_p, ctypes.c_long
     lib.gemv_isa.restype = ctypes.c_int
+    if hasattr(lib, "linear_u8s8"):
+        lib.linear_u8s8.argtypes = [ptr] * 8 + [n, n, n]
+        lib.linear_u8s8.restype = None
     lib.attend_one.argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, n, ptr, ptr, ptr, n, n, n, ctypes.c_float]
     lib.attend_one.restype = None
     if hasattr(lib, "i8_interleave"):
@@ -203,10 +214,11 @@ def _register_kernels(lib: ctypes.CDLL, isa: int) -> None:
         _REGISTERED = "C++"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.info("gpt:: ops through ctypes (%s)", e)
-        for name, fn in zip(("gemv_f32", "gemv_u8s8", "attend_one"), _ctypes_ops(lib)):
+        for name, fn in zip(("gemv_f32", "gemv_u8s8", "linear_u8s8", "attend_one"), _ctypes_ops(lib)):
             _ops.impl(name, fn, "CPU")
         _REGISTERED = "ctypes"
-    _self_check(isa, lib, torch.ops.gpt.gemv_f32, torch.ops.gpt.gemv_u8s8, torch.ops.gpt.attend_one)
+    _self_check(isa, lib, torch.ops.gpt.gemv_f32, torch.ops.gpt.gemv_u8s8, torch.ops.gpt.linear_u8s8,
+                torch.ops.gpt.attend_one)
 
 
 @functools.cache
@@ -245,6 +257,7 @@ def status() -> str:
 _ops = torch.library.Library("gpt", "DEF")
 _ops.define("gemv_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 _ops.define("gemv_u8s8(Tensor x, Tensor w, Tensor w_sum) -> Tensor")
+_ops.define("linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias) -> Tensor")
 _ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
             "Tensor pos) -> Tensor")
 
@@ -285,6 +298,28 @@ def _gemv_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
     return y
 
 
+def _linear_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor,
+                 bias: Optional[Tensor]) -> Tensor:
+    """x (M, K) float32 through the int8 layer whose weight is w (`interleave_int8`'s layout),
+    w_sum its row sums and w_scale (N) its scales: `_linear_u8s8_reference`, in one call."""
+    x = x.contiguous()
+    (M, K), N = x.shape, w.shape[0]
+    y, xq, xs = x.new_empty(M, N), x.new_empty(M, K, dtype=torch.uint8), x.new_empty(M)
+    lib.linear_u8s8(x.data_ptr(), w.data_ptr(), w_sum.data_ptr(), w_scale.data_ptr(),
+                    None if bias is None else bias.data_ptr(), y.data_ptr(), xq.data_ptr(), xs.data_ptr(), M, N, K)
+    return y
+
+
+def _linear_u8s8_reference(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """What `linear_u8s8` computes, in PyTorch, with w in the plain layout: x quantized per row
+    (gpt.quantization.quantize_rows), the exact integer products, rescaled as Int8Linear does."""
+    from .quantization import quantize_rows  # gpt.quantization imports this module
+
+    q, s = quantize_rows(x)
+    y = (q.long() @ w.long().t()).float().mul_(s)
+    return y.mul_(w_scale) if bias is None else torch.addcmul(bias, y, w_scale)
+
+
 def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
             pos: Tensor) -> Tensor:
     """One query per (row, head), q (B, H, D) float32: see gpt/csrc/attention.c."""
@@ -318,6 +353,11 @@ def _(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
 @torch.library.register_fake("gpt::gemv_u8s8")
 def _(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0], dtype=torch.int32)
+
+
+@torch.library.register_fake("gpt::linear_u8s8")
+def _(x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 @torch.library.register_fake("gpt::attend_one")

@@ -203,7 +203,9 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, K)
         packed = self._packed_weight(x2)
         ours = packed is None and self._native_ok(x2)
-        if ours or packed is not None or int_mm_available(x.device):
+        if ours and x2.dtype == torch.float32 and (self.bias is None or self.bias.dtype == torch.float32):
+            y = torch.ops.gpt.linear_u8s8(x2, self.weight_rows, self.weight_sum, self.weight_scale, self.bias)
+        elif ours or packed is not None or int_mm_available(x.device):
             if ours:
                 q, s = quantize_rows(x2, torch.uint8)
                 y = torch.ops.gpt.gemv_u8s8(q, self.weight_rows, self.weight_sum).float()

@@ -15,6 +15,7 @@
  * would saturate on shifted values), the activations are shifted back and the signs moved onto
  * them: |w| * (x * sign(w)), whose pairs stay below 2 * 128 * 127 < 32767. Exact either way.
  */
+#include <math.h>
 #include <stdint.h>
 #include <immintrin.h>
 
@@ -206,29 +207,93 @@ static inline int32_t i8_row(const uint8_t *x, const int8_t *w, long K) {
     return s;
 }
 
-/* w in i8_interleave's layout; w_sum[n] = sum_k w[n, k], read only by the VNNI flavours (I8_SHIFTED). */
-void gemv_u8s8(const uint8_t *x, const int8_t *w, const int32_t *w_sum, int32_t *y, long M, long N, long K) {
+/* Where a product goes: int32 sums (yi), or float32 rescaled the way gpt.quantization rescales
+ * (yf[m, n] = sum * x_scale[m] * w_scale[n], plus bias[n] with one rounding, as torch.addcmul
+ * does it), so that both give the same numbers to the bit. */
+typedef struct {
+    int32_t *yi;
+    float *yf;
+    const float *x_scale, *w_scale, *bias; /* bias may be NULL */
+    const int32_t *w_sum;                  /* read only by the VNNI flavours (I8_SHIFTED) */
+    long N;
+} i8_out;
+
+static inline void i8_put(const i8_out *o, long m, long n, int32_t sum) {
+    if (I8_SHIFTED) sum -= 128 * o->w_sum[n];
+    if (o->yi) {
+        o->yi[m * o->N + n] = sum;
+    } else {
+        const float v = (float)sum * o->x_scale[m];
+        o->yf[m * o->N + n] = o->bias ? fmaf(v, o->w_scale[n], o->bias[n]) : v * o->w_scale[n];
+    }
+}
+
+static void i8_product(const uint8_t *x, const int8_t *w, const i8_out *o, long M, long N, long K) {
     const long blocks = N / ROWS;
     if (M == 1) {
 #pragma omp parallel for schedule(static) if (N * K >= PARALLEL_MIN)
         for (long b = 0; b < blocks; b++) {
-            int32_t *yb = y + b * ROWS;
-            i8_rows4(x, w + b * ROWS * K, K, yb);
-            if (I8_SHIFTED)
-                for (long r = 0; r < ROWS; r++) yb[r] -= 128 * w_sum[b * ROWS + r];
+            int32_t s[ROWS];
+            i8_rows4(x, w + b * ROWS * K, K, s);
+            for (long r = 0; r < ROWS; r++) i8_put(o, 0, b * ROWS + r, s[r]);
         }
     } else {
 #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)
         for (long b = 0; b < blocks; b++) {
-            for (long m = 0; m < M; m++) {
+            for (long m = 0; m < M; m++) { /* the block's rows are in L1 again for the next activation row */
                 int32_t s[ROWS];
                 i8_rows4(x + m * K, w + b * ROWS * K, K, s);
-                for (long r = 0; r < ROWS; r++) y[m * N + b * ROWS + r] = s[r] - (I8_SHIFTED ? 128 * w_sum[b * ROWS + r] : 0);
+                for (long r = 0; r < ROWS; r++) i8_put(o, m, b * ROWS + r, s[r]);
             }
         }
     }
     for (long n = blocks * ROWS; n < N; n++)
-        for (long m = 0; m < M; m++)
-            y[m * N + n] = i8_row(x + m * K, w + n * K, K) - (I8_SHIFTED ? 128 * w_sum[n] : 0);
+        for (long m = 0; m < M; m++) i8_put(o, m, n, i8_row(x + m * K, w + n * K, K));
+}
+
+/* w in i8_interleave's layout; w_sum[n] = sum_k w[n, k], read only by the VNNI flavours. */
+void gemv_u8s8(const uint8_t *x, const int8_t *w, const int32_t *w_sum, int32_t *y, long M, long N, long K) {
+    const i8_out o = {.yi = y, .w_sum = w_sum, .N = N};
+    i8_product(x, w, &o, M, N, K);
+}
+
+/* gpt.quantization.quantize_rows(x, torch.uint8) in one pass per row, with the same float
+ * operations (so the same numbers): scale[m] = max(max_k |x[m, k]|, 1e-12) / 127 and
+ * q[m, k] = round_half_even(x[m, k] / scale[m]) + 128. */
+static void quantize_row_u8(const float *x, uint8_t *q, float *scale, long K) {
+    const long kv = K - K % 32;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (long k = 0; k < K - K % 8; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float amax = _mm_cvtss_f32(m4);
+    for (long k = K - K % 8; k < K; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    const float s = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+    *scale = s;
+    const __m256 sv = _mm256_set1_ps(s);
+    const __m256i shift = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (long k = 0; k < kv; k += 32) { /* cvtps rounds half to even, as torch.round does */
+        __m256i a = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k), sv)), shift);
+        __m256i b = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 8), sv)), shift);
+        __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 16), sv)), shift);
+        __m256i d = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 24), sv)), shift);
+        __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+    for (long k = kv; k < K; k++) q[k] = (uint8_t)(nearbyintf(x[k] / s) + 128.0f);
+}
+
+/* The whole int8 linear layer for float32 rows x (M, K): quantize each row (into xq (M, K)
+ * and x_scale (M), the caller's scratch), multiply by w (i8_interleave's layout, scales w_scale
+ * per output channel), rescale and add the bias into y (M, N). One call instead of the dozen
+ * small tensor operations of doing the same around gemv_u8s8. */
+void linear_u8s8(const float *x, const int8_t *w, const int32_t *w_sum, const float *w_scale, const float *bias,
+                 float *y, uint8_t *xq, float *x_scale, long M, long N, long K) {
+#pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN)
+    for (long m = 0; m < M; m++) quantize_row_u8(x + m * K, xq + m * K, x_scale + m, K);
+    const i8_out o = {.yf = y, .x_scale = x_scale, .w_scale = w_scale, .bias = bias, .w_sum = w_sum, .N = N};
+    i8_product(xq, w, &o, M, N, K);
 }
 #endif

@@ -15,6 +15,8 @@ extern "C" {
 // never routes calls to it)
 void gemv_f32(const float *, const float *, const float *, float *, long, long, long) __attribute__((weak));
 void gemv_u8s8(const uint8_t *, const int8_t *, const int32_t *, int32_t *, long, long, long) __attribute__((weak));
+void linear_u8s8(const float *, const int8_t *, const int32_t *, const float *, const float *, float *, uint8_t *,
+                 float *, long, long, long) __attribute__((weak));
 void attend_one(const float *, const float *, const float *, float *, float *, long, long, long, const int64_t *,
                 const int64_t *, float *, long, long, long, float);
 }
@@ -40,6 +42,19 @@ at::Tensor gemv_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Tens
     return y;
 }
 
+at::Tensor linear_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum, const at::Tensor &w_scale,
+                          const std::optional<at::Tensor> &bias) {
+    TORCH_CHECK(linear_u8s8, "gpt::linear_u8s8: this build has no int8 kernel");
+    const at::Tensor xc = x.contiguous();
+    const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
+    at::Tensor y = at::empty({M, N}, xc.options());
+    at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kByte)), xs = at::empty({M}, xc.options());
+    linear_u8s8(xc.data_ptr<float>(), w.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), w_scale.data_ptr<float>(),
+                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), xq.data_ptr<uint8_t>(),
+                xs.data_ptr<float>(), M, N, K);
+    return y;
+}
+
 at::Tensor attend_one_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                          at::Tensor &v_cache, const at::Tensor &rows, const at::Tensor &pos) {
     TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
@@ -60,5 +75,6 @@ at::Tensor attend_one_op(const at::Tensor &q, const at::Tensor &k, const at::Ten
 TORCH_LIBRARY_IMPL(gpt, CPU, m) {
     m.impl("gemv_f32", gemv_f32_op);
     m.impl("gemv_u8s8", gemv_u8s8_op);
+    m.impl("linear_u8s8", linear_u8s8_op);
     m.impl("attend_one", attend_one_op);
 }

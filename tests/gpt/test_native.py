@@ -50,6 +50,24 @@ def test_int8_kernel_gives_the_exact_integer_products(M, N, K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_the_whole_int8_layer_in_one_call_gives_torchs_numbers_to_the_bit(M, N, K):
+    """linear_u8s8 quantizes each row, multiplies and rescales in C: the same float operations
+    as gpt.quantization's tensor code, so the same numbers, a zero row and no bias included."""
+    x = torch.randn(M, K) * torch.logspace(-3, 3, M)[:, None]
+    x[-1, : K // 2] = 0.0
+    if M > 1:
+        x[0] = 0.0
+    w = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    scale, bias = torch.rand(N) * 0.01, torch.randn(N)
+    rows, sums = native.interleave_int8(w), w.sum(1, dtype=torch.int32)
+    for b in (bias, None):
+        y = torch.ops.gpt.linear_u8s8(x, rows, sums, scale, b)
+        assert torch.equal(y, native._linear_u8s8_reference(x, w, scale, b))
+        assert torch.equal(torch.ops.gpt.linear_u8s8(x[-1:], rows, sums, scale, b), y[-1:])  # alone as in a batch
+
+
+@needs_kernels
 def test_the_kernels_weight_layout_is_a_reordering_that_the_kernel_depends_on():
     w = torch.randint(-128, 128, (10, 200), dtype=torch.int8)  # two blocks of four rows, two plain rows, a K tail
     rows = native.interleave_int8(w)
@@ -195,7 +213,8 @@ def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
             "a = torch.ops.gpt.attend_one(q, k, v, kc, vc, torch.tensor([2, 0]), torch.tensor([0, 5])); "
             "print(n.status()); print(torch.ops.gpt.gemv_f32(x, w, None).sum().item(), "
             "torch.ops.gpt.gemv_u8s8(xq, n.interleave_int8(wq), wq.sum(1, dtype=torch.int32)).sum().item(), "
-            "a.sum().item())")
+            "a.sum().item(), torch.ops.gpt.linear_u8s8(x, n.interleave_int8(wq), wq.sum(1, dtype=torch.int32), "
+            "torch.rand(70, generator=g), None).sum().item())")
     outs = {}
     for how in ("C++", "ctypes"):
         env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path)}
@@ -208,6 +227,7 @@ def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
             pytest.skip(f"no {how} build here: {status}")
         outs[how] = [float(v) for v in numbers.split()]
     assert outs["C++"][1] == outs["ctypes"][1]  # exact integer products
+    assert outs["C++"][3] == outs["ctypes"][3]  # the same C code behind both
     assert outs["C++"][0] == pytest.approx(outs["ctypes"][0], rel=1e-6)
     assert outs["C++"][2] == pytest.approx(outs["ctypes"][2], rel=1e-5)
 
