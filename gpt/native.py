@@ -40,86 +40,28 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .native_build import _compile, _compile_ops, _cpu_flags
+from .row_quantization import quantize_rows
+
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.c", "attention.c")]
-OPS_SOURCE = Path(__file__).with_name("csrc") / "ops.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 _INT8_FLAVOURS = {1: "avx512-vnni", 2: "avx-vnni", 3: "avx2"}
 _NOT_BUILT = ""  # why the kernels are not in use, once known
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("GPT_KERNEL_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt-serve" / "kernels"
-
-
-def _build(name: str, compiler: str, args: list[str], key_parts: list[str], timeout: float) -> Path:
-    """`compiler *args -o <library>`, cached under a key of the sources, compiler, flags and CPU."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*key_parts, compiler, version, " ".join(args), _cpu_flags()]).encode())
-    target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # another process may be building it too
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *args, "-o", tmp], capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _compile(cc: str) -> Path:
-    """The C kernels' shared library for this compiler and CPU: from the cache, or built now."""
-    return _build("gemv", cc, [*FLAGS, *map(str, SOURCES)], [s.read_text() for s in SOURCES], 120)
-
-
-def _compile_ops(cxx: str) -> Path:
-    """The C kernels and `ops.cpp`, which registers them as the gpt:: ops' CPU kernels, linked
-    against this PyTorch (its headers come with every wheel)."""
-    from torch.utils import cpp_extension
-
-    lib_dirs = cpp_extension.library_paths()
-    args = [*FLAGS, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *(f"-I{d}" for d in cpp_extension.include_paths()),
-            # "-x c" before each C file: GCC's C++ driver compiled a second C file as C++ otherwise
-            *(arg for source in SOURCES for arg in ("-x", "c", str(source))), "-x", "c++", str(OPS_SOURCE), "-x", "none",
-            *(f"-L{d}" for d in lib_dirs), *(f"-Wl,-rpath,{d}" for d in lib_dirs), "-lc10", "-ltorch_cpu"]
-    return _build("ops", cxx, args, [s.read_text() for s in (*SOURCES, OPS_SOURCE)] + [torch.__version__], 300)
-
-
-def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, attend) -> None:
+def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, attend, argmax_rows,
+                logsumexp_rows) -> None:
     """The kernels of `lib`, reached through the given callables (its ctypes wrappers, or the
     registered torch ops), against PyTorch on awkward shapes: a short last block, a K tail;
     rows out of order in a strided cache, each of its own length."""
@@ -130,6 +72,15 @@ def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, at
     want = _attend_reference(q, k, v, kc.clone(), vc.clone(), rows, pos)
     if not torch.allclose(attend(q, k, v, kc, vc, rows, pos), want, atol=1e-5, rtol=1e-5):
         raise RuntimeError("attention kernel disagrees with torch")
+    logits = torch.randn(4, 1001, generator=g) * 10
+    logits[1, 5:] = logits[1, 3]  # ties: the first one wins
+    logits[2, :] = -float("inf")
+    logits[2, 7] = 1.0
+    logits[3, 9] = float("nan")
+    if not torch.equal(argmax_rows(logits), logits.argmax(-1)):
+        raise RuntimeError("argmax kernel disagrees with torch")
+    if not torch.allclose(logsumexp_rows(logits), torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-6, equal_nan=True):
+        raise RuntimeError("logsumexp kernel disagrees with torch")
     for M, N, K in [(1, 7, 5), (1, 37, 200), (3, 9, 130)]:
         if isa & 1:
             x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
@@ -147,10 +98,14 @@ def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, at
                 raise RuntimeError("int8 linear kernel disagrees with torch")
 
 
+_OP_NAMES = ("gemv_f32", "gemv_u8s8", "linear_u8s8", "attend_one", "argmax_rows", "logsumexp_rows")
+
+
 def _ctypes_ops(lib: ctypes.CDLL) -> tuple:
-    """The library's kernels as Python functions of tensors: gemv_f32, gemv_u8s8, linear_u8s8, attend."""
+    """The library's kernels as Python functions of tensors, in the order of _OP_NAMES."""
     return (functools.partial(_gemv_f32, lib), functools.partial(_gemv_u8s8, lib), functools.partial(_linear_u8s8, lib),
-            functools.partial(_attend, lib))
+            functools.partial(_attend, lib), functools.partial(_argmax_rows, lib),
+            functools.partial(_logsumexp_rows, lib))
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -158,6 +113,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, n = ctypes.c_void_p, ctypes.c_long
     lib.gemv_isa.restype = ctypes.c_int
+    lib.argmax_rows.argtypes = lib.logsumexp_rows.argtypes = [ptr, ptr, n, n]
+    lib.argmax_rows.restype = lib.logsumexp_rows.restype = None
     if hasattr(lib, "linear_u8s8"):
         lib.linear_u8s8.argtypes = [ptr] * 8 + [n, n, n]
         lib.linear_u8s8.restype = None
@@ -214,11 +171,10 @@ def _register_kernels(lib: ctypes.CDLL, isa: int) -> None:
         _REGISTERED = "C++"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.info("gpt:: ops through ctypes (%s)", e)
-        for name, fn in zip(("gemv_f32", "gemv_u8s8", "linear_u8s8", "attend_one"), _ctypes_ops(lib)):
+        for name, fn in zip(_OP_NAMES, _ctypes_ops(lib)):
             _ops.impl(name, fn, "CPU")
         _REGISTERED = "ctypes"
-    _self_check(isa, lib, torch.ops.gpt.gemv_f32, torch.ops.gpt.gemv_u8s8, torch.ops.gpt.linear_u8s8,
-                torch.ops.gpt.attend_one)
+    _self_check(isa, lib, *(getattr(torch.ops.gpt, name) for name in _OP_NAMES))
 
 
 @functools.cache
@@ -240,6 +196,12 @@ def int8_available() -> bool:
 
 
 @torch.compiler.assume_constant_result
+def rows_available() -> bool:
+    """Whether `torch.ops.gpt.argmax_rows` and `logsumexp_rows` run our kernels here."""
+    return _isa() != 0
+
+
+@torch.compiler.assume_constant_result
 def attention_available() -> bool:
     """Whether `torch.ops.gpt.attend_one` runs our kernel here (builds it on the first call)."""
     return _isa() != 0
@@ -258,6 +220,8 @@ _ops = torch.library.Library("gpt", "DEF")
 _ops.define("gemv_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 _ops.define("gemv_u8s8(Tensor x, Tensor w, Tensor w_sum) -> Tensor")
 _ops.define("linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias) -> Tensor")
+_ops.define("argmax_rows(Tensor x) -> Tensor")
+_ops.define("logsumexp_rows(Tensor x) -> Tensor")
 _ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
             "Tensor pos) -> Tensor")
 
@@ -313,11 +277,39 @@ def _linear_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor, w_scale:
 def _linear_u8s8_reference(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """What `linear_u8s8` computes, in PyTorch, with w in the plain layout: x quantized per row
     (gpt.quantization.quantize_rows), the exact integer products, rescaled as Int8Linear does."""
-    from .quantization import quantize_rows  # gpt.quantization imports this module
-
     q, s = quantize_rows(x)
     y = (q.long() @ w.long().t()).float().mul_(s)
     return y.mul_(w_scale) if bias is None else torch.addcmul(bias, y, w_scale)
+
+
+def _argmax_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """x (B, V) float32 -> (B,) int64: torch.argmax(x, -1) (gpt/csrc/rows.c)."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0], dtype=torch.long)
+    lib.argmax_rows(x.data_ptr(), out.data_ptr(), *x.shape)
+    return out
+
+
+def _logsumexp_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """x (B, V) float32 -> (B,): torch.logsumexp(x, -1) within float32 rounding (gpt/csrc/rows.c)."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0])
+    lib.logsumexp_rows(x.data_ptr(), out.data_ptr(), *x.shape)
+    return out
+
+
+def argmax(x: Tensor) -> Tensor:
+    """torch.argmax(x, dim=-1) of a 2-D tensor, on our kernel where it runs (float32 on a CPU)."""
+    if x.dim() == 2 and x.shape[1] > 0 and x.dtype == torch.float32 and x.device.type == "cpu" and rows_available():
+        return torch.ops.gpt.argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
+def logsumexp(x: Tensor) -> Tensor:
+    """torch.logsumexp(x, dim=-1) of a 2-D tensor, on our kernel where it runs (float32 on a CPU)."""
+    if x.dim() == 2 and x.shape[1] > 0 and x.dtype == torch.float32 and x.device.type == "cpu" and rows_available():
+        return torch.ops.gpt.logsumexp_rows(x)
+    return torch.logsumexp(x, dim=-1)
 
 
 def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
@@ -358,6 +350,16 @@ def _(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
 @torch.library.register_fake("gpt::linear_u8s8")
 def _(x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.register_fake("gpt::argmax_rows")
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], dtype=torch.long)
+
+
+@torch.library.register_fake("gpt::logsumexp_rows")
+def _(x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0])
 
 
 @torch.library.register_fake("gpt::attend_one")

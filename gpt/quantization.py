@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
+from .row_quantization import quantize_rows
 from .packing import is_current, stamp
 
 MODES = ("int8",)
@@ -75,17 +76,6 @@ def _qlinear_works() -> bool:
 def qlinear_available() -> bool:
     """Whether this build has oneDNN's int8 linear with a prepacked weight (x86 CPU builds)."""
     return _qlinear_works()
-
-
-def quantize_rows(x: Tensor, dtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 quantization with one scale per row: x (M, K) ~ scale (M, 1) * q. With
-    dtype=torch.uint8, q comes shifted by 128 (a zero point of 128), for kernels that want it."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12).div_(127.0)
-    # |x / scale| <= 127 by construction (the row's largest entry maps to +-127), so no clamp;
-    # few ops matter here: eagerly, a decode step quantizes activations ~50 times
-    q = x.div(scale).round_()
-    return (q.add_(128) if dtype == torch.uint8 else q).to(dtype), scale
 
 
 def _resum_after_load(module: "Int8Linear", incompatible_keys) -> None:  # a function, not a lambda: picklable

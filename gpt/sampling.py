@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import native
+
 
 @dataclass
 class SamplingParams:
@@ -164,7 +166,7 @@ def sample(logits: Tensor, rows: Sequence[RowState], eot: Optional[int] = None) 
         for i, r in enumerate(rows):
             if adjusted[i]:
                 apply_penalties(logits[i], r, eot)
-    tokens = logits.argmax(dim=-1)
+    tokens = native.argmax(logits)  # PyTorch's argmax over a batch of vocabularies is slow on a CPU
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not sampled:
         return tokens
@@ -194,7 +196,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int = 0):
     ((B, n) values, (B, n) ids) when asked, from the unprocessed distribution."""
     logits = logits.float()
     # log p = logit - logsumexp(logits): one reduction, without writing a (B, V) log_softmax
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    lse = native.logsumexp(logits)[:, None]
     chosen = (logits.gather(1, tokens[:, None]) - lse)[:, 0]
     if top_n:
         vals, ids = logits.topk(top_n, dim=-1)

@@ -17,6 +17,8 @@ void gemv_f32(const float *, const float *, const float *, float *, long, long, 
 void gemv_u8s8(const uint8_t *, const int8_t *, const int32_t *, int32_t *, long, long, long) __attribute__((weak));
 void linear_u8s8(const float *, const int8_t *, const int32_t *, const float *, const float *, float *, uint8_t *,
                  float *, long, long, long) __attribute__((weak));
+void argmax_rows(const float *, int64_t *, long, long);
+void logsumexp_rows(const float *, float *, long, long);
 void attend_one(const float *, const float *, const float *, float *, float *, long, long, long, const int64_t *,
                 const int64_t *, float *, long, long, long, float);
 }
@@ -55,6 +57,20 @@ at::Tensor linear_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Te
     return y;
 }
 
+at::Tensor argmax_rows_op(const at::Tensor &x) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty({xc.size(0)}, xc.options().dtype(at::kLong));
+    argmax_rows(xc.data_ptr<float>(), out.data_ptr<int64_t>(), xc.size(0), xc.size(1));
+    return out;
+}
+
+at::Tensor logsumexp_rows_op(const at::Tensor &x) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty({xc.size(0)}, xc.options());
+    logsumexp_rows(xc.data_ptr<float>(), out.data_ptr<float>(), xc.size(0), xc.size(1));
+    return out;
+}
+
 at::Tensor attend_one_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                          at::Tensor &v_cache, const at::Tensor &rows, const at::Tensor &pos) {
     TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
@@ -76,5 +92,7 @@ TORCH_LIBRARY_IMPL(gpt, CPU, m) {
     m.impl("gemv_f32", gemv_f32_op);
     m.impl("gemv_u8s8", gemv_u8s8_op);
     m.impl("linear_u8s8", linear_u8s8_op);
+    m.impl("argmax_rows", argmax_rows_op);
+    m.impl("logsumexp_rows", logsumexp_rows_op);
     m.impl("attend_one", attend_one_op);
 }

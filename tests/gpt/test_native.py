@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import gpt
 import gpt.native as native
+import gpt.native_build as native_build
 from gpt.layers import Linear
 from gpt.quantization import Int8Linear
 
@@ -68,6 +69,37 @@ def test_the_whole_int8_layer_in_one_call_gives_torchs_numbers_to_the_bit(M, N, 
 
 
 @needs_kernels
+@pytest.mark.parametrize("B,V", [(1, 1), (1, 7), (3, 300), (32, 50257)])
+def test_argmax_and_logsumexp_over_rows_match_torch(B, V):
+    x = torch.randn(B, V) * 8
+    x[0, V // 2:] = x[0].max()  # ties: the first largest wins
+    if B > 2:
+        x[1] = -float("inf")  # a fully masked row, then one with a single live token
+        x[2, :] = -float("inf")
+        x[2, V - 1] = 3.0
+    assert torch.equal(native.argmax(x), x.argmax(-1))
+    torch.testing.assert_close(native.logsumexp(x), torch.logsumexp(x, -1), atol=2e-6, rtol=1e-6)
+    assert torch.equal(native.argmax(x.double()), x.double().argmax(-1))  # other dtypes: PyTorch's
+
+
+@needs_kernels
+def test_a_nan_in_a_row_is_found_as_torch_finds_it():
+    x = torch.randn(2, 1000)
+    x[1, 17] = x[1, 400] = float("nan")
+    assert torch.equal(native.argmax(x), x.argmax(-1))
+    assert torch.isnan(native.logsumexp(x)[1]) and torch.isfinite(native.logsumexp(x)[0])
+
+
+@needs_kernels
+def test_logsumexp_of_many_equal_logits_keeps_its_precision():
+    """Float32 running sums of equal small terms drift (4e-5 here before the blocked sum)."""
+    x = torch.full((1, 50257), -8.5)
+    x[0, 0] = 0.0
+    want = torch.logsumexp(x.double(), -1).float()
+    torch.testing.assert_close(native.logsumexp(x), want, atol=1e-6, rtol=0)
+
+
+@needs_kernels
 def test_the_kernels_weight_layout_is_a_reordering_that_the_kernel_depends_on():
     w = torch.randint(-128, 128, (10, 200), dtype=torch.int8)  # two blocks of four rows, two plain rows, a K tail
     rows = native.interleave_int8(w)
@@ -93,7 +125,7 @@ def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc or not _cpu_has(*cpu_flags):
         pytest.skip(f"needs a C compiler and a CPU with {', '.join(cpu_flags)}")
-    monkeypatch.setattr(native, "FLAGS", [f for f in native.FLAGS if f != "-march=native"] + flags)
+    monkeypatch.setattr(native_build, "FLAGS", [f for f in native_build.FLAGS if f != "-march=native"] + flags)
     monkeypatch.setenv("GPT_KERNEL_CACHE", str(tmp_path))
     lib = native._bind(native._compile(cc))
     assert lib.gemv_isa() >> 4 == isa and lib.gemv_isa() & 1
