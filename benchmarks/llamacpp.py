@@ -125,11 +125,16 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def step_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every linear layer's tensors (the head included;
-    tied to the embedding, it is the same tensor), each once. The embedding lookups read a row."""
+    tied to the embedding, it is the same tensor), each once. The embedding lookups read a row.
+    An int8 layer holds its weight twice where our kernel runs (`weight_q`, saved, and
+    `weight_rows`, the kernel's layout); a step reads one of them."""
     seen, n = set(), 0
     for m in model.modules():
         if isinstance(m, (gpt.layers.Linear, gpt.quantization.Int8Linear)):
-            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            tensors = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+            if isinstance(m, gpt.quantization.Int8Linear) and m.weight_rows.numel():
+                tensors = [t for t in tensors if t is not m.weight_q]
+            for t in tensors:
                 if t.data_ptr() not in seen:
                     seen.add(t.data_ptr())
                     n += t.numel() * t.element_size()
