@@ -3,10 +3,13 @@
 A decode step of a small model on a CPU is hundreds of small ops (layer norms, the int8 layers'
 activation quantization and rescaling, residuals, the cache writes), each paying the eager
 dispatcher's cost; torch.compile fuses them into a few generated kernels around the matmuls.
-Only the step of a single row and a single token is compiled: the latency-bound case (one
-stream), where the small ops weigh most. Batched steps and prefill keep the eager path: their
-shapes (rows, masks, prompt lengths) vary, and a new graph compiled in the middle of serving
-would stall every stream for as long.
+Only steps of one token per row are compiled: the latency-bound case, where the small ops weigh
+most. Steps of a single row always compile. Steps of several rows compile where the graph runs
+the kernels the eager step runs (`_batches_compile`: int8 layers on a CPU without VNNI, whose
+batches run on our own kernel): one graph for every batch size, traced with the batch dimension
+symbolic. Elsewhere eager batches run on oneDNN's prepacked weights, which a graph does not
+reach, and they stay eager, as does prefill: its shapes (masks, prompt lengths) vary, and a new
+graph compiled in the middle of serving would stall every stream for as long.
 
 Dynamo's guards, the checks that decide at every call whether a compiled graph still fits,
 cost more than the step's small ops: for GPT-2 small about 2,700 of them (every module's
@@ -43,13 +46,23 @@ import torch.nn as nn
 
 from .kv_cache import KVCache
 from .layers import native_attention_fits
+from .quantization import Int8Linear, qlinear_available
 
 # torch.compile's guard filters came with torch 2.8; before that every step keeps the guards
 _SKIP_GUARDS = getattr(torch.compiler, "skip_all_guards_unsafe", None)
 
 
+def _batches_compile(head: nn.Module) -> bool:
+    """Whether steps of several rows compile too: where the compiled graph runs the kernels the
+    eager step runs, int8 layers on a CPU without VNNI (their batches run on our kernel there,
+    since oneDNN's int8 linear is inexact: gpt.quantization). Elsewhere eager batches run on
+    oneDNN's prepacked weights, which a compiled graph does not reach (inductor picks its own
+    matmuls), and compiled they were slower (README, "A compiled decode step")."""
+    return isinstance(head, Int8Linear) and head.weight_q.device.type == "cpu" and not qlinear_available()
+
+
 class CompiledStep:
-    """`model._run_stack` for single-row, single-token steps, compiled (see the module's doc)."""
+    """`model._run_stack` for steps of one token per row, compiled (see the module's doc)."""
 
     def __init__(self, model: nn.Module):
         # On a CPU, inductor's C++ wrapper calls the step's kernels and ops with no Python between
@@ -64,15 +77,18 @@ class CompiledStep:
         self.unguarded.clear()
 
     @staticmethod
-    def _key(stack, wte, idx, cache, view, mask, memory, head, last_only, n_tokens) -> Optional[tuple]:
+    def _key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens) -> Optional[tuple]:
         """What an unguarded graph is specialised to, or None where the step must keep dynamo's
-        guards (inputs that are Python numbers, or attention that reads them)."""
+        guards (inputs that are Python numbers, or attention that reads them). Our attention
+        kernel finds each row's keys from its position, so a step of rows of different lengths
+        needs no mask: one graph serves rows of any lengths."""
         layer = cache.layers[0]
-        if (_SKIP_GUARDS is None or memory is not None or cache.max_src_len or mask is not None or head is None
+        if (_SKIP_GUARDS is None or memory is not None or cache.max_src_len or head is None
                 or not last_only or n_tokens is not None
                 or not native_attention_fits(wte.weight.dtype, layer, stack.training)):
             return None
-        return (tuple(layer.k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype)
+        return (tuple(layer.k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype,
+                idx.shape[0] > 1)
 
     def _compile_unguarded(self) -> Callable:
         f = self._method.__func__
@@ -84,13 +100,24 @@ class CompiledStep:
 
     def __call__(self, stack, wte, idx, pos, *, mask, causal, cache, view, memory, memory_mask, head=None,
                  last_only=False, n_tokens=None):
-        key = self._key(stack, wte, idx, cache, view, mask, memory, head, last_only, n_tokens)
-        if key is None:
+        batched = idx.shape[0] > 1
+        key = None if batched and not _batches_compile(head) else self._key(
+            stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
+        if key is None and (batched or mask is not None):
+            run = self._method  # only steps of one row compile with guards: see the module's doc
+        elif key is None:
             run = self.guarded
         else:
+            mask = None  # our attention kernel does not read it (`_key`)
             run = self.unguarded.get(key)
             if run is None:
                 run = self.unguarded[key] = self._compile_unguarded()
+            if batched:
+                # One graph for every batch of two rows or more. With no guards to catch a
+                # graph specialised to the first batch's size, that size must stay symbolic:
+                # mark_dynamic makes tracing fail rather than bake it in.
+                for t in (idx, pos, view.rows, view.write_pos):
+                    torch._dynamo.mark_dynamic(t, 0)
         return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view, memory=memory,
                    memory_mask=memory_mask, head=head, last_only=last_only, n_tokens=n_tokens)
 
@@ -110,13 +137,19 @@ def is_compiled(model: nn.Module) -> bool:
 def warm_up(model: nn.Module, cache: Optional[KVCache] = None, steps: int = 3) -> float:
     """Compile now rather than in the first request: a few single-row decode steps in row 0 of
     `cache` (the one the caller will decode with: the graph is specialised to its shape; by
-    default a new one-row cache), which is then reset. Returns the seconds spent."""
+    default a new one-row cache) and, where batched steps compile too (`_batches_compile`) and
+    the cache has rows for it, steps of rows 0 and 1 at different lengths; the rows are then
+    reset. Returns the seconds spent."""
     t0 = time.perf_counter()
     if cache is None:
         cache = model.new_cache(1)
-    row = slice(0, 1)
-    model.start([[1, 1]], cache, rows=row)  # two tokens: prefill stays eager
-    for _ in range(steps):  # lengths 3, 4, ...: the graph must not depend on the cache length
-        model.step(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache, rows=row)
-    cache.reset(row)
+    batches = [[[1, 1]]]  # two tokens: prefill stays eager
+    if cache.batch_size >= 2 and _batches_compile(getattr(model, "lm_head", None)):
+        batches.append([[1, 1], [1, 1, 1]])  # ragged: the graph must not depend on the rows' lengths
+    for prompts in batches:
+        rows = slice(0, len(prompts))
+        model.start(prompts, cache, rows=rows)
+        for _ in range(steps):  # lengths 3, 4, ...: the graph must not depend on the cache length
+            model.step(torch.zeros(len(prompts), 1, dtype=torch.long, device=model.device), cache, rows=rows)
+        cache.reset(rows)
     return time.perf_counter() - t0

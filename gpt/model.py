@@ -112,8 +112,8 @@ class _Transformer(nn.Module):
         # everything above, the cache's host-side bookkeeping, stays eager.
         # (lengths of 1 would need graphs of their own: a 1-token prompt, a 1-token source stay eager)
         # The output head runs inside that graph too: its activation quantization (int8) fuses there.
-        single = cache is not None and B == T == 1 and view.kv_len > 1 and view.src_len != 1
-        run = self._compiled_stack if single and self._compiled_stack else self._run_stack
+        step = cache is not None and T == 1 and view.kv_len > 1 and view.src_len != 1
+        run = self._compiled_stack if step and self._compiled_stack else self._run_stack
         return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view,
                    memory=memory, memory_mask=memory_mask, head=head, last_only=last_only,
                    n_tokens=None if T == 1 else n_tokens)  # one token per row: it is the last

@@ -19,7 +19,6 @@ activations' dtype and multiplied in floating point.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -72,10 +71,15 @@ def _qlinear_works() -> bool:
         return False
 
 
-@functools.cache
+_QLINEAR: list[bool] = []
+
+
+@torch.compiler.assume_constant_result  # a fact about the build and CPU: a compiled step need not trace it
 def qlinear_available() -> bool:
     """Whether this build has oneDNN's int8 linear with a prepacked weight (x86 CPU builds)."""
-    return _qlinear_works()
+    if not _QLINEAR:
+        _QLINEAR.append(_qlinear_works())
+    return _QLINEAR[0]
 
 
 def _resum_after_load(module: "Int8Linear", incompatible_keys) -> None:  # a function, not a lambda: picklable

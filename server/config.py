@@ -35,7 +35,7 @@ class Settings:
     dtype: Optional[str] = None  # None keeps the checkpoint's dtype
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
-    compile: bool = False  # torch.compile the one-stream decode step (gpt.compile_decode); compiles at start-up
+    compile: bool = False  # torch.compile the decode step (gpt.compile_decode); compiles at start-up
     eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)

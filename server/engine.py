@@ -107,8 +107,8 @@ class Engine:
     max_len: tokens per KV-cache row (a GPT's prompt plus output; an encoder-decoder's output,
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
-    compile_decode: torch.compile the single-stream decode step (gpt.compile_decode), compiling
-    it now, in the scheduler's own cache, rather than in the first request; where compiling
+    compile_decode: torch.compile the decode step (gpt.compile_decode: single-row steps, and
+    batched ones where they gain), compiling it now, in the scheduler's own cache, rather than in the first request; where compiling
     fails (e.g. no C++ compiler), the engine warns and serves uncompiled.
     cuda_graphs: on a GPU, replay decode steps as CUDA graphs, all recorded now (gpt.cuda_graphs).
     prefix_cache: keep finished requests' keys and values in their rows and start new requests

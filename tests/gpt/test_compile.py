@@ -1,5 +1,5 @@
-"""gpt.compile_decode: the compiled single-stream decode step gives what the eager one gives,
-with one graph for every prompt and output length."""
+"""gpt.compile_decode: the compiled decode step gives what the eager one gives, with one graph
+for every prompt and output length (and, where batched steps compile, for every batch size)."""
 import shutil
 
 import pytest
@@ -38,16 +38,6 @@ def test_compiled_int8_decode_matches_eager_with_one_graph_for_every_length(pres
         assert got.token_ids == want.token_ids
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-3)
     assert counters["stats"]["unique_graphs"] == graphs + 1  # no recompiling for other lengths
-
-
-def test_batched_steps_stay_eager_and_agree_with_single_rows():
-    model = gpt.compile_decode(gpt.quantize(gpt.GPT(gpt.preset("gpt-tiny")).eval(), "int8"))
-    graphs = counters["stats"]["unique_graphs"]
-    params = [gpt.SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)] * 2
-    together = gpt.complete(model, BYTES, PROMPTS[:2], params)
-    assert counters["stats"]["unique_graphs"] == graphs  # two rows: nothing compiled
-    alone = [gpt.complete(model, BYTES, [p], params[:1])[0] for p in PROMPTS[:2]]
-    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
 
 
 def test_gpt_generate_compile_flag(tmp_path, capsys):
@@ -122,3 +112,54 @@ def test_a_torch_without_guard_filters_keeps_the_guards(monkeypatch):
     fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8"))
     assert _greedy(fast, "Once upon") == _greedy(gpt.quantize(model, "int8"), "Once upon")
     assert not fast._compiled_stack.unguarded
+
+
+def _greedy_rows(model, prompts, cache, rows, n=6):
+    """Greedy ids and their log-probabilities of `prompts` decoded together in `rows` of `cache`."""
+    out, logps = [[] for _ in prompts], [[] for _ in prompts]
+    with torch.inference_mode():
+        logits = model.start([BYTES.encode(p) for p in prompts], cache, rows=rows)
+        for _ in range(n):
+            lp = torch.log_softmax(logits.float(), -1)
+            ids = lp.argmax(-1)
+            for i, t in enumerate(ids.tolist()):
+                out[i].append(t)
+                logps[i].append(float(lp[i, t]))
+            logits = model.step(ids[:, None], cache, rows=rows)
+    return out, logps
+
+
+@needs_native
+def test_batched_int8_steps_compile_once_for_every_batch_size_where_they_run_our_kernel(monkeypatch):
+    """Without oneDNN's int8 linear (a CPU without VNNI), batches run on our kernel eagerly, and
+    their steps compile: one graph, traced with the batch size symbolic, for rows of any number,
+    any lengths, contiguous or not."""
+    monkeypatch.setattr(gpt.quantization, "_QLINEAR", [False])
+    model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
+    fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8"))
+    eager = gpt.quantize(model, "int8")
+    caches = fast.new_cache(5), eager.new_cache(5)
+    warm_up(fast, caches[0])
+    assert len(fast._compiled_stack.unguarded) == 2  # one row, and every batch
+    for rows, prompts in [(slice(0, 2), PROMPTS[:2]), (slice(1, 4), PROMPTS),
+                          (torch.tensor([4, 0, 2]), PROMPTS[::-1]), (slice(0, 5), PROMPTS + PROMPTS[:2])]:
+        (got, got_lp), (want, want_lp) = (_greedy_rows(m, prompts, c, rows) for m, c in zip((fast, eager), caches))
+        assert got == want
+        for g, w in zip(got_lp, want_lp):
+            assert g == pytest.approx(w, abs=1e-3)
+    assert len(fast._compiled_stack.unguarded) == 2
+
+
+@needs_native
+def test_batched_steps_stay_eager_where_eager_runs_onednn():
+    """A float32 model's batches run on oneDNN's prepacked weights, which a graph does not
+    reach: only its single-row steps compile."""
+    model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
+    fast = gpt.compile_decode(_twin(model))
+    caches = fast.new_cache(3), model.new_cache(3)
+    warm_up(fast, caches[0])
+    assert len(fast._compiled_stack.unguarded) == 1
+    graphs = counters["stats"]["unique_graphs"]
+    got, want = (_greedy_rows(m, PROMPTS, c, slice(0, 3)) for m, c in zip((fast, model), caches))
+    assert got[0] == want[0]
+    assert counters["stats"]["unique_graphs"] == graphs and len(fast._compiled_stack.unguarded) == 1
