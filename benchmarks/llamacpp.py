@@ -19,7 +19,7 @@ share of CPU that other processes take is sampled before each phase and printed.
       1024-token prompt. Ours: `model.start` / `model.step` with greedy argmax under
       `torch.inference_mode()`, the rows of a 32-row KV cache as the server batches them, fp32
       (weights packed with `gpt.pack_linear_weights`) and int8 (`gpt.quantize`), each also with the
-      single-row decode step compiled (`gpt.compile_decode`, compiled before timing). llama.cpp f32,
+      decode step compiled (`gpt.compile_decode`, compiled before timing). llama.cpp f32,
       f16, q8_0: `llama-bench -p 1024 -n 128` (batch 1 decode, from an empty context, and prefill)
       and `llama-batched-bench -npp 32 -ntg 128` (batch 8 and 32). Best of `--repeats` for both.
       And transformers' GPT2LMHeadModel on the same weights (fp32, in-process only): `generate`,
@@ -478,11 +478,11 @@ def int8_available() -> tuple[bool, str]:
     return True, ""
 
 
-COMPILED = ("fp32c", "int8c")  # the single-row decode step compiled (gpt.compile_decode)
+COMPILED = ("fp32c", "int8c")  # the decode step compiled (gpt.compile_decode)
 
 
 def load_ours(ckpt: str, quant: str):
-    """quant: fp32, int8, or either with the single-row decode step compiled (fp32c, int8c)."""
+    """quant: fp32, int8, or either with the decode step compiled (fp32c, int8c)."""
     model, tokenizer = gpt.load(ckpt)
     model.eval()
     if quant in ("int8", "int8c"):

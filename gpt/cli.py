@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: 8-bit weights and activations in every linear layer (none)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step of one stream (tens of seconds the first time; beam search stays "
+                   help="torch.compile the decode step (tens of seconds the first time; beam search stays "
                         "uncompiled); faster with --quantize int8")
     p.add_argument("--eager", action="store_true",
                    help="on a GPU, run each decode step eagerly instead of replaying a CUDA graph of it")
