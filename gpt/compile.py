@@ -87,7 +87,7 @@ class CompiledStep:
                 or not last_only or n_tokens is not None
                 or not native_attention_fits(wte.weight.dtype, layer, stack.training)):
             return None
-        return (tuple(layer.k.shape), wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype,
+        return (tuple(layer.k.shape), layer.k.dtype, wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype,
                 idx.shape[0] > 1)
 
     def _compile_unguarded(self) -> Callable:

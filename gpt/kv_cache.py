@@ -44,14 +44,14 @@ class LayerCache(nn.Module):
     def update(self, view: CacheView, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, D) at `view.write_pos` and return all keys/values of these rows."""
         idx = (view.rows[:, None], slice(None), view.write_pos)
-        self.k[idx] = k.transpose(1, 2)
-        self.v[idx] = v.transpose(1, 2)
+        self.k[idx] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[idx] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[view.select, :, : view.kv_len], self.v[view.select, :, : view.kv_len]
 
     def write_cross(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
         S = k.shape[2]
-        self.cross_k[rows, :, :S] = k
-        self.cross_v[rows, :, :S] = v
+        self.cross_k[rows, :, :S] = k.to(self.cross_k.dtype)
+        self.cross_v[rows, :, :S] = v.to(self.cross_v.dtype)
 
     def read_cross(self, view: CacheView) -> tuple[Tensor, Tensor]:
         return self.cross_k[view.select, :, : view.src_len], self.cross_v[view.select, :, : view.src_len]

@@ -112,13 +112,16 @@ def pack_linear_weights(model: nn.Module, rows_hint: int = 32) -> int:
 
 def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool) -> bool:
     """Whether a step of one query per row (activations of `dtype`) attends with our kernel
-    (gpt.native): a float32 cache on a CPU, for inference. The kernel writes the new keys and
+    (gpt.native): a float32 cache, or a float16 one where the CPU converts halves, on a CPU, for
+    inference. The kernel writes the new keys and
     values itself, eagerly and inside torch.compile (the op declares its in-place writes, so
     inductor calls it on the cache itself); rows of up to 8192 positions (its scores live on
     the stack)."""
     k = cache.k
-    return (k.device.type == "cpu" and dtype == torch.float32 and k.dtype == torch.float32 and k.shape[2] <= 8193
-            and not torch.is_grad_enabled() and not training and native.attention_available())
+    return (k.device.type == "cpu" and dtype == torch.float32 and k.shape[2] <= 8193
+            and not torch.is_grad_enabled() and not training and native.attention_available()
+            and (k.dtype == torch.float32 or (k.dtype == torch.float16 and k.shape[3] % 8 == 0 and k.shape[3] <= 256
+                                              and native.attention_f16_available())))
 
 
 class Attention(nn.Module):
@@ -162,7 +165,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         if self.cross:
             q = self._heads(self.q_proj(x))
-            k, v = self.project_kv(memory) if memory is not None else cache.read_cross(view)
+            k, v = self.project_kv(memory) if memory is not None else (t.to(q.dtype) for t in cache.read_cross(view))
         else:
             q, k, v = (self._heads(t) for t in self.c_attn(x).split(C, dim=2))
             if rope is not None:
@@ -173,7 +176,7 @@ class Attention(nn.Module):
                                              cache.k, cache.v, view.rows, view.write_pos.view(B))
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
-                k, v = cache.update(view, k, v)
+                k, v = (t.to(q.dtype) for t in cache.update(view, k, v))  # a cache may store another dtype
         with sdpa_kernel(_CACHED_SDPA_BACKENDS) if cache is not None and q.is_cuda else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
                                                dropout_p=self.dropout if self.training else 0.0)

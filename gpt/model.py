@@ -151,9 +151,13 @@ class _Transformer(nn.Module):
             ln_f=_layer_norm(c),
         ))
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None, src_len: Optional[int] = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, src_len: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None) -> KVCache:
         """A cache for `batch_size` rows of up to `max_len` tokens (default: block_size), and for
-        an encoder-decoder, sources of up to `src_len` tokens (default: block_size)."""
+        an encoder-decoder, sources of up to `src_len` tokens (default: block_size). Keys and
+        values are stored in `dtype` (default: the model's): float16 halves the cache's memory
+        and what a batched decode step reads of it, and on a CPU with F16C our attention kernel
+        reads it directly (elsewhere attention converts what it reads, which costs time)."""
         c = self.config
         max_len, src = max_len or c.block_size, (src_len or c.block_size) if c.is_seq2seq else 0
         if max_len > c.block_size or src > c.block_size:
@@ -164,7 +168,7 @@ class _Transformer(nn.Module):
         # compiled decode step to guard on (gpt.compile_decode); in-place writes work in both modes.
         with torch.inference_mode(False):
             return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
-                           dtype=p.dtype, device=p.device)
+                           dtype=dtype or p.dtype, device=p.device)
 
     @property
     def device(self) -> torch.device:

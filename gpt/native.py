@@ -20,7 +20,8 @@ the products themselves (benchmarks/native_kernels.py shows the step).
 The decode step's attention has one query per row. PyTorch's CPU attention tiles queries and,
 with one, reads the cache well below the memory bandwidth; at a batch of 32 it was about half
 of a GPT-2-small step. `torch.ops.gpt.attend_one` writes each row's new key and value into the
-cache and attends to that row's own positions in one pass (`gpt.layers.Attention`, float32).
+cache and attends to that row's own positions in one pass (`gpt.layers.Attention`, float32),
+from a float32 cache or, where the CPU converts halves (F16C), a float16 one: half the bytes.
 
 The ops reach the kernels through `gpt/csrc/ops.cpp`, built against this PyTorch's headers with
 the system's C++ compiler (about ten seconds, once): a call then costs about two microseconds
@@ -72,6 +73,13 @@ def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, at
     want = _attend_reference(q, k, v, kc.clone(), vc.clone(), rows, pos)
     if not torch.allclose(attend(q, k, v, kc, vc, rows, pos), want, atol=1e-5, rtol=1e-5):
         raise RuntimeError("attention kernel disagrees with torch")
+    if hasattr(lib, "attend_one_f16"):
+        kc, vc = (c.half() for c in torch.randn(2, 5, 3, 12, 16, generator=g).unbind(0))
+        q, k, v = torch.randn(3, 2, 3, 16, generator=g).unbind(0)
+        want = _attend_reference(q, k, v, kc.clone(), vc.clone(), rows, pos)
+        got = attend(q, k, v, kc, vc, rows, pos)
+        if not torch.allclose(got, want, atol=1e-4, rtol=1e-4) or not torch.equal(kc[rows, :, pos], k.half()):
+            raise RuntimeError("float16-cache attention kernel disagrees with torch")
     logits = torch.randn(4, 1001, generator=g) * 10
     logits[1, 5:] = logits[1, 3]  # ties: the first one wins
     logits[2, :] = -float("inf")
@@ -118,8 +126,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     if hasattr(lib, "linear_u8s8"):
         lib.linear_u8s8.argtypes = [ptr] * 8 + [n, n, n]
         lib.linear_u8s8.restype = None
-    lib.attend_one.argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, n, ptr, ptr, ptr, n, n, n, ctypes.c_float]
-    lib.attend_one.restype = None
+    for name in ("attend_one", "attend_one_f16"):
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, n, ptr, ptr, ptr, n, n, n, ctypes.c_float]
+            getattr(lib, name).restype = None
     if hasattr(lib, "i8_interleave"):
         lib.i8_interleave.argtypes = [ptr, ptr, n, n]
         lib.i8_interleave.restype = None
@@ -207,13 +217,21 @@ def attention_available() -> bool:
     return _isa() != 0
 
 
+@torch.compiler.assume_constant_result
+def attention_f16_available() -> bool:
+    """Whether `torch.ops.gpt.attend_one` also takes a float16 cache here (AVX2 with F16C)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "attend_one_f16")
+
+
 def status() -> str:
     """One line for logs: which kernels run single-row products, or why ours do not."""
     isa = _isa()
     if not isa:
         return f"PyTorch's ({_NOT_BUILT})"
     return (f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')}, "
-            f"attention: yes; called through {_REGISTERED})")
+            f"attention: yes{' (float16 cache too)' if attention_f16_available() else ''}; "
+            f"called through {_REGISTERED})")
 
 
 _ops = torch.library.Library("gpt", "DEF")
@@ -320,8 +338,12 @@ def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, 
     (B, H, D), (s_row, s_head, s_pos, s_d) = q.shape, k_cache.stride()
     assert s_d == 1 and v_cache.stride() == k_cache.stride()
     out = q.new_empty(B, H, D)
-    lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                   s_row, s_head, s_pos, rows.data_ptr(), pos.data_ptr(), out.data_ptr(), B, H, D, D ** -0.5)
+    kernel = lib.attend_one
+    if k_cache.dtype == torch.float16:
+        assert hasattr(lib, "attend_one_f16") and D % 8 == 0 and D <= 256 and v_cache.dtype == torch.float16
+        kernel = lib.attend_one_f16
+    kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+           s_row, s_head, s_pos, rows.data_ptr(), pos.data_ptr(), out.data_ptr(), B, H, D, D ** -0.5)
     return out
 
 
@@ -329,12 +351,12 @@ def _attend_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache:
                       pos: Tensor) -> Tensor:
     """What `attend_one` computes, in PyTorch: write each row's k, v (B, H, D) at pos[b] of cache
     row rows[b], then attend with q (B, H, D) to that row's positions 0..pos[b]."""
-    k_cache[rows, :, pos] = k
-    v_cache[rows, :, pos] = v
+    k_cache[rows, :, pos] = k.to(k_cache.dtype)
+    v_cache[rows, :, pos] = v.to(v_cache.dtype)
     n = int(pos.max()) + 1
     mask = (torch.arange(n)[None, :] <= pos[:, None])[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], k_cache[rows, :, :n], v_cache[rows, :, :n], attn_mask=mask)[:, :, 0]
+        q[:, :, None], k_cache[rows, :, :n].to(q.dtype), v_cache[rows, :, :n].to(q.dtype), attn_mask=mask)[:, :, 0]
 
 
 @torch.library.register_fake("gpt::gemv_f32")

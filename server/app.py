@@ -55,10 +55,16 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
                         settings.dtype, settings.max_batch_size, slowdown, settings.dtype)
     if model.device.type == "cpu":  # builds our single-row kernels now rather than in the first request
         log.info("single-row kernels: %s", gpt.native.status())
+    kv_dtype = getattr(torch, settings.kv_cache_dtype) if settings.kv_cache_dtype else None
+    if (kv_dtype is not None and kv_dtype != next(model.parameters()).dtype and model.device.type == "cpu"
+            and not (kv_dtype == torch.float16 and gpt.native.attention_f16_available())):
+        log.warning("--kv-cache-dtype %s: attention converts the cache on every step on this CPU (our kernel "
+                    "reads a float16 cache only with F16C and float32 activations); expect it slower",
+                    settings.kv_cache_dtype)
     return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                   max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads,
                   prefix_cache=settings.prefix_cache, compile_decode=settings.compile,
-                  cuda_graphs=not settings.eager)
+                  cuda_graphs=not settings.eager, kv_cache_dtype=kv_dtype)
 
 
 async def _load_in_background(app: FastAPI) -> None:

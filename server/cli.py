@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
          metavar="FILE")
     _opt(p, "--device", "torch device, e.g. cpu or cuda")
     _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)
+    _opt(p, "--kv-cache-dtype", "dtype the KV cache stores keys and values in; default: the model's. float16 "
+         "halves the cache's memory and, on a CPU with F16C, what a batched decode step reads of it",
+         choices=DTYPES)
     _opt(p, "--quantize", "int8: 8-bit weights (and activations) in every linear layer; default: none",
          choices=QUANTIZATIONS)
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help=f"torch.compile the decode step of a single stream, compiling at start-up (tens of "
+                   help=f"torch.compile the decode step, compiling at start-up (tens of "
                         f"seconds the first time); faster with --quantize int8, slower in float32 on CPU "
                         f"(env {ENV_PREFIX}COMPILE=1)")
     p.add_argument("--eager", dest="eager", action="store_true", default=None,

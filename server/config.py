@@ -33,6 +33,7 @@ class Settings:
     chat_template: Optional[str] = None  # JSON file; default: the plain-text template
     device: str = "cpu"
     dtype: Optional[str] = None  # None keeps the checkpoint's dtype
+    kv_cache_dtype: Optional[str] = None  # keys/values stored in this dtype; None: the model's. float16 halves them
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
     compile: bool = False  # torch.compile the decode step (gpt.compile_decode); compiles at start-up
@@ -66,6 +67,8 @@ class Settings:
         need(self.keep_alive_timeout > 0, f"keep_alive_timeout must be > 0 seconds, got {self.keep_alive_timeout}")
         need(self.drain_grace >= 0, f"drain_grace must be >= 0 seconds, got {self.drain_grace}")
         need(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.kv_cache_dtype is None or self.kv_cache_dtype in DTYPES,
+             f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}")
         need(self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
@@ -104,7 +107,7 @@ class Settings:
 _INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens", "max_body_bytes",
                "max_connections"}
 _FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "keep_alive_timeout"}
-_CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES}
+_CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES, "kv_cache_dtype": DTYPES}
 _BOOL_FIELDS = {"prefix_cache", "docs", "compile", "eager"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

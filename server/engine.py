@@ -107,10 +107,10 @@ class Engine:
     max_len: tokens per KV-cache row (a GPT's prompt plus output; an encoder-decoder's output,
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
-    compile_decode: torch.compile the decode step (gpt.compile_decode: single-row steps, and
-    batched ones where they gain), compiling it now, in the scheduler's own cache, rather than in the first request; where compiling
-    fails (e.g. no C++ compiler), the engine warns and serves uncompiled.
+    compile_decode: torch.compile the decode step (gpt.compile_decode), now, in the scheduler's
+    own cache; where compiling fails (no C++ compiler), the engine warns and serves uncompiled.
     cuda_graphs: on a GPU, replay decode steps as CUDA graphs, all recorded now (gpt.cuda_graphs).
+    kv_cache_dtype: the KV cache's dtype (default: the model's; see `gpt.GPT.new_cache`).
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
     from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
@@ -121,7 +121,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
                  max_len: Optional[int] = None, max_prompt_tokens: Optional[int] = None, prefill_chunk: int = 512,
                  metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True,
-                 prefix_cache: bool = True, compile_decode: bool = False, cuda_graphs: bool = True):
+                 prefix_cache: bool = True, compile_decode: bool = False, cuda_graphs: bool = True, kv_cache_dtype=None):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -132,7 +132,7 @@ class Engine:
         self.metrics = metrics if metrics is not None else Metrics()
         self.limits = ContextLimits.of(model, tokenizer, max_len=max_len, max_prompt_tokens=max_prompt_tokens)
         self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
-                                self._deliver, prefix_cache=prefix_cache)
+                                self._deliver, prefix_cache=prefix_cache, cache_dtype=kv_cache_dtype)
         if compile_decode:
             self._compile(model)
         if cuda_graphs and model.device.type == "cuda" and not self.limits.is_seq2seq:

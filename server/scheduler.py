@@ -87,10 +87,11 @@ Deliver = Callable[[list[tuple[Request, Piece]]], None]
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size: int, max_len: int, prefill_chunk: int,
-                 metrics: Metrics, deliver: Deliver, prefix_cache: bool = True):
+                 metrics: Metrics, deliver: Deliver, prefix_cache: bool = True,
+                 cache_dtype: Optional[torch.dtype] = None):
         self.model, self.tokenizer, self.metrics, self.deliver = model, tokenizer, metrics, deliver
         self.prefill_chunk = prefill_chunk
-        self.cache = model.new_cache(max_batch_size, max_len=max_len)
+        self.cache = model.new_cache(max_batch_size, max_len=max_len, dtype=cache_dtype)
         self.batch = max_batch_size
         self._free = set(range(max_batch_size))
         self.running: list[Request] = []  # holding slots, in admission order

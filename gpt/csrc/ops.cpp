@@ -4,6 +4,7 @@
 // cost several, and a decode step of GPT-2-small makes 61 such calls.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -21,6 +22,8 @@ void argmax_rows(const float *, int64_t *, long, long);
 void logsumexp_rows(const float *, float *, long, long);
 void attend_one(const float *, const float *, const float *, float *, float *, long, long, long, const int64_t *,
                 const int64_t *, float *, long, long, long, float);
+void attend_one_f16(const float *, const float *, const float *, uint16_t *, uint16_t *, long, long, long,
+                    const int64_t *, const int64_t *, float *, long, long, long, float) __attribute__((weak));
 }
 
 namespace {
@@ -79,10 +82,20 @@ at::Tensor attend_one_op(const at::Tensor &q, const at::Tensor &k, const at::Ten
     const at::Tensor r = rows.contiguous().to(at::kLong), p = pos.contiguous().to(at::kLong);
     const int64_t B = qc.size(0), H = qc.size(1), D = qc.size(2);
     at::Tensor out = at::empty({B, H, D}, qc.options());
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    if (k_cache.scalar_type() == at::kHalf) {
+        TORCH_CHECK(attend_one_f16 && D % 8 == 0 && D <= 256 && v_cache.scalar_type() == at::kHalf,
+                    "gpt::attend_one: no float16-cache kernel for this build or head size");
+        attend_one_f16(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
+                       reinterpret_cast<uint16_t *>(k_cache.data_ptr<at::Half>()),
+                       reinterpret_cast<uint16_t *>(v_cache.data_ptr<at::Half>()), k_cache.stride(0),
+                       k_cache.stride(1), k_cache.stride(2), r.data_ptr<int64_t>(), p.data_ptr<int64_t>(),
+                       out.data_ptr<float>(), B, H, D, scale);
+        return out;
+    }
     attend_one(qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(), k_cache.data_ptr<float>(),
                v_cache.data_ptr<float>(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-               r.data_ptr<int64_t>(), p.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D,
-               1.0f / std::sqrt(static_cast<float>(D)));
+               r.data_ptr<int64_t>(), p.data_ptr<int64_t>(), out.data_ptr<float>(), B, H, D, scale);
     return out;
 }
 

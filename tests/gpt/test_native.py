@@ -303,3 +303,50 @@ def test_decoding_on_our_attention_stays_within_rounding_of_torchs(preset, monke
     assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
     for a, b in zip(ours, theirs):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+needs_f16_attention = pytest.mark.skipif(not native.attention_f16_available(),
+                                         reason=f"no float16-cache attention kernel here: {native.status()}")
+
+
+@needs_f16_attention
+@pytest.mark.parametrize("B,H,D,L", [(1, 1, 8, 1), (3, 2, 16, 12), (4, 12, 64, 130), (2, 3, 80, 1030)])
+def test_float16_cache_attention_kernel_rounds_the_new_keys_and_attends_like_torch(B, H, D, L):
+    g = torch.Generator().manual_seed(B * 1000 + L)
+    kc, vc = (c.half() for c in torch.randn(2, B + 2, H, L + 1, D, generator=g).unbind(0))
+    q, k, v = torch.randn(3, B, H, D, generator=g).unbind(0)
+    rows = torch.randperm(B + 2, generator=g)[:B]
+    pos = torch.randint(0, L, (B,), generator=g)
+    want_k, want_v = kc.clone(), vc.clone()
+    want = native._attend_reference(q, k, v, want_k, want_v, rows, pos)  # float32 arithmetic on the halves
+    got = torch.ops.gpt.attend_one(q, k, v, kc, vc, rows, pos)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # round to nearest, like torch's .half()
+
+
+def _decode_logits(model, prompts, cache, n=10):
+    """Each greedy step's logits of `prompts` decoded together in `cache` (rows 0..B-1)."""
+    tok, rows, out = gpt.get_tokenizer("byte"), slice(0, len(prompts)), []
+    with torch.inference_mode():
+        logits = model.start([tok.encode(p) for p in prompts], cache, rows=rows)
+        for _ in range(n):
+            out.append(logits.float())
+            logits = model.step(logits.argmax(-1)[:, None], cache, rows=rows)
+    return torch.stack(out)
+
+
+@needs_f16_attention
+@pytest.mark.parametrize("preset", ["gpt-tiny", "seq2seq-tiny"])
+def test_a_float16_cache_decodes_like_torch_on_the_same_halves_and_near_a_float32_cache(preset, monkeypatch):
+    """Our kernel on a float16 cache against PyTorch's attention on the same cache (converted to
+    float32 as it reads): only float32 rounding apart. Against a float32 cache: the halves'
+    rounding apart, and the same greedy tokens."""
+    model = gpt.build_model(gpt.preset(preset)).eval()
+    prompts = ["Once upon a time", "x", "rows of different lengths"]
+    half = _decode_logits(model, prompts, model.new_cache(3, dtype=torch.float16))
+    full = _decode_logits(model, prompts, model.new_cache(3))
+    monkeypatch.setattr(native, "_isa", lambda: 0)
+    theirs = _decode_logits(model, prompts, model.new_cache(3, dtype=torch.float16))
+    torch.testing.assert_close(half, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(half, full, atol=5e-3, rtol=0)
+    assert torch.equal(half.argmax(-1), full.argmax(-1))

@@ -15,7 +15,7 @@ from server.cli import build_parser, main
 
 OPTIONS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--max-queue",
            "--max-prompt-tokens", "--default-max-tokens", "--timeout", "--drain-grace", "--chat-template",
-           "--device", "--dtype", "--quantize", "--log-level", "--no-prefix-cache", "--max-body-bytes",
+           "--device", "--dtype", "--kv-cache-dtype", "--quantize", "--log-level", "--no-prefix-cache", "--max-body-bytes",
            "--body-timeout", "--max-connections", "--keep-alive-timeout", "--allowed-origins", "--no-docs"]
 
 
@@ -35,6 +35,8 @@ def test_help_documents_every_option_and_its_environment_variable():
     (["--model", "x", "--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
     (["--model", "x", "--dtype", "int8"], {}, "invalid choice"),
     (["--model", "x", "--quantize", "int4"], {}, "invalid choice"),
+    (["--model", "x", "--kv-cache-dtype", "int8"], {}, "invalid choice"),
+    (["--model", "x"], {"GPT_SERVE_KV_CACHE_DTYPE": "fp8"}, "GPT_SERVE_KV_CACHE_DTYPE"),
     (["--model", "x"], {"GPT_SERVE_QUANTIZE": "int4"}, "GPT_SERVE_QUANTIZE"),
     (["--model", "x"], {"GPT_SERVE_MAX_QUEUE": "lots"}, "GPT_SERVE_MAX_QUEUE"),
     (["--model", "x", "--chat-template", "/no/template.json"], {}, "cannot read the chat template"),

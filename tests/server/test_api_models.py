@@ -46,6 +46,13 @@ def test_quantize_int8_serves_what_the_quantized_library_generates(tiny_checkpoi
     assert out.choices[0].text == expected
 
 
+def test_a_float16_kv_cache_is_what_the_engine_decodes_in(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("GPT_SERVE_KV_CACHE_DTYPE", "float16")
+    settings = Settings.from_env(model=tiny_checkpoint, served_model_name=TINY_MODEL_NAME)
+    engine = load_engine(settings)
+    assert settings.kv_cache_dtype == "float16" and engine._sched.cache.layers[0].k.dtype == torch.float16
+
+
 def test_hugging_face_gpt2_directory_is_served(tmp_path, server_factory):
     torch.manual_seed(0)
     model = gpt.GPT(gpt.preset("gpt-tiny", vocab_size=50257, tokenizer="gpt2")).eval()

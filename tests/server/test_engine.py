@@ -587,3 +587,31 @@ def test_where_compiling_fails_the_engine_warns_and_serves_uncompiled(tiny_gpt, 
         got = serve_one_compiled(tiny_gpt, "hi", params, limit=60)
     assert not is_compiled(tiny_gpt) and got == (want.text, want.token_ids, "length")
     assert any("torch.compile failed (RuntimeError: no C++ compiler here)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_float16_kv_cache_streams_what_the_library_decodes_from_one(tiny_gpt):
+    """The engine's cache in float16 (`--kv-cache-dtype float16`): batched and prefilled in
+    chunks, each request gets the tokens the library decodes alone from a float16 cache."""
+    import torch
+
+    def alone(prompt, n):
+        cache, out = tiny_gpt.new_cache(1, dtype=torch.float16), []
+        with torch.inference_mode():
+            logits = tiny_gpt.start([TOK.encode(prompt)], cache)
+            for _ in range(n):
+                out.append(int(logits.argmax(-1)))
+                logits = tiny_gpt.step(torch.tensor([[out[-1]]]), cache)
+        return out
+
+    params = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = Engine(tiny_gpt, TOK, max_batch_size=3, prefill_chunk=8, kv_cache_dtype=torch.float16)
+        assert engine._sched.cache.layers[0].k.dtype == torch.float16
+        try:
+            return await asyncio.gather(*(collect(engine.submit(TOK.encode(p), params)) for p in PROMPTS))
+        finally:
+            await engine.shutdown(1)
+
+    for (_, ids, _, _), p in zip(run(main()), PROMPTS):
+        assert ids == alone(p, 9)
