@@ -19,20 +19,22 @@ share of CPU that other processes take is sampled before each phase and printed.
       1024-token prompt. Ours: `model.start` / `model.step` with greedy argmax under
       `torch.inference_mode()`, the rows of a 32-row KV cache as the server batches them, fp32
       (weights packed with `gpt.pack_linear_weights`) and int8 (`gpt.quantize`), each also with the
-      decode step compiled (`gpt.compile_decode`, compiled before timing). llama.cpp f32,
+      decode step compiled (`gpt.compile_decode`, compiled before timing), and int8 compiled with a
+      float16 KV cache (llama.cpp's cache is float16 by default). llama.cpp f32,
       f16, q8_0: `llama-bench -p 1024 -n 128` (batch 1 decode, from an empty context, and prefill)
       and `llama-batched-bench -npp 32 -ntg 128` (batch 8 and 32). Best of `--repeats` for both.
       And transformers' GPT2LMHeadModel on the same weights (fp32, in-process only): `generate`,
       greedy, its per-token rate measured as benchmarks/decode.py does, and one forward for prefill.
       Batch 1 is also given as a share of the roofline: the weights a step reads times the rate,
       over the memory read bandwidth sampled just before and after (the VM's speed drifts).
-   b. served: `gpt-serve` (fp32 and `--quantize int8`, each with and without `--compile`) and
+   b. served: `gpt-serve` (fp32 and `--quantize int8`, each with and without `--compile`, and int8
+      with `--compile --kv-cache-dtype float16`) and
       `llama-server` (f32, f16, q8_0), one after
       the other, under the same streaming load generator (benchmarks/serve.py's) at `--clients`
       concurrent clients, each a 32-token prompt and `--new-tokens` tokens (greedy, ignore_eos):
       aggregate tokens/s and time to first token, p50. Every request has a connection of its own
       (this llama-server drops a kept-alive connection's second request), for both servers.
-      `--server-passes` passes (default 2) go over all seven servers in turn, and each figure keeps
+      `--server-passes` passes (default 2) go over all eight servers in turn, and each figure keeps
       its best pass: a shared VM's speed drifts within minutes, and the passes spread a slow
       spell over every server instead of whichever ran during it.
    c. prints a table with the ratios ours / llama.cpp (int8 vs q8_0, fp32 vs f32, and our best vs
@@ -478,14 +480,16 @@ def int8_available() -> tuple[bool, str]:
     return True, ""
 
 
-COMPILED = ("fp32c", "int8c")  # the decode step compiled (gpt.compile_decode)
+COMPILED = ("fp32c", "int8c", "int8ch")  # the decode step compiled (gpt.compile_decode)
+HALF_KV = ("int8ch",)  # a float16 KV cache (--kv-cache-dtype float16)
 
 
 def load_ours(ckpt: str, quant: str):
-    """quant: fp32, int8, or either with the decode step compiled (fp32c, int8c)."""
+    """quant: fp32, int8, or either with the decode step compiled (fp32c, int8c), and int8c with
+    a float16 KV cache (int8ch: the cache is the caller's, see HALF_KV)."""
     model, tokenizer = gpt.load(ckpt)
     model.eval()
-    if quant in ("int8", "int8c"):
+    if quant.startswith("int8"):
         gpt.quantize(model, "int8")
     gpt.pack_linear_weights(model, rows_hint=32)  # what the server's engine does (fp32 and int8 layers)
     if quant in COMPILED:
@@ -518,7 +522,8 @@ def bench_ours_inprocess(ckpt: str, quant: str, batches: list[int], prompt: list
                          steps: int, repeats: int) -> dict:
     background_busy(f"ours {quant} in-process")
     model, _ = load_ours(ckpt, quant)
-    cache = model.new_cache(max(32, max(batches)), max_len=model.config.block_size)
+    cache = model.new_cache(max(32, max(batches)), max_len=model.config.block_size,
+                            dtype=torch.float16 if quant in HALF_KV else None)
     res: dict = {"decode": {}}
     if quant in COMPILED:
         res["compile_s"] = warm_up(model, cache)
@@ -746,7 +751,7 @@ def keep_best(section: dict, key: str, new: dict) -> None:
 # --- 3c. the table ----------------------------------------------------------------------------
 
 COLS = [("ours fp32", "ours", "fp32"), ("ours fp32+compile", "ours", "fp32c"), ("ours int8", "ours", "int8"),
-        ("ours int8+compile", "ours", "int8c"),
+        ("ours int8+compile", "ours", "int8c"), ("ours int8+compile+f16 KV", "ours", "int8ch"),
         ("llama f32", "llama", "f32"), ("llama f16", "llama", "f16"), ("llama q8_0", "llama", "q8_0"),
         ("transformers fp32", "hf", "fp32")]
 
@@ -784,13 +789,15 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
     for r in rows:
         v = r["values"]
         pick = max if r["higher"] else min
-        ours = [v[c] for c in ("ours fp32", "ours fp32+compile", "ours int8", "ours int8+compile") if v[c] is not None]
+        ours = [v[c] for c in ("ours fp32", "ours fp32+compile", "ours int8", "ours int8+compile",
+                               "ours int8+compile+f16 KV") if v[c] is not None]
         theirs = [v[c] for c in ("llama f32", "llama f16", "llama q8_0") if v[c] is not None]
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
         r["ratios"] = {"fp32/f32": ratio(v["ours fp32"], v["llama f32"]),
                        "fp32+compile/f32": ratio(v["ours fp32+compile"], v["llama f32"]),
                        "int8/q8_0": ratio(v["ours int8"], v["llama q8_0"]),
                        "int8+compile/q8_0": ratio(v["ours int8+compile"], v["llama q8_0"]),
+                       "int8+compile+f16 KV/q8_0": ratio(v["ours int8+compile+f16 KV"], v["llama q8_0"]),
                        "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None,
                        "fp32/transformers": ratio(v["ours fp32"], v["transformers fp32"])}
     return rows
@@ -886,7 +893,7 @@ def main() -> None:
     if args.only in ("decode", "all"):
         log(f"== in-process: decode {args.new_tokens} steps after a {args.prompt_len}-token prompt at batch "
             f"{args.batches}; prefill {args.prefill_len} tokens; best of {args.repeats}")
-        for quant in ("fp32", "fp32c", "int8", "int8c"):
+        for quant in ("fp32", "fp32c", "int8", "int8c", "int8ch"):
             if quant.startswith("int8") and not have_int8:
                 continue
             results["decode"][f"ours:{quant}"] = bench_ours_inprocess(
@@ -921,7 +928,8 @@ def main() -> None:
         del model
         gc.collect()
         servers = [("ours", "fp32", ()), ("ours", "fp32c", ("--compile",)), ("ours", "int8", ("--quantize", "int8")),
-                   ("ours", "int8c", ("--quantize", "int8", "--compile"))]
+                   ("ours", "int8c", ("--quantize", "int8", "--compile")),
+                   ("ours", "int8ch", ("--quantize", "int8", "--compile", "--kv-cache-dtype", "float16"))]
         # A shared VM's speed drifts by tens of percent within minutes (its neighbours' memory
         # traffic); passes over all the servers in turn, keeping each figure's best, let a slow
         # spell hit every server alike instead of whichever ran during it.
