@@ -16,6 +16,17 @@
 
 #include "exp_nonpos.h"
 
+/* s[j] = exp(s[j] - top) for the n scores (top: their maximum); returns their sum. */
+static inline float softmax_numerators(float *s, long n, float top) {
+    float total = 0.0f;
+    #pragma omp simd reduction(+:total)
+    for (long j = 0; j < n; j++) {
+        s[j] = exp_nonpos(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+
 void attend_one(const float *q, const float *k_new, const float *v_new, float *k_cache, float *v_cache,
                 long s_row, long s_head, long s_pos, const int64_t *rows, const int64_t *pos, float *out,
                 long B, long H, long D, float scale) {
@@ -38,12 +49,7 @@ void attend_one(const float *q, const float *k_new, const float *v_new, float *k
                 s[j] = dot * scale;
                 top = s[j] > top ? s[j] : top;
             }
-            float total = 0.0f;
-            #pragma omp simd reduction(+:total)
-            for (long j = 0; j < n; j++) {
-                s[j] = exp_nonpos(s[j] - top);
-                total += s[j];
-            }
+            const float total = softmax_numerators(s, n, top);
             for (long d = 0; d < D; d++)
                 acc[d] = 0.0f;
             for (long j = 0; j < n; j++) {
@@ -88,12 +94,7 @@ static inline __attribute__((always_inline)) void attend_head_f16(
         s[j] = _mm_cvtss_f32(r) * scale;
         top = s[j] > top ? s[j] : top;
     }
-    float total = 0.0f;
-    #pragma omp simd reduction(+:total)
-    for (long j = 0; j < n; j++) {
-        s[j] = exp_nonpos(s[j] - top);
-        total += s[j];
-    }
+    const float total = softmax_numerators(s, n, top);
     __m256 acc[32];
     for (long c = 0; c < D / 8; c++)
         acc[c] = _mm256_setzero_ps();
