@@ -53,6 +53,16 @@ def test_a_float16_kv_cache_is_what_the_engine_decodes_in(tiny_checkpoint, monke
     assert settings.kv_cache_dtype == "float16" and engine._sched.cache.layers[0].k.dtype == torch.float16
 
 
+@pytest.mark.parametrize("kv, kernel, warns", [("float16", False, True), ("float16", True, False),
+                                               ("float32", False, False)])
+def test_a_kv_cache_dtype_that_attention_must_convert_is_warned_of(tiny_checkpoint, monkeypatch, caplog, kv, kernel,
+                                                                     warns):
+    monkeypatch.setattr(gpt.native, "attention_f16_available", lambda: kernel)
+    with caplog.at_level("WARNING", logger="server"):
+        load_engine(Settings(model=tiny_checkpoint, kv_cache_dtype=kv))
+    assert ("--kv-cache-dtype" in caplog.text) == warns
+
+
 def test_hugging_face_gpt2_directory_is_served(tmp_path, server_factory):
     torch.manual_seed(0)
     model = gpt.GPT(gpt.preset("gpt-tiny", vocab_size=50257, tokenizer="gpt2")).eval()
