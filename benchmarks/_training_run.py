@@ -1,12 +1,12 @@
 """What the training benchmarks share: run the real trainer on a recipe and time it."""
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Optional
 
 
-def run_recipe(cfg: dict, script: str) -> Optional[tuple[dict, float]]:
+def run_recipe(cfg: dict, script: str) -> tuple[dict, float] | None:
     """(gpt-train's run summary, wall seconds), or None after printing why there are no figures
     (the run was refused, e.g. --out already holds one, or it was interrupted)."""
     from training.trainer import train

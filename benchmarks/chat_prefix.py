@@ -17,6 +17,7 @@ caching"): with the cache, turn 10's TTFT <= 1.5x turn 1's, and no slower than l
     python benchmarks/chat_prefix.py                      # ~3 minutes with llama-server
     python benchmarks/chat_prefix.py --plot chat_ttft.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ async def turn(client, url: str, model: str, prompt: str, reply_tokens: int) -> 
     """One streaming greedy turn (serve.py's load-generator request, with the prompt as text)."""
     s = await serve.http_client(client, url, model, prompt, reply_tokens)
     first = s.chunk_times[0] if s.chunk_times else time.perf_counter()
-    return dict(ttft=first - s.sent, text=s.text, prompt_tokens=s.usage.get("prompt_tokens"),
-                cached=(s.usage.get("prompt_tokens_details") or {}).get("cached_tokens"))
+    return dict(
+        ttft=first - s.sent,
+        text=s.text,
+        prompt_tokens=s.usage.get("prompt_tokens"),
+        cached=(s.usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+    )
 
 
 async def conversation(url: str, rep: int, turns: int, reply_tokens: int) -> list[dict]:
@@ -78,11 +83,19 @@ def run_server(label: str, start, port: int, health: str, args) -> list[dict]:
             t0 = time.perf_counter()
             reps.append(asyncio.run(conversation(url, rep, args.turns, args.reply_tokens)))
             ttft = " ".join(f"{r['ttft'] * 1e3:.0f}" for r in reps[-1])
-            llamacpp.log(f"  {label} run {rep + 1}: TTFT per turn (ms) {ttft} [{llamacpp.fmt_s(time.perf_counter() - t0)}]")
+            llamacpp.log(
+                f"  {label} run {rep + 1}: TTFT per turn (ms) {ttft} "
+                f"[{llamacpp.fmt_s(time.perf_counter() - t0)}]"
+            )
     per_turn = []
     for k in range(args.turns):
-        per_turn.append(dict(ttft=statistics.median(r[k]["ttft"] for r in reps),
-                             prompt_tokens=reps[0][k]["prompt_tokens"], cached=reps[0][k]["cached"]))
+        per_turn.append(
+            dict(
+                ttft=statistics.median(r[k]["ttft"] for r in reps),
+                prompt_tokens=reps[0][k]["prompt_tokens"],
+                cached=reps[0][k]["cached"],
+            )
+        )
     return per_turn
 
 
@@ -109,8 +122,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--reply-tokens", type=int, default=32, help="new tokens per turn")
-    ap.add_argument("--repeats", type=int, default=3, help="conversations per server; the median turn is kept")
-    ap.add_argument("--cache-dir", default=llamacpp.DEFAULT_CACHE, help="llama.cpp build and models (llamacpp.py)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="conversations per server; the median turn is kept"
+    )
+    ap.add_argument(
+        "--cache-dir", default=llamacpp.DEFAULT_CACHE, help="llama.cpp build and models (llamacpp.py)"
+    )
     ap.add_argument("--llama-type", default="f32", choices=llamacpp.GGUF_TYPES)
     ap.add_argument("--skip-llama", action="store_true", help="only our server, with and without the cache")
     ap.add_argument("--plot", metavar="PNG", help="also draw TTFT per turn (needs matplotlib)")
@@ -121,20 +138,27 @@ def main() -> None:
     cpu = llamacpp.cpu_info()
     with_llama = not args.skip_llama and llamacpp.built(args.cache_dir)
     if not args.skip_llama and not with_llama:
-        llamacpp.log("llama.cpp is not built in the cache: run benchmarks/llamacpp.py once (or pass --skip-llama)")
+        llamacpp.log(
+            "llama.cpp is not built in the cache: run benchmarks/llamacpp.py once (or pass --skip-llama)"
+        )
     models = llamacpp.prepare_models(args.cache_dir, need_gguf=with_llama)
 
     servers = {
         "gpt-serve": (lambda logf, port: serve.start_server(models["ours"], port, 32, logf), "/ready"),
         "gpt-serve --no-prefix-cache": (
-            lambda logf, port: serve.start_server(models["ours"], port, 32, logf, ("--no-prefix-cache",)), "/ready"),
+            lambda logf, port: serve.start_server(models["ours"], port, 32, logf, ("--no-prefix-cache",)),
+            "/ready",
+        ),
     }
     if with_llama:
         gguf = models["gguf"][args.llama_type]
         # one slot, as a single user's llama-server runs; its prompt cache is on by default
         servers[f"llama-server {args.llama_type}"] = (
-            lambda logf, port: llamacpp.start_llama_server(args.cache_dir, gguf, port, 1, args.reply_tokens, 1000, logf),
-            "/health")
+            lambda logf, port: llamacpp.start_llama_server(
+                args.cache_dir, gguf, port, 1, args.reply_tokens, 1000, logf
+            ),
+            "/health",
+        )
     results = {}
     for label, (start, health) in servers.items():
         llamacpp.background_busy(label)
@@ -142,8 +166,10 @@ def main() -> None:
         results[label] = run_server(label, lambda logf: start(logf, port), port, health, args)
 
     print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])})")
-    print(f"{args.turns}-turn chat, {args.reply_tokens} new tokens per turn, greedy, median of {args.repeats} "
-          f"conversations; time to first token in ms")
+    print(
+        f"{args.turns}-turn chat, {args.reply_tokens} new tokens per turn, greedy, median of {args.repeats} "
+        f"conversations; time to first token in ms"
+    )
     labels = list(results)
     print(f"{'turn':>4} {'prompt':>7} {'cached':>7}  " + "  ".join(f"{label:>28}" for label in labels))
     ours = results["gpt-serve"]
@@ -151,7 +177,10 @@ def main() -> None:
         row = "  ".join(f"{results[label][k]['ttft'] * 1e3:>28.0f}" for label in labels)
         print(f"{k + 1:>4} {ours[k]['prompt_tokens'] or 0:>7} {ours[k]['cached'] or 0:>7}  {row}")
     last, first = ours[-1]["ttft"], ours[0]["ttft"]
-    print(f"\ngpt-serve with the prefix cache: turn {args.turns} / turn 1 = {last / first:.2f}x (target <= 1.5x)")
+    print(
+        f"\ngpt-serve with the prefix cache: turn {args.turns} / turn 1 = {last / first:.2f}x (target "
+        "<= 1.5x)"
+    )
     nocache = results["gpt-serve --no-prefix-cache"][-1]["ttft"]
     print(f"turn {args.turns}: without the cache / with it = {nocache / last:.2f}x")
     for label in labels[2:]:

@@ -14,6 +14,7 @@ nothing: it should be about 1.
 
     python benchmarks/compiled_step.py --quant int8 --batches 1,8,32
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,10 @@ import statistics
 import time
 
 import torch
+from llamacpp import cpu_info, int_list  # same directory: run as a script
 
 import gpt
 from gpt.compile import _batches_compile, warm_up
-
-from llamacpp import cpu_info, int_list  # same directory: run as a script
 
 
 def build(quant: str, compiled: bool, rows: int):
@@ -61,7 +61,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="alternating rounds per batch size")
     args = ap.parse_args()
     cpu = cpu_info()
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}; torch {torch.__version__}")
+    print(
+        f"CPU: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}; torch "
+        f"{torch.__version__}"
+    )
     print(f"GPT-2 small {args.quant}, {args.steps} steps per round, {args.rounds} rounds per batch size")
     rows = max(args.batches)
     eager, eager_cache = build(args.quant, False, rows)

@@ -20,6 +20,7 @@ at least 0.95, i.e. the library within 5% of the bare loop.
 
     python benchmarks/decode.py --batch-sizes 1,8,32 --new-tokens 128 --prompt-len 32 --repeats 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,10 +67,16 @@ def generate_ours(model: gpt.GPT, prompts: torch.Tensor, new_tokens: int) -> tor
 
 @torch.inference_mode()
 def generate_hf(hf, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # never stop at EOS
-                      pad_token_id=hf.config.eos_token_id, num_beams=1)
-    return out[:, prompts.shape[1]:]
+    out = hf.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,  # never stop at EOS
+        pad_token_id=hf.config.eos_token_id,
+        num_beams=1,
+    )
+    return out[:, prompts.shape[1] :]
 
 
 def generate_library(model: gpt.GPT, tokenizer, prompt: list[int], new_tokens: int) -> str:
@@ -87,19 +94,37 @@ def cpu_description() -> str:
         flags = set(next((v.split() for k, _, v in info if k.strip() in ("flags", "Features")), []))
     except OSError:
         pass
-    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-              "avx_vnni", "amx_tile", "amx_bf16", "asimd", "sve")
+    wanted = (
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx_vnni",
+        "amx_tile",
+        "amx_bf16",
+        "asimd",
+        "sve",
+    )
     shown = [f for f in wanted if f in flags]
-    return (f"CPU: {name}; {', '.join(shown) or 'no vector flags listed'}; "
-            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    return (
+        f"CPU: {name}; {', '.join(shown) or 'no vector flags listed'}; "
+        f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
 
 
 def library_vs_bare(model: gpt.GPT, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int) -> None:
     """gpt.generate against the bare start/step loop at batch 1: medians, tokens/s and the ratio."""
     tokenizer = gpt.get_tokenizer(model.config.tokenizer)
     ids = prompt[0].tolist()
-    runs = {"gpt.generate": lambda n: generate_library(model, tokenizer, ids, n),
-            "bare start/step": lambda n: generate_ours(model, prompt, n)}
+    runs = {
+        "gpt.generate": lambda n: generate_library(model, tokenizer, ids, n),
+        "bare start/step": lambda n: generate_ours(model, prompt, n),
+    }
     for _ in range(warmup):
         for run in runs.values():
             run(new_tokens)
@@ -115,10 +140,15 @@ def library_vs_bare(model: gpt.GPT, prompt: torch.Tensor, new_tokens: int, warmu
 
     text = generate_library(model, tokenizer, ids, new_tokens)
     bare = tokenizer.decode(generate_ours(model, prompt, new_tokens)[0].tolist())
-    check = ("check: gpt.generate's text is the bare loop's tokens decoded" if text == bare else
-             "WARNING: gpt.generate's text differs from the bare loop's tokens decoded")
-    print(f"\nlibrary vs bare loop: batch 1, greedy, prompt {prompt.shape[1]} tokens, {new_tokens} new tokens, "
-          f"{torch.get_num_threads()} threads; median of {repeats} (after {warmup} warm-up runs)\n{check}")
+    check = (
+        "check: gpt.generate's text is the bare loop's tokens decoded"
+        if text == bare
+        else "WARNING: gpt.generate's text differs from the bare loop's tokens decoded"
+    )
+    print(
+        f"\nlibrary vs bare loop: batch 1, greedy, prompt {prompt.shape[1]} tokens, {new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads; median of {repeats} (after {warmup} warm-up runs)\n{check}"
+    )
     print(f"{'':>16}  {'total tokens/s':>14} {'decode tokens/s':>15} {'ms/token':>9}")
     for name in runs:
         print(f"{name:>16}  {total[name]:>14.1f} {decode[name]:>15.1f} {1000 / decode[name]:>9.2f}")
@@ -126,7 +156,9 @@ def library_vs_bare(model: gpt.GPT, prompt: torch.Tensor, new_tokens: int, warmu
     ratio_decode = decode["gpt.generate"] / decode["bare start/step"]
     print(f"{'library / bare':>16}  {ratio_total:>13.3f}x {ratio_decode:>14.3f}x")
     verdict = "within" if ratio_total >= 0.95 else "NOT within"
-    print(f"acceptance: gpt.generate is {verdict} 5% of the bare loop (total tokens/s ratio {ratio_total:.3f})")
+    print(
+        f"acceptance: gpt.generate is {verdict} 5% of the bare loop (total tokens/s ratio {ratio_total:.3f})"
+    )
 
 
 def timed(fn) -> tuple[float, torch.Tensor]:
@@ -145,14 +177,27 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per model and batch size; best is kept")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per model and batch size; best is kept"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our model (optional, off by default)")
-    ap.add_argument("--no-pack", action="store_true",
-                    help="leave our linear weights in the plain layout (default: gpt.pack_linear_weights)")
-    ap.add_argument("--lib-warmup", type=int, default=2, help="untimed runs before the library-vs-bare timing")
-    ap.add_argument("--lib-repeats", type=int, default=7,
-                    help="timed runs of gpt.generate and of the bare loop at batch 1; the median is kept")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile our model (optional, off by default)"
+    )
+    ap.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="leave our linear weights in the plain layout (default: gpt.pack_linear_weights)",
+    )
+    ap.add_argument(
+        "--lib-warmup", type=int, default=2, help="untimed runs before the library-vs-bare timing"
+    )
+    ap.add_argument(
+        "--lib-repeats",
+        type=int,
+        default=7,
+        help="timed runs of gpt.generate and of the bare loop at batch 1; the median is kept",
+    )
     args = ap.parse_args()
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2")
@@ -170,15 +215,21 @@ def main() -> None:
         ours.compile(dynamic=True)  # in place, so that start/step, which call the module, use it
     N = args.new_tokens
     print(cpu_description())
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"GPT-2 small (124M) random weights, fp32; prompt {args.prompt_len} tokens, {N} new tokens, greedy; "
-          f"best of {args.repeats}; ours {'plain' if args.no_pack else 'packed'} weights")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads; "
+        f"GPT-2 small (124M) random weights, fp32; prompt {args.prompt_len} tokens, {N} new tokens, greedy; "
+        f"best of {args.repeats}; ours {'plain' if args.no_pack else 'packed'} weights"
+    )
 
     g = torch.Generator().manual_seed(1)
     rows = []
     for B in batch_sizes:
         prompts = torch.randint(0, ours.config.vocab_size, (B, args.prompt_len), generator=g)
-        runs = {"ours": lambda n: generate_ours(ours, prompts, n), "HF": lambda n: generate_hf(hf, prompts, n)}
+        runs = {
+            "ours": lambda n: generate_ours(ours, prompts, n),
+            "HF": lambda n: generate_hf(hf, prompts, n),
+        }
         for run in runs.values():  # warm-up: allocator, oneDNN/MKL kernels, lazy imports
             run(4)
         best = {name: [float("inf"), float("inf")] for name in runs}  # [N tokens, 1 token]
@@ -191,12 +242,16 @@ def main() -> None:
         if B == 1:
             diff = max_logit_diff(ours, hf, prompts)
             if torch.equal(out["ours"], out["HF"]):
-                print(f"check: batch-1 greedy tokens are identical to transformers' "
-                      f"(prompt logits differ by at most {diff:.1e})")
+                print(
+                    f"check: batch-1 greedy tokens are identical to transformers' "
+                    f"(prompt logits differ by at most {diff:.1e})"
+                )
             else:
                 first = int((out["ours"] != out["HF"]).nonzero()[0, 1])
-                print(f"WARNING: batch-1 greedy tokens differ from transformers' from new token {first} on "
-                      f"(prompt logits differ by at most {diff:.1e})")
+                print(
+                    f"WARNING: batch-1 greedy tokens differ from transformers' from new token {first} on "
+                    f"(prompt logits differ by at most {diff:.1e})"
+                )
         total = {k: B * N / t[0] for k, t in best.items()}
         decode = {k: B * (N - 1) / (t[0] - t[1]) for k, t in best.items()}
         rows.append((B, total, decode))
@@ -204,11 +259,15 @@ def main() -> None:
     print(f"\n{'':>5}  {'total tokens/s (prefill incl.)':^30}   {'decode tokens/s':^30}")
     print(f"{'batch':>5}  {'ours':>9} {'HF':>9} {'ratio':>9}    {'ours':>9} {'HF':>9} {'ratio':>9}")
     for B, total, decode in rows:
-        print(f"{B:>5}  {total['ours']:>9.1f} {total['HF']:>9.1f} {total['ours'] / total['HF']:>8.2f}x    "
-              f"{decode['ours']:>9.1f} {decode['HF']:>9.1f} {decode['ours'] / decode['HF']:>8.2f}x")
+        print(
+            f"{B:>5}  {total['ours']:>9.1f} {total['HF']:>9.1f} {total['ours'] / total['HF']:>8.2f}x    "
+            f"{decode['ours']:>9.1f} {decode['HF']:>9.1f} {decode['ours'] / decode['HF']:>8.2f}x"
+        )
 
-    del hf  # not needed any more: its memory back before the next measurement
-    prompt = torch.randint(0, ours.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(2))
+    hf = None  # not needed any more: its memory back before the next measurement
+    prompt = torch.randint(
+        0, ours.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(2)
+    )
     library_vs_bare(ours, prompt, N, args.lib_warmup, args.lib_repeats)
 
 

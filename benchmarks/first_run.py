@@ -13,6 +13,7 @@ standard library's own test files (Lib/test/test_*.py): every 4th file, whole fi
 With --train it times gpt-train first and reports the tokens it trained on and tokens/s, so a
 budget can be stated in tokens (CPUs differ; tokens do not).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,15 +85,23 @@ def score(path: str, held_out: list[str], headers: list[str]) -> dict:
     t0 = time.perf_counter()
     s = score_texts(model, tok, held_out, progress=sys.stderr.isatty())
     scored_s = time.perf_counter() - t0
-    outs = gpt.complete(model, tok, headers, gpt.SamplingParams(max_new_tokens=SHOWN_CHARS, temperature=0.0,
-                                                                 ignore_eos=True))
+    outs = gpt.complete(
+        model, tok, headers, gpt.SamplingParams(max_new_tokens=SHOWN_CHARS, temperature=0.0, ignore_eos=True)
+    )
     texts = [o.text[:SHOWN_CHARS] for o in outs]
     ws = [whitespace_share(t) for t in texts]
-    return {"checkpoint": path, "tokenizer": tok.name, "vocab": tok.vocab_size,
-            "params_M": round(model.num_params() / 1e6, 3), "nats_per_byte": round(s.nats_per_byte, 4),
-            "bytes_per_token": round(s.bytes / max(1, s.tokens), 3), "scored_s": round(scored_s, 1),
-            "greedy_whitespace": round(sum(ws) / len(ws), 3), "greedy_all_whitespace": sum(w == 1.0 for w in ws),
-            "completions": texts}
+    return {
+        "checkpoint": path,
+        "tokenizer": tok.name,
+        "vocab": tok.vocab_size,
+        "params_M": round(model.num_params() / 1e6, 3),
+        "nats_per_byte": round(s.nats_per_byte, 4),
+        "bytes_per_token": round(s.bytes / max(1, s.tokens), 3),
+        "scored_s": round(scored_s, 1),
+        "greedy_whitespace": round(sum(ws) / len(ws), 3),
+        "greedy_all_whitespace": sum(w == 1.0 for w in ws),
+        "completions": texts,
+    }
 
 
 def train(out: Path, args: list[str]) -> dict:
@@ -109,16 +118,21 @@ def train(out: Path, args: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="*", help="checkpoint directories to score")
-    p.add_argument("--train", metavar="OUT", help="train with the options after -- into OUT first, then score OUT/best")
+    p.add_argument(
+        "--train", metavar="OUT", help="train with the options after -- into OUT first, then score OUT/best"
+    )
     p.add_argument("--held-out-bytes", type=int, default=200_000)
     p.add_argument("--json", metavar="FILE", help="append each result as a JSON line")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
-    args, rest = p.parse_args(argv[:cut]), argv[cut + 1:]
+    args, rest = p.parse_args(argv[:cut]), argv[cut + 1 :]
     print(f"CPU: {cpu_model()}, python {platform.python_version()}", file=sys.stderr)
     held_out, headers = held_out_texts(args.held_out_bytes), method_headers()
-    print(f"held out: {len(held_out)} test files, {sum(len(t.encode()) for t in held_out):,} bytes; "
-          f"{len(headers)} method headers", file=sys.stderr)
+    print(
+        f"held out: {len(held_out)} test files, {sum(len(t.encode()) for t in held_out):,} bytes; "
+        f"{len(headers)} method headers",
+        file=sys.stderr,
+    )
     jobs = list(args.checkpoints)
     trained = {}
     if args.train:
@@ -127,7 +141,10 @@ def main() -> None:
     elif rest:
         p.error("options after -- are for gpt-train, and need --train OUT")
     for path in jobs:
-        r = {**score(path, held_out, headers), **(trained if path.startswith(str(args.train or "\0")) else {})}
+        r = {
+            **score(path, held_out, headers),
+            **(trained if path.startswith(str(args.train or "\0")) else {}),
+        }
         if args.train:
             r["train_args"] = " ".join(rest)
         for t in r["completions"][:3]:

@@ -22,6 +22,7 @@ GPT2LMHeadModel, cast to each `--dtypes` entry:
 
     python benchmarks/gpu.py --serve --compile --hf-compile 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,9 +108,17 @@ def ours_generate(model, prompts: torch.Tensor, n: int, cache) -> torch.Tensor:
 @torch.inference_mode()
 def hf_generate(hf, prompts: torch.Tensor, n: int, static: bool = False) -> torch.Tensor:
     extra = {"cache_implementation": "static"} if static else {}
-    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=n,
-                      min_new_tokens=n, pad_token_id=hf.config.eos_token_id, num_beams=1, **extra)
-    return out[:, prompts.shape[1]:]
+    out = hf.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=hf.config.eos_token_id,
+        num_beams=1,
+        **extra,
+    )
+    return out[:, prompts.shape[1] :]
 
 
 def timed(fn) -> float:
@@ -137,18 +146,24 @@ def checks(models: dict, hf, device, dtype_name: str) -> None:
     same = "identical" if torch.equal(a, b) else f"DIFFERENT from token {int((a != b).any(0).nonzero()[0])}"
     with torch.inference_mode():
         diff = (eager(prompts).float() - hf(prompts).logits.float()).abs().max().item()
-    log(f"check {dtype_name}: graphs vs eager greedy tokens (4 rows x 32): {same}; "
-        f"prompt logits vs transformers: max |diff| {diff:.2e}")
+    log(
+        f"check {dtype_name}: graphs vs eager greedy tokens (4 rows x 32): {same}; "
+        f"prompt logits vs transformers: max |diff| {diff:.2e}"
+    )
 
 
-def bench_decode(models: dict, hf, device, batches: list[int], n: int, prompt_len: int, repeats: int,
-                 hf_compile: list[int]) -> dict:
+def bench_decode(
+    models: dict, hf, device, batches: list[int], n: int, prompt_len: int, repeats: int, hf_compile: list[int]
+) -> dict:
     res = {}
     g = torch.Generator().manual_seed(1)
     caches = {name: m.new_cache(max(batches), max_len=prompt_len + n) for name, m in models.items()}
     for B in batches:
         prompts = torch.randint(0, 50257, (B, prompt_len), generator=g).to(device)
-        runs = {name: (lambda k, m=m, c=caches[name]: ours_generate(m, prompts, k, c)) for name, m in models.items()}
+        runs = {
+            name: (lambda k, m=m, c=caches[name]: ours_generate(m, prompts, k, c))
+            for name, m in models.items()
+        }
         runs["HF eager"] = lambda k: hf_generate(hf, prompts, k)
         if B in hf_compile:
             runs["HF static+comp"] = lambda k: hf_generate(hf, prompts, k, static=True)
@@ -156,9 +171,14 @@ def bench_decode(models: dict, hf, device, batches: list[int], n: int, prompt_le
             t0 = time.perf_counter()
             try:
                 res[(name, B)] = decode_rate(run, B, n, repeats)
-                log(f"  {name:<17} batch {B:>2}: {res[(name, B)]:8.1f} tok/s  [{time.perf_counter() - t0:.1f} s]")
+                log(
+                    f"  {name:<17} batch {B:>2}: {res[(name, B)]:8.1f} tok/s  "
+                    f"[{time.perf_counter() - t0:.1f} s]"
+                )
             except Exception as e:  # noqa: BLE001 (a variant that fails is reported, the others go on)
-                log(f"  {name:<17} batch {B:>2}: failed: {type(e).__name__}: {' '.join(str(e).split())[:600]}")
+                log(
+                    f"  {name:<17} batch {B:>2}: failed: {type(e).__name__}: {' '.join(str(e).split())[:600]}"
+                )
     return res
 
 
@@ -167,8 +187,10 @@ def bench_prefill(models: dict, hf, device, length: int, repeats: int) -> dict:
     ids = torch.randint(0, 50257, (1, length), generator=torch.Generator().manual_seed(2)).to(device)
     model = models["ours eager"]
     cache = model.new_cache(1, max_len=length)
-    runs = {"ours": lambda: model.start(ids.tolist(), cache).argmax(-1),
-            "HF": lambda: hf(ids).logits[:, -1].argmax(-1)}
+    runs = {
+        "ours": lambda: model.start(ids.tolist(), cache).argmax(-1),
+        "HF": lambda: hf(ids).logits[:, -1].argmax(-1),
+    }
     out = {}
     for name, run in runs.items():
         run()
@@ -176,19 +198,26 @@ def bench_prefill(models: dict, hf, device, length: int, repeats: int) -> dict:
     return out
 
 
-def bench_serve(device, dtype_name: str, model_dir: str, prompt: list[int], n: int, clients: list[int]) -> dict:
+def bench_serve(
+    device, dtype_name: str, model_dir: str, prompt: list[int], n: int, clients: list[int]
+) -> dict:
     out = {}
     for label, extra in (("graphs", ()), ("eager", ("--eager",))):
         port = serve.free_port()
         url = f"http://127.0.0.1:{port}"
         args = ("--device", str(device), "--dtype", dtype_name, *extra)
-        start = lambda logf, port=port, args=args: serve.start_server(model_dir, port, max(clients), logf, args)  # noqa: E731
+
+        def start(logf, port=port, args=args):
+            return serve.start_server(model_dir, port, max(clients), logf, args)
+
         with serve.served(f"gpt-serve {label}", start, url):
             out[label] = asyncio.run(_rounds(url, prompt, n, clients))
         for r in out[label]:
-            log(f"  serve {dtype_name} {label:<6} {r['clients']:>2} clients: {r['rate']:8.1f} tok/s, "
+            log(
+                f"  serve {dtype_name} {label:<6} {r['clients']:>2} clients: {r['rate']:8.1f} tok/s, "
                 f"TTFT p50 {r['ttft50'] * 1e3:6.1f} ms, ITL p50 {r['itl50'] * 1e3:5.2f} ms, "
-                f"ITL p99 {r['itl99'] * 1e3:5.2f} ms")
+                f"ITL p99 {r['itl99'] * 1e3:5.2f} ms"
+            )
     return out
 
 
@@ -212,9 +241,14 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also ours with graphs of the torch.compile'd step")
-    ap.add_argument("--hf-compile", default="", help="batch sizes at which to run transformers' static cache + "
-                                                    "compile (each compiles anew), e.g. 1")
+    ap.add_argument(
+        "--compile", action="store_true", help="also ours with graphs of the torch.compile'd step"
+    )
+    ap.add_argument(
+        "--hf-compile",
+        default="",
+        help="batch sizes at which to run transformers' static cache + compile (each compiles anew), e.g. 1",
+    )
     ap.add_argument("--serve", action="store_true", help="also gpt-serve under 1, 8 and 32 streaming clients")
     ap.add_argument("--clients", default="1,8,32")
     args = ap.parse_args()
@@ -226,8 +260,11 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        log(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs; torch {torch.__version__} "
-            f"(CUDA {torch.version.cuda}), transformers {transformers.__version__}")
+        log(
+            f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs; torch "
+            f"{torch.__version__} "
+            f"(CUDA {torch.version.cuda}), transformers {transformers.__version__}"
+        )
     bw = copy_bandwidth(device)
     log(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
 
@@ -236,23 +273,40 @@ def main() -> None:
         dtype = DTYPES[dtype_name]
         models, hf = build_models(dtype, device, args.compile)
         checks(models, hf, device, dtype_name)
-        log(f"decode {dtype_name}: prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-            f"median of {args.repeats}")
-        rates = bench_decode(models, hf, device, batches, args.new_tokens, args.prompt_len, args.repeats, hf_compile)
+        log(
+            f"decode {dtype_name}: prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+            f"median of {args.repeats}"
+        )
+        rates = bench_decode(
+            models, hf, device, batches, args.new_tokens, args.prompt_len, args.repeats, hf_compile
+        )
         weight_bytes = sum(p.numel() * p.element_size() for p in models["ours eager"].parameters())
         roof = bw / weight_bytes  # tokens/s at batch 1 if every step read the weights once at copy speed
         for name in [k for k, b in rates if b == 1]:
-            log(f"  batch 1 {name:<17} {100 * rates[(name, 1)] / roof:5.1f}% of the roofline ({roof:.0f} tok/s)")
+            log(
+                f"  batch 1 {name:<17} {100 * rates[(name, 1)] / roof:5.1f}% of the roofline "
+                f"({roof:.0f} tok/s)"
+            )
         pre = bench_prefill(models, hf, device, args.prefill_len, args.repeats)
-        log(f"prefill {dtype_name} {args.prefill_len} tokens: ours {pre['ours'] * 1e3:.2f} ms, "
-            f"HF {pre['HF'] * 1e3:.2f} ms (HF / ours {pre['HF'] / pre['ours']:.2f}x)")
+        log(
+            f"prefill {dtype_name} {args.prefill_len} tokens: ours {pre['ours'] * 1e3:.2f} ms, "
+            f"HF {pre['HF'] * 1e3:.2f} ms (HF / ours {pre['HF'] / pre['ours']:.2f}x)"
+        )
         table[dtype_name] = (rates, pre)
         if args.serve:
             with tempfile.TemporaryDirectory() as tmp:
                 gpt.save(models["ours eager"].float().cpu(), tmp)
                 tok = gpt.get_tokenizer("gpt2")
-                table[dtype_name] += (bench_serve(device, dtype_name, tmp, serve.prompt_ids(tok, args.prompt_len),
-                                                  args.new_tokens, clients),)
+                table[dtype_name] += (
+                    bench_serve(
+                        device,
+                        dtype_name,
+                        tmp,
+                        serve.prompt_ids(tok, args.prompt_len),
+                        args.new_tokens,
+                        clients,
+                    ),
+                )
         del models, hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -268,10 +322,14 @@ def main() -> None:
             if ("ours graphs", b) in rates and ("HF eager", b) in rates:
                 extra = ""
                 if ("HF static+comp", b) in rates:
-                    extra = f", vs HF static+comp {rates[('ours graphs', b)] / rates[('HF static+comp', b)]:.2f}x"
-                log(f"ratio {dtype_name} batch {b}: ours graphs / HF eager "
+                    extra = (
+                        f", vs HF static+comp {rates[('ours graphs', b)] / rates[('HF static+comp', b)]:.2f}x"
+                    )
+                log(
+                    f"ratio {dtype_name} batch {b}: ours graphs / HF eager "
                     f"{rates[('ours graphs', b)] / rates[('HF eager', b)]:.2f}x, graphs / ours eager "
-                    f"{rates[('ours graphs', b)] / rates[('ours eager', b)]:.2f}x{extra}")
+                    f"{rates[('ours graphs', b)] / rates[('ours eager', b)]:.2f}x{extra}"
+                )
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ share of CPU that other processes take is sampled before each phase and printed.
     python benchmarks/llamacpp.py --json results/llamacpp.json
     python benchmarks/llamacpp.py --skip-build --only serve --clients 1,32 --new-tokens 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,15 +75,36 @@ SEED = 0
 THREADS = 2
 TARGETS = ["llama-bench", "llama-batched-bench", "llama-server", "llama-quantize"]
 CMAKE_FLAGS = [
-    "-DGGML_NATIVE=ON", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
     # nothing may reach the network (no TLS, no prebuilt web UI download); no tests, no examples
-    "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
     "-DBUILD_SHARED_LIBS=OFF",
 ]
 GGUF_TYPES = ("f32", "f16", "q8_0")
-CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-             "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+CPU_FLAGS = (
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 T0 = time.perf_counter()
 
 
@@ -95,6 +117,7 @@ def fmt_s(s: float) -> str:
 
 
 # --- the machine ------------------------------------------------------------------------------
+
 
 def cpu_info() -> dict:
     model, flags = platform.processor() or "?", set()
@@ -148,8 +171,13 @@ def roofline(tok_s: float, nbytes: int, bw_before: float, bw_after: float) -> di
     bandwidth (the better of the samples taken just before and after: the VM's speed drifts)."""
     read = tok_s * nbytes / 1e9
     bw = max(bw_before, bw_after)
-    return dict(step_bytes=nbytes, read_gb_s=read, bandwidth_gb_s=bw, bandwidth_samples=[bw_before, bw_after],
-                fraction=read / bw)
+    return dict(
+        step_bytes=nbytes,
+        read_gb_s=read,
+        bandwidth_gb_s=bw,
+        bandwidth_samples=[bw_before, bw_after],
+        fraction=read / bw,
+    )
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -179,6 +207,7 @@ def background_busy(phase: str, seconds: float = 1.0) -> float:
 
 # --- 1. llama.cpp from the llama-cpp-python sdist ---------------------------------------------
 
+
 def llama_dir(cache: str) -> str:
     return os.path.join(cache, "llama.cpp")
 
@@ -200,8 +229,21 @@ def llama_src(cache: str) -> str:
     tarballs = sorted(glob.glob(os.path.join(sdist_dir, "llama_cpp_python-*.tar.gz")))
     if not tarballs:
         log("downloading the llama-cpp-python source distribution (pip download) ...")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "llama-cpp-python", "-d", sdist_dir], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "llama-cpp-python",
+                "-d",
+                sdist_dir,
+            ],
+            check=True,
+        )
         tarballs = sorted(glob.glob(os.path.join(sdist_dir, "llama_cpp_python-*.tar.gz")))
     tarball = tarballs[-1]
     log(f"unpacking vendor/llama.cpp from {os.path.basename(tarball)}")
@@ -250,15 +292,24 @@ def build_llamacpp(cache: str, jobs: int = 2) -> float:
     cmake = ensure_cmake()
     build = os.path.join(src, "build")
     t0 = time.perf_counter()
-    gen = ["-G", "Ninja"] if shutil.which("ninja") and not os.path.exists(os.path.join(build, "Makefile")) else []
+    gen = (
+        ["-G", "Ninja"]
+        if shutil.which("ninja") and not os.path.exists(os.path.join(build, "Makefile"))
+        else []
+    )
     log(f"configuring llama.cpp: {' '.join(CMAKE_FLAGS)}")
     cfg = subprocess.run([cmake, "-S", src, "-B", build, *gen, *CMAKE_FLAGS], capture_output=True, text=True)
     if cfg.returncode != 0:
         print(cfg.stdout[-3000:], cfg.stderr[-3000:], sep="\n", file=sys.stderr)
         raise SystemExit("configuring llama.cpp failed")
     log(f"building {', '.join(TARGETS)} with -j{jobs} (about 10 minutes on 2 cores)")
-    proc = subprocess.Popen([cmake, "--build", build, f"-j{jobs}", "--target", *TARGETS],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [cmake, "--build", build, f"-j{jobs}", "--target", *TARGETS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     tail: list[str] = []
     last = 0.0
     for line in proc.stdout:
@@ -275,7 +326,7 @@ def build_llamacpp(cache: str, jobs: int = 2) -> float:
         last = now
         frac = done / max(total, 1)
         eta = f", ETA {fmt_s(now / frac - now)}" if frac > 0.02 else ""
-        log(f"  build {done}/{total} ({frac:.0%}) {fmt_s(now)} elapsed{eta}: {line[m.end():].strip()[:80]}")
+        log(f"  build {done}/{total} ({frac:.0%}) {fmt_s(now)} elapsed{eta}: {line[m.end() :].strip()[:80]}")
     if proc.wait() != 0:
         print("\n".join(tail), file=sys.stderr)
         raise SystemExit(f"the llama.cpp build failed (exit {proc.returncode})")
@@ -285,6 +336,7 @@ def build_llamacpp(cache: str, jobs: int = 2) -> float:
 
 
 # --- 2. the same weights for both -------------------------------------------------------------
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table for byte-level BPE vocab files: printable
@@ -314,9 +366,11 @@ def merge_parts(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
         if best is None:
             break
         i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     if len(parts) != 2 or any(ranks.get(p, limit) >= limit for p in parts):
-        raise ValueError(f"token {token!r} (rank {limit}) is not the merge of two lower-ranked tokens: {parts}")
+        raise ValueError(
+            f"token {token!r} (rank {limit}) is not the merge of two lower-ranked tokens: {parts}"
+        )
     return parts[0], parts[1]
 
 
@@ -336,8 +390,15 @@ def write_gpt2_tokenizer(path: str) -> None:
     with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
         f.writelines(f"{show(a)} {show(b)}\n" for a, b in merges)
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
-              "add_bos_token": False, "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": 1024,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "bos_token": EOT_TEXT,
+        "eos_token": EOT_TEXT,
+        "unk_token": EOT_TEXT,
+    }
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
 
@@ -369,8 +430,10 @@ def check_tokenizer(path: str) -> list[str]:
         for text in TOKENIZER_CHECKS:
             want, got = ours.encode(text), tok.encode(text)
             if want != got:
-                raise SystemExit(f"the derived tokenizer ({name}) disagrees with ours on {text!r}:\n"
-                                 f"  ours  {want}\n  {name} {got}")
+                raise SystemExit(
+                    f"the derived tokenizer ({name}) disagrees with ours on {text!r}:\n"
+                    f"  ours  {want}\n  {name} {got}"
+                )
             if tok.decode(got) != text:
                 raise SystemExit(f"{name} does not decode {text!r} back")
         if tok.encode("a<|endoftext|>b") != [ours.encode("a")[0], 50256, ours.encode("b")[0]]:
@@ -399,7 +462,9 @@ def ensure_gguf_package(src: str) -> None:
         import gguf  # noqa: F401
     except ImportError:
         log("pip install gguf from the vendored gguf-py")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", os.path.join(src, "gguf-py")], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", os.path.join(src, "gguf-py")], check=True
+        )
 
 
 def gguf_field(path: str, key: str):
@@ -431,9 +496,11 @@ def prepare_models(cache: str, need_gguf: bool) -> dict:
         json.dump(cfg, f, indent=2)
     write_gpt2_tokenizer(hf_dir)
     checked = check_tokenizer(hf_dir)
-    log(f"weights (seed {SEED}) saved as our checkpoint and a Hugging Face GPT-2 directory; derived "
+    log(
+        f"weights (seed {SEED}) saved as our checkpoint and a Hugging Face GPT-2 directory; derived "
         f"vocab.json/merges.txt encode {len(TOKENIZER_CHECKS)} test strings like ours ({', '.join(checked)}) "
-        f"[{fmt_s(time.perf_counter() - t0)}]")
+        f"[{fmt_s(time.perf_counter() - t0)}]"
+    )
     out = dict(ours=ours_dir, hf=hf_dir, gguf={})
     if not need_gguf:
         return out
@@ -441,8 +508,11 @@ def prepare_models(cache: str, need_gguf: bool) -> dict:
     weights_sha = sha256_file(os.path.join(hf_dir, "model.safetensors"))
     stamp = os.path.join(models, "gguf.sha256")
     paths = {t: os.path.join(models, f"gpt2-seed0-{t}.gguf") for t in GGUF_TYPES}
-    fresh = (os.path.exists(stamp) and open(stamp).read().strip() == weights_sha
-             and all(os.path.exists(p) for p in paths.values()))
+    fresh = (
+        os.path.exists(stamp)
+        and open(stamp).read().strip() == weights_sha
+        and all(os.path.exists(p) for p in paths.values())
+    )
     if fresh:
         log("GGUF files are up to date with these weights")
     else:
@@ -452,16 +522,32 @@ def prepare_models(cache: str, need_gguf: bool) -> dict:
         for t in ("f32", "f16"):
             t1 = time.perf_counter()
             log(f"convert_hf_to_gguf.py --outtype {t} ...")
-            r = subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), hf_dir,
-                                "--outtype", t, "--outfile", paths[t]], capture_output=True, text=True)
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(src, "convert_hf_to_gguf.py"),
+                    hf_dir,
+                    "--outtype",
+                    t,
+                    "--outfile",
+                    paths[t],
+                ],
+                capture_output=True,
+                text=True,
+            )
             if r.returncode != 0:
                 print(r.stdout[-3000:], r.stderr[-5000:], sep="\n", file=sys.stderr)
                 raise SystemExit(f"convert_hf_to_gguf.py --outtype {t} failed")
-            log(f"  {os.path.basename(paths[t])}: {os.path.getsize(paths[t]) / 1e6:.0f} MB, pre-tokenizer "
-                f"{gguf_field(paths[t], 'tokenizer.ggml.pre')!r} [{fmt_s(time.perf_counter() - t1)}]")
+            log(
+                f"  {os.path.basename(paths[t])}: {os.path.getsize(paths[t]) / 1e6:.0f} MB, pre-tokenizer "
+                f"{gguf_field(paths[t], 'tokenizer.ggml.pre')!r} [{fmt_s(time.perf_counter() - t1)}]"
+            )
         log("llama-quantize f32 -> q8_0 ...")
-        r = subprocess.run([bin_path(cache, "llama-quantize"), paths["f32"], paths["q8_0"], "q8_0", str(THREADS)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [bin_path(cache, "llama-quantize"), paths["f32"], paths["q8_0"], "q8_0", str(THREADS)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             print(r.stdout[-3000:], r.stderr[-3000:], sep="\n", file=sys.stderr)
             raise SystemExit("llama-quantize failed")
@@ -473,6 +559,7 @@ def prepare_models(cache: str, need_gguf: bool) -> dict:
 
 
 # --- 3a. in-process decode and prefill --------------------------------------------------------
+
 
 def int8_available() -> tuple[bool, str]:
     if not callable(getattr(gpt, "quantize", None)):
@@ -518,12 +605,22 @@ def ours_prefill_s(model, cache, prompt: list[int]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_ours_inprocess(ckpt: str, quant: str, batches: list[int], prompt: list[int], long_prompt: list[int],
-                         steps: int, repeats: int) -> dict:
+def bench_ours_inprocess(
+    ckpt: str,
+    quant: str,
+    batches: list[int],
+    prompt: list[int],
+    long_prompt: list[int],
+    steps: int,
+    repeats: int,
+) -> dict:
     background_busy(f"ours {quant} in-process")
     model, _ = load_ours(ckpt, quant)
-    cache = model.new_cache(max(32, max(batches)), max_len=model.config.block_size,
-                            dtype=torch.float16 if quant in HALF_KV else None)
+    cache = model.new_cache(
+        max(32, max(batches)),
+        max_len=model.config.block_size,
+        dtype=torch.float16 if quant in HALF_KV else None,
+    )
     res: dict = {"decode": {}}
     if quant in COMPILED:
         res["compile_s"] = warm_up(model, cache)
@@ -536,22 +633,29 @@ def bench_ours_inprocess(ckpt: str, quant: str, batches: list[int], prompt: list
         res["decode"][b] = max(rates)
         if b == 1:
             res["roofline"] = roofline(max(rates), step_bytes(model), bw, memory_bandwidth())
-            log(f"  ours {quant:<5} batch 1 reads {res['roofline']['read_gb_s']:.1f} GB/s, "
-                f"{res['roofline']['fraction']:.0%} of the bandwidth measured just before and after")
-        log(f"  ours {quant:<5} decode batch {b:>2}: {max(rates):7.1f} tok/s "
-            f"(runs {', '.join(f'{r:.1f}' for r in rates)}) [{fmt_s(time.perf_counter() - t0)}]")
+            log(
+                f"  ours {quant:<5} batch 1 reads {res['roofline']['read_gb_s']:.1f} GB/s, "
+                f"{res['roofline']['fraction']:.0%} of the bandwidth measured just before and after"
+            )
+        log(
+            f"  ours {quant:<5} decode batch {b:>2}: {max(rates):7.1f} tok/s "
+            f"(runs {', '.join(f'{r:.1f}' for r in rates)}) [{fmt_s(time.perf_counter() - t0)}]"
+        )
     ours_prefill_s(model, cache, long_prompt[:64])
     times = [ours_prefill_s(model, cache, long_prompt) for _ in range(repeats)]
     res["prefill_s"] = min(times)
-    log(f"  ours {quant:<4} prefill {len(long_prompt)} tokens: {min(times):.3f} s "
-        f"({len(long_prompt) / min(times):.0f} tok/s; runs {', '.join(f'{t:.3f}' for t in times)})")
+    log(
+        f"  ours {quant:<4} prefill {len(long_prompt)} tokens: {min(times):.3f} s "
+        f"({len(long_prompt) / min(times):.0f} tok/s; runs {', '.join(f'{t:.3f}' for t in times)})"
+    )
     del model, cache
     gc.collect()
     return res
 
 
-def bench_hf_inprocess(hf_dir: str, batches: list[int], prompt: list[int], long_prompt: list[int], steps: int,
-                       repeats: int) -> dict:
+def bench_hf_inprocess(
+    hf_dir: str, batches: list[int], prompt: list[int], long_prompt: list[int], steps: int, repeats: int
+) -> dict:
     """transformers' GPT2LMHeadModel on the same weights (fp32): `generate` greedy, its decode rate
     batch x steps / (time of steps + 1 new tokens - time of 1), as benchmarks/decode.py measures
     it; prefill: one forward over the long prompt."""
@@ -562,8 +666,15 @@ def bench_hf_inprocess(hf_dir: str, batches: list[int], prompt: list[int], long_
 
     def gen(ids: torch.Tensor, n: int) -> float:
         t0 = time.perf_counter()
-        hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                    pad_token_id=hf.config.eos_token_id, num_beams=1)
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=hf.config.eos_token_id,
+            num_beams=1,
+        )
         return time.perf_counter() - t0
 
     res: dict = {"decode": {}}
@@ -573,8 +684,10 @@ def bench_hf_inprocess(hf_dir: str, batches: list[int], prompt: list[int], long_
             ids = torch.tensor([prompt] * b)
             rates = [b * steps / max(gen(ids, steps + 1) - gen(ids, 1), 1e-9) for _ in range(repeats)]
             res["decode"][b] = max(rates)
-            log(f"  transformers decode batch {b:>2}: {max(rates):7.1f} tok/s "
-                f"(runs {', '.join(f'{r:.1f}' for r in rates)})")
+            log(
+                f"  transformers decode batch {b:>2}: {max(rates):7.1f} tok/s "
+                f"(runs {', '.join(f'{r:.1f}' for r in rates)})"
+            )
         ids = torch.tensor([long_prompt])
         hf(ids[:, :64])
         times = []
@@ -640,34 +753,95 @@ def _batched_summary(line: str) -> str:
 GGUF_BYTES = {"f32": 1.0, "f16": 0.5, "q8_0": 34 / 32 / 4}
 
 
-def bench_llama_inprocess(cache: str, gguf: str, batches: list[int], prompt_len: int, prefill_len: int,
-                          steps: int, repeats: int, nbytes: int) -> dict:
+def bench_llama_inprocess(
+    cache: str,
+    gguf: str,
+    batches: list[int],
+    prompt_len: int,
+    prefill_len: int,
+    steps: int,
+    repeats: int,
+    nbytes: int,
+) -> dict:
     """`nbytes`: the weights one decode step reads, in this file's type."""
     res: dict = {"decode": {}, "decode_llama_bench_b1": None, "batched_bench": {}}
     background_busy(f"llama.cpp {os.path.basename(gguf)} in-process")
     bw_before = memory_bandwidth()
     # llama-bench: batch-1 decode (tg, from an empty context) and prefill (pp), samples per repetition
-    out, _ = run_tool([bin_path(cache, "llama-bench"), "-m", gguf, "-p", str(prefill_len), "-n", str(steps),
-                       "-t", str(THREADS), "-r", str(repeats), "-o", "json", "--progress"], "llama-bench")
+    out, _ = run_tool(
+        [
+            bin_path(cache, "llama-bench"),
+            "-m",
+            gguf,
+            "-p",
+            str(prefill_len),
+            "-n",
+            str(steps),
+            "-t",
+            str(THREADS),
+            "-r",
+            str(repeats),
+            "-o",
+            "json",
+            "--progress",
+        ],
+        "llama-bench",
+    )
     start, end = out.find("["), out.rfind("]")
-    for t in json.loads(out[start:end + 1]):
+    for t in json.loads(out[start : end + 1]):
         best = max(t.get("samples_ts") or [t["avg_ts"]])
         if t["n_prompt"] > 0 and t["n_gen"] == 0:
             res["prefill_s"] = t["n_prompt"] / best
             res["prefill_tok_s"] = best
         elif t["n_gen"] > 0 and t["n_prompt"] == 0:
             res["decode_llama_bench_b1"] = best
-        res.setdefault("llama_bench_info", {k: t.get(k) for k in ("build_commit", "cpu_info", "backends",
-                                                                  "n_threads", "n_batch", "n_ubatch",
-                                                                  "flash_attn", "type_k")})
+        res.setdefault(
+            "llama_bench_info",
+            {
+                k: t.get(k)
+                for k in (
+                    "build_commit",
+                    "cpu_info",
+                    "backends",
+                    "n_threads",
+                    "n_batch",
+                    "n_ubatch",
+                    "flash_attn",
+                    "type_k",
+                )
+            },
+        )
     if res["decode_llama_bench_b1"] is not None:
         res["roofline"] = roofline(res["decode_llama_bench_b1"], nbytes, bw_before, memory_bandwidth())
     # llama-batched-bench: B sequences, each its own prompt_len-token prompt, then `steps` steps of B tokens
     pls = [b for b in batches for _ in range(repeats)]
     ctx = max(batches) * (prompt_len + steps) + 256
-    out, err = run_tool([bin_path(cache, "llama-batched-bench"), "-m", gguf, "-c", str(ctx), "-b", "2048",
-                         "-ub", "512", "-npp", str(prompt_len), "-ntg", str(steps), "-npl", ",".join(map(str, pls)),
-                         "-t", str(THREADS), "-tb", str(THREADS), "--output-format", "jsonl"], "llama-batched-bench")
+    out, err = run_tool(
+        [
+            bin_path(cache, "llama-batched-bench"),
+            "-m",
+            gguf,
+            "-c",
+            str(ctx),
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "-npp",
+            str(prompt_len),
+            "-ntg",
+            str(steps),
+            "-npl",
+            ",".join(map(str, pls)),
+            "-t",
+            str(THREADS),
+            "-tb",
+            str(THREADS),
+            "--output-format",
+            "jsonl",
+        ],
+        "llama-batched-bench",
+    )
     for line in (out + err).splitlines():
         if line.startswith('{"n_kv_max"'):
             r = json.loads(line)
@@ -684,6 +858,7 @@ def bench_llama_inprocess(cache: str, gguf: str, batches: list[int], prompt_len:
 
 # --- 3b. the servers under load ---------------------------------------------------------------
 
+
 def server_help(cmd: list[str]) -> str:
     try:
         return subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
@@ -691,18 +866,42 @@ def server_help(cmd: list[str]) -> str:
         return ""
 
 
-def start_llama_server(cache: str, gguf: str, port: int, parallel: int, new_tokens: int, prompt_len: int,
-                       logf) -> subprocess.Popen:
+def start_llama_server(
+    cache: str, gguf: str, port: int, parallel: int, new_tokens: int, prompt_len: int, logf
+) -> subprocess.Popen:
     per_slot = max(256, prompt_len + new_tokens + 16)
-    cmd = [bin_path(cache, "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(THREADS), "-tb", str(THREADS), "--parallel", str(parallel), "-c", str(parallel * per_slot),
-           "--cache-ram", "0",  # no host-side prompt cache: both servers prefill every prompt
-           "--no-webui"]
+    cmd = [
+        bin_path(cache, "llama-server"),
+        "-m",
+        gguf,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(THREADS),
+        "-tb",
+        str(THREADS),
+        "--parallel",
+        str(parallel),
+        "-c",
+        str(parallel * per_slot),
+        "--cache-ram",
+        "0",  # no host-side prompt cache: both servers prefill every prompt
+        "--no-webui",
+    ]
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
 
 
-async def load_rounds(url: str, prompt: list[int], new_tokens: int, clients: list[int], extra: dict | None,
-                      label: str, reference: list[int] | None) -> dict:
+async def load_rounds(
+    url: str,
+    prompt: list[int],
+    new_tokens: int,
+    clients: list[int],
+    extra: dict | None,
+    label: str,
+    reference: list[int] | None,
+) -> dict:
     """serve.py's load generator with a fresh connection per request (no keep-alive)."""
     import httpx
 
@@ -710,8 +909,14 @@ async def load_rounds(url: str, prompt: list[int], new_tokens: int, clients: lis
     async with httpx.AsyncClient(timeout=None, limits=limits, headers={"Connection": "close"}) as client:
         name = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
         # the same weights? the first greedy tokens of both should agree
-        body = {"model": name, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
-                **(extra or {})}
+        body = {
+            "model": name,
+            "prompt": prompt,
+            "max_tokens": 16,
+            "temperature": 0,
+            "ignore_eos": True,
+            **(extra or {}),
+        }
         text = (await client.post(f"{url}/v1/completions", json=body)).json()["choices"][0]["text"]
         make = lambda: serve.http_client(client, url, name, prompt, new_tokens, extra)  # noqa: E731
         await serve.run_round(make, 1)  # warm-up: first-call costs stay out of the figures
@@ -720,14 +925,28 @@ async def load_rounds(url: str, prompt: list[int], new_tokens: int, clients: lis
             t0 = time.perf_counter()
             r = await serve.run_round(make, c)
             rounds[c] = r
-            short = "" if r["tokens"] == c * new_tokens else f" (only {r['tokens']} of {c * new_tokens} tokens!)"
-            log(f"  {label:<14} {c:>2} clients: {r['rate']:7.1f} tok/s, TTFT p50 {r['ttft50'] * 1e3:6.0f} ms, "
-                f"ITL p50 {r['itl50'] * 1e3:5.1f} ms{short} [{fmt_s(time.perf_counter() - t0)}]")
+            short = (
+                "" if r["tokens"] == c * new_tokens else f" (only {r['tokens']} of {c * new_tokens} tokens!)"
+            )
+            log(
+                f"  {label:<14} {c:>2} clients: {r['rate']:7.1f} tok/s, TTFT p50 "
+                f"{r['ttft50'] * 1e3:6.0f} ms, "
+                f"ITL p50 {r['itl50'] * 1e3:5.1f} ms{short} [{fmt_s(time.perf_counter() - t0)}]"
+            )
     return dict(rounds=rounds, greedy16=text)
 
 
-def bench_server(kind: str, label: str, start, url_port: int, health: str, prompt: list[int], new_tokens: int,
-                 clients: list[int], extra: dict | None) -> dict:
+def bench_server(
+    kind: str,
+    label: str,
+    start,
+    url_port: int,
+    health: str,
+    prompt: list[int],
+    new_tokens: int,
+    clients: list[int],
+    extra: dict | None,
+) -> dict:
     url = f"http://127.0.0.1:{url_port}"
     background_busy(label)
     t0 = time.perf_counter()
@@ -750,10 +969,17 @@ def keep_best(section: dict, key: str, new: dict) -> None:
 
 # --- 3c. the table ----------------------------------------------------------------------------
 
-COLS = [("ours fp32", "ours", "fp32"), ("ours fp32+compile", "ours", "fp32c"), ("ours int8", "ours", "int8"),
-        ("ours int8+compile", "ours", "int8c"), ("ours int8+compile+f16 KV", "ours", "int8ch"),
-        ("llama f32", "llama", "f32"), ("llama f16", "llama", "f16"), ("llama q8_0", "llama", "q8_0"),
-        ("transformers fp32", "hf", "fp32")]
+COLS = [
+    ("ours fp32", "ours", "fp32"),
+    ("ours fp32+compile", "ours", "fp32c"),
+    ("ours int8", "ours", "int8"),
+    ("ours int8+compile", "ours", "int8c"),
+    ("ours int8+compile+f16 KV", "ours", "int8ch"),
+    ("llama f32", "llama", "f32"),
+    ("llama f16", "llama", "f16"),
+    ("llama q8_0", "llama", "q8_0"),
+    ("transformers fp32", "hf", "fp32"),
+]
 
 
 def build_rows(results: dict, batches: list[int], clients: list[int], prefill_len: int) -> list[dict]:
@@ -771,42 +997,93 @@ def build_rows(results: dict, batches: list[int], clients: list[int], prefill_le
 
     if dec:
         for b in batches:
-            rows.append(dict(metric=f"decode batch {b}", unit="tok/s", higher=True,
-                             values={c[0]: get(dec, c, ["decode", b]) for c in COLS}))
+            rows.append(
+                dict(
+                    metric=f"decode batch {b}",
+                    unit="tok/s",
+                    higher=True,
+                    values={c[0]: get(dec, c, ["decode", b]) for c in COLS},
+                )
+            )
         if 1 in batches:
-            rows.append(dict(metric="decode batch 1, weights read / memory bandwidth", unit="share", higher=True,
-                             values={c[0]: get(dec, c, ["roofline", "fraction"]) for c in COLS}))
-        rows.append(dict(metric=f"prefill {prefill_len} tok", unit="s", higher=False,
-                         values={c[0]: get(dec, c, ["prefill_s"]) for c in COLS}))
+            rows.append(
+                dict(
+                    metric="decode batch 1, weights read / memory bandwidth",
+                    unit="share",
+                    higher=True,
+                    values={c[0]: get(dec, c, ["roofline", "fraction"]) for c in COLS},
+                )
+            )
+        rows.append(
+            dict(
+                metric=f"prefill {prefill_len} tok",
+                unit="s",
+                higher=False,
+                values={c[0]: get(dec, c, ["prefill_s"]) for c in COLS},
+            )
+        )
     if srv:
         for n in clients:
-            rows.append(dict(metric=f"serve, {n} client{'s' * (n > 1)}", unit="tok/s", higher=True,
-                             values={c[0]: get(srv, c, ["rounds", n, "rate"]) for c in COLS}))
+            rows.append(
+                dict(
+                    metric=f"serve, {n} client{'s' * (n > 1)}",
+                    unit="tok/s",
+                    higher=True,
+                    values={c[0]: get(srv, c, ["rounds", n, "rate"]) for c in COLS},
+                )
+            )
         for n in clients:
-            rows.append(dict(metric=f"TTFT p50, {n} client{'s' * (n > 1)}", unit="ms", higher=False,
-                             values={c[0]: (lambda v: None if v is None else v * 1e3)(
-                                 get(srv, c, ["rounds", n, "ttft50"])) for c in COLS}))
+            rows.append(
+                dict(
+                    metric=f"TTFT p50, {n} client{'s' * (n > 1)}",
+                    unit="ms",
+                    higher=False,
+                    values={
+                        c[0]: (lambda v: None if v is None else v * 1e3)(get(srv, c, ["rounds", n, "ttft50"]))
+                        for c in COLS
+                    },
+                )
+            )
     for r in rows:
         v = r["values"]
         pick = max if r["higher"] else min
-        ours = [v[c] for c in ("ours fp32", "ours fp32+compile", "ours int8", "ours int8+compile",
-                               "ours int8+compile+f16 KV") if v[c] is not None]
+        ours = [
+            v[c]
+            for c in (
+                "ours fp32",
+                "ours fp32+compile",
+                "ours int8",
+                "ours int8+compile",
+                "ours int8+compile+f16 KV",
+            )
+            if v[c] is not None
+        ]
         theirs = [v[c] for c in ("llama f32", "llama f16", "llama q8_0") if v[c] is not None]
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
-        r["ratios"] = {"fp32/f32": ratio(v["ours fp32"], v["llama f32"]),
-                       "fp32+compile/f32": ratio(v["ours fp32+compile"], v["llama f32"]),
-                       "int8/q8_0": ratio(v["ours int8"], v["llama q8_0"]),
-                       "int8+compile/q8_0": ratio(v["ours int8+compile"], v["llama q8_0"]),
-                       "int8+compile+f16 KV/q8_0": ratio(v["ours int8+compile+f16 KV"], v["llama q8_0"]),
-                       "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None,
-                       "fp32/transformers": ratio(v["ours fp32"], v["transformers fp32"])}
+        r["ratios"] = {
+            "fp32/f32": ratio(v["ours fp32"], v["llama f32"]),
+            "fp32+compile/f32": ratio(v["ours fp32+compile"], v["llama f32"]),
+            "int8/q8_0": ratio(v["ours int8"], v["llama q8_0"]),
+            "int8+compile/q8_0": ratio(v["ours int8+compile"], v["llama q8_0"]),
+            "int8+compile+f16 KV/q8_0": ratio(v["ours int8+compile+f16 KV"], v["llama q8_0"]),
+            "best/best": ratio(pick(ours), pick(theirs)) if ours and theirs else None,
+            "fp32/transformers": ratio(v["ours fp32"], v["transformers fp32"]),
+        }
     return rows
 
 
 def fmt_v(v, unit: str) -> str:
     if v is None:
         return "-"
-    return f"{v:.3f}" if unit == "s" else f"{v:.0f}" if unit == "ms" else f"{v:.0%}" if unit == "share" else f"{v:.1f}"
+    return (
+        f"{v:.3f}"
+        if unit == "s"
+        else f"{v:.0f}"
+        if unit == "ms"
+        else f"{v:.0%}"
+        if unit == "share"
+        else f"{v:.1f}"
+    )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -819,15 +1096,19 @@ def print_table(rows: list[dict]) -> None:
         rats = " | ".join("-" if x is None else f"{x:.2f}x" for x in r["ratios"].values())
         arrow = "higher is better" if r["higher"] else "lower is better"
         print(f"| {r['metric']} ({r['unit']}, {arrow}) | {vals} | {rats} |")
-    print("\nratios are ours / llama.cpp of the figure itself: above 1 means ours is faster for tok/s rows, "
-          "slower for s and ms rows. best/best: our best option against their best of f32/f16/q8_0. "
-          "weights read / memory bandwidth: the batch-1 rate times the bytes of weights a step reads, over the "
-          "read bandwidth measured just before and after (the better sample); llama.cpp's bytes are ours in its "
-          "type. "
-          "transformers: GPT2LMHeadModel.generate in-process on the same weights (no server).")
+    print(
+        "\nratios are ours / llama.cpp of the figure itself: above 1 means ours is faster for tok/s rows, "
+        "slower for s and ms rows. best/best: our best option against their best of f32/f16/q8_0. "
+        "weights read / memory bandwidth: the batch-1 rate times the bytes of weights a step reads, over the "
+        "read bandwidth measured just before and after (the better sample); llama.cpp's bytes are "
+        "ours in its "
+        "type. "
+        "transformers: GPT2LMHeadModel.generate in-process on the same weights (no server)."
+    )
 
 
 # --- main -------------------------------------------------------------------------------------
+
 
 def int_list(s: str) -> list[int]:
     out = [int(x) for x in s.split(",") if x.strip()]
@@ -838,7 +1119,9 @@ def int_list(s: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--skip-build", action="store_true", help="never build llama.cpp (it must be in the cache)")
+    ap.add_argument(
+        "--skip-build", action="store_true", help="never build llama.cpp (it must be in the cache)"
+    )
     ap.add_argument("--only", choices=("decode", "serve", "all"), default="all")
     ap.add_argument("--clients", type=int_list, default=[1, 8, 32], help="concurrent clients for the servers")
     ap.add_argument("--batches", type=int_list, default=[1, 8, 32], help="batch sizes for in-process decode")
@@ -846,10 +1129,17 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--prefill-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3, help="in-process runs per figure, the best kept")
-    ap.add_argument("--server-passes", type=int, default=2,
-                    help="passes over all the servers in turn, each figure's best kept")
-    ap.add_argument("--cache-dir", default=DEFAULT_CACHE,
-                    help=f"where llama.cpp, its build and the model files live (default {DEFAULT_CACHE})")
+    ap.add_argument(
+        "--server-passes",
+        type=int,
+        default=2,
+        help="passes over all the servers in turn, each figure's best kept",
+    )
+    ap.add_argument(
+        "--cache-dir",
+        default=DEFAULT_CACHE,
+        help=f"where llama.cpp, its build and the model files live (default {DEFAULT_CACHE})",
+    )
     ap.add_argument("--json", help="write every figure and ratio to this JSON file")
     args = ap.parse_args()
     if args.repeats < 1 or args.server_passes < 1:
@@ -863,8 +1153,11 @@ def main() -> None:
     log(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {' '.join(cpu['flags'])}")
     background_busy("the start")
     bw = memory_bandwidth()
-    log(f"memory read bandwidth (sum of a 1 GiB float32 tensor, {torch.get_num_threads()} threads, best of 5): "
-        f"{bw:.1f} GB/s")
+    log(
+        f"memory read bandwidth (sum of a 1 GiB float32 tensor, {torch.get_num_threads()} threads, "
+        "best of 5): "
+        f"{bw:.1f} GB/s"
+    )
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}; llama.cpp -t {THREADS}")
 
     if args.skip_build:
@@ -891,26 +1184,45 @@ def main() -> None:
     results: dict = {"decode": {}, "serve": {}}
     t_run = time.perf_counter()
     if args.only in ("decode", "all"):
-        log(f"== in-process: decode {args.new_tokens} steps after a {args.prompt_len}-token prompt at batch "
-            f"{args.batches}; prefill {args.prefill_len} tokens; best of {args.repeats}")
+        log(
+            f"== in-process: decode {args.new_tokens} steps after a {args.prompt_len}-token prompt at batch "
+            f"{args.batches}; prefill {args.prefill_len} tokens; best of {args.repeats}"
+        )
         for quant in ("fp32", "fp32c", "int8", "int8c", "int8ch"):
             if quant.startswith("int8") and not have_int8:
                 continue
             results["decode"][f"ours:{quant}"] = bench_ours_inprocess(
-                models["ours"], quant, args.batches, prompt, long_prompt, args.new_tokens, args.repeats)
+                models["ours"], quant, args.batches, prompt, long_prompt, args.new_tokens, args.repeats
+            )
         f32_bytes = step_bytes(random_gpt2())
         for t in GGUF_TYPES:
             log(f"  llama.cpp {t}:")
-            r = bench_llama_inprocess(cache, models["gguf"][t], args.batches, args.prompt_len, args.prefill_len,
-                                      args.new_tokens, args.repeats, int(f32_bytes * GGUF_BYTES[t]))
+            r = bench_llama_inprocess(
+                cache,
+                models["gguf"][t],
+                args.batches,
+                args.prompt_len,
+                args.prefill_len,
+                args.new_tokens,
+                args.repeats,
+                int(f32_bytes * GGUF_BYTES[t]),
+            )
             results["decode"][f"llama:{t}"] = r
-            log(f"  llama {t:<4} decode " + ", ".join(f"batch {b}: {v:.1f}" for b, v in r["decode"].items())
+            log(
+                f"  llama {t:<4} decode "
+                + ", ".join(f"batch {b}: {v:.1f}" for b, v in r["decode"].items())
                 + f" tok/s; prefill {r.get('prefill_s', float('nan')):.3f} s"
-                + (f"; batch 1 reads {r['roofline']['read_gb_s']:.1f} GB/s, {r['roofline']['fraction']:.0%} "
-                   "of the bandwidth measured just before and after" if "roofline" in r else ""))
+                + (
+                    f"; batch 1 reads {r['roofline']['read_gb_s']:.1f} GB/s, {r['roofline']['fraction']:.0%} "
+                    "of the bandwidth measured just before and after"
+                    if "roofline" in r
+                    else ""
+                )
+            )
         try:
-            results["decode"]["hf:fp32"] = bench_hf_inprocess(models["hf"], args.batches, prompt, long_prompt,
-                                                              args.new_tokens, args.repeats)
+            results["decode"]["hf:fp32"] = bench_hf_inprocess(
+                models["hf"], args.batches, prompt, long_prompt, args.new_tokens, args.repeats
+            )
         except ImportError as e:
             notes.append(f"transformers in-process skipped: {e}")
         log(f"in-process part done in {fmt_s(time.perf_counter() - t_run)}")
@@ -918,75 +1230,136 @@ def main() -> None:
     if args.only in ("serve", "all"):
         t_srv = time.perf_counter()
         parallel = max(args.clients)
-        log(f"== servers: {args.clients} concurrent streaming clients, {args.prompt_len}-token prompt, "
-            f"{args.new_tokens} new tokens each, greedy, ignore_eos, one connection per request")
+        log(
+            f"== servers: {args.clients} concurrent streaming clients, {args.prompt_len}-token prompt, "
+            f"{args.new_tokens} new tokens each, greedy, ignore_eos, one connection per request"
+        )
         # what ours generates greedily, in-process, for the same-weights check
         model, _ = load_ours(models["ours"], "fp32")
         with torch.inference_mode():
-            ref = gpt.complete(model, tokenizer, [prompt], gpt.SamplingParams(max_new_tokens=16, temperature=0,
-                                                                              ignore_eos=True))[0].text
+            ref = gpt.complete(
+                model,
+                tokenizer,
+                [prompt],
+                gpt.SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True),
+            )[0].text
         del model
         gc.collect()
-        servers = [("ours", "fp32", ()), ("ours", "fp32c", ("--compile",)), ("ours", "int8", ("--quantize", "int8")),
-                   ("ours", "int8c", ("--quantize", "int8", "--compile")),
-                   ("ours", "int8ch", ("--quantize", "int8", "--compile", "--kv-cache-dtype", "float16"))]
+        servers = [
+            ("ours", "fp32", ()),
+            ("ours", "fp32c", ("--compile",)),
+            ("ours", "int8", ("--quantize", "int8")),
+            ("ours", "int8c", ("--quantize", "int8", "--compile")),
+            ("ours", "int8ch", ("--quantize", "int8", "--compile", "--kv-cache-dtype", "float16")),
+        ]
         # A shared VM's speed drifts by tens of percent within minutes (its neighbours' memory
         # traffic); passes over all the servers in turn, keeping each figure's best, let a slow
         # spell hit every server alike instead of whichever ran during it.
         for n_pass in range(1, args.server_passes + 1):
-            log(f"  pass {n_pass} of {args.server_passes}: memory read bandwidth now {memory_bandwidth():.1f} GB/s")
-            for kind, quant, extra_args in servers:
+            log(
+                f"  pass {n_pass} of {args.server_passes}: memory read bandwidth now "
+                f"{memory_bandwidth():.1f} GB/s"
+            )
+            for _kind, quant, extra_args in servers:
                 if quant.startswith("int8") and not serve_int8:
                     continue
                 port = serve.free_port()
                 label = f"gpt-serve {quant}"
-                keep_best(results["serve"], f"ours:{quant}", bench_server(
-                    "gpt-serve", label,
-                    lambda logf, port=port, extra_args=extra_args: serve.start_server(
-                        models["ours"], port, parallel, logf, extra_args),
-                    port, "/ready", prompt, args.new_tokens, args.clients, None))
+                keep_best(
+                    results["serve"],
+                    f"ours:{quant}",
+                    bench_server(
+                        "gpt-serve",
+                        label,
+                        lambda logf, port=port, extra_args=extra_args: serve.start_server(
+                            models["ours"], port, parallel, logf, extra_args
+                        ),
+                        port,
+                        "/ready",
+                        prompt,
+                        args.new_tokens,
+                        args.clients,
+                        None,
+                    ),
+                )
             for t in GGUF_TYPES:
                 port = serve.free_port()
                 label = f"llama-server {t}"
-                keep_best(results["serve"], f"llama:{t}", bench_server(
-                    "llama-server", label,
-                    lambda logf, port=port, t=t: start_llama_server(cache, models["gguf"][t], port, parallel,
-                                                                    args.new_tokens, args.prompt_len, logf),
-                    port, "/health", prompt, args.new_tokens, args.clients,
-                    {"cache_prompt": False}))  # both servers prefill every prompt
-        for key, r in results["serve"].items():
+                keep_best(
+                    results["serve"],
+                    f"llama:{t}",
+                    bench_server(
+                        "llama-server",
+                        label,
+                        lambda logf, port=port, t=t: start_llama_server(
+                            cache, models["gguf"][t], port, parallel, args.new_tokens, args.prompt_len, logf
+                        ),
+                        port,
+                        "/health",
+                        prompt,
+                        args.new_tokens,
+                        args.clients,
+                        {"cache_prompt": False},
+                    ),
+                )  # both servers prefill every prompt
+        for r in results["serve"].values():
             r["greedy16_matches_ours_fp32"] = r["greedy16"] == ref
         results["serve_reference_greedy16"] = ref
         mism = [k for k, r in results["serve"].items() if not r["greedy16_matches_ours_fp32"]]
-        log("same-weights check, 16 greedy tokens of each server against ours in-process: "
-            + ("all match" if not mism else f"differ for {', '.join(mism)}"))
+        log(
+            "same-weights check, 16 greedy tokens of each server against ours in-process: "
+            + ("all match" if not mism else f"differ for {', '.join(mism)}")
+        )
         if mism:
-            notes.append("greedy 16-token continuations differ from ours fp32 for " + ", ".join(mism)
-                         + " (random weights give near-ties in the logits; f16/q8_0 rounding can flip them)")
+            notes.append(
+                "greedy 16-token continuations differ from ours fp32 for "
+                + ", ".join(mism)
+                + " (random weights give near-ties in the logits; f16/q8_0 rounding can flip them)"
+            )
         log(f"server part done in {fmt_s(time.perf_counter() - t_srv)}")
 
     rows = build_rows(results, args.batches, args.clients, args.prefill_len)
-    print(f"\nCPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])}); memory read bandwidth "
-          f"{bw:.1f} GB/s; torch {torch.__version__} with {THREADS} threads; llama.cpp from "
-          f"{llama_version(cache)} with -t {THREADS}")
-    print(f"GPT-2 small (124M), random weights (seed {SEED}); decode: {args.new_tokens} steps after a "
-          f"{args.prompt_len}-token prompt (llama.cpp batch 1: llama-bench tg{args.new_tokens} from an empty "
-          f"context; batch > 1: llama-batched-bench); serve: {args.new_tokens} tokens per client")
+    print(
+        f"\nCPU: {cpu['model']} ({cpu['cores']} cores; {' '.join(cpu['flags'])}); memory read bandwidth "
+        f"{bw:.1f} GB/s; torch {torch.__version__} with {THREADS} threads; llama.cpp from "
+        f"{llama_version(cache)} with -t {THREADS}"
+    )
+    print(
+        f"GPT-2 small (124M), random weights (seed {SEED}); decode: {args.new_tokens} steps after a "
+        f"{args.prompt_len}-token prompt (llama.cpp batch 1: llama-bench tg{args.new_tokens} from an empty "
+        f"context; batch > 1: llama-batched-bench); serve: {args.new_tokens} tokens per client"
+    )
     print_table(rows)
     busy = [b for _, b in BUSY if b >= 0]
     if busy:
-        print(f"\nother processes' CPU share, sampled for 1 s before each phase while this benchmark idled: "
-              f"median {sorted(busy)[len(busy) // 2]:.0%}, max {max(busy):.0%} "
-              f"({', '.join(f'{p}: {b:.0%}' for p, b in BUSY)})")
+        print(
+            f"\nother processes' CPU share, sampled for 1 s before each phase while this benchmark idled: "
+            f"median {sorted(busy)[len(busy) // 2]:.0%}, max {max(busy):.0%} "
+            f"({', '.join(f'{p}: {b:.0%}' for p, b in BUSY)})"
+        )
     for n in notes:
         print(f"note: {n}")
     total = time.perf_counter() - T0
-    print(f"\nbuild {fmt_s(build_s) if build_s else 'cached'}; benchmarks {fmt_s(time.perf_counter() - t_run)}; "
-          f"total {fmt_s(total)}")
+    print(
+        f"\nbuild {fmt_s(build_s) if build_s else 'cached'}; benchmarks "
+        f"{fmt_s(time.perf_counter() - t_run)}; "
+        f"total {fmt_s(total)}"
+    )
     if args.json:
-        doc = dict(cpu=cpu, memory_read_gb_s=bw, torch=torch.__version__, threads=THREADS,
-                   llama_cpp=llama_version(cache), build_s=build_s, total_s=total, args=vars(args),
-                   notes=notes, background_cpu_busy=BUSY, rows=rows, results=results)
+        doc = dict(
+            cpu=cpu,
+            memory_read_gb_s=bw,
+            torch=torch.__version__,
+            threads=THREADS,
+            llama_cpp=llama_version(cache),
+            build_s=build_s,
+            total_s=total,
+            args=vars(args),
+            notes=notes,
+            background_cpu_busy=BUSY,
+            rows=rows,
+            results=results,
+        )
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)

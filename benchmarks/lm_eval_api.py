@@ -31,6 +31,7 @@ windows.
     .venv/bin/python benchmarks/lm_eval_api.py
     .venv/bin/python benchmarks/lm_eval_api.py --layers 4 --n-embd 256 --context 512 --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,20 @@ import gpt  # noqa: E402
 MC_TASK, PPL_TASK = "gptserve_mc", "gptserve_ppl"
 PPL_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 MC_METRICS = ("acc", "acc_norm")
-DOC_MODULES = ("json", "re", "string", "textwrap", "argparse", "pathlib", "collections", "itertools",
-               "functools", "random", "datetime", "subprocess")
+DOC_MODULES = (
+    "json",
+    "re",
+    "string",
+    "textwrap",
+    "argparse",
+    "pathlib",
+    "collections",
+    "itertools",
+    "functools",
+    "random",
+    "datetime",
+    "subprocess",
+)
 
 
 def log(msg: str) -> None:
@@ -68,13 +81,18 @@ def log(msg: str) -> None:
 def build_model_dir(path: str, layers: int, n_embd: int, context: int) -> None:
     torch.manual_seed(0)
     n_head = max(1, n_embd // 64)
-    model = gpt.GPT(gpt.preset("gpt2", n_layer=layers, n_head=n_head, n_embd=n_embd, block_size=context)).eval()
+    model = gpt.GPT(
+        gpt.preset("gpt2", n_layer=layers, n_head=n_head, n_embd=n_embd, block_size=context)
+    ).eval()
     gpt.export_hf_gpt2(model, path)
     write_gpt2_tokenizer(path)
     checked = check_tokenizer(path)
-    log(f"GPT-2-shaped random weights ({layers} layers x {n_embd}, context {context}, "
-        f"{model.num_params() / 1e6:.1f}M parameters) in {path}; vocab.json/merges.txt agree with our tokenizer "
-        f"({', '.join(checked)})")
+    log(
+        f"GPT-2-shaped random weights ({layers} layers x {n_embd}, context {context}, "
+        f"{model.num_params() / 1e6:.1f}M parameters) in {path}; vocab.json/merges.txt agree with our "
+        "tokenizer "
+        f"({', '.join(checked)})"
+    )
 
 
 def write_tasks(path: str, questions: int) -> dict:
@@ -87,8 +105,13 @@ def write_tasks(path: str, questions: int) -> dict:
         wrong = rng.sample([x for x in range(2, 41) if x != right], 3)
         choices = [str(x) for x in [right, *wrong]]
         rng.shuffle(choices)
-        mc.append({"question": f"Question: What is {a} plus {b}?\nAnswer:", "choices": [" " + c for c in choices],
-                   "answer": choices.index(str(right))})
+        mc.append(
+            {
+                "question": f"Question: What is {a} plus {b}?\nAnswer:",
+                "choices": [" " + c for c in choices],
+                "answer": choices.index(str(right)),
+            }
+        )
     docs = []
     for name in DOC_MODULES:
         doc = (__import__(name).__doc__ or "").strip()
@@ -100,21 +123,29 @@ def write_tasks(path: str, questions: int) -> dict:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def files(task: str) -> str:
-        return (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {os.path.join(path, task + '.jsonl')}\n"
-                f"test_split: test\n")
+        return (
+            "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: "
+            f"{os.path.join(path, task + '.jsonl')}\n"
+            f"test_split: test\n"
+        )
 
     with open(os.path.join(path, f"{MC_TASK}.yaml"), "w") as f:
-        f.write(f"task: {MC_TASK}\n{files(MC_TASK)}output_type: multiple_choice\n"
-                "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n"
-                "metric_list:\n"
-                "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-                "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-                "metadata:\n  version: 1.0\n")
+        f.write(
+            f"task: {MC_TASK}\n{files(MC_TASK)}output_type: multiple_choice\n"
+            'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
+            "metric_list:\n"
+            "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
+            "metadata:\n  version: 1.0\n"
+        )
     with open(os.path.join(path, f"{PPL_TASK}.yaml"), "w") as f:
-        f.write(f"task: {PPL_TASK}\n{files(PPL_TASK)}output_type: loglikelihood_rolling\n"
-                "doc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
-                "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
-                "metadata:\n  version: 1.0\n")
+        f.write(
+            f"task: {PPL_TASK}\n{files(PPL_TASK)}output_type: loglikelihood_rolling\n"
+            'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+            "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: "
+            "bits_per_byte\n"
+            "metadata:\n  version: 1.0\n"
+        )
     return {"questions": len(mc), "documents": len(docs), "document_chars": sum(len(d["text"]) for d in docs)}
 
 
@@ -123,9 +154,14 @@ def evaluate(model: str, model_args: str, tasks_dir: str, batch_size: int) -> tu
     from lm_eval.tasks import TaskManager
 
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[MC_TASK, PPL_TASK],
-                                  task_manager=TaskManager(include_path=tasks_dir), batch_size=batch_size,
-                                  log_samples=False)
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=[MC_TASK, PPL_TASK],
+        task_manager=TaskManager(include_path=tasks_dir),
+        batch_size=batch_size,
+        log_samples=False,
+    )
     seconds = time.perf_counter() - t0
     r = out["results"]
     figures = {m: r[MC_TASK][f"{m},none"] for m in MC_METRICS}
@@ -140,14 +176,19 @@ def main() -> int:
     ap.add_argument("--n-embd", type=int, default=128)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--questions", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (prompts per API request)")
+    ap.add_argument(
+        "--batch-size", type=int, default=8, help="lm-eval's batch size (prompts per API request)"
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     try:
         import lm_eval  # noqa: F401
         from lm_eval.models import api_models  # noqa: F401  (the [api] extra: aiohttp, tenacity, ...)
     except ImportError as e:
-        print(f"lm-evaluation-harness is not importable ({e}); pip install 'lm-eval[api]' first", file=sys.stderr)
+        print(
+            f"lm-evaluation-harness is not importable ({e}); pip install 'lm-eval[api]' first",
+            file=sys.stderr,
+        )
         return 2
     import logging
 
@@ -160,8 +201,11 @@ def main() -> int:
         os.makedirs(tasks_dir, exist_ok=True)
         build_model_dir(model_dir, args.layers, args.n_embd, args.context)
         counts = write_tasks(tasks_dir, args.questions)
-        log(f"tasks: {MC_TASK} ({counts['questions']} questions x 4 choices), {PPL_TASK} ({counts['documents']} "
-            f"docstrings, {counts['document_chars']} characters)")
+        log(
+            f"tasks: {MC_TASK} ({counts['questions']} questions x 4 choices), {PPL_TASK} "
+            f"({counts['documents']} "
+            f"docstrings, {counts['document_chars']} characters)"
+        )
 
         hf_args = f"pretrained={model_dir},dtype=float32,device=cpu,max_length={args.context - 2}"
         log(f"hf: --model_args {hf_args}")
@@ -174,8 +218,10 @@ def main() -> int:
             import httpx
 
             name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-            api_args = (f"model={name},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
-                        f"tokenizer={model_dir},max_length={args.context}")
+            api_args = (
+                f"model={name},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={model_dir},max_length={args.context}"
+            )
             log(f"local-completions: --model_args {api_args} --batch_size {args.batch_size}")
             api, api_s = evaluate("local-completions", api_args, tasks_dir, args.batch_size)
 
@@ -190,8 +236,17 @@ def main() -> int:
     print(f"{'wall seconds':<18} {hf_s:>20.1f} {api_s:>20.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"hf": hf, "local_completions": api, "seconds": {"hf": hf_s, "local_completions": api_s},
-                       "config": vars(args), **counts}, f, indent=2)
+            json.dump(
+                {
+                    "hf": hf,
+                    "local_completions": api,
+                    "seconds": {"hf": hf_s, "local_completions": api_s},
+                    "config": vars(args),
+                    **counts,
+                },
+                f,
+                indent=2,
+            )
     if bad:
         print(f"DIFFERENT: {', '.join(bad)}")
         return 1

@@ -13,6 +13,7 @@ Modes: full (every weight trains), lora (gpt.lora: rank-R adapters on the attent
 projections), peft (the same adapters through peft's LoraConfig/get_peft_model, when peft is
 installed: pip install peft).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,10 @@ def one_mode(args) -> dict:
         lora.apply(model, args.rank, 2.0 * args.rank, targets=TARGETS)
     elif args.mode == "peft":
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                 target_modules=TARGETS))
+
+        model = get_peft_model(
+            model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     vocab = gpt.preset(args.preset).vocab_size
@@ -63,9 +66,14 @@ def one_mode(args) -> dict:
         if i:
             times.append(time.perf_counter() - t)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": args.mode, "trainable": sum(p.numel() for p in params),
-            "params": sum(p.numel() for p in model.parameters()), "step_s": statistics.median(times),
-            "peak_gib": peak_kb / 2 ** 20, "loss": float(loss)}
+    return {
+        "mode": args.mode,
+        "trainable": sum(p.numel() for p in params),
+        "params": sum(p.numel() for p in model.parameters()),
+        "step_s": statistics.median(times),
+        "peak_gib": peak_kb / 2**20,
+        "loss": float(loss),
+    }
 
 
 def main() -> None:
@@ -82,12 +90,28 @@ def main() -> None:
         print(json.dumps(one_mode(args)))
         return
 
-    print(f"CPU: {cpu_model()}, torch threads: default; {args.preset}, batch {args.batch} x {args.seq} tokens, "
-          f"rank {args.rank}, median of {args.steps} steps")
+    print(
+        f"CPU: {cpu_model()}, torch threads: default; {args.preset}, batch {args.batch} x {args.seq} tokens, "
+        f"rank {args.rank}, median of {args.steps} steps"
+    )
     rows = []
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode, "--preset", args.preset, "--batch", str(args.batch),
-               "--seq", str(args.seq), "--rank", str(args.rank), "--steps", str(args.steps)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mode",
+            mode,
+            "--preset",
+            args.preset,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--rank",
+            str(args.rank),
+            "--steps",
+            str(args.steps),
+        ]
         print(f"  running {mode} ...", flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -101,8 +125,11 @@ def main() -> None:
     for r in rows:
         mem = f"{r['peak_gib'] / full['peak_gib']:.2f}x" if full else "-"
         spd = f"{r['step_s'] / full['step_s']:.2f}x" if full else "-"
-        print(f"| {r['mode']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.0f}M | {r['peak_gib']:.2f} GiB "
-              f"| {r['step_s']:.2f} s | {mem} | {spd} |")
+        print(
+            f"| {r['mode']} | {r['trainable'] / 1e6:.2f}M of {r['params'] / 1e6:.0f}M | "
+            f"{r['peak_gib']:.2f} GiB "
+            f"| {r['step_s']:.2f} s | {mem} | {spd} |"
+        )
 
 
 if __name__ == "__main__":

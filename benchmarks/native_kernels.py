@@ -9,6 +9,7 @@ the ratio, and the kernels alone (every GPT-2 weight matrix once, as a decode st
 
     .venv/bin/python benchmarks/native_kernels.py            # --rounds 5 --steps 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ def cpu_line() -> str:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "fma")) or "vnni" in f]
-        return f"{fields.get('Model name', '?').strip()} (family {fields.get('CPU family', '?').strip()}), " \
-               f"{os.cpu_count()} cores; {' '.join(flags)}"
+        return (
+            f"{fields.get('Model name', '?').strip()} (family {fields.get('CPU family', '?').strip()}), "
+            f"{os.cpu_count()} cores; {' '.join(flags)}"
+        )
     except (OSError, ValueError):
         return platform.processor() or "unknown CPU"
 
@@ -112,15 +115,23 @@ def main() -> None:
         gpt.pack_linear_weights(model)  # as the server does (multi-row calls; one row is what we time)
         t = step_times(model, args.rounds, args.steps)
         ours, theirs = min(t["ours"]), min(t["torch"])
-        print(f"{kind} decode step, batch 1: ours {ours * 1e3:.2f} ms (median {statistics.median(t['ours']) * 1e3:.2f}), "
-              f"torch {theirs * 1e3:.2f} ms (median {statistics.median(t['torch']) * 1e3:.2f}); "
-              f"{theirs / ours:.2f}x")
+        print(
+            f"{kind} decode step, batch 1: ours {ours * 1e3:.2f} ms (median "
+            f"{statistics.median(t['ours']) * 1e3:.2f}), "
+            f"torch {theirs * 1e3:.2f} ms (median {statistics.median(t['torch']) * 1e3:.2f}); "
+            f"{theirs / ours:.2f}x"
+        )
         if kind == "int8":
             k = kernel_times(model, args.rounds)
-            nbytes = sum(m.weight_q.numel() for m in model.modules() if isinstance(m, gpt.quantization.Int8Linear))
-            print(f"int8 single-row products over all {nbytes / 1e6:.0f} MB of weights: ours {k['ours'] * 1e3:.2f} ms "
-                  f"({nbytes / k['ours'] / 1e9:.1f} GB/s), torch._int_mm {k['torch'] * 1e3:.2f} ms "
-                  f"({nbytes / k['torch'] / 1e9:.1f} GB/s); {k['torch'] / k['ours']:.2f}x")
+            nbytes = sum(
+                m.weight_q.numel() for m in model.modules() if isinstance(m, gpt.quantization.Int8Linear)
+            )
+            print(
+                f"int8 single-row products over all {nbytes / 1e6:.0f} MB of weights: ours "
+                f"{k['ours'] * 1e3:.2f} ms "
+                f"({nbytes / k['ours'] / 1e9:.1f} GB/s), torch._int_mm {k['torch'] * 1e3:.2f} ms "
+                f"({nbytes / k['torch'] / 1e9:.1f} GB/s); {k['torch'] / k['ours']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

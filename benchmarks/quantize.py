@@ -16,6 +16,7 @@ drawn from the data, e.g. on the char-level Shakespeare recipe's checkpoint (ben
     python benchmarks/quantize.py
     python benchmarks/quantize.py --checkpoint runs/char/best --data ../shared/data/tinyshakespeare.txt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,13 @@ def cpu_line() -> str:
         return "CPU: unknown"
     info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     flags = set(info.get("Flags", "").split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"CPU: {info.get('Model name', '?').strip()}; {', '.join(wanted)}; torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    wanted = [
+        f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags
+    ]
+    return (
+        f"CPU: {info.get('Model name', '?').strip()}; {', '.join(wanted)}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
 
 class _TensorScaleInt8(nn.Module):
@@ -53,8 +58,12 @@ class _TensorScaleInt8(nn.Module):
         scale = (w.abs().amax(1) / 127).clamp(min=1e-12).double()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors are deprecated: this is a candidate only
-            qw = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None if linear.bias is None else linear.bias.detach())
+            qw = torch.quantize_per_channel(
+                w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8
+            )
+        self.packed = torch.ops.quantized.linear_prepack(
+            qw, None if linear.bias is None else linear.bias.detach()
+        )
         self.n = w.shape[0]
 
     def forward(self, x):
@@ -87,11 +96,16 @@ def variants(base: gpt.GPT, use_torchao: bool) -> dict[str, nn.Module]:
 
     fp32 = copy()
     gpt.pack_linear_weights(fp32)
-    out = {"fp32": fp32, "int8": gpt.quantize(copy()), "int8-tensor": _swap(copy(), _TensorScaleInt8),
-           "int8-wo": _swap(copy(), _WeightOnlyInt8)}
+    out = {
+        "fp32": fp32,
+        "int8": gpt.quantize(copy()),
+        "int8-tensor": _swap(copy(), _TensorScaleInt8),
+        "int8-wo": _swap(copy(), _WeightOnlyInt8),
+    }
     if use_torchao:
         try:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
             m = copy()
             m.lm_head.weight = nn.Parameter(m.lm_head.weight.detach().clone())  # untie for torchao
             quantize_(m, Int8DynamicActivationInt8WeightConfig())
@@ -140,26 +154,33 @@ def quality(args) -> None:
     quantized.load_state_dict(model.state_dict())
     gpt.quantize(quantized)
     text = open(args.data, encoding="utf-8", errors="replace").read()
-    ids = torch.tensor(tok.encode(text[int(0.9 * len(text)):]), dtype=torch.long)
+    ids = torch.tensor(tok.encode(text[int(0.9 * len(text)) :]), dtype=torch.long)
     T = model.config.block_size
-    blocks = torch.stack([ids[i: i + T + 1] for i in range(0, len(ids) - T - 1, T)][: args.max_blocks])
+    blocks = torch.stack([ids[i : i + T + 1] for i in range(0, len(ids) - T - 1, T)][: args.max_blocks])
     losses = []
     for m in (model, quantized):
         total = sum(F.cross_entropy(m(b[None, :-1])[0], b[1:]).item() for b in blocks)
         losses.append(total / len(blocks))
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, len(ids) - 32, (16,), generator=g).tolist()
-    prompts = [ids[s: s + 32].tolist() for s in starts]
+    prompts = [ids[s : s + 32].tolist() for s in starts]
     params = gpt.SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     a = gpt.complete(model, tok, prompts, params)
     b = gpt.complete(quantized, tok, prompts, params)
     same = sum(x == y for ca, cb in zip(a, b) for x, y in zip(ca.token_ids, cb.token_ids))
-    first = sum(next((i for i, (x, y) in enumerate(zip(ca.token_ids, cb.token_ids)) if x != y), 32)
-                for ca, cb in zip(a, b)) / len(a)
+    first = sum(
+        next((i for i, (x, y) in enumerate(zip(ca.token_ids, cb.token_ids)) if x != y), 32)
+        for ca, cb in zip(a, b)
+    ) / len(a)
     print(f"quality on {args.data} (last 10%, {len(blocks)} blocks of {T} tokens), {args.checkpoint}:")
-    print(f"  validation loss fp32 {losses[0]:.4f}  int8 {losses[1]:.4f}  "
-          f"relative change {100 * (losses[1] - losses[0]) / losses[0]:+.2f}%")
-    print(f"  greedy agreement: {same}/{32 * len(a)} tokens; first difference after {first:.1f} tokens on average")
+    print(
+        f"  validation loss fp32 {losses[0]:.4f}  int8 {losses[1]:.4f}  "
+        f"relative change {100 * (losses[1] - losses[0]) / losses[0]:+.2f}%"
+    )
+    print(
+        f"  greedy agreement: {same}/{32 * len(a)} tokens; first difference after {first:.1f} tokens "
+        "on average"
+    )
 
 
 def main() -> None:

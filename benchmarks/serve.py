@@ -18,6 +18,7 @@ server, no SSE), to separate the engine's cost from the HTTP layer's.
     python benchmarks/serve.py                       # 1, 8, 32 clients, 128 tokens each
     python benchmarks/serve.py --clients 1,32 --max-tokens 32 --no-baseline   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,10 @@ import gpt
 from gpt import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPT_TEXT = ("The history of the city begins in the early years of the river trade, when merchants "
-               "from the coast first built their warehouses along the northern bank of the harbour")
+PROMPT_TEXT = (
+    "The history of the city begins in the early years of the river trade, when merchants "
+    "from the coast first built their warehouses along the northern bank of the harbour"
+)
 
 
 @dataclass
@@ -67,9 +70,12 @@ def pct(xs: list[float], q: float) -> float:
 
 # --- baseline: in-process batched generation ---------------------------------------------
 
+
 def baseline_rate(model, tokenizer, batch: int, prompt: list[int], new_tokens: int, repeats: int) -> float:
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    gpt.complete(model, tokenizer, [prompt] * batch, SamplingParams(max_new_tokens=2, temperature=0))  # warm-up
+    gpt.complete(
+        model, tokenizer, [prompt] * batch, SamplingParams(max_new_tokens=2, temperature=0)
+    )  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -80,12 +86,22 @@ def baseline_rate(model, tokenizer, batch: int, prompt: list[int], new_tokens: i
 
 # --- clients ----------------------------------------------------------------------------
 
-async def http_client(client, url: str, model_name: str, prompt: list[int] | str, max_tokens: int,
-                      extra: dict | None = None) -> Stream:
+
+async def http_client(
+    client, url: str, model_name: str, prompt: list[int] | str, max_tokens: int, extra: dict | None = None
+) -> Stream:
     """One streaming greedy completion; `extra` adds server-specific request fields."""
     s = Stream(sent=time.perf_counter())
-    body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
+    body = {
+        "model": model_name,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+        **(extra or {}),
+    }
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}")
@@ -120,11 +136,20 @@ async def run_round(make_client, clients: int) -> dict:
     ttft = [s.chunk_times[0] - s.sent for s in streams if s.chunk_times]
     itl = [b - a for s in streams for a, b in zip(s.chunk_times, s.chunk_times[1:])]
     tokens = sum(s.tokens for s in streams)
-    return dict(clients=clients, tokens=tokens, wall=wall, rate=tokens / wall, ttft50=pct(ttft, 50),
-                ttft99=pct(ttft, 99), itl50=pct(itl, 50), itl99=pct(itl, 99))
+    return dict(
+        clients=clients,
+        tokens=tokens,
+        wall=wall,
+        rate=tokens / wall,
+        ttft50=pct(ttft, 50),
+        ttft99=pct(ttft, 99),
+        itl50=pct(itl, 50),
+        itl99=pct(itl, 99),
+    )
 
 
 # --- the server -------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -132,15 +157,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str, port: int, max_batch_size: int, log, extra_args: tuple[str, ...] = ()
-                 ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--log-level", "warning", *extra_args]
+def start_server(
+    model_dir: str, port: int, max_batch_size: int, log, extra_args: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--log-level",
+        "warning",
+        *extra_args,
+    ]
     # the log goes to a file: an unread pipe would block the server once its buffer filled up
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def wait_ready(url: str, proc: subprocess.Popen, log, limit: float = 300.0, path: str = "/ready") -> None:
+async def wait_ready(
+    url: str, proc: subprocess.Popen, log, limit: float = 300.0, path: str = "/ready"
+) -> None:
     import httpx
 
     deadline = time.monotonic() + limit
@@ -167,7 +209,9 @@ async def bench_http(args, model_dir: str, prompt: list[int]) -> list[dict]:
     proc = start_server(model_dir, port, max(args.clients), log)
     try:
         await wait_ready(url, proc, log)
-        limits = httpx.Limits(max_connections=max(args.clients) + 4, max_keepalive_connections=max(args.clients) + 4)
+        limits = httpx.Limits(
+            max_connections=max(args.clients) + 4, max_keepalive_connections=max(args.clients) + 4
+        )
         async with httpx.AsyncClient(timeout=None, limits=limits) as client:
             name = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
             make = lambda: http_client(client, url, name, prompt, args.max_tokens)  # noqa: E731
@@ -222,13 +266,17 @@ async def bench_engine(args, model, tokenizer, prompt: list[int]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint directory (default: random GPT-2-small weights in a temp dir)")
+    ap.add_argument(
+        "--model", help="checkpoint directory (default: random GPT-2-small weights in a temp dir)"
+    )
     ap.add_argument("--clients", default="1,8,32", help="comma-separated concurrent client counts")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1, help="baseline runs per batch size (best is kept)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-process generate_batch baseline")
-    ap.add_argument("--engine", action="store_true", help="drive the engine in-process instead of the HTTP server")
+    ap.add_argument(
+        "--engine", action="store_true", help="drive the engine in-process instead of the HTTP server"
+    )
     args = ap.parse_args()
     try:
         args.clients = [int(c) for c in args.clients.split(",")]
@@ -259,15 +307,19 @@ def main() -> None:
             rounds = asyncio.run(bench_http(args, model_dir, prompt))
 
     mode = "engine (in-process)" if args.engine else "server (HTTP, SSE)"
-    print(f"\n{mode}: prompt {len(prompt)} tokens, {args.max_tokens} new tokens per client, greedy, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"\n{mode}: prompt {len(prompt)} tokens, {args.max_tokens} new tokens per client, greedy, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print("| clients | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | vs baseline |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rounds:
         ref = base.get(1 if r["clients"] == 1 else 32) if r["clients"] in (1, 32) else None
         ratio = f"{r['rate'] / ref:.2f}x of batch {1 if r['clients'] == 1 else 32}" if ref else ""
-        print(f"| {r['clients']} | {r['rate']:.1f} | {r['ttft50'] * 1e3:.0f} ms | {r['ttft99'] * 1e3:.0f} ms "
-              f"| {r['itl50'] * 1e3:.1f} ms | {r['itl99'] * 1e3:.1f} ms | {ratio} |")
+        print(
+            f"| {r['clients']} | {r['rate']:.1f} | {r['ttft50'] * 1e3:.0f} ms | {r['ttft99'] * 1e3:.0f} ms "
+            f"| {r['itl50'] * 1e3:.1f} ms | {r['itl99'] * 1e3:.1f} ms | {ratio} |"
+        )
 
 
 if __name__ == "__main__":

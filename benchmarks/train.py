@@ -11,6 +11,7 @@ It prints the validation loss at each evaluation, ms/iteration (evaluation exclu
 and the loss plot's path. Then, for a ratio measured under the same load, it times a bare loop
 (the same model, batches and AdamW, none of the trainer's bookkeeping) for --baseline-iters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,28 @@ from _training_run import run_recipe
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RECIPE = dict(model="gpt", preset="gpt-char", tokenizer="byte", n_layer=4, n_head=4, n_embd=128, block_size=64,
-              batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup=100, dropout=0.0, weight_decay=0.1,
-              beta2=0.99, grad_clip=1.0, eval_interval=250, eval_iters=200, log_interval=50, seed=1337)
+RECIPE = dict(
+    model="gpt",
+    preset="gpt-char",
+    tokenizer="byte",
+    n_layer=4,
+    n_head=4,
+    n_embd=128,
+    block_size=64,
+    batch_size=12,
+    max_iters=2000,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup=100,
+    dropout=0.0,
+    weight_decay=0.1,
+    beta2=0.99,
+    grad_clip=1.0,
+    eval_interval=250,
+    eval_iters=200,
+    log_interval=50,
+    seed=1337,
+)
 
 
 def bare_loop_ms(iters: int, data_path: Path, out: Path, threads: int) -> float:
@@ -36,14 +56,20 @@ def bare_loop_ms(iters: int, data_path: Path, out: Path, threads: int) -> float:
     import torch.nn.functional as F
 
     import gpt
+    from training.config import TrainConfig
     from training.data import BlockSampler, find_files, prepare
     from training.setup import make_optimizer
-    from training.config import TrainConfig
 
     if threads:
         torch.set_num_threads(threads)
-    tokens = prepare(find_files([str(data_path)]), gpt.get_tokenizer("byte"), out / "tokens", val_fraction=0.1,
-                     block_size=64, progress=False)
+    tokens = prepare(
+        find_files([str(data_path)]),
+        gpt.get_tokenizer("byte"),
+        out / "tokens",
+        val_fraction=0.1,
+        block_size=64,
+        progress=False,
+    )
     torch.manual_seed(0)
     model = gpt.build_model(gpt.preset("gpt-char", dropout=0.0)).train()
     opt = make_optimizer(model, TrainConfig(), torch.device("cpu"), fused=False)
@@ -75,8 +101,16 @@ def main() -> int:
         return 2
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-char-"))
 
-    cfg = dict(RECIPE, data=[str(data)], out=str(out), max_iters=args.iters, eval_iters=args.eval_iters,
-               threads=args.threads, dtype=args.dtype, quiet=True)
+    cfg = dict(
+        RECIPE,
+        data=[str(data)],
+        out=str(out),
+        max_iters=args.iters,
+        eval_iters=args.eval_iters,
+        threads=args.threads,
+        dtype=args.dtype,
+        quiet=True,
+    )
     print("recipe: " + ", ".join(f"{k}={cfg[k]}" for k in RECIPE if k != "model") + f", dtype={args.dtype}")
     result = run_recipe(cfg, "benchmarks/train.py")
     if result is None:
@@ -91,8 +125,10 @@ def main() -> int:
     print(f"loss plot: {s['plot']}   best checkpoint: {s['best']}")
     if args.baseline_iters and args.dtype == "float32":
         bare = bare_loop_ms(args.baseline_iters, data, out, args.threads)
-        print(f"bare loop: {bare:.1f} ms/iteration over {args.baseline_iters} iterations; "
-              f"trainer / bare = {s['ms_per_iter'] / bare:.2f}")
+        print(
+            f"bare loop: {bare:.1f} ms/iteration over {args.baseline_iters} iterations; "
+            f"trainer / bare = {s['ms_per_iter'] / bare:.2f}"
+        )
     return 0
 
 

@@ -1,8 +1,9 @@
 """gpt: a readable GPT / encoder-decoder Transformer library in pure PyTorch.
 
-    model, tokenizer = gpt.load(path)
-    text = gpt.generate(model, tokenizer, "a prompt", max_new_tokens=64, temperature=0.0)
+model, tokenizer = gpt.load(path)
+text = gpt.generate(model, tokenizer, "a prompt", max_new_tokens=64, temperature=0.0)
 """
+
 from .beam import BeamSearch, beam_search
 from .bpe import BPETokenizer, train_bpe
 from .checkpoint import CheckpointError, load, load_checkpoint, save
@@ -23,11 +24,42 @@ from .streaming import IncrementalDetokenizer, StopMatcher, TextStream
 from .tokenizer import Tokenizer, get_tokenizer
 
 __all__ = [
-    "GPT", "EncoderDecoder", "build_model", "pack_linear_weights", "ModelConfig", "PRESETS", "preset", "KVCache",
-    "load", "save", "load_checkpoint", "CheckpointError", "load_hf_gpt2", "export_hf_gpt2",
-    "generate", "complete", "beam_search", "BeamSearch", "Completion", "Piece", "SamplingParams",
-    "SequenceDecoder", "decode_tokens", "ContextLimits", "RequestError", "quantize", "compile_decode",
+    "GPT",
+    "EncoderDecoder",
+    "build_model",
+    "pack_linear_weights",
+    "ModelConfig",
+    "PRESETS",
+    "preset",
+    "KVCache",
+    "load",
+    "save",
+    "load_checkpoint",
+    "CheckpointError",
+    "load_hf_gpt2",
+    "export_hf_gpt2",
+    "generate",
+    "complete",
+    "beam_search",
+    "BeamSearch",
+    "Completion",
+    "Piece",
+    "SamplingParams",
+    "SequenceDecoder",
+    "decode_tokens",
+    "ContextLimits",
+    "RequestError",
+    "quantize",
+    "compile_decode",
     "cuda_graph_decode",
-    "Tokenizer", "get_tokenizer", "BPETokenizer", "train_bpe", "IncrementalDetokenizer", "TextStream",
-    "StopMatcher", "Score", "score_texts", "score_pairs",
+    "Tokenizer",
+    "get_tokenizer",
+    "BPETokenizer",
+    "train_bpe",
+    "IncrementalDetokenizer",
+    "TextStream",
+    "StopMatcher",
+    "Score",
+    "score_texts",
+    "score_pairs",
 ]

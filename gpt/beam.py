@@ -4,9 +4,8 @@ a stop string or its budget by exactly the rules sampling uses.
 
 `BeamSearch` advances one step per call, so a server can interleave a search with its other
 requests; `beam_search` runs one to the end."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,14 @@ class BeamSearch:
     a caller that has checked the limits itself, like a server, passes its own)."""
 
     @torch.inference_mode()
-    def __init__(self, model, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 budget: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        budget: int | None = None,
+    ):
         if budget is None:
             prompt_ids, budget = ContextLimits.of(model, tokenizer).check(prompt_ids, params, clamp=True)
         self.model, self.params, self.K = model, params, params.num_beams
@@ -58,7 +63,7 @@ class BeamSearch:
     def _finish(self, d: SequenceDecoder, logprob: float) -> None:
         self.finished.append((_score(logprob, len(d.output_ids), self.params.length_penalty), d.completion()))
         self.finished.sort(key=lambda h: h[0], reverse=True)
-        del self.finished[self.K:]
+        del self.finished[self.K :]
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -68,7 +73,7 @@ class BeamSearch:
             return
         K, lp = self.K, self.params.length_penalty
         first = self.beams[0]
-        logits = self.logits[:, :first.vocab_size].float().clone()  # never an id the tokenizer lacks
+        logits = self.logits[:, : first.vocab_size].float().clone()  # never an id the tokenizer lacks
         for b, d in enumerate(self.beams):
             apply_penalties(logits[b], d.sampler, d.eot)
         logp = F.log_softmax(logits, dim=-1)
@@ -108,7 +113,7 @@ class BeamSearch:
             logits = torch.cat([logits, logits.new_full((K - n, V), 0.0)])
         self.logits = logits
 
-    def results(self, reason: Optional[str] = None) -> list[Piece]:
+    def results(self, reason: str | None = None) -> list[Piece]:
         """The best hypotheses, best first (by length-penalised score). Once `done`, the
         finished ones; before that (a search cut short), the finished and running ones ranked
         together, the running ones ending with `reason` (e.g. "timeout")."""
@@ -125,7 +130,7 @@ class BeamSearch:
             piece.finish_reason = reason
             ranked.append((_score(s, len(d.output_ids), lp), piece))
         ranked.sort(key=lambda h: h[0], reverse=True)
-        return [c for _, c in ranked[:self.K]]
+        return [c for _, c in ranked[: self.K]]
 
     def close(self) -> None:
         """Free the KV cache now rather than when the search is collected."""

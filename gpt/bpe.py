@@ -10,6 +10,7 @@ Ids: 0 .. n-1 are the BPE vocabulary (the 256 byte symbols first, then the merge
 they were learned); n is end-of-text. End-of-text is ours, not registered with `tokenizers`, so
 "<|endoftext|>" typed in a prompt stays plain text unless the caller allows specials.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,11 @@ def _unicode_to_byte() -> dict[str, int]:
 
     # ByteLevel.alphabet() is unordered; the mapping itself is GPT-2's: printable bytes map to
     # themselves and the rest to 256, 257, ... in byte order.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -62,7 +67,9 @@ class BPETokenizer(Tokenizer):
             for token, i in vocab.items():
                 pieces[i] = bytes(byte_of[c] for c in token)
         except (KeyError, IndexError):
-            raise ValueError("not a byte-level BPE (tokens outside the byte alphabet, or ids with gaps)") from None
+            raise ValueError(
+                "not a byte-level BPE (tokens outside the byte alphabet, or ids with gaps)"
+            ) from None
         self._pieces = pieces
         self.vocab_size = len(pieces) + 1
         self.eot_token = len(pieces)
@@ -75,7 +82,7 @@ class BPETokenizer(Tokenizer):
         return self._json
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "BPETokenizer":
+    def from_file(cls, path: str | Path) -> BPETokenizer:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -111,22 +118,32 @@ class BPETokenizer(Tokenizer):
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = False) -> BPETokenizer:
     """Learn a byte-level BPE with `vocab_size` ids (end-of-text included) from `texts`."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
 
     if vocab_size < MIN_VOCAB:
-        raise ValueError(f"a BPE vocabulary needs at least {MIN_VOCAB} ids (256 bytes + end-of-text), got {vocab_size}")
+        raise ValueError(
+            f"a BPE vocabulary needs at least {MIN_VOCAB} ids (256 bytes + end-of-text), got {vocab_size}"
+        )
     hf = HFTokenizer(models.BPE())
     # Newlines are pieces of their own, never merged with the indentation after them: a prompt
     # ending in a newline (the usual way to ask for the next line) then ends on a boundary the
     # model saw in training. It costs about 6% more tokens on Python than GPT-2's pattern alone.
     # Within a line, GPT-2's pattern: words keep their leading space, and a run of spaces gives
     # all but its last to a token of its own, so indentation levels become single tokens.
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=progress)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=progress,
+    )
     hf.train_from_iterator(_nonempty(texts), trainer=trainer)
     return BPETokenizer(hf.to_str())
 

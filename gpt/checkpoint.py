@@ -12,26 +12,37 @@ unpickling can. Saving is atomic: the directory is written under a temporary nam
 destination and renamed into place, so `path` holds either the old checkpoint or the new one.
 The file helpers doing that (atomic writes, safe reads) live in gpt.files.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
+from .bpe import TOKENIZER_FILE, BPETokenizer
 from .config import ModelConfig
+
 # Re-exported as well as used: callers and tests import the file helpers from here too.
-from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory,  # noqa: F401
-                    atomic_write_bytes, load_tensors_into, read_json, read_safetensors,
-                    stored_dtype, tied_names)
+from .files import (  # noqa: F401
+    CONFIG_FILE,
+    CheckpointError,
+    PathLike,
+    atomic_directory,
+    atomic_write_bytes,
+    load_tensors_into,
+    read_json,
+    read_safetensors,
+    stored_dtype,
+    tied_names,
+)
 from .hf import load_hf_gpt2
 from .model import build_model
-from .quantization import MODES as QUANTIZATIONS, is_quantized, quantize
-from .bpe import TOKENIZER_FILE, BPETokenizer
+from .quantization import MODES as QUANTIZATIONS
+from .quantization import is_quantized, quantize
 from .tokenizer import Tokenizer, get_tokenizer
 
 FORMAT = "gpt-checkpoint"
@@ -41,8 +52,15 @@ WEIGHTS_FILE = "model.safetensors"
 
 # --- our checkpoints -------------------------------------------------------------------------
 
-def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str | Tokenizer] = None,
-         metadata: Optional[dict] = None, extra_files: Optional[dict[str, bytes]] = None) -> Path:
+
+def save(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    tokenizer: str | Tokenizer | None = None,
+    metadata: dict | None = None,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Save `model` as a checkpoint directory at `path`, atomically replacing any previous one.
 
     tokenizer: the tokenizer, or its name, to record (default: model.config.tokenizer); one
@@ -53,21 +71,35 @@ def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str | Tokenize
     tokenizer_json = tokenizer.to_json() if isinstance(tokenizer, Tokenizer) else None
     tokenizer = (tokenizer.name if isinstance(tokenizer, Tokenizer) else tokenizer) or config.tokenizer
     if tokenizer == "bpe" and tokenizer_json is None:
-        raise ValueError("a model with a trained 'bpe' tokenizer is saved with the tokenizer itself: "
-                         "save(model, path, tokenizer=tok)")
+        raise ValueError(
+            "a model with a trained 'bpe' tokenizer is saved with the tokenizer itself: "
+            "save(model, path, tokenizer=tok)"
+        )
     model_dict = config.to_dict()
     model_dict["tokenizer"] = tokenizer  # one answer to "which tokenizer", wherever it is read
-    header = {"format": FORMAT, "version": VERSION, "model": model_dict, "tokenizer": tokenizer,
-              "metadata": dict(metadata or {})}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_dict,
+        "tokenizer": tokenizer,
+        "metadata": dict(metadata or {}),
+    }
     if is_quantized(model):  # int8 weights and their scales are stored as they are: a smaller file
         header["quantization"] = "int8"
     # Serialise before touching the disk, so bad metadata fails without leaving anything behind.
     config_bytes = (json.dumps(header, indent=2, sort_keys=False) + "\n").encode("utf-8")
     extra_files = dict(extra_files or {})
     for name in extra_files:
-        if name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) or not name or Path(name).name != name or name.startswith("."):
-            raise ValueError(f"extra file name {name!r} must be a plain file name other than "
-                             f"{CONFIG_FILE} and {WEIGHTS_FILE}")
+        if (
+            name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+            or not name
+            or Path(name).name != name
+            or name.startswith(".")
+        ):
+            raise ValueError(
+                f"extra file name {name!r} must be a plain file name other than "
+                f"{CONFIG_FILE} and {WEIGHTS_FILE}"
+            )
     aliases = tied_names(model)
     # safetensors refuses tensors that share memory, so tied weights are stored once.
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in aliases}
@@ -83,8 +115,9 @@ def save(model: nn.Module, path: PathLike, *, tokenizer: Optional[str | Tokenize
     return path
 
 
-def load_checkpoint(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] = None
-                    ) -> tuple[nn.Module, ModelConfig, dict]:
+def load_checkpoint(
+    path: PathLike, *, device="cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, ModelConfig, dict]:
     """Load a checkpoint directory: (model in eval mode, its config, its metadata).
 
     dtype: convert the weights to it; None keeps the dtype they were saved in."""
@@ -95,8 +128,9 @@ def load_checkpoint(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype
         raise CheckpointError(f"{config_file}: not a {FORMAT} config (format is {header.get('format')!r})")
     version = header.get("version")
     if not isinstance(version, int) or version > VERSION:
-        raise CheckpointError(f"{config_file}: unsupported version {version!r}; this code reads "
-                              f"version {VERSION} or older")
+        raise CheckpointError(
+            f"{config_file}: unsupported version {version!r}; this code reads version {VERSION} or older"
+        )
     try:
         model_dict = dict(header["model"])
         if isinstance(header.get("tokenizer"), str):
@@ -108,8 +142,10 @@ def load_checkpoint(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype
 
     quantization = header.get("quantization")
     if quantization is not None and quantization not in QUANTIZATIONS:
-        raise CheckpointError(f"{config_file}: unknown quantization {quantization!r}; this code reads "
-                              f"{', '.join(QUANTIZATIONS)}")
+        raise CheckpointError(
+            f"{config_file}: unknown quantization {quantization!r}; this code reads "
+            f"{', '.join(QUANTIZATIONS)}"
+        )
 
     tensors = read_safetensors(path / WEIGHTS_FILE)
     model = build_model(config)
@@ -128,7 +164,8 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 def _is_hf_gpt2(header: dict) -> bool:
     return header.get("model_type") == "gpt2" or any(
-        a in ("GPT2LMHeadModel", "GPT2Model") for a in header.get("architectures") or [])
+        a in ("GPT2LMHeadModel", "GPT2Model") for a in header.get("architectures") or []
+    )
 
 
 def _looks_like_hub_name(name: str) -> bool:
@@ -141,16 +178,20 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         import huggingface_hub
     except ImportError:
-        raise CheckpointError(f"{repo_id}: no such local directory; to download it from the Hugging Face "
-                              f"hub, `pip install huggingface_hub`, or pass a local directory") from None
+        raise CheckpointError(
+            f"{repo_id}: no such local directory; to download it from the Hugging Face "
+            f"hub, `pip install huggingface_hub`, or pass a local directory"
+        ) from None
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as e:
-        raise CheckpointError(f"{repo_id}: no such local directory, and downloading it from the Hugging "
-                              f"Face hub failed ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{repo_id}: no such local directory, and downloading it from the Hugging "
+            f"Face hub failed ({type(e).__name__}: {e})"
+        ) from e
 
 
-def load(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] = None) -> tuple[nn.Module, Tokenizer]:
+def load(path: PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Tokenizer]:
     """Load a model and its tokenizer from any supported source:
 
     - a checkpoint directory written by `save`;
@@ -171,8 +212,10 @@ def load(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] = None) -
         model, config = load_hf_gpt2(p, device=device, dtype=dtype)
     else:
         kind = header.get("format") or header.get("model_type") or header.get("architectures")
-        raise CheckpointError(f"{p / CONFIG_FILE}: expected a {FORMAT} checkpoint or a Hugging Face GPT-2 "
-                              f"directory (model_type 'gpt2'), found {kind!r}")
+        raise CheckpointError(
+            f"{p / CONFIG_FILE}: expected a {FORMAT} checkpoint or a Hugging Face GPT-2 "
+            f"directory (model_type 'gpt2'), found {kind!r}"
+        )
     try:
         if config.tokenizer == BPETokenizer.name:  # trained with the model, stored beside it
             tokenizer = BPETokenizer.from_file(p / TOKENIZER_FILE)

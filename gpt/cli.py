@@ -1,9 +1,10 @@
 """gpt-generate: stream text from a checkpoint or a Hugging Face GPT-2 directory."""
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,42 +20,71 @@ def _positive_int(s: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gpt-generate", description=(
-        "Generate text from a model and stream it to the terminal. PATH is a checkpoint directory "
-        "written by gpt-train / gpt.save, or a Hugging Face GPT-2 directory (config.json with "
-        "model.safetensors or pytorch_model.bin)."))
-    p.add_argument("prompt", nargs="?", default=None,
-                   help="the prompt (for an encoder-decoder, the source text); '-' or omitted reads stdin")
+    p = _Parser(
+        prog="gpt-generate",
+        description=(
+            "Generate text from a model and stream it to the terminal. PATH is a checkpoint directory "
+            "written by gpt-train / gpt.save, or a Hugging Face GPT-2 directory (config.json with "
+            "model.safetensors or pytorch_model.bin)."
+        ),
+    )
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default=None,
+        help="the prompt (for an encoder-decoder, the source text); '-' or omitted reads stdin",
+    )
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint or GPT-2 directory")
     p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128, help="tokens to generate (128)")
     # Small models read best a little cooler than 1, with the unlikely tail cut off.
     p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 is greedy (0.7)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off (0.95)")
+    p.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off (0.95)"
+    )
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, [-2, 2]")
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not printed")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable); it is not printed",
+    )
     p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights' dtype (float32)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8: 8-bit weights and activations in every linear layer (none)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (tens of seconds the first time; beam search stays "
-                        "uncompiled); faster with --quantize int8")
-    p.add_argument("--eager", action="store_true",
-                   help="on a GPU, run each decode step eagerly instead of replaying a CUDA graph of it")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights' dtype (float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: 8-bit weights and activations in every linear layer (none)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (tens of seconds the first time; beam search stays "
+        "uncompiled); faster with --quantize int8",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="on a GPU, run each decode step eagerly instead of replaying a CUDA graph of it",
+    )
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     prompt = args.prompt
@@ -75,11 +105,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         params = SamplingParams(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-            seed=args.seed, stop=args.stop, num_beams=args.num_beams, length_penalty=args.length_penalty,
-            ignore_eos=args.ignore_eos)
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            seed=args.seed,
+            stop=args.stop,
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            ignore_eos=args.ignore_eos,
+        )
     except ValueError as e:
         parser.error(str(e))
     try:

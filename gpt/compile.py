@@ -35,11 +35,12 @@ few of them.
 Compiling takes tens of seconds per graph on a small CPU (inductor caches its work on disk, so
 a second start is quicker). `warm_up` compiles the graph before the first request needs it.
 """
+
 from __future__ import annotations
 
 import time
 import types
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -77,32 +78,66 @@ class CompiledStep:
         self.unguarded.clear()
 
     @staticmethod
-    def _key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens) -> Optional[tuple]:
+    def _key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens) -> tuple | None:
         """What an unguarded graph is specialised to, or None where the step must keep dynamo's
         guards (inputs that are Python numbers, or attention that reads them). Our attention
         kernel finds each row's keys from its position, so a step of rows of different lengths
         needs no mask: one graph serves rows of any lengths."""
         layer = cache.layers[0]
-        if (_SKIP_GUARDS is None or memory is not None or cache.max_src_len or head is None
-                or not last_only or n_tokens is not None
-                or not native_attention_fits(wte.weight.dtype, layer, stack.training)):
+        if (
+            _SKIP_GUARDS is None
+            or memory is not None
+            or cache.max_src_len
+            or head is None
+            or not last_only
+            or n_tokens is not None
+            or not native_attention_fits(wte.weight.dtype, layer, stack.training)
+        ):
             return None
-        return (tuple(layer.k.shape), layer.k.dtype, wte.weight.dtype, idx.dtype, idx.is_inference(), view.rows.dtype,
-                idx.shape[0] > 1)
+        return (
+            tuple(layer.k.shape),
+            layer.k.dtype,
+            wte.weight.dtype,
+            idx.dtype,
+            idx.is_inference(),
+            view.rows.dtype,
+            idx.shape[0] > 1,
+        )
 
     def _compile_unguarded(self) -> Callable:
         f = self._method.__func__
-        own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        own = types.FunctionType(
+            f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__
+        )
         own.__kwdefaults__ = f.__kwdefaults__
         options = {**self._options, "guard_filter_fn": _SKIP_GUARDS}
-        return torch.compile(types.MethodType(own, self._method.__self__), dynamic=False, fullgraph=True,
-                             options=options)
+        return torch.compile(
+            types.MethodType(own, self._method.__self__), dynamic=False, fullgraph=True, options=options
+        )
 
-    def __call__(self, stack, wte, idx, pos, *, mask, causal, cache, view, memory, memory_mask, head=None,
-                 last_only=False, n_tokens=None):
+    def __call__(
+        self,
+        stack,
+        wte,
+        idx,
+        pos,
+        *,
+        mask,
+        causal,
+        cache,
+        view,
+        memory,
+        memory_mask,
+        head=None,
+        last_only=False,
+        n_tokens=None,
+    ):
         batched = idx.shape[0] > 1
-        key = None if batched and not _batches_compile(head) else self._key(
-            stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
+        key = (
+            None
+            if batched and not _batches_compile(head)
+            else self._key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
+        )
         if key is None and (batched or mask is not None):
             run = self._method  # only steps of one row compile with guards: see the module's doc
         elif key is None:
@@ -118,8 +153,21 @@ class CompiledStep:
                 # mark_dynamic makes tracing fail rather than bake it in.
                 for t in (idx, pos, view.rows, view.write_pos):
                     torch._dynamo.mark_dynamic(t, 0)
-        return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view, memory=memory,
-                   memory_mask=memory_mask, head=head, last_only=last_only, n_tokens=n_tokens)
+        return run(
+            stack,
+            wte,
+            idx,
+            pos,
+            mask=mask,
+            causal=causal,
+            cache=cache,
+            view=view,
+            memory=memory,
+            memory_mask=memory_mask,
+            head=head,
+            last_only=last_only,
+            n_tokens=n_tokens,
+        )
 
 
 def compile_decode(model: nn.Module) -> nn.Module:
@@ -134,7 +182,7 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def warm_up(model: nn.Module, cache: Optional[KVCache] = None, steps: int = 3) -> float:
+def warm_up(model: nn.Module, cache: KVCache | None = None, steps: int = 3) -> float:
     """Compile now rather than in the first request: a few single-row decode steps in row 0 of
     `cache` (the one the caller will decode with: the graph is specialised to its shape; by
     default a new one-row cache) and, where batched steps compile too (`_batches_compile`) and

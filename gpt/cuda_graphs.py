@@ -20,11 +20,11 @@ hold the weights' addresses: `model.to(...)` drops them, and a model changed any
 (replaced modules or parameters) needs `cuda_graph_decode` again. The encoder-decoder keeps the
 eager step: its cross-attention reads sources of other lengths per row.
 """
+
 from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -67,17 +67,33 @@ class _Graph:
             self.index = torch.zeros(3, rows, dtype=torch.long, device=device)
             self.key_ids = torch.arange(keys, device=device)
             self.row_ids = torch.arange(rows, device=device)
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.out: Optional[Tensor] = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Tensor | None = None
 
     def _body(self, model: nn.Module, stack, wte, head, cache: KVCache) -> Tensor:
         write = self.index[0][:, None]  # (rows, 1)
         mask = (self.key_ids[None, :] <= write)[:, None, None, :]  # (rows, 1, 1, keys)
-        view = CacheView(rows=self.row_ids, select=slice(0, self.rows), write_pos=write, kv_len=self.keys, src_len=0)
-        pos = write.clamp(max=model.config.block_size - 1)  # riders' spare slot may lie past the last position
+        view = CacheView(
+            rows=self.row_ids, select=slice(0, self.rows), write_pos=write, kv_len=self.keys, src_len=0
+        )
+        pos = write.clamp(
+            max=model.config.block_size - 1
+        )  # riders' spare slot may lie past the last position
         run = model._compiled_stack or model._run_stack
-        logits = run(stack, wte, self.tokens[self.index[1]], pos, mask=mask, causal=False, cache=cache, view=view,
-                     memory=None, memory_mask=None, head=head, last_only=True)
+        logits = run(
+            stack,
+            wte,
+            self.tokens[self.index[1]],
+            pos,
+            mask=mask,
+            causal=False,
+            cache=cache,
+            view=view,
+            memory=None,
+            memory_mask=None,
+            head=head,
+            last_only=True,
+        )
         return logits[self.index[2]]
 
     def record(self, model: nn.Module, stack, wte, head, cache: KVCache, pool) -> None:
@@ -86,7 +102,9 @@ class _Graph:
         device = cache.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # lazy initialisation (library handles, workspaces) stays out of the graph
+        with torch.cuda.stream(
+            side
+        ):  # lazy initialisation (library handles, workspaces) stays out of the graph
             for _ in range(2):
                 self._body(model, stack, wte, head, cache)
         torch.cuda.current_stream(device).wait_stream(side)
@@ -123,7 +141,7 @@ class DecodeGraphs:
         # retires a pool once every graph recorded into it is gone, and refuses (an internal
         # assert) to record into it again, so the graphs of a new cache need a new pool.
         self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.failed: Optional[str] = None  # why recording failed; every step is eager after that
+        self.failed: str | None = None  # why recording failed; every step is eager after that
 
     def clear(self) -> None:
         self._by_cache.clear()
@@ -134,8 +152,17 @@ class DecodeGraphs:
     def accepts(self, idx: Tensor, cache: KVCache, n_tokens, last_only: bool) -> bool:
         """Whether this step can replay a graph: one token per row, on a GPU, for inference,
         decoder-only (no encoder outputs in the cache), logits of the last token wanted."""
-        return (self.failed is None and idx.is_cuda and idx.dim() == 2 and idx.shape[1] == 1 and n_tokens is None and last_only
-                and cache.max_src_len == 0 and not torch.is_grad_enabled() and cache.device == idx.device)
+        return (
+            self.failed is None
+            and idx.is_cuda
+            and idx.dim() == 2
+            and idx.shape[1] == 1
+            and n_tokens is None
+            and last_only
+            and cache.max_src_len == 0
+            and not torch.is_grad_enabled()
+            and cache.device == idx.device
+        )
 
     def _graph(self, model, stack, wte, head, cache: KVCache, rows: int, keys: int) -> _Graph:
         if cache not in self._by_cache:
@@ -148,26 +175,36 @@ class DecodeGraphs:
             graphs[(rows, keys)] = g
         return g
 
-    def step(self, model, stack, wte, head, idx: Tensor, cache: KVCache, rows: Optional[Rows]) -> Optional[Tensor]:
+    def step(self, model, stack, wte, head, idx: Tensor, cache: KVCache, rows: Rows | None) -> Tensor | None:
         """Append one token per row (idx (B, 1)) to `rows` of the cache; next-token logits (B, V).
         None, with the cache unchanged, when the graph could not be recorded: the caller steps
         eagerly instead (as it will from then on, after one warning)."""
         rows_t, positions = cache.advance_one(idx.shape[0], rows)
         try:
-            g = self._graph(model, stack, wte, head, cache, _bucket(int(rows_t.max()) + 1, 1, cache.batch_size),
-                            _bucket(int(positions.max()) + 1, MIN_KEYS, cache.max_len))
+            g = self._graph(
+                model,
+                stack,
+                wte,
+                head,
+                cache,
+                _bucket(int(rows_t.max()) + 1, 1, cache.batch_size),
+                _bucket(int(positions.max()) + 1, MIN_KEYS, cache.max_len),
+            )
         except RuntimeError as e:  # an op that cannot be recorded, out of memory, ...
             cache.lengths[rows_t] = positions  # nothing was appended
             self.failed = _why(e)
-            warnings.warn(f"CUDA graphs of the decode step could not be recorded ({self.failed}); "
-                          f"decoding eagerly", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"CUDA graphs of the decode step could not be recorded ({self.failed}); decoding eagerly",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return None
         except BaseException:
             cache.lengths[rows_t] = positions
             raise
         return g.replay(idx, rows_t, positions)
 
-    def check(self, model, cache: KVCache) -> Optional[str]:
+    def check(self, model, cache: KVCache) -> str | None:
         """Step a short prompt in row 0 of `cache` once eagerly and once through a graph, and
         compare the logits: None when they agree, else what went wrong. Leaves row 0 empty."""
         row, tok = slice(0, 1), torch.tensor([[4]], device=cache.device)
@@ -189,7 +226,7 @@ class DecodeGraphs:
             return f"a replayed step differs from the eager step (relative error {err:.1e})"
         return None
 
-    def record_all(self, model, cache: KVCache, max_rows: Optional[int] = None) -> int:
+    def record_all(self, model, cache: KVCache, max_rows: int | None = None) -> int:
         """Record every graph that steps in `cache` can need (up to `max_rows` rows), so that no
         request waits for a recording; returns how many there are."""
         if cache.max_src_len or not cache.device.type == "cuda":
@@ -210,7 +247,9 @@ def cuda_graph_decode(model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def record_decode_graphs(model: nn.Module, cache: KVCache, max_rows: Optional[int] = None) -> tuple[int, Optional[str]]:
+def record_decode_graphs(
+    model: nn.Module, cache: KVCache, max_rows: int | None = None
+) -> tuple[int, str | None]:
     """`cuda_graph_decode(model)`, then record every graph for `cache` now (`record_all`) and
     check one replay against the eager step: (graphs recorded, None), or (0, what went wrong),
     the model then left decoding eagerly and the cache empty. For a server's start-up."""

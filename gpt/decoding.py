@@ -9,10 +9,11 @@ sequence and differ only in how they batch the forwards.
     pieces = decode_tokens(logits, decoders)   # sample, then end-of-text, stop strings, budget
     ... feed each unfinished decoder's last token back through model.step ...
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from torch import Tensor
 
@@ -26,9 +27,10 @@ class PromptLogprobs:
     """How likely the model found each prompt token, given the tokens before it (a server's `echo`
     with logprobs). One entry per prompt token; the first token's are None, as nothing predicts it.
     From the same unprocessed distribution as generated tokens' logprobs."""
+
     token_ids: list[int]
-    logprobs: list[Optional[float]] = field(default_factory=lambda: [None])
-    top_logprobs: list[Optional[dict[int, float]]] = field(default_factory=lambda: [None])  # {} when none asked
+    logprobs: list[float | None] = field(default_factory=lambda: [None])
+    top_logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])  # {} when none asked
 
     @property
     def complete(self) -> bool:
@@ -41,26 +43,33 @@ class Piece:
 
     `text` is safe to show (a stop string is never leaked, a UTF-8 character never split), so
     it may lag `token_ids` by a few tokens until they are confirmed."""
+
     text: str = ""
     token_ids: list[int] = field(default_factory=list)  # the tokens this piece consumed
     logprobs: list[float] = field(default_factory=list)  # chosen-token log-probability, one per token id
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # most likely alternatives, when asked
     # None until the sequence's last piece. The library ends with "stop" (end-of-text or a stop
     # string) or "length" (the token budget); the server adds "timeout", "cancelled" and "error".
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated up to and including this piece
     cached_tokens: int = 0  # prompt tokens a server took from its prefix cache instead of computing
     # the prompt's own logprobs, when a server was asked for them: on the sequence's first piece
-    prompt_logprobs: Optional[PromptLogprobs] = None
+    prompt_logprobs: PromptLogprobs | None = None
 
-    def merge(self, later: "Piece") -> "Piece":
+    def merge(self, later: Piece) -> Piece:
         """This piece followed by a later one of the same sequence, as one piece."""
-        return Piece(self.text + later.text, self.token_ids + later.token_ids, self.logprobs + later.logprobs,
-                     self.top_logprobs + later.top_logprobs, later.finish_reason,
-                     later.prompt_tokens or self.prompt_tokens, later.completion_tokens,
-                     later.cached_tokens or self.cached_tokens,
-                     self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs)
+        return Piece(
+            self.text + later.text,
+            self.token_ids + later.token_ids,
+            self.logprobs + later.logprobs,
+            self.top_logprobs + later.top_logprobs,
+            later.finish_reason,
+            later.prompt_tokens or self.prompt_tokens,
+            later.completion_tokens,
+            later.cached_tokens or self.cached_tokens,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+        )
 
     @property
     def logprob(self) -> float:
@@ -73,8 +82,14 @@ class SequenceDecoder:
     history for penalties), its text stream (incremental detokenizer and stop strings), its
     token budget and, once it ends, its finish reason."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                 budget: Optional[int] = None, device="cpu"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        budget: int | None = None,
+        device="cpu",
+    ):
         self.params = params
         self.sampler = RowState.new(params, prompt_ids, device)
         self.stream = TextStream(tokenizer, params.stop)
@@ -82,7 +97,7 @@ class SequenceDecoder:
         self.vocab_size = tokenizer.vocab_size
         self.budget = params.max_new_tokens if budget is None else budget
         self.logprobs: list[float] = []  # of each output token
-        self.finish_reason: Optional[str] = None
+        self.finish_reason: str | None = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -100,7 +115,7 @@ class SequenceDecoder:
     def last_token(self) -> int:
         return self.sampler.output_ids[-1]
 
-    def accept(self, token: int, logprob: float, top: Optional[dict[int, float]] = None) -> Piece:
+    def accept(self, token: int, logprob: float, top: dict[int, float] | None = None) -> Piece:
         """Append a chosen token; return the piece of output it makes (text may be "" while a
         character or a possible stop string is incomplete), with a finish reason if it ended
         the sequence: end-of-text (unless ignore_eos), a stop string, or the budget."""
@@ -108,8 +123,14 @@ class SequenceDecoder:
             raise RuntimeError("this sequence has finished")
         self.sampler.output_ids.append(token)
         self.logprobs.append(logprob)
-        piece = Piece("", [token], [logprob], [top] if top is not None else [],
-                      prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+        piece = Piece(
+            "",
+            [token],
+            [logprob],
+            [top] if top is not None else [],
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
         if (token == self.eot and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             piece.text, self.finish_reason = self.stream.flush(), "stop"
         else:
@@ -127,24 +148,40 @@ class SequenceDecoder:
         piece; with `flush`, it releases the text held back so far."""
         text = self.stream.flush() if flush and not self.finished else ""
         self.finish_reason = reason
-        return Piece(text, finish_reason=reason, prompt_tokens=len(self.prompt_ids),
-                     completion_tokens=len(self.output_ids))
+        return Piece(
+            text,
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
 
-    def fork(self) -> "SequenceDecoder":
+    def fork(self) -> SequenceDecoder:
         """An independent copy (beam search extends one hypothesis several ways)."""
         twin = object.__new__(SequenceDecoder)
-        twin.params, twin.eot, twin.budget, twin.finish_reason = self.params, self.eot, self.budget, self.finish_reason
+        twin.params, twin.eot, twin.budget, twin.finish_reason = (
+            self.params,
+            self.eot,
+            self.budget,
+            self.finish_reason,
+        )
         twin.vocab_size = self.vocab_size
-        twin.sampler = RowState(self.params, self.sampler.prompt_ids, self.sampler.generator,
-                                list(self.sampler.output_ids))
+        twin.sampler = RowState(
+            self.params, self.sampler.prompt_ids, self.sampler.generator, list(self.sampler.output_ids)
+        )
         twin.logprobs = list(self.logprobs)
         twin.stream = self.stream.fork()
         return twin
 
     def completion(self) -> Piece:
         """Everything this sequence has shown so far, as one piece (a finished one's whole text)."""
-        return Piece(self.stream.text, list(self.output_ids), list(self.logprobs), finish_reason=self.finish_reason,
-                     prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+        return Piece(
+            self.stream.text,
+            list(self.output_ids),
+            list(self.logprobs),
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
 
 
 def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[Piece]:
@@ -154,7 +191,7 @@ def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[P
 
     A model whose output layer is wider than its tokenizer (a vocabulary padded to a multiple of
     64) never chooses, nor reports, the ids the tokenizer lacks: they are cut off first."""
-    logits = logits[:, :min(d.vocab_size for d in decoders)]
+    logits = logits[:, : min(d.vocab_size for d in decoders)]
     tokens = sample(logits, [d.sampler for d in decoders], decoders[0].eot)
     top_n = max(d.params.logprobs for d in decoders)
     chosen, top_v, top_i = token_logprobs(logits, tokens, top_n)

@@ -1,4 +1,5 @@
 """Turning a device name from the command line into a usable torch.device."""
+
 from __future__ import annotations
 
 import torch

@@ -8,12 +8,12 @@ trainer puts between documents) to its last. A document longer than the model's 
 scored in overlapping windows: each window predicts `stride` new tokens with the rest of the
 context before them, like lm-evaluation-harness's rolling log-likelihood with an overlap.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,15 @@ class Score:
         return self.nats_per_byte / math.log(2)
 
     def to_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "nats_per_byte": self.nats_per_byte,
-                "bits_per_byte": self.bits_per_byte, "tokens": self.tokens, "bytes": self.bytes,
-                "documents": self.documents}
+        return {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "nats_per_byte": self.nats_per_byte,
+            "bits_per_byte": self.bits_per_byte,
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "documents": self.documents,
+        }
 
 
 Window = tuple[list[int], list[int], int]  # inputs, targets, how many trailing targets count
@@ -64,14 +70,21 @@ def windows(ids: Sequence[int], start: int, block: int, stride: int) -> list[Win
     while done < len(ids):
         end = min(done + (stride if done else block), len(ids))
         lo = max(0, end - block)
-        out.append((seq[lo:end], seq[lo + 1:end + 1], end - done))
+        out.append((seq[lo:end], seq[lo + 1 : end + 1], end - done))
         done = end
     return out
 
 
 @torch.no_grad()
-def score_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Iterable[str], *,
-                stride: Optional[int] = None, batch_size: int = 8, progress: bool = False) -> Score:
+def score_texts(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    texts: Iterable[str],
+    *,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Score:
     """Score decoder-only `model` on `texts` (each one document)."""
     from tqdm import tqdm
 
@@ -84,20 +97,27 @@ def score_texts(model: torch.nn.Module, tokenizer: Tokenizer, texts: Iterable[st
     texts = list(texts)
     nll, n_tokens, n_bytes, pending = 0.0, 0, 0, []
     device = next(model.parameters()).device
-    bar = tqdm(total=sum(len(t.encode("utf-8")) for t in texts), unit="B", unit_scale=True,
-               desc="scoring", disable=not progress, leave=False)
+    bar = tqdm(
+        total=sum(len(t.encode("utf-8")) for t in texts),
+        unit="B",
+        unit_scale=True,
+        desc="scoring",
+        disable=not progress,
+        leave=False,
+    )
 
     def flush() -> float:
         width = max(len(inp) for inp, _, _ in pending)
         x = torch.full((len(pending), width), tokenizer.eot_token, dtype=torch.long)
         y = torch.full((len(pending), width), IGNORE, dtype=torch.long)
         for r, (inp, tgt, n_new) in enumerate(pending):
-            x[r, :len(inp)] = torch.tensor(inp)
-            y[r, len(tgt) - n_new:len(tgt)] = torch.tensor(tgt[len(tgt) - n_new:])
+            x[r, : len(inp)] = torch.tensor(inp)
+            y[r, len(tgt) - n_new : len(tgt)] = torch.tensor(tgt[len(tgt) - n_new :])
         logits = model(x.to(device)).float()
         pending.clear()
-        return F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
-                               reduction="sum").item()
+        return F.cross_entropy(
+            logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE, reduction="sum"
+        ).item()
 
     with bar:
         for text in texts:
@@ -125,15 +145,21 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], bos: int, eos: i
     tgt_in = torch.zeros(len(pairs), T, dtype=torch.long)
     tgt_out = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
     for i, (s, t) in enumerate(pairs):
-        src[i, :len(s)], src_mask[i, :len(s)] = torch.tensor(s), True
-        tgt_in[i, :len(t) + 1] = torch.tensor([bos, *t])
-        tgt_out[i, :len(t) + 1] = torch.tensor([*t, eos])
+        src[i, : len(s)], src_mask[i, : len(s)] = torch.tensor(s), True
+        tgt_in[i, : len(t) + 1] = torch.tensor([bos, *t])
+        tgt_out[i, : len(t) + 1] = torch.tensor([*t, eos])
     return src, src_mask, tgt_in, tgt_out
 
 
 @torch.no_grad()
-def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *,
-                batch_size: int = 32, progress: bool = False) -> Score:
+def score_pairs(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Score:
     """Score encoder-decoder `model` on (source, target) pairs: the target and its end-of-text,
     teacher-forced, given the source. Bytes are the targets' (end-of-text has none)."""
     from tqdm import tqdm
@@ -143,18 +169,22 @@ def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tu
     device = next(model.parameters()).device
     limit = model.config.block_size
     nll, n_tokens, n_bytes = 0.0, 0, 0
-    for lo in tqdm(range(0, len(pairs), batch_size), desc="scoring", unit="batch", disable=not progress,
-                   leave=False):
-        chunk = pairs[lo:lo + batch_size]
+    for lo in tqdm(
+        range(0, len(pairs), batch_size), desc="scoring", unit="batch", disable=not progress, leave=False
+    ):
+        chunk = pairs[lo : lo + batch_size]
         enc = [(tokenizer.encode(s), tokenizer.encode(t)) for s, t in chunk]
         for i, (s, t) in enumerate(enc):
             if not s or len(s) > limit or len(t) + 1 > limit:
-                raise ValueError(f"pair {lo + i + 1}: the source must have 1 to {limit} tokens and the target "
-                                 f"at most {limit - 1} (it has {len(s)} and {len(t)})")
+                raise ValueError(
+                    f"pair {lo + i + 1}: the source must have 1 to {limit} tokens and the target "
+                    f"at most {limit - 1} (it has {len(s)} and {len(t)})"
+                )
         src, mask, tgt_in, tgt_out = collate_pairs(enc, model.start_token, tokenizer.eot_token)
         logits = model(src.to(device), tgt_in.to(device), mask.to(device)).float()
-        nll += F.cross_entropy(logits.flatten(0, 1), tgt_out.to(device).flatten(), ignore_index=IGNORE,
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.flatten(0, 1), tgt_out.to(device).flatten(), ignore_index=IGNORE, reduction="sum"
+        ).item()
         n_tokens += int((tgt_out != IGNORE).sum())
         n_bytes += sum(len(t.encode("utf-8")) for _, t in chunk)
     return Score(nll=nll, tokens=n_tokens, bytes=n_bytes, documents=len(pairs))

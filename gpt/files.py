@@ -9,6 +9,7 @@
 
 This module imports nothing from `gpt`, so every other module can use it without a cycle.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
 
 import safetensors.torch
 import torch
@@ -28,7 +29,7 @@ import torch.nn as nn
 # Our checkpoints and Hugging Face directories both describe themselves in this file.
 CONFIG_FILE = "config.json"
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class CheckpointError(ValueError):
@@ -101,8 +102,10 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     empty nor holds a config.json is refused, as it is not a previous checkpoint."""
     path = Path(path)
     if path.exists() and not _looks_replaceable(path):
-        raise CheckpointError(f"{path}: refusing to replace it, it exists and does not look like a "
-                              f"checkpoint directory (no {CONFIG_FILE})")
+        raise CheckpointError(
+            f"{path}: refusing to replace it, it exists and does not look like a "
+            f"checkpoint directory (no {CONFIG_FILE})"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -178,6 +181,7 @@ def recover_interrupted_writes(directory: PathLike) -> list[str]:
 
 # --- reading -----------------------------------------------------------------------------------
 
+
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file on the CPU, with any failure as a CheckpointError."""
     if not file.is_file():
@@ -185,8 +189,10 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(str(file), device="cpu")
     except Exception as e:  # SafetensorError for truncated/corrupt files, OSError, ...
-        raise CheckpointError(f"{file}: cannot read safetensors weights, the file is truncated or "
-                              f"corrupt ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{file}: cannot read safetensors weights, the file is truncated or "
+            f"corrupt ({type(e).__name__}: {e})"
+        ) from e
 
 
 def read_json(file: Path) -> dict:
@@ -209,6 +215,7 @@ def read_json(file: Path) -> dict:
 
 
 # --- tensors <-> model ---------------------------------------------------------------------
+
 
 def tied_names(model: nn.Module) -> dict[str, str]:
     """{alias: name} for state-dict entries that are the same tensor as an earlier entry, e.g.
@@ -233,8 +240,9 @@ def _list(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], source: PathLike,
-                      config_file: str = CONFIG_FILE) -> None:
+def load_tensors_into(
+    model: nn.Module, tensors: dict[str, torch.Tensor], source: PathLike, config_file: str = CONFIG_FILE
+) -> None:
     """Copy `tensors` into the model, insisting on exactly the expected names and shapes.
 
     `source` (the weights file) names the culprit in errors. Tied aliases must be absent, as
@@ -246,12 +254,14 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], source
     if missing:
         raise CheckpointError(f"{source}: missing tensor{'s' if len(missing) > 1 else ''} {_list(missing)}")
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor{'s' if len(unexpected) > 1 else ''} "
-                              f"{_list(unexpected)}")
+        raise CheckpointError(
+            f"{source}: unexpected tensor{'s' if len(unexpected) > 1 else ''} {_list(unexpected)}"
+        )
     for k, want in expected.items():
         if tuple(tensors[k].shape) != tuple(want.shape):
-            raise CheckpointError(f"{source}: {k} has shape {_shape(tensors[k].shape)}, "
-                                  f"{config_file} says {_shape(want.shape)}")
+            raise CheckpointError(
+                f"{source}: {k} has shape {_shape(tensors[k].shape)}, {config_file} says {_shape(want.shape)}"
+            )
         if not (tensors[k].is_floating_point() or tensors[k].dtype == want.dtype):
             raise CheckpointError(f"{source}: {k} has dtype {tensors[k].dtype}, expected {want.dtype}")
     full = dict(tensors)
@@ -260,6 +270,6 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor], source
         model.load_state_dict(full, strict=True)
 
 
-def stored_dtype(tensors: dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+def stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
     """The dtype the weights were saved in (that of the first floating-point tensor), or None."""
     return next((t.dtype for t in tensors.values() if t.is_floating_point()), None)

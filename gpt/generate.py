@@ -4,9 +4,10 @@
 yields pieces as they become safe to show, and is what streaming is built on. The rules that
 turn a token into output live in `gpt/decoding.py`, shared with beam search and the server.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -17,7 +18,7 @@ from .limits import ContextLimits
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 Completion = Piece  # a whole sequence's output is its pieces merged
 
 
@@ -27,8 +28,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
-                   params: Sequence[SamplingParams]) -> Iterator[tuple[int, Piece]]:
+def generate_batch(
+    model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+) -> Iterator[tuple[int, Piece]]:
     """Decode every prompt (token ids) together in one batch; yield (row, piece) as text becomes
     safe to show. Each row stops at end-of-text, a stop string, or its token budget (shrunk to
     what fits in the context). Finished rows leave the batch."""
@@ -41,10 +43,13 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]]
         decoders.append(SequenceDecoder(tokenizer, ids, p, budget))
     B = len(decoders)
     if B == 1 and is_compiled(model):
-        cache = model.new_cache(1)  # full length: the compiled step's graph is specialised to the cache's shape
+        cache = model.new_cache(
+            1
+        )  # full length: the compiled step's graph is specialised to the cache's shape
     elif limits.is_seq2seq:
-        cache = model.new_cache(B, max_len=max(d.budget for d in decoders) + 1,
-                                src_len=max(len(d.prompt_ids) for d in decoders))
+        cache = model.new_cache(
+            B, max_len=max(d.budget for d in decoders) + 1, src_len=max(len(d.prompt_ids) for d in decoders)
+        )
     else:
         cache = model.new_cache(B, max_len=max(len(d.prompt_ids) + d.budget for d in decoders))
     logits = model.start([d.prompt_ids for d in decoders], cache)
@@ -52,8 +57,7 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]]
     active = list(range(B))
     while True:
         pieces = decode_tokens(logits, [decoders[i] for i in active])
-        for i, piece in zip(active, pieces):
-            yield i, piece
+        yield from zip(active, pieces)
         still = [j for j, i in enumerate(active) if not decoders[i].finished]
         if not still:
             return
@@ -62,18 +66,21 @@ def generate_batch(model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]]
         logits = model.step(tokens, cache, rows=torch.tensor(active))
 
 
-def complete(model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
-             params: Union[SamplingParams, Sequence[SamplingParams]]) -> list[Piece]:
+def complete(
+    model, tokenizer: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+) -> list[Piece]:
     """Generate for several prompts at once (greedy, sampled or beam search); one whole
     completion per prompt."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     plist = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
     if len(plist) != len(ids):
         raise ValueError(f"got {len(ids)} prompts but {len(plist)} sampling params")
-    out: list[Optional[Piece]] = [None] * len(ids)
+    out: list[Piece | None] = [None] * len(ids)
     plain = [i for i, p in enumerate(plist) if p.num_beams == 1]
     if plain:
-        for row, piece in generate_batch(model, tokenizer, [ids[i] for i in plain], [plist[i] for i in plain]):
+        for row, piece in generate_batch(
+            model, tokenizer, [ids[i] for i in plain], [plist[i] for i in plain]
+        ):
             i = plain[row]
             out[i] = piece if out[i] is None else out[i].merge(piece)
     for i, p in enumerate(plist):
@@ -82,8 +89,9 @@ def complete(model, tokenizer: Tokenizer, prompts: Sequence[Prompt],
     return out  # type: ignore[return-value]
 
 
-def generate(model, tokenizer: Tokenizer, prompt: Union[Prompt, Sequence[str]], *, stream: bool = False,
-             **sampling) -> Union[str, list[str], Iterator[str]]:
+def generate(
+    model, tokenizer: Tokenizer, prompt: Prompt | Sequence[str], *, stream: bool = False, **sampling
+) -> str | list[str] | Iterator[str]:
     """Generate text.
 
     prompt: a string (or a list of token ids); for an encoder-decoder, the source text. A list of

@@ -7,18 +7,27 @@ Our GPT already uses GPT-2's parameter names, so converting is mostly bookkeepin
 - `GPT2Model` checkpoints lack the "transformer." prefix that `GPT2LMHeadModel` ones have;
 - a tied `lm_head.weight` is usually absent, and is the token embedding anyway.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import safetensors.torch
 import torch
 
 from .config import ModelConfig
-from .files import (CONFIG_FILE, CheckpointError, PathLike, atomic_directory, load_tensors_into,
-                    read_json, read_safetensors, stored_dtype, tied_names)
+from .files import (
+    CONFIG_FILE,
+    CheckpointError,
+    PathLike,
+    atomic_directory,
+    load_tensors_into,
+    read_json,
+    read_safetensors,
+    stored_dtype,
+    tied_names,
+)
 from .model import GPT
 from .quantization import is_quantized
 
@@ -39,13 +48,16 @@ def _is_layer_param(name: str, suffixes: tuple[str, ...]) -> bool:
 
 def config_from_hf(hf: dict, source: PathLike = CONFIG_FILE) -> ModelConfig:
     """Our ModelConfig for a Hugging Face GPT2Config dict; rejects variants we cannot reproduce."""
+
     def fail(msg: str):
         raise CheckpointError(f"{source}: {msg}")
 
     act = hf.get("activation_function", "gelu_new")
     if act not in TANH_GELUS:
-        fail(f"activation_function {act!r} is not supported; this model's GELU is the tanh "
-             f"approximation ({' or '.join(TANH_GELUS)})")
+        fail(
+            f"activation_function {act!r} is not supported; this model's GELU is the tanh "
+            f"approximation ({' or '.join(TANH_GELUS)})"
+        )
     if hf.get("scale_attn_by_inverse_layer_idx"):
         fail("scale_attn_by_inverse_layer_idx=true is not supported")
     if hf.get("scale_attn_weights", True) is False:
@@ -54,10 +66,17 @@ def config_from_hf(hf: dict, source: PathLike = CONFIG_FILE) -> ModelConfig:
         fail("add_cross_attention=true is not supported")
     try:
         return ModelConfig(
-            arch="gpt", pos_encoding="learned", norm="pre", bias=True, activation="gelu", dropout=0.0,
+            arch="gpt",
+            pos_encoding="learned",
+            norm="pre",
+            bias=True,
+            activation="gelu",
+            dropout=0.0,
             vocab_size=hf["vocab_size"],
             block_size=hf.get("n_positions", hf.get("n_ctx")),
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
             d_ff=hf.get("n_inner") or 0,
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
@@ -103,8 +122,9 @@ def convert_hf_state(hf_state: dict[str, torch.Tensor], config: ModelConfig) -> 
     return out
 
 
-def load_hf_gpt2(path: PathLike, *, device="cpu", dtype: Optional[torch.dtype] = None
-                 ) -> tuple[GPT, ModelConfig]:
+def load_hf_gpt2(
+    path: PathLike, *, device="cpu", dtype: torch.dtype | None = None
+) -> tuple[GPT, ModelConfig]:
     """A Hugging Face GPT-2 directory (config.json plus model.safetensors or pytorch_model.bin)
     as our GPT, in eval mode. dtype None keeps the stored dtype."""
     path = Path(path)
@@ -120,23 +140,46 @@ def export_hf_gpt2(model: GPT, path: PathLike) -> Path:
     """Write a GPT-2-shaped model as a Hugging Face GPT2LMHeadModel directory (atomically),
     loadable with `transformers.GPT2LMHeadModel.from_pretrained(path)`."""
     if is_quantized(model):
-        raise ValueError("an int8-quantized model cannot be exported to the Hugging Face layout; export the "
-                         "float model (gpt.save keeps int8 weights in our own checkpoint format)")
+        raise ValueError(
+            "an int8-quantized model cannot be exported to the Hugging Face layout; export the "
+            "float model (gpt.save keeps int8 weights in our own checkpoint format)"
+        )
     c: ModelConfig = model.config
-    unlike = {k: getattr(c, k) for k, v in dict(arch="gpt", pos_encoding="learned", norm="pre", bias=True,
-                                                 activation="gelu", scale_embeddings=False).items()
-              if getattr(c, k) != v}
+    unlike = {
+        k: getattr(c, k)
+        for k, v in dict(
+            arch="gpt",
+            pos_encoding="learned",
+            norm="pre",
+            bias=True,
+            activation="gelu",
+            scale_embeddings=False,
+        ).items()
+        if getattr(c, k) != v
+    }
     if unlike:
-        raise ValueError(f"only GPT-2-shaped models can be exported to the Hugging Face layout; this one has {unlike}")
+        raise ValueError(
+            f"only GPT-2-shaped models can be exported to the Hugging Face layout; this one has {unlike}"
+        )
     hf_config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-        "n_head": c.n_head, "n_inner": None if c.d_ff == 4 * c.n_embd else c.d_ff,
-        "activation_function": "gelu_new", "layer_norm_epsilon": c.layer_norm_eps,
-        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-        "tie_word_embeddings": c.tie_embeddings, "scale_attn_weights": True,
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": None if c.d_ff == 4 * c.n_embd else c.d_ff,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": c.layer_norm_eps,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "tie_word_embeddings": c.tie_embeddings,
+        "scale_attn_weights": True,
         # GPT-2's and the byte tokenizer both put end-of-text last.
-        "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1,
+        "bos_token_id": c.vocab_size - 1,
+        "eos_token_id": c.vocab_size - 1,
     }
     aliases = tied_names(model)
     tensors = {}

@@ -7,21 +7,22 @@ Keys and values are written in place at each token's position; nothing grows wit
 Padding tokens (rows that bring fewer tokens than the widest row in a forward pass) are written
 to one spare position past the end that is never read, so they can never overwrite real keys.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-Rows = Union[slice, Tensor]
+Rows = slice | Tensor
 
 
 @dataclass
 class CacheView:
     """Where one forward pass reads and writes: built by `KVCache.advance`, shared by all layers."""
+
     rows: Tensor  # (B,) cache row of each batch row, on the cache's device
     select: Rows  # the same rows as a slice when they are a contiguous range (reads are then views)
     write_pos: Tensor  # (B, T) position each token is written to (padding goes to the spare slot)
@@ -30,8 +31,9 @@ class CacheView:
 
 
 class LayerCache(nn.Module):
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, src_len: int,
-                 dtype: torch.dtype, device):
+    def __init__(
+        self, batch: int, heads: int, max_len: int, head_dim: int, src_len: int, dtype: torch.dtype, device
+    ):
         super().__init__()
         shape = (batch, heads, max_len + 1, head_dim)  # +1: the spare slot padding writes to
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -63,12 +65,22 @@ class KVCache(nn.Module):
     Lengths live on the CPU: deciding how much of the cache to read is host-side bookkeeping.
     """
 
-    def __init__(self, n_layer: int, batch: int, heads: int, max_len: int, head_dim: int,
-                 src_len: int = 0, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        heads: int,
+        max_len: int,
+        head_dim: int,
+        src_len: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.batch_size, self.max_len, self.max_src_len = batch, max_len, src_len
         self.layers = nn.ModuleList(
-            LayerCache(batch, heads, max_len, head_dim, src_len, dtype, device) for _ in range(n_layer))
+            LayerCache(batch, heads, max_len, head_dim, src_len, dtype, device) for _ in range(n_layer)
+        )
         self.lengths = torch.zeros(batch, dtype=torch.long)
         self.src_lengths = torch.zeros(batch, dtype=torch.long)
 
@@ -76,7 +88,7 @@ class KVCache(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].k.device
 
-    def resolve_rows(self, rows: Optional[Rows], B: int) -> tuple[Tensor, Rows]:
+    def resolve_rows(self, rows: Rows | None, B: int) -> tuple[Tensor, Rows]:
         """`rows` (None = the first B, a slice, or row ids) as (CPU row ids, the cheapest selector)."""
         if rows is None:
             rows = slice(0, B)
@@ -95,12 +107,16 @@ class KVCache(nn.Module):
             return rows, slice(first, first + B)  # contiguous: read views, not gathered copies
         return rows, rows
 
-    def _claim(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
+    def _claim(self, B: int, T: int, rows: Rows | None, n_tokens: Tensor | None):
         """The host-side half of `advance`: check, then advance the lengths of B rows by the
         tokens they bring. Returns (row ids, selector, start lengths, tokens per row, kv_len)."""
         rows_t, select = self.resolve_rows(rows, B)
         start = self.lengths[rows_t]
-        n = torch.full((B,), T, dtype=torch.long) if n_tokens is None else torch.as_tensor(n_tokens).long().cpu()
+        n = (
+            torch.full((B,), T, dtype=torch.long)
+            if n_tokens is None
+            else torch.as_tensor(n_tokens).long().cpu()
+        )
         if bool((n < 1).any() or (n > T).any()):
             raise ValueError(f"each row must bring between 1 and {T} tokens, got {n.tolist()}")
         end = start + n
@@ -109,13 +125,13 @@ class KVCache(nn.Module):
         self.lengths[rows_t] = end
         return rows_t, select, start, n, kv_len
 
-    def advance_one(self, B: int, rows: Optional[Rows]) -> tuple[Tensor, Tensor]:
+    def advance_one(self, B: int, rows: Rows | None) -> tuple[Tensor, Tensor]:
         """Advance B rows by one token each, on the host alone (a replayed CUDA graph does the
         device side: `gpt.cuda_graphs`). Returns (row ids, the position each token goes to)."""
         rows_t, _, start, _, _ = self._claim(B, 1, rows, None)
         return rows_t, start
 
-    def advance(self, B: int, T: int, rows: Optional[Rows], n_tokens: Optional[Tensor]):
+    def advance(self, B: int, T: int, rows: Rows | None, n_tokens: Tensor | None):
         """Advance the lengths of B rows by the tokens a forward pass is about to append (row b
         brings n_tokens[b] <= T real tokens, the rest is padding), and say where they go: the
         view for the layers, each token's position (B, T) (on CPU), the attention mask (or None
@@ -136,7 +152,7 @@ class KVCache(nn.Module):
             mask, causal = self._mask(pos, kv_len), False
         return self._view(rows_t, select, write_pos, kv_len), pos, mask, causal
 
-    def _advance_one_token(self, B: int, rows: Optional[Rows]):
+    def _advance_one_token(self, B: int, rows: Rows | None):
         """`advance` for a decode step (one real token per row), with the bookkeeping in Python
         numbers: a step of a small model streams its weights through the CPU's caches, and every
         tensor op here then runs from cold caches, several times slower than in isolation."""
@@ -161,17 +177,22 @@ class KVCache(nn.Module):
     def _view(self, rows_t: Tensor, select: Rows, write_pos: Tensor, kv_len: int) -> CacheView:
         dev = self.device
         src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
-        return CacheView(rows=rows_t.to(dev), select=select if isinstance(select, slice) else select.to(dev),
-                         write_pos=write_pos.to(dev), kv_len=kv_len, src_len=src_len)
+        return CacheView(
+            rows=rows_t.to(dev),
+            select=select if isinstance(select, slice) else select.to(dev),
+            write_pos=write_pos.to(dev),
+            kv_len=kv_len,
+            src_len=src_len,
+        )
 
-    def cross_mask(self, view: CacheView) -> Optional[Tensor]:
+    def cross_mask(self, view: CacheView) -> Tensor | None:
         """Key-padding mask over the stored encoder outputs, or None when no row is padded."""
         lens = self.src_lengths[view.rows.cpu()]
         if bool((lens == view.src_len).all()):
             return None
         return (torch.arange(view.src_len)[None, :] < lens[:, None])[:, None, None, :].to(self.device)
 
-    def reset(self, rows: Optional[Rows] = None) -> None:
+    def reset(self, rows: Rows | None = None) -> None:
         """Forget rows (all by default) so they can take new sequences. Stale keys need no
         clearing: a row's keys are always written before they are read."""
         if rows is None:
@@ -179,7 +200,7 @@ class KVCache(nn.Module):
         self.lengths[rows] = 0
         self.src_lengths[rows] = 0
 
-    def reorder(self, src_rows: Tensor, dst_rows: Optional[Tensor] = None, positions: Optional[int] = None) -> None:
+    def reorder(self, src_rows: Tensor, dst_rows: Tensor | None = None, positions: int | None = None) -> None:
         """Copy rows `src_rows` into `dst_rows` (default 0..len-1), e.g. to follow beam parents.
         All sources are read before any destination is written, so rows can swap places.
         `positions`: copy only the first that many positions of self-attention keys/values (the
@@ -200,8 +221,10 @@ class KVCache(nn.Module):
         """Make row `dst_row` hold the first `n` tokens of row `src_row` (and nothing more): the
         keys and values of a shared prompt prefix, computed once. Not for encoder-decoder rows."""
         if not 0 < n <= int(self.lengths[src_row]) or src_row == dst_row:
-            raise ValueError(f"cannot copy {n} positions from row {src_row} (length {int(self.lengths[src_row])}) "
-                             f"to row {dst_row}")
+            raise ValueError(
+                f"cannot copy {n} positions from row {src_row} (length {int(self.lengths[src_row])}) "
+                f"to row {dst_row}"
+            )
         for layer in self.layers:
             layer.k[dst_row, :, :n] = layer.k[src_row, :, :n]
             layer.v[dst_row, :, :n] = layer.v[src_row, :, :n]

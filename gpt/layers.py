@@ -1,9 +1,9 @@
 """Transformer layers, written once and shared by the GPT and the encoder-decoder."""
+
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .config import ModelConfig
-from .kv_cache import LayerCache, CacheView
 from . import native
+from .config import ModelConfig
+from .kv_cache import CacheView, LayerCache
 from .packing import is_current, stamp
 from .quantization import Int8Linear
 
@@ -51,19 +51,31 @@ class Linear(nn.Linear):
     could be built (`gpt.native`), eagerly and under torch.compile, and on the plain weight with
     oneDNN elsewhere.
     """
-    _packed: Optional[Tensor] = None
-    _packed_from: tuple = ()  # (weight, its version, its storage) when packed: a changed weight drops the copy
+
+    _packed: Tensor | None = None
+    # (weight, its version, its storage) when packed: a changed weight drops the copy
+    _packed_from: tuple = ()
 
     def _onednn_ok(self, x: Tensor) -> bool:
-        return (_ONEDNN_LINEAR and self.weight.numel() >= _ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.device.type == "cpu" and not torch.compiler.is_compiling())
+        return (
+            _ONEDNN_LINEAR
+            and self.weight.numel() >= _ONEDNN_MIN_WEIGHT
+            and not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+        )
 
     def pack(self, rows_hint: int = 32) -> bool:
         """Make the blocked copy of the weight; False where this layer never runs on oneDNN."""
         w = self.weight
-        if not (_ONEDNN_LINEAR and w.numel() >= _ONEDNN_MIN_WEIGHT and w.dtype == torch.float32
-                and w.device.type == "cpu"):
+        if not (
+            _ONEDNN_LINEAR
+            and w.numel() >= _ONEDNN_MIN_WEIGHT
+            and w.dtype == torch.float32
+            and w.device.type == "cpu"
+        ):
             return False
         with torch.no_grad():
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows_hint)
@@ -76,7 +88,7 @@ class Linear(nn.Linear):
         since is dropped by the next forward that would have used it (one of several rows)."""
         return self._packed is not None
 
-    def _packed_weight(self, x: Tensor) -> Optional[Tensor]:
+    def _packed_weight(self, x: Tensor) -> Tensor | None:
         if self._packed is None or x.numel() == x.shape[-1]:  # unpacked, or a single row
             return None
         if not is_current(self._packed_from, self.weight):
@@ -88,9 +100,17 @@ class Linear(nn.Linear):
         """A single row in float32 on a CPU, for inference: our matrix-vector kernel (gpt.native),
         eagerly and inside torch.compile alike."""
         w, b = self.weight, self.bias
-        return (x.numel() == x.shape[-1] and w.numel() >= _ONEDNN_MIN_WEIGHT and not torch.is_grad_enabled()
-                and x.dtype == torch.float32 and w.dtype == torch.float32 and x.device.type == "cpu"
-                and w.is_contiguous() and (b is None or b.dtype == torch.float32) and native.f32_available())
+        return (
+            x.numel() == x.shape[-1]
+            and w.numel() >= _ONEDNN_MIN_WEIGHT
+            and not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and w.dtype == torch.float32
+            and x.device.type == "cpu"
+            and w.is_contiguous()
+            and (b is None or b.dtype == torch.float32)
+            and native.f32_available()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self._native_ok(x):
@@ -98,8 +118,9 @@ class Linear(nn.Linear):
             return y.view(*x.shape[:-1], self.out_features)
         if self._onednn_ok(x):
             w = self._packed_weight(x)
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight if w is None else w, self.bias,
-                                                      "none", [None], "")
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.weight if w is None else w, self.bias, "none", [None], ""
+            )
         return F.linear(x, self.weight, self.bias)
 
 
@@ -118,10 +139,23 @@ def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool)
     inductor calls it on the cache itself); rows of up to 8192 positions (its scores live on
     the stack)."""
     k = cache.k
-    return (k.device.type == "cpu" and dtype == torch.float32 and k.shape[2] <= 8193
-            and not torch.is_grad_enabled() and not training and native.attention_available()
-            and (k.dtype == torch.float32 or (k.dtype == torch.float16 and k.shape[3] % 8 == 0 and k.shape[3] <= 256
-                                              and native.attention_f16_available())))
+    return (
+        k.device.type == "cpu"
+        and dtype == torch.float32
+        and k.shape[2] <= 8193
+        and not torch.is_grad_enabled()
+        and not training
+        and native.attention_available()
+        and (
+            k.dtype == torch.float32
+            or (
+                k.dtype == torch.float16
+                and k.shape[3] % 8 == 0
+                and k.shape[3] <= 256
+                and native.attention_f16_available()
+            )
+        )
+    )
 
 
 class Attention(nn.Module):
@@ -156,30 +190,58 @@ class Attention(nn.Module):
         """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
         return tuple(self._heads(t) for t in self.kv_proj(memory).split(memory.shape[-1], dim=2))
 
-    def forward(self, x: Tensor, *, mask: Optional[Tensor] = None, is_causal: bool = False,
-                rope: Optional[tuple[Tensor, Tensor]] = None,
-                cache: Optional[LayerCache] = None, view: Optional[CacheView] = None,
-                memory: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: LayerCache | None = None,
+        view: CacheView | None = None,
+        memory: Tensor | None = None,
+    ) -> Tensor:
         """x: (B, T, C). Self-attention unless `cross`, where keys/values come from `memory`
         (B, S, C) or, when decoding with a cache, from the cross K/V stored at prefill."""
         B, T, C = x.shape
         if self.cross:
             q = self._heads(self.q_proj(x))
-            k, v = self.project_kv(memory) if memory is not None else (t.to(q.dtype) for t in cache.read_cross(view))
+            k, v = (
+                self.project_kv(memory)
+                if memory is not None
+                else (t.to(q.dtype) for t in cache.read_cross(view))
+            )
         else:
             q, k, v = (self._heads(t) for t in self.c_attn(x).split(C, dim=2))
             if rope is not None:
                 q, k = apply_rotary(q, rope), apply_rotary(k, rope)
             if cache is not None and T == 1 and self._native_attention_ok(q, cache):
                 H, D = self.n_head, self.head_dim
-                y = torch.ops.gpt.attend_one(q.reshape(B, H, D), k.reshape(B, H, D), v.reshape(B, H, D),
-                                             cache.k, cache.v, view.rows, view.write_pos.view(B))
+                y = torch.ops.gpt.attend_one(
+                    q.reshape(B, H, D),
+                    k.reshape(B, H, D),
+                    v.reshape(B, H, D),
+                    cache.k,
+                    cache.v,
+                    view.rows,
+                    view.write_pos.view(B),
+                )
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
                 k, v = (t.to(q.dtype) for t in cache.update(view, k, v))  # a cache may store another dtype
-        with sdpa_kernel(_CACHED_SDPA_BACKENDS) if cache is not None and q.is_cuda else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        with (
+            sdpa_kernel(_CACHED_SDPA_BACKENDS)
+            if cache is not None and q.is_cuda
+            else contextlib.nullcontext()
+        ):
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -214,18 +276,34 @@ class Block(nn.Module):
     def _sublayer(self, x: Tensor, ln: nn.Module, fn) -> Tensor:
         return x + fn(ln(x)) if self.pre_ln else ln(x + fn(x))
 
-    def forward(self, x: Tensor, *, mask: Optional[Tensor] = None, is_causal: bool = False,
-                rope=None, cache: Optional[LayerCache] = None, view: Optional[CacheView] = None,
-                memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None) -> Tensor:
-        x = self._sublayer(x, self.ln_1, lambda h: self.attn(
-            h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, view=view))
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        is_causal: bool = False,
+        rope=None,
+        cache: LayerCache | None = None,
+        view: CacheView | None = None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = self._sublayer(
+            x,
+            self.ln_1,
+            lambda h: self.attn(h, mask=mask, is_causal=is_causal, rope=rope, cache=cache, view=view),
+        )
         if self.cross_attn is not None:
-            x = self._sublayer(x, self.ln_cross, lambda h: self.cross_attn(
-                h, mask=memory_mask, cache=cache, view=view, memory=memory))
+            x = self._sublayer(
+                x,
+                self.ln_cross,
+                lambda h: self.cross_attn(h, mask=memory_mask, cache=cache, view=view, memory=memory),
+            )
         return self._sublayer(x, self.ln_2, self.mlp)
 
 
 # --- position encodings -------------------------------------------------------------------
+
 
 def sinusoidal_table(n_pos: int, dim: int) -> Tensor:
     """The original Transformer's PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)."""
@@ -262,13 +340,15 @@ class PositionEncoding(nn.Module):
         if self.kind == "learned":
             self.weight = nn.Parameter(torch.zeros(config.block_size, config.n_embd))
         elif self.kind == "sinusoidal":
-            self.register_buffer("table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+            self.register_buffer(
+                "table", sinusoidal_table(config.block_size, config.n_embd), persistent=False
+            )
         else:
             cos, sin = rotary_tables(config.block_size, config.head_dim, config.rope_base)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
-    def additive(self, pos: Tensor) -> Optional[Tensor]:
+    def additive(self, pos: Tensor) -> Tensor | None:
         """What to add to the token embeddings at positions `pos` (T,) or (B, T)."""
         if self.kind == "learned":
             return F.embedding(pos, self.weight)
@@ -276,7 +356,7 @@ class PositionEncoding(nn.Module):
             return self.table[pos]
         return None
 
-    def rotary(self, pos: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    def rotary(self, pos: Tensor) -> tuple[Tensor, Tensor] | None:
         """cos/sin gathered at `pos`, shaped to broadcast over heads: (B or 1, 1, T, D/2)."""
         if self.kind != "rotary":
             return None

@@ -6,17 +6,18 @@ messages are written once. Errors are `RequestError`s naming the parameter at fa
 caller says what its parameters are called (the library's `max_new_tokens` is the API's
 `max_tokens`), and the HTTP layer turns them into 400s.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 
 class RequestError(ValueError):
     """A request that cannot be served as asked. `param` names the offending parameter;
     `code` is OpenAI's error code for it ("invalid_value", "context_length_exceeded")."""
 
-    def __init__(self, message: str, param: Optional[str] = None, code: str = "invalid_value"):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
 
@@ -28,15 +29,17 @@ class ContextLimits:
     A GPT's prompt and output share a cache row of `max_len` tokens. An encoder-decoder's source
     has a block of its own (`max_source_len`); its output, start token included, fills the row.
     """
+
     vocab_size: int  # prompt token ids must be in [0, vocab_size)
     max_len: int  # tokens per KV-cache row
     max_source_len: int  # the longest prompt: the encoder's block, or max_len - 1 for a GPT
     is_seq2seq: bool
-    max_prompt_tokens: Optional[int] = None  # an operator's cap below what the model takes
+    max_prompt_tokens: int | None = None  # an operator's cap below what the model takes
 
     @classmethod
-    def of(cls, model, tokenizer=None, *, max_len: Optional[int] = None,
-           max_prompt_tokens: Optional[int] = None) -> "ContextLimits":
+    def of(
+        cls, model, tokenizer=None, *, max_len: int | None = None, max_prompt_tokens: int | None = None
+    ) -> ContextLimits:
         """The limits of `model` (and its tokenizer, whose ids a prompt may use), with cache rows
         of `max_len` tokens (default and at most: the model's block size)."""
         config = model.config
@@ -49,8 +52,13 @@ class ContextLimits:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
         vocab = config.vocab_size if tokenizer is None else min(config.vocab_size, tokenizer.vocab_size)
         seq2seq = config.is_seq2seq
-        return cls(vocab_size=vocab, max_len=max_len, max_source_len=block if seq2seq else max_len - 1,
-                   is_seq2seq=seq2seq, max_prompt_tokens=max_prompt_tokens)
+        return cls(
+            vocab_size=vocab,
+            max_len=max_len,
+            max_source_len=block if seq2seq else max_len - 1,
+            is_seq2seq=seq2seq,
+            max_prompt_tokens=max_prompt_tokens,
+        )
 
     def room(self, prompt_len: int) -> int:
         """How many new tokens fit after a prompt of `prompt_len` tokens."""
@@ -70,18 +78,29 @@ class ContextLimits:
             raise RequestError(f"token id {bad} is out of range [0, {self.vocab_size})", param)
         n = len(ids)
         if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
-            raise RequestError(f"the prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}",
-                               param, "context_length_exceeded")
+            raise RequestError(
+                f"the prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens}",
+                param,
+                "context_length_exceeded",
+            )
         if n > self.max_source_len:
             what = "the model's source context is" if self.is_seq2seq else "the model's context is"
             extra = "" if self.is_seq2seq else ", which leaves no room for new ones"
             limit = self.max_source_len if self.is_seq2seq else self.max_len
-            raise RequestError(f"the prompt has {n} tokens; {what} {limit} tokens{extra}", param,
-                               "context_length_exceeded")
+            raise RequestError(
+                f"the prompt has {n} tokens; {what} {limit} tokens{extra}", param, "context_length_exceeded"
+            )
         return ids
 
-    def budget(self, prompt_len: int, wanted: Optional[int], *, default: Optional[int] = None,
-               clamp: bool = False, param: str = "max_new_tokens") -> int:
+    def budget(
+        self,
+        prompt_len: int,
+        wanted: int | None,
+        *,
+        default: int | None = None,
+        clamp: bool = False,
+        param: str = "max_new_tokens",
+    ) -> int:
         """The number of new tokens to generate after a checked prompt of `prompt_len` tokens.
 
         wanted None: `default` (or all the room there is), shrunk to fit. A `wanted` that does not
@@ -97,8 +116,10 @@ class ContextLimits:
         if self.is_seq2seq:
             msg = f"{param} is {wanted}, but the model generates at most {room} tokens"
         else:
-            msg = (f"the prompt has {prompt_len} tokens and {param} is {wanted}: {prompt_len + wanted} tokens, "
-                   f"more than the model's context of {self.max_len}")
+            msg = (
+                f"the prompt has {prompt_len} tokens and {param} is {wanted}: {prompt_len + wanted} tokens, "
+                f"more than the model's context of {self.max_len}"
+            )
         raise RequestError(msg, param, "context_length_exceeded")
 
     def check(self, prompt_ids: Sequence[int], params, *, clamp: bool = False) -> tuple[list[int], int]:

@@ -7,11 +7,12 @@ gradients and optimizer state; `merged` folds B A into W for a plain model again
     ... train ...
     plain = lora.merged(model)                # a copy without adapters: gpt.save, serve, ...
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +42,14 @@ class LoRALinear(nn.Module):
         return self.base.weight + (self.lora_B @ self.lora_A) * self.scaling
 
 
-def apply(model: nn.Module, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
-          targets: Sequence[str] = DEFAULT_TARGETS, train_biases: bool = False) -> list[str]:
+def apply(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    train_biases: bool = False,
+) -> list[str]:
     """Freeze `model` and wrap each linear layer whose name ends in one of `targets` in a
     LoRALinear; with `train_biases`, the biases of every layer train too. alpha defaults to 2 x
     rank. Returns the wrapped layers' names; a ValueError if none matched."""
@@ -57,11 +64,16 @@ def apply(model: nn.Module, rank: int, alpha: Optional[float] = None, dropout: f
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.requires_grad_(True)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    found = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
     if not found:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no linear layer is named {', '.join(targets)}; this model's are {', '.join(names)}")
+        raise ValueError(
+            f"no linear layer is named {', '.join(targets)}; this model's are {', '.join(names)}"
+        )
     for name, m in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -81,7 +93,9 @@ def load_adapters(model: nn.Module, state: dict[str, Tensor]) -> None:
     missing = sorted(set(k for k, p in own.items() if p.requires_grad) - set(state))
     unknown = sorted(set(state) - set(own))
     if missing or unknown:
-        raise ValueError(f"the saved adapters do not fit this model: missing {missing[:3]}, unknown {unknown[:3]}")
+        raise ValueError(
+            f"the saved adapters do not fit this model: missing {missing[:3]}, unknown {unknown[:3]}"
+        )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)
@@ -97,8 +111,14 @@ def merged(model: nn.Module) -> nn.Module:
             base = m.base
             # skip_init: no random initialisation, which would also move the global RNG (a training
             # run merges at every checkpoint, and its dropout must not notice)
-            layer = nn.utils.skip_init(Linear, base.in_features, base.out_features, bias=base.bias is not None,
-                                       device=base.weight.device, dtype=base.weight.dtype)
+            layer = nn.utils.skip_init(
+                Linear,
+                base.in_features,
+                base.out_features,
+                bias=base.bias is not None,
+                device=base.weight.device,
+                dtype=base.weight.dtype,
+            )
             layer.weight.copy_(m.merged_weight())
             if base.bias is not None:
                 layer.bias.copy_(base.bias)
@@ -111,5 +131,7 @@ def merged(model: nn.Module) -> nn.Module:
 
 def trainable_count(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
-            sum(p.numel() for p in model.parameters()))
+    return (
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        sum(p.numel() for p in model.parameters()),
+    )

@@ -7,10 +7,11 @@ Both models offer the same incremental interface, which generation and the serve
 For a GPT a prompt is the start of the sequence; for the encoder-decoder it is the source, and
 `start` also encodes it and feeds the decoder's start token (`config.decoder_start_token`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -83,18 +84,37 @@ class _Transformer(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"{name} must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         if idx.shape[1] > self.config.block_size:
-            raise ValueError(f"{name} has {idx.shape[1]} tokens, more than block_size {self.config.block_size}")
+            raise ValueError(
+                f"{name} has {idx.shape[1]} tokens, more than block_size {self.config.block_size}"
+            )
 
-    def _run(self, stack: nn.ModuleDict, wte: nn.Embedding, idx: Tensor, *, cache: Optional[KVCache],
-             rows: Optional[Rows], n_tokens, causal: bool, mask: Optional[Tensor] = None,
-             memory: Optional[Tensor] = None, memory_mask: Optional[Tensor] = None,
-             head: Optional[nn.Module] = None, last_only: bool = False) -> Tensor:
+    def _run(
+        self,
+        stack: nn.ModuleDict,
+        wte: nn.Embedding,
+        idx: Tensor,
+        *,
+        cache: KVCache | None,
+        rows: Rows | None,
+        n_tokens,
+        causal: bool,
+        mask: Tensor | None = None,
+        memory: Tensor | None = None,
+        memory_mask: Tensor | None = None,
+        head: nn.Module | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
         """The stack's final hidden states (B, T, C); with `head`, its outputs (logits); with
         `last_only`, only at each row's last real token (B, ...)."""
         B, T = idx.shape
         graphs = self._decode_graphs
-        if (graphs is not None and cache is not None and head is not None and memory is None
-                and graphs.accepts(idx, cache, n_tokens, last_only)):
+        if (
+            graphs is not None
+            and cache is not None
+            and head is not None
+            and memory is None
+            and graphs.accepts(idx, cache, n_tokens, last_only)
+        ):
             out = graphs.step(self, stack, wte, head, idx, cache, rows)  # gpt.cuda_graph_decode
             if out is not None:
                 return out
@@ -114,21 +134,53 @@ class _Transformer(nn.Module):
         # The output head runs inside that graph too: its activation quantization (int8) fuses there.
         step = cache is not None and T == 1 and view.kv_len > 1 and view.src_len != 1
         run = self._compiled_stack if step and self._compiled_stack else self._run_stack
-        return run(stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view,
-                   memory=memory, memory_mask=memory_mask, head=head, last_only=last_only,
-                   n_tokens=None if T == 1 else n_tokens)  # one token per row: it is the last
+        return run(
+            stack,
+            wte,
+            idx,
+            pos,
+            mask=mask,
+            causal=causal,
+            cache=cache,
+            view=view,
+            memory=memory,
+            memory_mask=memory_mask,
+            head=head,
+            last_only=last_only,
+            n_tokens=None if T == 1 else n_tokens,
+        )  # one token per row: it is the last
 
-    def _run_stack(self, stack: nn.ModuleDict, wte: nn.Embedding, idx: Tensor, pos: Tensor, *,
-                   mask: Optional[Tensor], causal: bool, cache: Optional[KVCache], view,
-                   memory: Optional[Tensor], memory_mask: Optional[Tensor],
-                   head: Optional[nn.Module] = None, last_only: bool = False, n_tokens=None) -> Tensor:
+    def _run_stack(
+        self,
+        stack: nn.ModuleDict,
+        wte: nn.Embedding,
+        idx: Tensor,
+        pos: Tensor,
+        *,
+        mask: Tensor | None,
+        causal: bool,
+        cache: KVCache | None,
+        view,
+        memory: Tensor | None,
+        memory_mask: Tensor | None,
+        head: nn.Module | None = None,
+        last_only: bool = False,
+        n_tokens=None,
+    ) -> Tensor:
         x = self._embed(wte, stack.wpe, idx, pos)
         x = stack.drop(x)
         rope = stack.wpe.rotary(pos)
         for i, block in enumerate(stack.h):
-            x = block(x, mask=mask, is_causal=causal, rope=rope,
-                      cache=None if cache is None else cache.layers[i], view=view,
-                      memory=memory, memory_mask=memory_mask)
+            x = block(
+                x,
+                mask=mask,
+                is_causal=causal,
+                rope=rope,
+                cache=None if cache is None else cache.layers[i],
+                view=view,
+                memory=memory,
+                memory_mask=memory_mask,
+            )
         x = stack.ln_f(x)
         if last_only:
             x = self._last(x, n_tokens)
@@ -144,15 +196,22 @@ class _Transformer(nn.Module):
 
     def _stack(self, n_layer: int, cross: bool) -> nn.ModuleDict:
         c = self.config
-        return nn.ModuleDict(dict(
-            wpe=PositionEncoding(c),
-            drop=nn.Dropout(c.dropout),
-            h=nn.ModuleList(Block(c, cross_attention=cross) for _ in range(n_layer)),
-            ln_f=_layer_norm(c),
-        ))
+        return nn.ModuleDict(
+            dict(
+                wpe=PositionEncoding(c),
+                drop=nn.Dropout(c.dropout),
+                h=nn.ModuleList(Block(c, cross_attention=cross) for _ in range(n_layer)),
+                ln_f=_layer_norm(c),
+            )
+        )
 
-    def new_cache(self, batch_size: int, max_len: Optional[int] = None, src_len: Optional[int] = None,
-                  dtype: Optional[torch.dtype] = None) -> KVCache:
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        src_len: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
         """A cache for `batch_size` rows of up to `max_len` tokens (default: block_size), and for
         an encoder-decoder, sources of up to `src_len` tokens (default: block_size). Keys and
         values are stored in `dtype` (default: the model's): float16 halves the cache's memory
@@ -161,14 +220,23 @@ class _Transformer(nn.Module):
         c = self.config
         max_len, src = max_len or c.block_size, (src_len or c.block_size) if c.is_seq2seq else 0
         if max_len > c.block_size or src > c.block_size:
-            raise ValueError(f"a cache row holds at most block_size ({c.block_size}) tokens, "
-                             f"asked for {max(max_len, src)}")
+            raise ValueError(
+                f"a cache row holds at most block_size ({c.block_size}) tokens, asked for {max(max_len, src)}"
+            )
         p = next(self.parameters())
         # Never inference tensors, even when made under inference_mode: one kind of cache for the
         # compiled decode step to guard on (gpt.compile_decode); in-place writes work in both modes.
         with torch.inference_mode(False):
-            return KVCache(c.n_layer, batch_size, c.n_head, max_len, c.head_dim, src_len=src,
-                           dtype=dtype or p.dtype, device=p.device)
+            return KVCache(
+                c.n_layer,
+                batch_size,
+                c.n_head,
+                max_len,
+                c.head_dim,
+                src_len=src,
+                dtype=dtype or p.dtype,
+                device=p.device,
+            )
 
     @property
     def device(self) -> torch.device:
@@ -193,26 +261,42 @@ class GPT(_Transformer):
             self.lm_head.weight = self.transformer.wte.weight
         _init_weights(self, config, config.n_layer)
 
-    def forward(self, idx: Tensor, *, cache: Optional[KVCache] = None, rows: Optional[Rows] = None,
-                n_tokens=None, last_only: bool = False) -> Tensor:
+    def forward(
+        self,
+        idx: Tensor,
+        *,
+        cache: KVCache | None = None,
+        rows: Rows | None = None,
+        n_tokens=None,
+        last_only: bool = False,
+    ) -> Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, vocab) for each row's last real token
         when `last_only`. With a cache, the tokens are appended to `rows` of the cache (default
         the first B); row b brings `n_tokens[b]` real tokens, the rest of it is padding."""
         self._check_ids(idx, "input_ids")
-        return self._run(self.transformer, self.transformer.wte, idx, cache=cache, rows=rows,
-                         n_tokens=n_tokens, causal=True, head=self.lm_head, last_only=last_only)
+        return self._run(
+            self.transformer,
+            self.transformer.wte,
+            idx,
+            cache=cache,
+            rows=rows,
+            n_tokens=n_tokens,
+            causal=True,
+            head=self.lm_head,
+            last_only=last_only,
+        )
 
     def decode_parts(self) -> tuple[nn.ModuleDict, nn.Embedding, nn.Module]:
         """What a decode step runs: the block stack, the token embedding, the output head."""
         return self.transformer, self.transformer.wte, self.lm_head
 
-    def start(self, prompts: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
+    def start(self, prompts: Sequence[Sequence[int]], cache: KVCache, rows: Rows | None = None) -> Tensor:
         """Prefill the cache rows with prompts of any lengths; next-token logits (B, V)."""
         ids, lens = _pad(prompts, self.device)
         cache.reset(rows if rows is not None else slice(0, len(prompts)))
         return self(ids, cache=cache, rows=rows, n_tokens=lens, last_only=True)
 
-    def step(self, tokens: Tensor, cache: KVCache, rows: Optional[Rows] = None, n_tokens=None) -> Tensor:
+    def step(self, tokens: Tensor, cache: KVCache, rows: Rows | None = None, n_tokens=None) -> Tensor:
         """Append tokens (B, T) to the cache rows; next-token logits (B, V)."""
         return self(tokens, cache=cache, rows=rows, n_tokens=n_tokens, last_only=True)
 
@@ -241,25 +325,43 @@ class EncoderDecoder(_Transformer):
         self.start_token = get_tokenizer(config.tokenizer).eot_token if start is None else start
 
     @staticmethod
-    def _key_mask(src_mask: Optional[Tensor]) -> Optional[Tensor]:
+    def _key_mask(src_mask: Tensor | None) -> Tensor | None:
         # (B, S) True = real token -> (B, 1, 1, S) for attention over the source.
         return None if src_mask is None else src_mask.bool()[:, None, None, :]
 
-    def encode(self, src: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
+    def encode(self, src: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """Encoder output (B, S, C). `src_mask` (B, S) marks real tokens (False = padding)."""
         self._check_ids(src, "src_ids")
         wte = self.src_wte or self.wte
-        return self._run(self.encoder, wte, src, cache=None, rows=None, n_tokens=None, causal=False,
-                         mask=self._key_mask(src_mask))
+        return self._run(
+            self.encoder,
+            wte,
+            src,
+            cache=None,
+            rows=None,
+            n_tokens=None,
+            causal=False,
+            mask=self._key_mask(src_mask),
+        )
 
-    def forward(self, src: Tensor, tgt: Tensor, src_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced logits (B, T, vocab) for target inputs `tgt` given source `src`."""
         self._check_ids(tgt, "tgt_ids")
         memory = self.encode(src, src_mask)
-        return self._run(self.decoder, self.wte, tgt, cache=None, rows=None, n_tokens=None, causal=True,
-                         memory=memory, memory_mask=self._key_mask(src_mask), head=self.lm_head)
+        return self._run(
+            self.decoder,
+            self.wte,
+            tgt,
+            cache=None,
+            rows=None,
+            n_tokens=None,
+            causal=True,
+            memory=memory,
+            memory_mask=self._key_mask(src_mask),
+            head=self.lm_head,
+        )
 
-    def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Optional[Rows] = None) -> Tensor:
+    def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Rows | None = None) -> Tensor:
         """Encode the sources once, store every decoder layer's cross-attention K/V in the cache
         rows, and feed the start token; next-token logits (B, V)."""
         src, lens = _pad(sources, self.device)
@@ -276,11 +378,20 @@ class EncoderDecoder(_Transformer):
         bos = torch.full((len(sources), 1), self.start_token, dtype=torch.long, device=self.device)
         return self.step(bos, cache, rows=rows)
 
-    def step(self, tokens: Tensor, cache: KVCache, rows: Optional[Rows] = None, n_tokens=None) -> Tensor:
+    def step(self, tokens: Tensor, cache: KVCache, rows: Rows | None = None, n_tokens=None) -> Tensor:
         """Append target tokens (B, T) to the cache rows; next-token logits (B, V)."""
         self._check_ids(tokens, "tgt_ids")
-        return self._run(self.decoder, self.wte, tokens, cache=cache, rows=rows, n_tokens=n_tokens, causal=True,
-                         head=self.lm_head, last_only=True)
+        return self._run(
+            self.decoder,
+            self.wte,
+            tokens,
+            cache=cache,
+            rows=rows,
+            n_tokens=n_tokens,
+            causal=True,
+            head=self.lm_head,
+            last_only=True,
+        )
 
 
 def build_model(config: ModelConfig) -> _Transformer:

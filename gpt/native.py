@@ -37,6 +37,7 @@ has already loaded, so both share one pool of threads and `torch.set_num_threads
 anything is missing (no compiler, not x86-64 Linux, no AVX2, a failed self-check) PyTorch's
 kernels run as before; `GPT_NATIVE_KERNELS=0` turns ours off. `status()` says which is in use.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -47,12 +48,11 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .native_build import _compile, _compile_ops, _cpu_flags
+from .native_build import _compile, _compile_ops
 from .row_quantization import quantize_rows
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ _INT8_FLAVOURS = {1: "avx512-vnni", 2: "avx-vnni", 3: "avx2"}
 _NOT_BUILT = ""  # why the kernels are not in use, once known
 
 
-def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, attend, argmax_rows,
-                logsumexp_rows) -> None:
+def _self_check(
+    isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, attend, argmax_rows, logsumexp_rows
+) -> None:
     """The kernels of `lib`, reached through the given callables (its ctypes wrappers, or the
     registered torch ops), against PyTorch on awkward shapes: a short last block, a K tail;
     rows out of order in a strided cache, each of its own length."""
@@ -87,22 +88,34 @@ def _self_check(isa: int, lib: ctypes.CDLL, gemv_f32, gemv_u8s8, linear_u8s8, at
     logits[3, 9] = float("nan")
     if not torch.equal(argmax_rows(logits), logits.argmax(-1)):
         raise RuntimeError("argmax kernel disagrees with torch")
-    if not torch.allclose(logsumexp_rows(logits), torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-6, equal_nan=True):
+    if not torch.allclose(
+        logsumexp_rows(logits), torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-6, equal_nan=True
+    ):
         raise RuntimeError("logsumexp kernel disagrees with torch")
     for M, N, K in [(1, 7, 5), (1, 37, 200), (3, 9, 130)]:
         if isa & 1:
-            x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
-            if not torch.allclose(gemv_f32(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4):
+            x, w, b = (
+                torch.randn(M, K, generator=g),
+                torch.randn(N, K, generator=g),
+                torch.randn(N, generator=g),
+            )
+            if not torch.allclose(
+                gemv_f32(x, w, b), torch.nn.functional.linear(x, w, b), atol=1e-4, rtol=1e-4
+            ):
                 raise RuntimeError("float32 kernel disagrees with torch")
         if isa >> 4:
             xq = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
             w8 = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
-            y8 = gemv_u8s8((xq.int() + 128).to(torch.uint8), _interleave(lib, w8), w8.sum(1, dtype=torch.int32))
+            y8 = gemv_u8s8(
+                (xq.int() + 128).to(torch.uint8), _interleave(lib, w8), w8.sum(1, dtype=torch.int32)
+            )
             if not torch.equal(y8.long(), xq.long() @ w8.long().t()):
                 raise RuntimeError("int8 kernel disagrees with torch")
             x, ws, b = torch.randn(M, K, generator=g), torch.rand(N, generator=g), torch.randn(N, generator=g)
-            if not torch.equal(linear_u8s8(x, _interleave(lib, w8), w8.sum(1, dtype=torch.int32), ws, b),
-                               _linear_u8s8_reference(x, w8, ws, b)):
+            if not torch.equal(
+                linear_u8s8(x, _interleave(lib, w8), w8.sum(1, dtype=torch.int32), ws, b),
+                _linear_u8s8_reference(x, w8, ws, b),
+            ):
                 raise RuntimeError("int8 linear kernel disagrees with torch")
 
 
@@ -111,9 +124,14 @@ _OP_NAMES = ("gemv_f32", "gemv_u8s8", "linear_u8s8", "attend_one", "argmax_rows"
 
 def _ctypes_ops(lib: ctypes.CDLL) -> tuple:
     """The library's kernels as Python functions of tensors, in the order of _OP_NAMES."""
-    return (functools.partial(_gemv_f32, lib), functools.partial(_gemv_u8s8, lib), functools.partial(_linear_u8s8, lib),
-            functools.partial(_attend, lib), functools.partial(_argmax_rows, lib),
-            functools.partial(_logsumexp_rows, lib))
+    return (
+        functools.partial(_gemv_f32, lib),
+        functools.partial(_gemv_u8s8, lib),
+        functools.partial(_linear_u8s8, lib),
+        functools.partial(_attend, lib),
+        functools.partial(_argmax_rows, lib),
+        functools.partial(_logsumexp_rows, lib),
+    )
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -128,7 +146,23 @@ def _bind(path: Path) -> ctypes.CDLL:
         lib.linear_u8s8.restype = None
     for name in ("attend_one", "attend_one_f16"):
         if hasattr(lib, name):
-            getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, ptr, n, n, n, ptr, ptr, ptr, n, n, n, ctypes.c_float]
+            getattr(lib, name).argtypes = [
+                ptr,
+                ptr,
+                ptr,
+                ptr,
+                ptr,
+                n,
+                n,
+                n,
+                ptr,
+                ptr,
+                ptr,
+                n,
+                n,
+                n,
+                ctypes.c_float,
+            ]
             getattr(lib, name).restype = None
     if hasattr(lib, "i8_interleave"):
         lib.i8_interleave.argtypes = [ptr, ptr, n, n]
@@ -141,7 +175,7 @@ def _bind(path: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def _library() -> Optional[ctypes.CDLL]:
+def _library() -> ctypes.CDLL | None:
     global _NOT_BUILT
     try:
         if os.environ.get("GPT_NATIVE_KERNELS", "1") == "0":
@@ -229,9 +263,11 @@ def status() -> str:
     isa = _isa()
     if not isa:
         return f"PyTorch's ({_NOT_BUILT})"
-    return (f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')}, "
-            f"attention: yes{' (float16 cache too)' if attention_f16_available() else ''}; "
-            f"called through {_REGISTERED})")
+    return (
+        f"native (float32: {'yes' if isa & 1 else 'no'}, int8: {_INT8_FLAVOURS.get(isa >> 4, 'no')}, "
+        f"attention: yes{' (float16 cache too)' if attention_f16_available() else ''}; "
+        f"called through {_REGISTERED})"
+    )
 
 
 _ops = torch.library.Library("gpt", "DEF")
@@ -240,11 +276,13 @@ _ops.define("gemv_u8s8(Tensor x, Tensor w, Tensor w_sum) -> Tensor")
 _ops.define("linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias) -> Tensor")
 _ops.define("argmax_rows(Tensor x) -> Tensor")
 _ops.define("logsumexp_rows(Tensor x) -> Tensor")
-_ops.define("attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
-            "Tensor pos) -> Tensor")
+_ops.define(
+    "attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
+    "Tensor pos) -> Tensor"
+)
 
 
-def _gemv_f32(lib: ctypes.CDLL, x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _gemv_f32(lib: ctypes.CDLL, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """x (M, K) @ w (N, K).T + bias, float32, contiguous."""
     x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
@@ -280,19 +318,31 @@ def _gemv_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
     return y
 
 
-def _linear_u8s8(lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor,
-                 bias: Optional[Tensor]) -> Tensor:
+def _linear_u8s8(
+    lib: ctypes.CDLL, x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor, bias: Tensor | None
+) -> Tensor:
     """x (M, K) float32 through the int8 layer whose weight is w (`interleave_int8`'s layout),
     w_sum its row sums and w_scale (N) its scales: `_linear_u8s8_reference`, in one call."""
     x = x.contiguous()
     (M, K), N = x.shape, w.shape[0]
     y, xq, xs = x.new_empty(M, N), x.new_empty(M, K, dtype=torch.uint8), x.new_empty(M)
-    lib.linear_u8s8(x.data_ptr(), w.data_ptr(), w_sum.data_ptr(), w_scale.data_ptr(),
-                    None if bias is None else bias.data_ptr(), y.data_ptr(), xq.data_ptr(), xs.data_ptr(), M, N, K)
+    lib.linear_u8s8(
+        x.data_ptr(),
+        w.data_ptr(),
+        w_sum.data_ptr(),
+        w_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        xq.data_ptr(),
+        xs.data_ptr(),
+        M,
+        N,
+        K,
+    )
     return y
 
 
-def _linear_u8s8_reference(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _linear_u8s8_reference(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     """What `linear_u8s8` computes, in PyTorch, with w in the plain layout: x quantized per row
     (gpt.quantization.quantize_rows), the exact integer products, rescaled as Int8Linear does."""
     q, s = quantize_rows(x)
@@ -318,20 +368,40 @@ def _logsumexp_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
 
 def argmax(x: Tensor) -> Tensor:
     """torch.argmax(x, dim=-1) of a 2-D tensor, on our kernel where it runs (float32 on a CPU)."""
-    if x.dim() == 2 and x.shape[1] > 0 and x.dtype == torch.float32 and x.device.type == "cpu" and rows_available():
+    if (
+        x.dim() == 2
+        and x.shape[1] > 0
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and rows_available()
+    ):
         return torch.ops.gpt.argmax_rows(x)
     return x.argmax(dim=-1)
 
 
 def logsumexp(x: Tensor) -> Tensor:
     """torch.logsumexp(x, dim=-1) of a 2-D tensor, on our kernel where it runs (float32 on a CPU)."""
-    if x.dim() == 2 and x.shape[1] > 0 and x.dtype == torch.float32 and x.device.type == "cpu" and rows_available():
+    if (
+        x.dim() == 2
+        and x.shape[1] > 0
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and rows_available()
+    ):
         return torch.ops.gpt.logsumexp_rows(x)
     return torch.logsumexp(x, dim=-1)
 
 
-def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
-            pos: Tensor) -> Tensor:
+def _attend(
+    lib: ctypes.CDLL,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    rows: Tensor,
+    pos: Tensor,
+) -> Tensor:
     """One query per (row, head), q (B, H, D) float32: see gpt/csrc/attention.c."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rows, pos = rows.contiguous().long(), pos.contiguous().long()
@@ -342,13 +412,29 @@ def _attend(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, 
     if k_cache.dtype == torch.float16:
         assert hasattr(lib, "attend_one_f16") and D % 8 == 0 and D <= 256 and v_cache.dtype == torch.float16
         kernel = lib.attend_one_f16
-    kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-           s_row, s_head, s_pos, rows.data_ptr(), pos.data_ptr(), out.data_ptr(), B, H, D, D ** -0.5)
+    kernel(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        s_row,
+        s_head,
+        s_pos,
+        rows.data_ptr(),
+        pos.data_ptr(),
+        out.data_ptr(),
+        B,
+        H,
+        D,
+        D**-0.5,
+    )
     return out
 
 
-def _attend_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor,
-                      pos: Tensor) -> Tensor:
+def _attend_reference(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, pos: Tensor
+) -> Tensor:
     """What `attend_one` computes, in PyTorch: write each row's k, v (B, H, D) at pos[b] of cache
     row rows[b], then attend with q (B, H, D) to that row's positions 0..pos[b]."""
     k_cache[rows, :, pos] = k.to(k_cache.dtype)
@@ -356,11 +442,12 @@ def _attend_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache:
     n = int(pos.max()) + 1
     mask = (torch.arange(n)[None, :] <= pos[:, None])[:, None, None, :]
     return torch.nn.functional.scaled_dot_product_attention(
-        q[:, :, None], k_cache[rows, :, :n].to(q.dtype), v_cache[rows, :, :n].to(q.dtype), attn_mask=mask)[:, :, 0]
+        q[:, :, None], k_cache[rows, :, :n].to(q.dtype), v_cache[rows, :, :n].to(q.dtype), attn_mask=mask
+    )[:, :, 0]
 
 
 @torch.library.register_fake("gpt::gemv_f32")
-def _(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -370,7 +457,7 @@ def _(x: Tensor, w: Tensor, w_sum: Tensor) -> Tensor:
 
 
 @torch.library.register_fake("gpt::linear_u8s8")
-def _(x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _(x: Tensor, w: Tensor, w_sum: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
 
 

@@ -3,6 +3,7 @@ with the system's C compiler and `-march=native`, and the C++ file that register
 gpt:: ops' CPU kernels, against the installed PyTorch. Each build is cached under a key of the
 sources, the compiler and its version, the flags and the CPU's flags, and written atomically
 (another process may be building the same one)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,7 +51,9 @@ def _build(name: str, compiler: str, args: list[str], key_parts: list[str], time
     try:
         done = subprocess.run([compiler, *args, "-o", tmp], capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+            raise RuntimeError(
+                done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed"
+            )
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -60,7 +63,9 @@ def _build(name: str, compiler: str, args: list[str], key_parts: list[str], time
 
 def _compile(cc: str) -> Path:
     """The C kernels' shared library for this compiler and CPU: from the cache, or built now."""
-    return _build("gemv", cc, [*FLAGS, *map(str, SOURCES)], [s.read_text() for s in (*SOURCES, *HEADERS)], 120)
+    return _build(
+        "gemv", cc, [*FLAGS, *map(str, SOURCES)], [s.read_text() for s in (*SOURCES, *HEADERS)], 120
+    )
 
 
 def _compile_ops(cxx: str) -> Path:
@@ -69,10 +74,23 @@ def _compile_ops(cxx: str) -> Path:
     from torch.utils import cpp_extension
 
     lib_dirs = cpp_extension.library_paths()
-    args = [*FLAGS, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *(f"-I{d}" for d in cpp_extension.include_paths()),
-            # "-x c" before each C file: GCC's C++ driver compiled a second C file as C++ otherwise
-            *(arg for source in SOURCES for arg in ("-x", "c", str(source))), "-x", "c++", str(OPS_SOURCE), "-x", "none",
-            *(f"-L{d}" for d in lib_dirs), *(f"-Wl,-rpath,{d}" for d in lib_dirs), "-lc10", "-ltorch_cpu"]
-    return _build("ops", cxx, args, [s.read_text() for s in (*SOURCES, *HEADERS, OPS_SOURCE)] + [torch.__version__],
-                  300)
+    args = [
+        *FLAGS,
+        "-std=c++20",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{d}" for d in cpp_extension.include_paths()),
+        # "-x c" before each C file: GCC's C++ driver compiled a second C file as C++ otherwise
+        *(arg for source in SOURCES for arg in ("-x", "c", str(source))),
+        "-x",
+        "c++",
+        str(OPS_SOURCE),
+        "-x",
+        "none",
+        *(f"-L{d}" for d in lib_dirs),
+        *(f"-Wl,-rpath,{d}" for d in lib_dirs),
+        "-lc10",
+        "-ltorch_cpu",
+    ]
+    return _build(
+        "ops", cxx, args, [s.read_text() for s in (*SOURCES, *HEADERS, OPS_SOURCE)] + [torch.__version__], 300
+    )

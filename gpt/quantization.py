@@ -4,8 +4,8 @@ Every linear layer, the output head included, keeps its weight as int8 with one 
 output channel (symmetric: w ~ scale * q, q in [-127, 127]). At each call the activations are
 quantized the same way with one scale per row, the product runs as an int8 GEMM with int32
 accumulation (our kernel in `gpt.native` on an x86 CPU, else `torch._int_mm`, the kernel
-torchao's int8 dynamic path is built on), and the result is rescaled to floating point. Calls of several rows can run
-on a prepacked copy of the weight instead (`Int8Linear.pack`), with the same numbers.
+torchao's int8 dynamic path is built on), and the result is rescaled to floating point. Calls of
+several rows can run on a prepacked copy of the weight instead (`Int8Linear.pack`), with the same numbers.
 
 Why per row: a scale shared by the whole batch (what `quantized::linear_dynamic` does) lets one
 row with large activations wipe out the precision of every other row in the batch, so a
@@ -17,9 +17,8 @@ matrix, and the lookup still reads the float table. Where `torch._int_mm` cannot
 or build without it), the layer falls back to weight-only int8: the weight is dequantized to the
 activations' dtype and multiplied in floating point.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
@@ -27,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .row_quantization import quantize_rows
 from .packing import is_current, stamp
+from .row_quantization import quantize_rows
 
 MODES = ("int8",)
 
@@ -64,8 +63,21 @@ def _qlinear_works() -> bool:
         w[1::2] = -127
         packed = torch.ops.onednn.qlinear_prepack(w, [4, 32])
         x = torch.full((4, 32), 255, dtype=torch.uint8)  # 127 with the zero point of 128
-        y = torch.ops.onednn.qlinear_pointwise(x, 1.0, 128, packed, torch.ones(24), torch.zeros(24, dtype=torch.long),
-                                               None, 1.0, 0, torch.float32, "none", [], "")
+        y = torch.ops.onednn.qlinear_pointwise(
+            x,
+            1.0,
+            128,
+            packed,
+            torch.ones(24),
+            torch.zeros(24, dtype=torch.long),
+            None,
+            1.0,
+            0,
+            torch.float32,
+            "none",
+            [],
+            "",
+        )
         return torch.equal(y, (127.0 * w.float().sum(1)).expand(4, 24))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -82,7 +94,7 @@ def qlinear_available() -> bool:
     return _QLINEAR[0]
 
 
-def _resum_after_load(module: "Int8Linear", incompatible_keys) -> None:  # a function, not a lambda: picklable
+def _resum_after_load(module: Int8Linear, incompatible_keys) -> None:  # a function, not a lambda: picklable
     module._sum_weights()
 
 
@@ -102,12 +114,13 @@ class Int8Linear(nn.Module):
     (oneDNN's int8 linear saturates there). The copy costs the weight's memory again: opt-in, like
     `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
     """
-    _packed: Optional[Tensor] = None  # an opaque oneDNN tensor: never in the state dict
+
+    _packed: Tensor | None = None  # an opaque oneDNN tensor: never in the state dict
     _packed_from: tuple = ()  # (weight_q, its version, its storage) when packed
     _unit: tuple = ()  # the packed call's weight scales (ones) and zero points (zeros)
     _sum_from: tuple = ()  # (weight_q, its version, its storage) that weight_sum was summed from
 
-    def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor]):
+    def __init__(self, weight_q: Tensor, weight_scale: Tensor, bias: Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight_q.shape
         self.register_buffer("weight_q", weight_q)
@@ -145,14 +158,15 @@ class Int8Linear(nn.Module):
             return False
         if x2.shape[0] != 1 and qlinear_available():
             return False
-        if not torch.compiler.is_compiling() and (not is_current(self._sum_from, self.weight_q)
-                                                  or self.weight_rows.shape != self.weight_q.shape):
+        if not torch.compiler.is_compiling() and (
+            not is_current(self._sum_from, self.weight_q) or self.weight_rows.shape != self.weight_q.shape
+        ):
             self._sum_weights()  # written in place or moved since (a compiled step assumes frozen weights)
         return True
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, weight: Tensor, bias: Optional[Tensor] = None) -> "Int8Linear":
+    def from_float(cls, weight: Tensor, bias: Tensor | None = None) -> Int8Linear:
         q, scale = quantize_rows(weight.detach())
         b = None if bias is None else bias.detach().clone()
         return cls(q, scale[:, 0].contiguous(), b)
@@ -175,7 +189,7 @@ class Int8Linear(nn.Module):
     def is_packed(self) -> bool:
         return self._packed is not None
 
-    def _packed_weight(self, x2: Tensor) -> Optional[Tensor]:
+    def _packed_weight(self, x2: Tensor) -> Tensor | None:
         if self._packed is None or x2.shape[0] < 2 or torch.compiler.is_compiling():
             return None
         if not is_current(self._packed_from, self.weight_q):
@@ -188,8 +202,9 @@ class Int8Linear(nn.Module):
         float32 (M, N), and the rows' scales (M, 1)."""
         q, scale = quantize_rows(x2, torch.uint8)
         ones, zeros = self._unit
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32,
-                                               "none", [], "")
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+        )
         return y, scale
 
     def forward(self, x: Tensor) -> Tensor:
@@ -209,7 +224,11 @@ class Int8Linear(nn.Module):
                 q, s = quantize_rows(x2)
                 y = torch._int_mm(q, self.weight_q.t()).float()
             y = y.mul_(s)
-            y = y.mul_(self.weight_scale) if self.bias is None else torch.addcmul(self.bias.float(), y, self.weight_scale)
+            y = (
+                y.mul_(self.weight_scale)
+                if self.bias is None
+                else torch.addcmul(self.bias.float(), y, self.weight_scale)
+            )
             y = y.to(x.dtype)
         else:
             w = self.weight_q.to(x.dtype)

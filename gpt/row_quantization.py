@@ -1,6 +1,7 @@
 """Symmetric int8 quantization of a matrix, one scale per row: the activations of every int8
 layer at each call (gpt.quantization) and the weights once, per output channel. Its own module so
 that the C kernels' checks (gpt.native) can use it too without an import cycle."""
+
 from __future__ import annotations
 
 import torch

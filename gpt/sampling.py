@@ -3,11 +3,12 @@
 Every row of a batch carries its own parameters and its own random generator, so what one
 request samples never depends on which other requests share its batch.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from . import native
 @dataclass
 class SamplingParams:
     """How to pick tokens. Defaults follow OpenAI's API: temperature 1, no filtering."""
+
     max_new_tokens: int = 64
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = off
@@ -26,8 +28,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers' semantics, over prompt and output
     presence_penalty: float = 0.0  # OpenAI's semantics, over generated tokens
     frequency_penalty: float = 0.0
-    logit_bias: Optional[dict[int, float]] = None
-    seed: Optional[int] = None
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()  # these tokens end the sequence like end-of-text (not shown)
     min_tokens: int = 0  # end-of-text and stop_token_ids cannot be chosen before this many tokens
@@ -43,35 +45,60 @@ class SamplingParams:
         self.stop_token_ids = tuple(self.stop_token_ids or ())
         self.validate()
 
-    def validate(self, vocab_size: Optional[int] = None) -> None:
+    def validate(self, vocab_size: int | None = None) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(msg)
 
-        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        need(math.isfinite(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0, got {self.temperature}")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
+        need(
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+        )
+        need(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            f"temperature must be >= 0, got {self.temperature}",
+        )
+        need(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"top_k must be an integer >= 0, got {self.top_k!r}",
+        )
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        need(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        need(-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        need(-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        need(isinstance(self.num_beams, int) and self.num_beams >= 1,
-             f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        need(
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        need(
+            -2 <= self.presence_penalty <= 2,
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+        )
+        need(
+            -2 <= self.frequency_penalty <= 2,
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        need(
+            isinstance(self.num_beams, int) and self.num_beams >= 1,
+            f"num_beams must be an integer >= 1, got {self.num_beams!r}",
+        )
         need(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
-        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-             f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        need(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
+        )
         for tok in self.stop_token_ids:
-            need(isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
-                 f"stop_token_ids: token id {tok!r} is out of range")
-        need(isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20,
-             f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+            need(
+                isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
+                f"stop_token_ids: token id {tok!r} is out of range",
+            )
+        need(
+            isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20,
+            f"logprobs must be an integer in [0, 20], got {self.logprobs!r}",
+        )
         for tok, bias in (self.logit_bias or {}).items():
-            need(isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
-                 f"logit_bias token id {tok!r} is out of range")
+            need(
+                isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
+                f"logit_bias token id {tok!r} is out of range",
+            )
             need(-100 <= bias <= 100, f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
         if vocab_size is not None:
             need(self.top_k <= vocab_size or self.top_k == 0, f"top_k must be <= vocab size {vocab_size}")
@@ -80,7 +107,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-    def new_generator(self, device="cpu") -> Optional[torch.Generator]:
+    def new_generator(self, device="cpu") -> torch.Generator | None:
         if self.seed is None:
             return None
         g = torch.Generator(device=device)
@@ -91,13 +118,14 @@ class SamplingParams:
 @dataclass
 class RowState:
     """What sampling needs to remember about one sequence."""
+
     params: SamplingParams
     prompt_ids: list[int]
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def new(cls, params: SamplingParams, prompt_ids: Sequence[int], device="cpu") -> "RowState":
+    def new(cls, params: SamplingParams, prompt_ids: Sequence[int], device="cpu") -> RowState:
         return cls(params, list(prompt_ids), params.new_generator(device))
 
     @property
@@ -106,7 +134,7 @@ class RowState:
         return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
-def apply_penalties(logits: Tensor, row: RowState, eot: Optional[int] = None) -> Tensor:
+def apply_penalties(logits: Tensor, row: RowState, eot: int | None = None) -> Tensor:
     """Repetition, presence and frequency penalties, logit bias and min_tokens (end-of-text `eot`
     and the stop tokens masked while the output is shorter) on one row's logits (V,)."""
     p = row.params
@@ -117,15 +145,17 @@ def apply_penalties(logits: Tensor, row: RowState, eot: Optional[int] = None) ->
         if ends:
             logits[torch.tensor(ends, dtype=torch.long, device=logits.device)] = float("-inf")
     if p.repetition_penalty != 1:
-        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long,
-                            device=logits.device)
+        seen = torch.tensor(
+            sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long, device=logits.device
+        )
         if len(seen):
             s = logits[seen]
             # transformers: divide positive logits, multiply negative ones, so both become less likely
             logits[seen] = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
-        counts = torch.bincount(torch.tensor(row.output_ids, device=logits.device),
-                                minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        counts = torch.bincount(
+            torch.tensor(row.output_ids, device=logits.device), minlength=logits.shape[-1]
+        )[: logits.shape[-1]].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
@@ -155,12 +185,14 @@ def _uniforms(rows: Sequence[RowState], device) -> Tensor:
     return torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(device)
 
 
-def sample(logits: Tensor, rows: Sequence[RowState], eot: Optional[int] = None) -> Tensor:
+def sample(logits: Tensor, rows: Sequence[RowState], eot: int | None = None) -> Tensor:
     """Choose the next token of every row: (B, V) logits -> (B,) token ids. Rows' output_ids are
     not updated here (the caller appends the chosen tokens once it accepts them). `eot`: the
     end-of-text token, which min_tokens holds back."""
     logits = logits.float()
-    adjusted = [r.needs_history or r.params.logit_bias or len(r.output_ids) < r.params.min_tokens for r in rows]
+    adjusted = [
+        r.needs_history or r.params.logit_bias or len(r.output_ids) < r.params.min_tokens for r in rows
+    ]
     if any(adjusted):
         logits = logits.clone()
         for i, r in enumerate(rows):
@@ -176,9 +208,12 @@ def sample(logits: Tensor, rows: Sequence[RowState], eot: Optional[int] = None) 
     temp = torch.tensor([p.temperature for p in ps], device=dev)[:, None]
     sub = logits[idx] / temp
     if any(p.top_k or p.top_p < 1 or p.min_p > 0 for p in ps):
-        sub = filter_logits(sub, torch.tensor([p.top_k for p in ps], device=dev),
-                            torch.tensor([p.top_p for p in ps], device=dev),
-                            torch.tensor([p.min_p for p in ps], device=dev))
+        sub = filter_logits(
+            sub,
+            torch.tensor([p.top_k for p in ps], device=dev),
+            torch.tensor([p.top_p for p in ps], device=dev),
+            torch.tensor([p.min_p for p in ps], device=dev),
+        )
     # Inverse-CDF sampling with one uniform per row: the choice depends only on this row's
     # distribution and its generator, not on the other rows in the batch.
     cdf = sub.softmax(dim=-1).cumsum(dim=-1)

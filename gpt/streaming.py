@@ -46,7 +46,7 @@ class IncrementalDetokenizer:
         """All text emitted so far."""
         return "".join(self._pieces)
 
-    def fork(self) -> "IncrementalDetokenizer":
+    def fork(self) -> IncrementalDetokenizer:
         """An independent copy, mid-character state included."""
         twin = IncrementalDetokenizer(self.tokenizer)
         twin._decoder.setstate(self._decoder.getstate())
@@ -123,10 +123,10 @@ class StopMatcher:
             if done is not None:
                 end = base + i + 1
                 self.stopped, self.matched, self._held = True, done, ""
-                return buf[:end - len(done)], True
+                return buf[: end - len(done)], True
         keep = max(state)  # the longest partial match: it may still become a stop string
-        self._held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep], False
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
 
     def flush(self) -> str:
         """End of stream without a stop: release whatever was held back."""
@@ -134,7 +134,7 @@ class StopMatcher:
         self._state = [0] * len(self.stops)
         return held
 
-    def fork(self) -> "StopMatcher":
+    def fork(self) -> StopMatcher:
         """An independent copy (the stop strings and their tables are shared: they never change)."""
         twin = object.__new__(StopMatcher)
         twin.__dict__.update(self.__dict__)
@@ -145,12 +145,12 @@ class StopMatcher:
 class TextStream:
     """Token ids in, emit-ready text out: detokenization plus stop strings.
 
-        stream = TextStream(tokenizer, stop=["\\n\\n"])
-        for tok in tokens:
-            piece, stopped = stream.push(tok)
-            ...
-            if stopped: break
-        tail = stream.flush()
+    stream = TextStream(tokenizer, stop=["\\n\\n"])
+    for tok in tokens:
+        piece, stopped = stream.push(tok)
+        ...
+        if stopped: break
+    tail = stream.flush()
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: str | Iterable[str] | None = None):
@@ -172,7 +172,7 @@ class TextStream:
         """All text emitted so far."""
         return "".join(self._pieces)
 
-    def fork(self) -> "TextStream":
+    def fork(self) -> TextStream:
         """An independent copy: beam search extends one hypothesis with several tokens."""
         twin = object.__new__(TextStream)
         twin.detokenizer, twin.matcher = self.detokenizer.fork(), self.matcher.fork()

@@ -40,7 +40,7 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
     """GPT-2's encoding built from the bundled ranks file (tiktoken.get_encoding would download)."""
     ranks = load_tiktoken_ranks(GPT2_ASSET)
@@ -106,12 +106,14 @@ class Tokenizer(ABC):
         out = [int(i) for i in ids]
         for i in out:
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is out of range for tokenizer {self.name!r} "
-                                 f"(vocab_size={self.vocab_size})")
+                raise ValueError(
+                    f"token id {i} is out of range for tokenizer {self.name!r} (vocab_size={self.vocab_size})"
+                )
         return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eot_token={self.eot_token})"
+        fields = f"name={self.name!r}, vocab_size={self.vocab_size}, eot_token={self.eot_token}"
+        return f"{type(self).__name__}({fields})"
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -189,8 +191,10 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """Tokenizer by name: "gpt2" (bundled, offline), "byte", or any tiktoken encoding name.
     A trained "bpe" is not found by name: it is read from its checkpoint (gpt.load)."""
     if name == "bpe":
-        raise ValueError("the 'bpe' tokenizer is trained per model and read from its checkpoint "
-                         "directory; load the checkpoint (gpt.load) rather than the tokenizer by name")
+        raise ValueError(
+            "the 'bpe' tokenizer is trained per model and read from its checkpoint "
+            "directory; load the checkpoint (gpt.load) rather than the tokenizer by name"
+        )
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":

@@ -1,4 +1,5 @@
 """python -m server: the same as gpt-serve."""
+
 import sys
 
 from .cli import main

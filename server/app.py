@@ -8,13 +8,13 @@
 
 On shutdown the engine drains: no new requests, running ones get `drain_grace` seconds.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Optional
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -24,13 +24,13 @@ from .chat_template import load_chat_template
 from .config import Settings
 from .errors import install_error_handlers
 from .guard import RequestGuard
-from .openapi import install_openapi
 from .metrics import Metrics
+from .openapi import install_openapi
 
 log = logging.getLogger("server")
 
 
-def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None):
+def load_engine(settings: Settings, metrics=None, threads: int | None = None):
     """Load `settings.model` and build an engine for it (not started). Raises OSError/ValueError
     (gpt.CheckpointError is a ValueError) for a missing or bad model. `threads`: CPU threads for
     the engine thread's kernels."""
@@ -47,24 +47,48 @@ def load_engine(settings: Settings, metrics=None, threads: Optional[int] = None)
     model, tokenizer = gpt.load(settings.model, device=torch.device(settings.device), dtype=dtype)
     if settings.quantize != "none":
         gpt.quantize(model, settings.quantize)
-    elif model.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and settings.max_batch_size > 1:
+    elif (
+        model.device.type == "cpu"
+        and dtype in (torch.float16, torch.bfloat16)
+        and settings.max_batch_size > 1
+    ):
         slowdown = batched_slowdown(dtype, settings.max_batch_size, model.config.n_embd)
         if slowdown > 1.1:
-            log.warning("--dtype %s: a batch of %d rows multiplies %.1fx slower than float32 on this CPU (no "
-                        "native %s arithmetic); for batched serving prefer --dtype float32 or --quantize int8",
-                        settings.dtype, settings.max_batch_size, slowdown, settings.dtype)
+            log.warning(
+                "--dtype %s: a batch of %d rows multiplies %.1fx slower than float32 on this CPU (no "
+                "native %s arithmetic); for batched serving prefer --dtype float32 or --quantize int8",
+                settings.dtype,
+                settings.max_batch_size,
+                slowdown,
+                settings.dtype,
+            )
     if model.device.type == "cpu":  # builds our single-row kernels now rather than in the first request
         log.info("single-row kernels: %s", gpt.native.status())
     kv_dtype = getattr(torch, settings.kv_cache_dtype) if settings.kv_cache_dtype else None
-    if (kv_dtype is not None and kv_dtype != next(model.parameters()).dtype and model.device.type == "cpu"
-            and not (kv_dtype == torch.float16 and gpt.native.attention_f16_available())):
-        log.warning("--kv-cache-dtype %s: attention converts the cache on every step on this CPU (our kernel "
-                    "reads a float16 cache only with F16C and float32 activations); expect it slower",
-                    settings.kv_cache_dtype)
-    return Engine(model, tokenizer, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                  max_prompt_tokens=settings.max_prompt_tokens, metrics=metrics, threads=threads,
-                  prefix_cache=settings.prefix_cache, compile_decode=settings.compile,
-                  cuda_graphs=not settings.eager, kv_cache_dtype=kv_dtype)
+    if (
+        kv_dtype is not None
+        and kv_dtype != next(model.parameters()).dtype
+        and model.device.type == "cpu"
+        and not (kv_dtype == torch.float16 and gpt.native.attention_f16_available())
+    ):
+        log.warning(
+            "--kv-cache-dtype %s: attention converts the cache on every step on this CPU (our kernel "
+            "reads a float16 cache only with F16C and float32 activations); expect it slower",
+            settings.kv_cache_dtype,
+        )
+    return Engine(
+        model,
+        tokenizer,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        metrics=metrics,
+        threads=threads,
+        prefix_cache=settings.prefix_cache,
+        compile_decode=settings.compile,
+        cuda_graphs=not settings.eager,
+        kv_cache_dtype=kv_dtype,
+    )
 
 
 async def _load_in_background(app: FastAPI) -> None:
@@ -137,13 +161,18 @@ class RequestCounter:
             raise
 
 
-def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, engine=None) -> FastAPI:
     settings = settings if settings is not None else Settings.from_env()
     open_docs = settings.docs and settings.api_key is None
-    app = FastAPI(title="gpt-serve", version="0.1.0", lifespan=_lifespan,
-                  description="An OpenAI-compatible streaming server for gpt checkpoints",
-                  docs_url="/docs" if open_docs else None, redoc_url="/redoc" if open_docs else None,
-                  openapi_url="/openapi.json" if open_docs else None)
+    app = FastAPI(
+        title="gpt-serve",
+        version="0.1.0",
+        lifespan=_lifespan,
+        description="An OpenAI-compatible streaming server for gpt checkpoints",
+        docs_url="/docs" if open_docs else None,
+        redoc_url="/redoc" if open_docs else None,
+        openapi_url="/openapi.json" if open_docs else None,
+    )
     state = app.state
     state.settings = settings
     state.engine = engine
@@ -156,11 +185,20 @@ def create_app(settings: Optional[Settings] = None, *, engine=None) -> FastAPI:
     install_openapi(app)
     # the last added runs first: count every response, then CORS (a preflight never needs a
     # body), then the body checks
-    app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout,
-                       json_paths=routes_system.JSON_BODY_PATHS)
+    app.add_middleware(
+        RequestGuard,
+        max_bytes=settings.max_body_bytes,
+        timeout=settings.body_timeout,
+        json_paths=routes_system.JSON_BODY_PATHS,
+    )
     if settings.origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     app.add_middleware(RequestCounter, fastapi_app=app)
     if settings.docs and settings.api_key is not None:
         app.include_router(routes_system.keyed_docs_router(app))

@@ -4,6 +4,7 @@ Clients send `Authorization: Bearer <key>` (what the openai client does with `ap
 The comparison runs in constant time so response timing does not reveal how much of a guessed
 key was right. /health, /ready, /metrics and the web page do not depend on this.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -29,9 +30,15 @@ async def require_api_key(request: Request) -> None:
         return
     given = _bearer(request)
     if given is None:
-        raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401,
+            "missing API key: send 'Authorization: Bearer <key>'",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     # Starlette decodes header bytes as latin-1; re-encoding gives back the raw bytes, which
     # compare with the configured key's UTF-8 bytes (compare_digest wants equal types).
     if not hmac.compare_digest(given.encode("latin-1"), expected.encode("utf-8")):
-        raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise APIError(
+            401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )

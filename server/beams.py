@@ -5,9 +5,8 @@ never takes the batch's slots. The engine thread advances the oldest waiting sea
 after each batch step: streams keep flowing while a search runs, and one search at a time bounds
 the extra memory to num_beams cache rows. Its n best beams are the request's choices, each
 delivered to its own handle as one piece when the search ends."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from gpt import BeamSearch, Piece
 
@@ -19,13 +18,13 @@ class BeamJob:
 
     def __init__(self, model, tokenizer, requests: list[Request]):
         self.model, self.tokenizer, self.requests = model, tokenizer, requests
-        self.search: Optional[BeamSearch] = None
+        self.search: BeamSearch | None = None
 
     @property
     def started(self) -> bool:
         return self.search is not None
 
-    def advance(self, now: float) -> Optional[list[tuple[Request, Piece]]]:
+    def advance(self, now: float) -> list[tuple[Request, Piece]] | None:
         """One step on the engine thread (the first reads the prompt). The outputs once the
         search has ended (finished, cancelled by every client, or past its deadline); else None."""
         first = self.requests[0]
@@ -34,7 +33,9 @@ class BeamJob:
         if first.expired(now):
             return self.end("timeout")
         if self.search is None:
-            self.search = BeamSearch(self.model, self.tokenizer, first.prompt, first.params, first.max_new_tokens)
+            self.search = BeamSearch(
+                self.model, self.tokenizer, first.prompt, first.params, first.max_new_tokens
+            )
         else:
             self.search.step()
         if not self.search.done:

@@ -8,6 +8,7 @@ Type a message and press Enter; the reply prints token by token as the server st
 Only the replies go to stdout, so `echo hi | gpt-chat > reply.txt` captures exactly the text.
 This module needs only httpx: no torch, so it starts instantly and runs on any machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, TextIO
+from typing import TextIO
 
 import httpx
 
@@ -31,18 +33,19 @@ class ChatError(Exception):
 @dataclass
 class Reply:
     text: str = ""
-    finish_reason: Optional[str] = None
-    usage: Optional[dict] = None
+    finish_reason: str | None = None
+    usage: dict | None = None
     interrupted: bool = False
 
 
 @dataclass
 class ChatClient:
     """The few calls gpt-chat needs, against `{url}/v1/...`."""
+
     url: str
-    api_key: Optional[str] = None
+    api_key: str | None = None
     timeout: float = 600.0
-    transport: Optional[httpx.BaseTransport] = None  # tests pass an httpx.MockTransport
+    transport: httpx.BaseTransport | None = None  # tests pass an httpx.MockTransport
     http: httpx.Client = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -53,8 +56,12 @@ class ChatClient:
             self.url = self.url[:-3]
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         # A generous read timeout: it bounds the wait for each streamed chunk, not the whole reply.
-        self.http = httpx.Client(base_url=self.url + "/v1", headers=headers,
-                                 timeout=httpx.Timeout(self.timeout, connect=10.0), transport=self.transport)
+        self.http = httpx.Client(
+            base_url=self.url + "/v1",
+            headers=headers,
+            timeout=httpx.Timeout(self.timeout, connect=10.0),
+            transport=self.transport,
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -69,8 +76,12 @@ class ChatClient:
 
     def stream_chat(self, messages: list[dict], model: str, reply: Reply, **params) -> Iterator[str]:
         """Yield the reply's text pieces as they arrive, filling `reply` (text, finish, usage)."""
-        body = {"model": model, "messages": messages, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         body.update({k: v for k, v in params.items() if v is not None})
         with self._request("POST", "/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -165,6 +176,7 @@ def _sse_data(r: httpx.Response) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- command line
 
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -179,6 +191,7 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
         if not (lo < v if lo_open else lo <= v) or v > hi:
             raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {s}")
         return v
+
     return check
 
 
@@ -194,41 +207,79 @@ def _positive_int(s: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
-    p = _Parser(prog="gpt-chat", description=(
-        "Chat with a model served by gpt-serve or any OpenAI-compatible server; replies stream "
-        "token by token. In the chat: /reset forgets the conversation, /quit leaves."))
-    p.add_argument("--url", default=env.get("GPT_CHAT_URL") or env.get("OPENAI_BASE_URL") or DEFAULT_URL,
-                   help="server base URL, with or without /v1 (env GPT_CHAT_URL or OPENAI_BASE_URL; "
-                        f"default {DEFAULT_URL})")
-    p.add_argument("--api-key", default=env.get("OPENAI_API_KEY") or None,
-                   help="bearer token, if the server wants one (env OPENAI_API_KEY)")
+    p = _Parser(
+        prog="gpt-chat",
+        description=(
+            "Chat with a model served by gpt-serve or any OpenAI-compatible server; replies stream "
+            "token by token. In the chat: /reset forgets the conversation, /quit leaves."
+        ),
+    )
+    p.add_argument(
+        "--url",
+        default=env.get("GPT_CHAT_URL") or env.get("OPENAI_BASE_URL") or DEFAULT_URL,
+        help="server base URL, with or without /v1 (env GPT_CHAT_URL or OPENAI_BASE_URL; "
+        f"default {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=env.get("OPENAI_API_KEY") or None,
+        help="bearer token, if the server wants one (env OPENAI_API_KEY)",
+    )
     p.add_argument("--model", default=None, help="model name (default: the first of GET /v1/models)")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the conversation")
-    p.add_argument("--temperature", "-t", type=_float_in(0.0, 2.0), default=None,
-                   help="sampling temperature in [0, 2]; 0 is greedy (default: the server's)")
-    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True), default=None,
-                   help="nucleus sampling mass in (0, 1] (default: the server's)")
-    p.add_argument("--max-tokens", "-n", type=_positive_int, default=None,
-                   help="most tokens per reply (default: the server's)")
+    p.add_argument(
+        "--temperature",
+        "-t",
+        type=_float_in(0.0, 2.0),
+        default=None,
+        help="sampling temperature in [0, 2]; 0 is greedy (default: the server's)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=_float_in(0.0, 1.0, lo_open=True),
+        default=None,
+        help="nucleus sampling mass in (0, 1] (default: the server's)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        "-n",
+        type=_positive_int,
+        default=None,
+        help="most tokens per reply (default: the server's)",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible replies")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="end a reply when this text appears (repeatable)")
-    p.add_argument("--usage", action="store_true",
-                   help="after each reply, print its token counts and finish reason to stderr")
-    p.add_argument("--timeout", type=_float_in(0.0, 1e6, lo_open=True), default=600.0,
-                   help="seconds to wait for the server's next chunk (600)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="end a reply when this text appears (repeatable)",
+    )
+    p.add_argument(
+        "--usage",
+        action="store_true",
+        help="after each reply, print its token counts and finish reason to stderr",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_float_in(0.0, 1e6, lo_open=True),
+        default=600.0,
+        help="seconds to wait for the server's next chunk (600)",
+    )
     return p
 
 
 # Model output is untrusted text: on a terminal, control characters (ESC sequences can move the
 # cursor, retitle the window, ...) are shown as escapes instead. Piped output stays exact.
-_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7f, *range(0x80, 0xa0)] if chr(c) not in "\n\t"}
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t"}
 
 
 def _usage_line(reply: Reply) -> str:
     u = reply.usage or {}
-    return (f"[prompt_tokens={u.get('prompt_tokens', '?')} completion_tokens="
-            f"{u.get('completion_tokens', '?')} finish_reason={reply.finish_reason}]")
+    return (
+        f"[prompt_tokens={u.get('prompt_tokens', '?')} completion_tokens="
+        f"{u.get('completion_tokens', '?')} finish_reason={reply.finish_reason}]"
+    )
 
 
 def chat_loop(client: ChatClient, model: str, args, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
@@ -242,8 +293,13 @@ def chat_loop(client: ChatClient, model: str, args, stdin: TextIO, stdout: TextI
         print(f"gpt-chat: {model} at {client.url}; {HELP}", file=stderr)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)
-    params = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                  seed=args.seed, stop=args.stop)
+    params = dict(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop=args.stop,
+    )
     failed = 0
     while True:
         try:
@@ -299,7 +355,7 @@ def chat_loop(client: ChatClient, model: str, args, stdin: TextIO, stdout: TextI
             print(_usage_line(reply), file=stderr)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a reply the console cannot encode must not end the chat
@@ -318,8 +374,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 2
             model = served[0]
         elif model not in served:
-            print(f"gpt-chat: error: model {model!r} is not served at {client.url} "
-                  f"(it serves: {', '.join(served) or 'nothing'})", file=sys.stderr)
+            print(
+                f"gpt-chat: error: model {model!r} is not served at {client.url} "
+                f"(it serves: {', '.join(served) or 'nothing'})",
+                file=sys.stderr,
+            )
             return 2
         return chat_loop(client, model, args, sys.stdin, sys.stdout, sys.stderr)
     except KeyboardInterrupt:

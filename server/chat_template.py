@@ -23,12 +23,13 @@ user's next turn. A template is configurable with a JSON file (`--chat-template 
 the assistant's turn. A role the template lacks is an error, except "developer" (OpenAI's newer
 name for "system"), which falls back to the system role.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -41,11 +42,13 @@ class RoleFormat:
 
 @dataclass
 class ChatTemplate:
-    roles: dict[str, RoleFormat] = field(default_factory=lambda: {
-        "system": RoleFormat("System: ", "\n"),
-        "user": RoleFormat("User: ", "\n"),
-        "assistant": RoleFormat("Assistant: ", "\n"),
-    })
+    roles: dict[str, RoleFormat] = field(
+        default_factory=lambda: {
+            "system": RoleFormat("System: ", "\n"),
+            "user": RoleFormat("User: ", "\n"),
+            "assistant": RoleFormat("Assistant: ", "\n"),
+        }
+    )
     # No trailing space: GPT-2's BPE puts the space in front of the next word (" Hello"), so
     # ending the prompt with one would force an unlikely token split.
     generation_prompt: str = "Assistant:"
@@ -70,7 +73,7 @@ class ChatTemplate:
         return "".join(parts)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ChatTemplate":
+    def from_dict(cls, d: dict) -> ChatTemplate:
         if not isinstance(d, dict):
             raise ValueError("a chat template must be a JSON object")
         unknown = sorted(set(d) - {"roles", "generation_prompt", "stop", "bos"})
@@ -81,9 +84,14 @@ class ChatTemplate:
             raise ValueError('a chat template needs "roles": {"user": {"prefix": ..., "suffix": ...}, ...}')
         parsed = {}
         for role, fmt in roles.items():
-            if not isinstance(fmt, dict) or set(fmt) - {"prefix", "suffix"} or not all(
-                    isinstance(v, str) for v in fmt.values()):
-                raise ValueError(f'role {role!r} must be {{"prefix": "...", "suffix": "..."}} with string values')
+            if (
+                not isinstance(fmt, dict)
+                or set(fmt) - {"prefix", "suffix"}
+                or not all(isinstance(v, str) for v in fmt.values())
+            ):
+                raise ValueError(
+                    f'role {role!r} must be {{"prefix": "...", "suffix": "..."}} with string values'
+                )
             parsed[role] = RoleFormat(fmt.get("prefix", ""), fmt.get("suffix", ""))
         for needed in ("user", "assistant"):
             if needed not in parsed:
@@ -96,10 +104,12 @@ class ChatTemplate:
         for key in ("generation_prompt", "bos"):
             if not isinstance(d.get(key, ""), str):
                 raise ValueError(f'"{key}" must be a string')
-        return cls(roles=parsed, generation_prompt=d.get("generation_prompt", ""), stop=stop, bos=d.get("bos", ""))
+        return cls(
+            roles=parsed, generation_prompt=d.get("generation_prompt", ""), stop=stop, bos=d.get("bos", "")
+        )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ChatTemplate":
+    def from_file(cls, path: str | Path) -> ChatTemplate:
         """Load a JSON template; any problem is a ValueError naming the file."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -113,5 +123,5 @@ class ChatTemplate:
             raise ValueError(f"{path}: {e}") from None
 
 
-def load_chat_template(path: Optional[str]) -> ChatTemplate:
+def load_chat_template(path: str | None) -> ChatTemplate:
     return ChatTemplate() if path is None else ChatTemplate.from_file(path)

@@ -5,6 +5,7 @@ option on the command line wins. SIGTERM (or Ctrl-C) drains: /ready turns 503, n
 get 503, running ones finish within --drain-grace seconds, then the process exits with 0.
 A second signal exits at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,11 @@ import logging
 import signal
 import socket
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import uvicorn
 
-from .config import DTYPES, QUANTIZATIONS, ENV_PREFIX, LOG_LEVELS, Settings
+from .config import DTYPES, ENV_PREFIX, LOG_LEVELS, QUANTIZATIONS, Settings
 
 log = logging.getLogger("server")
 
@@ -31,57 +32,115 @@ def _opt(p: argparse.ArgumentParser, flag: str, help: str, **kw) -> None:
     field = flag.lstrip("-").replace("-", "_")
     default = Settings.__dataclass_fields__[field].default
     shown = "" if default is None else f"; default {default}"
-    p.add_argument(flag, dest=field, default=None, help=f"{help} (env {ENV_PREFIX}{field.upper()}{shown})", **kw)
+    p.add_argument(
+        flag, dest=field, default=None, help=f"{help} (env {ENV_PREFIX}{field.upper()}{shown})", **kw
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gpt-serve", description=(
-        "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models) with streaming, continuous batching, Prometheus /metrics and a web page at / "
-        "(completion and chat). "
-        "PATH is a checkpoint directory (gpt-train / gpt.save) or a Hugging Face GPT-2 directory. "
-        "Every option can be given as an environment variable instead; the command line wins."),
-        epilog="SIGTERM drains: /ready turns 503, running requests finish within --drain-grace, exit 0.")
+    p = _Parser(
+        prog="gpt-serve",
+        description=(
+            "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+            "/v1/models) with streaming, continuous batching, Prometheus /metrics and a web page at / "
+            "(completion and chat). "
+            "PATH is a checkpoint directory (gpt-train / gpt.save) or a Hugging Face GPT-2 directory. "
+            "Every option can be given as an environment variable instead; the command line wins."
+        ),
+        epilog="SIGTERM drains: /ready turns 503, running requests finish within --drain-grace, exit 0.",
+    )
     _opt(p, "--model", "checkpoint or GPT-2 directory to serve", metavar="PATH")
     _opt(p, "--host", "address to listen on; 0.0.0.0 for every interface")
     _opt(p, "--port", "TCP port", type=int)
-    _opt(p, "--served-model-name", "the model name clients use; default: the directory's name", metavar="NAME")
+    _opt(
+        p, "--served-model-name", "the model name clients use; default: the directory's name", metavar="NAME"
+    )
     _opt(p, "--api-key", "require 'Authorization: Bearer KEY' on /v1/* and /tokenize", metavar="KEY")
     _opt(p, "--max-batch-size", "requests decoded together (KV-cache slots)", type=int, metavar="N")
     _opt(p, "--max-queue", "requests that may wait for a slot; beyond that, 429", type=int, metavar="N")
-    _opt(p, "--max-prompt-tokens", "longest prompt accepted; default: the model's context", type=int, metavar="N")
+    _opt(
+        p,
+        "--max-prompt-tokens",
+        "longest prompt accepted; default: the model's context",
+        type=int,
+        metavar="N",
+    )
     _opt(p, "--default-max-tokens", "max_tokens when a request gives none", type=int, metavar="N")
     _opt(p, "--timeout", "seconds a request may take, queueing included", type=float, metavar="S")
     _opt(p, "--drain-grace", "seconds running requests get to finish after SIGTERM", type=float, metavar="S")
-    _opt(p, "--chat-template", "JSON chat template (see the README); default: System:/User:/Assistant: lines. "
-         "Given, it marks the model a chat model: /v1/models suggests chat mode, the web page opens in it",
-         metavar="FILE")
+    _opt(
+        p,
+        "--chat-template",
+        "JSON chat template (see the README); default: System:/User:/Assistant: lines. "
+        "Given, it marks the model a chat model: /v1/models suggests chat mode, the web page opens in it",
+        metavar="FILE",
+    )
     _opt(p, "--device", "torch device, e.g. cpu or cuda")
     _opt(p, "--dtype", "weights' dtype; default: as stored", choices=DTYPES)
-    _opt(p, "--kv-cache-dtype", "dtype the KV cache stores keys and values in; default: the model's. float16 "
-         "halves the cache's memory and, on a CPU with F16C, what a batched decode step reads of it",
-         choices=DTYPES)
-    _opt(p, "--quantize", "int8: 8-bit weights (and activations) in every linear layer; default: none",
-         choices=QUANTIZATIONS)
-    p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help=f"torch.compile the decode step, compiling at start-up (tens of "
-                        f"seconds the first time); faster with --quantize int8, slower in float32 on CPU "
-                        f"(env {ENV_PREFIX}COMPILE=1)")
-    p.add_argument("--eager", dest="eager", action="store_true", default=None,
-                   help=f"on a GPU, run the decode step eagerly; by default it replays CUDA graphs recorded at "
-                        f"start-up (env {ENV_PREFIX}EAGER=1)")
-    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None,
-                   help=f"prefill every prompt in full instead of reusing cached prefixes of earlier ones "
-                        f"(env {ENV_PREFIX}PREFIX_CACHE=0)")
+    _opt(
+        p,
+        "--kv-cache-dtype",
+        "dtype the KV cache stores keys and values in; default: the model's. float16 "
+        "halves the cache's memory and, on a CPU with F16C, what a batched decode step reads of it",
+        choices=DTYPES,
+    )
+    _opt(
+        p,
+        "--quantize",
+        "int8: 8-bit weights (and activations) in every linear layer; default: none",
+        choices=QUANTIZATIONS,
+    )
+    p.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_true",
+        default=None,
+        help=f"torch.compile the decode step, compiling at start-up (tens of "
+        f"seconds the first time); faster with --quantize int8, slower in float32 on CPU "
+        f"(env {ENV_PREFIX}COMPILE=1)",
+    )
+    p.add_argument(
+        "--eager",
+        dest="eager",
+        action="store_true",
+        default=None,
+        help=f"on a GPU, run the decode step eagerly; by default it replays CUDA graphs recorded at "
+        f"start-up (env {ENV_PREFIX}EAGER=1)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help=f"prefill every prompt in full instead of reusing cached prefixes of earlier ones "
+        f"(env {ENV_PREFIX}PREFIX_CACHE=0)",
+    )
     _opt(p, "--max-body-bytes", "larger request bodies get 413 before they are read", type=int, metavar="N")
     _opt(p, "--body-timeout", "seconds a request body may take to arrive; then 408", type=float, metavar="S")
-    _opt(p, "--max-connections", "open connections at most; beyond that new ones get 503", type=int, metavar="N")
-    _opt(p, "--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=float, metavar="S")
-    _opt(p, "--allowed-origins", "comma-separated origins whose pages may call the API (CORS), '*' for any; "
-         "default: none", metavar="ORIGINS")
-    p.add_argument("--no-docs", dest="docs", action="store_false", default=None,
-                   help=f"do not serve /docs, /redoc and /openapi.json (env {ENV_PREFIX}DOCS=0); with --api-key "
-                        f"they need the key")
+    _opt(
+        p,
+        "--max-connections",
+        "open connections at most; beyond that new ones get 503",
+        type=int,
+        metavar="N",
+    )
+    _opt(
+        p, "--keep-alive-timeout", "seconds an idle keep-alive connection stays open", type=float, metavar="S"
+    )
+    _opt(
+        p,
+        "--allowed-origins",
+        "comma-separated origins whose pages may call the API (CORS), '*' for any; default: none",
+        metavar="ORIGINS",
+    )
+    p.add_argument(
+        "--no-docs",
+        dest="docs",
+        action="store_false",
+        default=None,
+        help=f"do not serve /docs, /redoc and /openapi.json (env {ENV_PREFIX}DOCS=0); with --api-key "
+        f"they need the key",
+    )
     _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
     return p
 
@@ -95,7 +154,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app, banner: str = ""):
         super().__init__(config)
         self.app, self.banner = app, banner
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self.exit_code = 0
 
@@ -122,8 +181,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     def _begin_drain(self, sig) -> None:
-        log.info("received %s: draining (grace %.0fs)", signal.Signals(sig).name,
-                 self.app.state.settings.drain_grace)
+        log.info(
+            "received %s: draining (grace %.0fs)",
+            signal.Signals(sig).name,
+            self.app.state.settings.drain_grace,
+        )
         self._loop.create_task(self._drain())
 
     async def _drain(self) -> None:
@@ -150,7 +212,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -160,7 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not settings.model:
         parser.error(f"--model PATH is required (or set {ENV_PREFIX}MODEL)")
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     import torch
 
     from gpt.device import resolve_device
@@ -194,17 +258,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--model {settings.model}: {e}")
 
     app = create_app(settings, engine=engine)
-    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
-                            limit_concurrency=settings.max_connections,
-                            timeout_keep_alive=settings.keep_alive_timeout,
-                            timeout_graceful_shutdown=max(5, int(settings.drain_grace) + 5))
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        lifespan="on",
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        timeout_graceful_shutdown=max(5, int(settings.drain_grace) + 5),
+    )
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    server = DrainingServer(config, app, banner=f"gpt-serve: serving {settings.model_name!r} at "
-                            f"http://{shown_host}:{sock.getsockname()[1]} (web page at /, API at /v1)")
+    server = DrainingServer(
+        config,
+        app,
+        banner=f"gpt-serve: serving {settings.model_name!r} at "
+        f"http://{shown_host}:{sock.getsockname()[1]} (web page at /, API at /v1)",
+    )
     engine.on_death = server.engine_died
     server.run(sockets=[sock])
     if server.exit_code:
-        print(f"gpt-serve: the engine stopped ({engine.dead}); exiting with {server.exit_code}", file=sys.stderr)
+        print(
+            f"gpt-serve: the engine stopped ({engine.dead}); exiting with {server.exit_code}", file=sys.stderr
+        )
     return server.exit_code
 
 

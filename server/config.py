@@ -3,13 +3,14 @@
 Every field `name` can be set from the environment as `GPT_SERVE_<NAME>` (upper case), so a
 container can be configured without a command line; explicit arguments win over the environment.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
 
 ENV_PREFIX = "GPT_SERVE_"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -19,21 +20,23 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 @dataclass
 class Settings:
-    model: Optional[str] = None  # checkpoint directory or Hugging Face GPT-2 directory
-    served_model_name: Optional[str] = None  # the `model` clients send; default: the directory's name
+    model: str | None = None  # checkpoint directory or Hugging Face GPT-2 directory
+    served_model_name: str | None = None  # the `model` clients send; default: the directory's name
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: Optional[str] = None  # when set, /v1/* and /tokenize need `Authorization: Bearer <key>`
+    api_key: str | None = None  # when set, /v1/* and /tokenize need `Authorization: Bearer <key>`
     max_batch_size: int = 32  # requests decoded together (KV-cache slots)
     max_queue: int = 128  # requests waiting for a slot before new ones get 429
-    max_prompt_tokens: Optional[int] = None  # longest prompt accepted; default: the model's context
+    max_prompt_tokens: int | None = None  # longest prompt accepted; default: the model's context
     default_max_tokens: int = 256  # when a request gives no max_tokens
     timeout: float = 600.0  # seconds a request may take, queueing included
     drain_grace: float = 30.0  # seconds running requests get to finish after SIGTERM
-    chat_template: Optional[str] = None  # JSON file; default: the plain-text template
+    chat_template: str | None = None  # JSON file; default: the plain-text template
     device: str = "cpu"
-    dtype: Optional[str] = None  # None keeps the checkpoint's dtype
-    kv_cache_dtype: Optional[str] = None  # keys/values stored in this dtype; None: the model's. float16 halves them
+    dtype: str | None = None  # None keeps the checkpoint's dtype
+    kv_cache_dtype: str | None = (
+        None  # keys/values stored in this dtype; None: the model's. float16 halves them
+    )
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
     compile: bool = False  # torch.compile the decode step (gpt.compile_decode); compiles at start-up
@@ -42,7 +45,7 @@ class Settings:
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
     max_connections: int = 1024  # open connections at most; beyond that, new ones get 503
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
-    allowed_origins: Optional[str] = None  # comma-separated origins allowed by CORS; default: none
+    allowed_origins: str | None = None  # comma-separated origins allowed by CORS; default: none
     docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     log_level: str = "info"
 
@@ -57,19 +60,28 @@ class Settings:
         need(0 <= self.port <= 65535, f"port must be in [0, 65535] (0: any free port), got {self.port}")
         need(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
         need(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
-        need(self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
-             f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        need(
+            self.max_prompt_tokens is None or self.max_prompt_tokens >= 1,
+            f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}",
+        )
         need(self.default_max_tokens >= 1, f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         need(self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         need(self.body_timeout > 0, f"body_timeout must be > 0 seconds, got {self.body_timeout}")
         need(self.max_connections >= 1, f"max_connections must be >= 1, got {self.max_connections}")
-        need(self.keep_alive_timeout > 0, f"keep_alive_timeout must be > 0 seconds, got {self.keep_alive_timeout}")
+        need(
+            self.keep_alive_timeout > 0,
+            f"keep_alive_timeout must be > 0 seconds, got {self.keep_alive_timeout}",
+        )
         need(self.drain_grace >= 0, f"drain_grace must be >= 0 seconds, got {self.drain_grace}")
         need(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.kv_cache_dtype is None or self.kv_cache_dtype in DTYPES,
-             f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}")
-        need(self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
+        need(
+            self.kv_cache_dtype is None or self.kv_cache_dtype in DTYPES,
+            f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}",
+        )
+        need(
+            self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}"
+        )
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
 
@@ -88,7 +100,7 @@ class Settings:
         return "gpt"
 
     @classmethod
-    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
         """Settings from `GPT_SERVE_*` variables (ValueError names a bad one), then `overrides`."""
         env = os.environ if env is None else env
         values = {}
@@ -104,8 +116,15 @@ class Settings:
         return cls(**values)
 
 
-_INT_FIELDS = {"port", "max_batch_size", "max_queue", "max_prompt_tokens", "default_max_tokens", "max_body_bytes",
-               "max_connections"}
+_INT_FIELDS = {
+    "port",
+    "max_batch_size",
+    "max_queue",
+    "max_prompt_tokens",
+    "default_max_tokens",
+    "max_body_bytes",
+    "max_connections",
+}
 _FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "keep_alive_timeout"}
 _CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES, "kv_cache_dtype": DTYPES}
 _BOOL_FIELDS = {"prefix_cache", "docs", "compile", "eager"}

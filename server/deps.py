@@ -6,9 +6,8 @@ and the check that a request names the model this server serves.
 
 Authentication is a router dependency of its own (`server/auth.py`).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from fastapi import Request
 
@@ -21,13 +20,20 @@ def get_engine(request: Request):
     """The running engine, or a 503 while the model loads or the server drains."""
     state = request.app.state
     if state.engine is not None and state.engine.dead is not None:
-        raise APIError(503, f"the engine has stopped ({state.engine.dead}); the server must be restarted",
-                       code="engine_dead")
+        raise APIError(
+            503,
+            f"the engine has stopped ({state.engine.dead}); the server must be restarted",
+            code="engine_dead",
+        )
     if state.draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down")
     engine = state.engine
     if engine is None:
-        reason = f"the model failed to load: {state.load_error}" if state.load_error else "the model is still loading"
+        reason = (
+            f"the model failed to load: {state.load_error}"
+            if state.load_error
+            else "the model is still loading"
+        )
         raise APIError(503, reason, code="model_not_ready")
     return engine
 
@@ -40,10 +46,14 @@ def get_chat_template(request: Request) -> ChatTemplate:
     return request.app.state.chat_template
 
 
-def check_model(settings: Settings, name: Optional[str]) -> str:
+def check_model(settings: Settings, name: str | None) -> str:
     """The served model's name; a 404 if the request names another model (None: any)."""
     served = settings.model_name
     if name is not None and name != served:
-        raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
     return served

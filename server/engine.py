@@ -12,6 +12,7 @@ decodes one token for every running request in one batched forward. Torch releas
 its kernels, so the event loop keeps streaming while the thread computes. Outputs cross back to
 the event loop once per step per loop, through `loop.call_soon_threadsafe`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import AsyncIterator, Optional
-
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,7 @@ class EngineClosed(Exception):
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load (what /ready, the metrics and tests look at)."""
+
     slots: int  # KV-cache rows: requests decoded together at most
     slots_in_use: int
     running: int  # requests holding a slot (prefilling or decoding)
@@ -62,7 +63,7 @@ class EngineStats:
 class RequestHandle:
     """What `Engine.submit` returns: iterate it for `gpt.Piece`s; `cancel()` from anywhere."""
 
-    def __init__(self, engine: "Engine", request: Request):
+    def __init__(self, engine: Engine, request: Request):
         self._engine, self._request = engine, request
         self.request_id, self.prompt_tokens = request.id, len(request.prompt)
         self._queue: asyncio.Queue[Piece] = asyncio.Queue()
@@ -118,10 +119,24 @@ class Engine:
     process should run its multi-threaded kernels on this one thread only.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_queue: int = 128,
-                 max_len: Optional[int] = None, max_prompt_tokens: Optional[int] = None, prefill_chunk: int = 512,
-                 metrics: Optional[Metrics] = None, threads: Optional[int] = None, pack_weights: bool = True,
-                 prefix_cache: bool = True, compile_decode: bool = False, cuda_graphs: bool = True, kv_cache_dtype=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 128,
+        max_len: int | None = None,
+        max_prompt_tokens: int | None = None,
+        prefill_chunk: int = 512,
+        metrics: Metrics | None = None,
+        threads: int | None = None,
+        pack_weights: bool = True,
+        prefix_cache: bool = True,
+        compile_decode: bool = False,
+        cuda_graphs: bool = True,
+        kv_cache_dtype=None,
+    ):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -131,8 +146,17 @@ class Engine:
             pack_linear_weights(model, rows_hint=max_batch_size)
         self.metrics = metrics if metrics is not None else Metrics()
         self.limits = ContextLimits.of(model, tokenizer, max_len=max_len, max_prompt_tokens=max_prompt_tokens)
-        self._sched = Scheduler(model, tokenizer, max_batch_size, self.limits.max_len, prefill_chunk, self.metrics,
-                                self._deliver, prefix_cache=prefix_cache, cache_dtype=kv_cache_dtype)
+        self._sched = Scheduler(
+            model,
+            tokenizer,
+            max_batch_size,
+            self.limits.max_len,
+            prefill_chunk,
+            self.metrics,
+            self._deliver,
+            prefix_cache=prefix_cache,
+            cache_dtype=kv_cache_dtype,
+        )
         if compile_decode:
             self._compile(model)
         if cuda_graphs and model.device.type == "cuda" and not self.limits.is_seq2seq:
@@ -141,15 +165,17 @@ class Engine:
             if problem:
                 log.warning("CUDA graphs of the decode step are off (%s); decoding eagerly", problem)
             else:
-                log.info("decode step: %d CUDA graphs recorded and checked in %.1f s", n, time.perf_counter() - t0)
+                log.info(
+                    "decode step: %d CUDA graphs recorded and checked in %.1f s", n, time.perf_counter() - t0
+                )
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._draining = False
         self._stop = False
         self._admitting: list[Request] = []
-        self.dead: Optional[str] = None  # why the engine thread died; it serves nothing after that
+        self.dead: str | None = None  # why the engine thread died; it serves nothing after that
         self.on_death = None  # called (from the engine thread) with that reason, e.g. to exit the process
 
     # --- the asyncio side ---------------------------------------------------------------
@@ -162,8 +188,11 @@ class Engine:
         except Exception as e:  # no C++ compiler, an unsupported op or device: serve uncompiled
             model._compiled_stack = None
             self._sched.cache.reset()
-            log.warning("--compile: torch.compile failed (%s: %s); serving without it",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning(
+                "--compile: torch.compile failed (%s: %s); serving without it",
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+            )
 
     def start(self) -> None:
         with self._cond:
@@ -171,9 +200,16 @@ class Engine:
                 self._thread = threading.Thread(target=self._run, name="gpt-serve-engine", daemon=True)
                 self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, *, timeout: Optional[float] = None,
-               request_id: Optional[str] = None, prompt_logprobs: Optional[int] = None,
-               generate: bool = True) -> RequestHandle:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        prompt_logprobs: int | None = None,
+        generate: bool = True,
+    ) -> RequestHandle:
         """Queue a request (starting the engine if need be). Raises gpt.RequestError (a
         ValueError: bad prompt or params, or more than fits in the context; see
         `self.limits`), QueueFull or EngineClosed.
@@ -190,21 +226,36 @@ class Engine:
             raise RequestError("beam search (num_beams > 1) goes through submit_beams", "num_beams")
         if prompt_logprobs is not None:
             if self.limits.is_seq2seq:
-                raise RequestError("prompt logprobs need a decoder-only model: an encoder-decoder's prompt is "
-                                   "its source, which it does not predict", "prompt_logprobs")
-            if isinstance(prompt_logprobs, bool) or not isinstance(prompt_logprobs, int) \
-                    or not 0 <= prompt_logprobs <= 20:
-                raise RequestError(f"prompt_logprobs must be an integer in [0, 20], got {prompt_logprobs!r}",
-                                   "prompt_logprobs")
+                raise RequestError(
+                    "prompt logprobs need a decoder-only model: an encoder-decoder's prompt is "
+                    "its source, which it does not predict",
+                    "prompt_logprobs",
+                )
+            if (
+                isinstance(prompt_logprobs, bool)
+                or not isinstance(prompt_logprobs, int)
+                or not 0 <= prompt_logprobs <= 20
+            ):
+                raise RequestError(
+                    f"prompt_logprobs must be an integer in [0, 20], got {prompt_logprobs!r}",
+                    "prompt_logprobs",
+                )
         prompt, budget = self.limits.check(prompt_ids, params)
         if not generate:
             budget = 0
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         now = time.monotonic()
-        req = Request(id=request_id or uuid.uuid4().hex, prompt=prompt, params=params, max_new_tokens=budget,
-                      loop=loop, arrival=now, deadline=None if timeout is None else now + timeout,
-                      prompt_logprobs=prompt_logprobs)
+        req = Request(
+            id=request_id or uuid.uuid4().hex,
+            prompt=prompt,
+            params=params,
+            max_new_tokens=budget,
+            loop=loop,
+            arrival=now,
+            deadline=None if timeout is None else now + timeout,
+            prompt_logprobs=prompt_logprobs,
+        )
         handle = RequestHandle(self, req)
         req.handle = handle
         with self._cond:
@@ -215,8 +266,15 @@ class Engine:
         self.start()
         return handle
 
-    def submit_beams(self, prompt_ids: list[int], params: SamplingParams, n: int = 1, *,
-                     timeout: Optional[float] = None, request_id: Optional[str] = None) -> list[RequestHandle]:
+    def submit_beams(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> list[RequestHandle]:
         """Queue a beam search (params.num_beams > 1; see server/beams.py): one handle per choice,
         the i-th receiving the i-th best beam as a single piece when the search ends. It counts
         as one request against the queue. Raises like `submit`."""
@@ -230,9 +288,18 @@ class Engine:
         prompt, budget = self.limits.check(prompt_ids, params)
         now = time.monotonic()
         rid = request_id or uuid.uuid4().hex
-        reqs = [Request(id=f"{rid}-{i}" if n > 1 else rid, prompt=prompt, params=params, max_new_tokens=budget,
-                        loop=loop, arrival=now, deadline=None if timeout is None else now + timeout)
-                for i in range(n)]
+        reqs = [
+            Request(
+                id=f"{rid}-{i}" if n > 1 else rid,
+                prompt=prompt,
+                params=params,
+                max_new_tokens=budget,
+                loop=loop,
+                arrival=now,
+                deadline=None if timeout is None else now + timeout,
+            )
+            for i in range(n)
+        ]
         handles = []
         for r in reqs:
             r.handle = RequestHandle(self, r)
@@ -270,9 +337,14 @@ class Engine:
             await asyncio.to_thread(self._thread.join)
 
     def stats(self) -> EngineStats:
-        return EngineStats(slots=self.max_batch_size, slots_in_use=self._sched.slots_in_use,
-                           running=len(self._sched.running), waiting=len(self._waiting) + len(self._beams),
-                           max_queue=self.max_queue, draining=self.draining)
+        return EngineStats(
+            slots=self.max_batch_size,
+            slots_in_use=self._sched.slots_in_use,
+            running=len(self._sched.running),
+            waiting=len(self._waiting) + len(self._beams),
+            max_queue=self.max_queue,
+            draining=self.draining,
+        )
 
     @property
     def draining(self) -> bool:
@@ -301,7 +373,9 @@ class Engine:
         with self._cond:
             self.dead = reason
             beams = [r for job in self._beams for r in job.requests]
-            left = list({id(r): r for r in [*self._waiting, *self._admitting, *self._sched.running, *beams]}.values())
+            left = list(
+                {id(r): r for r in [*self._waiting, *self._admitting, *self._sched.running, *beams]}.values()
+            )
             self._waiting.clear()
             self._beams.clear()
         self._sched.running.clear()

@@ -5,10 +5,12 @@ Starlette's HTTP exceptions (unknown route, wrong method, unparsable body), the 
 `gpt.RequestError` (a prompt or budget that does not fit: `from_request_error`) and anything
 unexpected into that shape, so a client never sees a traceback or a non-OpenAI body.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,21 +22,40 @@ from gpt import RequestError
 log = logging.getLogger("server")
 
 _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-_CODE_BY_STATUS = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
-                   413: "request_too_large", 429: "rate_limit_exceeded", 503: "service_unavailable"}
+_CODE_BY_STATUS = {
+    400: "invalid_request",
+    401: "invalid_api_key",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
 
 
 class APIError(Exception):
     """An error to send to the client as OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
-                 type: Optional[str] = None, headers: Optional[Mapping[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.code = code or _CODE_BY_STATUS.get(status, "invalid_request" if status < 500 else "internal_error")
-        self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.code = code or _CODE_BY_STATUS.get(
+            status, "invalid_request" if status < 500 else "internal_error"
+        )
+        self.type = type or _TYPE_BY_STATUS.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
         self.headers = dict(headers or {})
 
     def body(self) -> dict:
@@ -44,7 +65,7 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def invalid(message: str, param: Optional[str] = None, code: str = "invalid_value") -> APIError:
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -55,19 +76,31 @@ def from_request_error(e: RequestError) -> APIError:
     return invalid(e.message, e.param, code=e.code)
 
 
-def _param(loc: tuple) -> Optional[str]:
+def _param(loc: tuple) -> str | None:
     # ("body", "messages", 0, "role") -> "messages.0.role"; pydantic adds the names of union
     # members and validator wrappers to the path, which mean nothing to a client.
-    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
-        "[" in p or p in _TYPE_TAGS or p.startswith(("constrained-", "function-"))))]
+    parts = [
+        str(p)
+        for p in loc
+        if p != "body"
+        and not (
+            isinstance(p, str)
+            and ("[" in p or p in _TYPE_TAGS or p.startswith(("constrained-", "function-")))
+        )
+    ]
     return ".".join(parts) or None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
-_CODE_BY_PYDANTIC = {"missing": "missing_required_parameter", "json_invalid": "invalid_json",
-                     "model_attributes_type": "invalid_type", "dict_type": "invalid_type",
-                     "unsupported": "unsupported_parameter", "invalid_combination": "invalid_combination"}
+_CODE_BY_PYDANTIC = {
+    "missing": "missing_required_parameter",
+    "json_invalid": "invalid_json",
+    "model_attributes_type": "invalid_type",
+    "dict_type": "invalid_type",
+    "unsupported": "unsupported_parameter",
+    "invalid_combination": "invalid_combination",
+}
 
 
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
@@ -83,7 +116,7 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     param = _param(tuple(first.get("loc", ()))) or first.get("ctx", {}).get("name")
     msg = str(first.get("msg", "invalid value"))
     if msg.startswith("Value error, "):  # our own validators' messages
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     if param is None and kind in ("model_attributes_type", "dict_type"):
         return invalid("the request body must be a JSON object", code="invalid_type")
     code = _CODE_BY_PYDANTIC.get(kind) or ("invalid_type" if kind.endswith("_type") else "invalid_value")

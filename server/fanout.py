@@ -6,10 +6,11 @@ engine requests, choice index `prompt_index * n + i` (OpenAI's order).
 - `collect` runs them to the end, each choice's pieces merged into one, and cancels them all
   if the client goes away meanwhile.
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Optional, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import Request
 
@@ -24,14 +25,14 @@ from .params import Job
 FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "length"}
 
 
-def finish_reason(reason: Optional[str]) -> Optional[str]:
+def finish_reason(reason: str | None) -> str | None:
     """The engine's finish reason as OpenAI's; "error" (the engine failed) is a 500."""
     if reason == "error":
         raise APIError(500, "generation failed inside the engine (see the server log)")
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def submit_all(engine, jobs: Sequence[Job], timeout: Optional[float], **options) -> list:
+def submit_all(engine, jobs: Sequence[Job], timeout: float | None, **options) -> list:
     """Submit every job, or none: on a failure the ones already queued are cancelled. (A
     request with more choices than the queue holds was refused earlier: params.check_fanout.)
     One handle per choice, in order; `options` go to every `engine.submit` (prompt_logprobs,
@@ -47,7 +48,9 @@ def submit_all(engine, jobs: Sequence[Job], timeout: Optional[float], **options)
         for h in handles:
             h.cancel()
         if isinstance(e, QueueFull):
-            raise APIError(429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+            raise APIError(
+                429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}
+            ) from None
         if isinstance(e, EngineClosed):
             raise APIError(503, str(e) or "the server is shutting down", code="shutting_down") from None
         if isinstance(e, RequestError):

@@ -11,17 +11,17 @@
 The body is read here, bounded, and replayed to the app; after it, the app reads the client's
 messages directly (it watches for a disconnect while it streams).
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
 
 from .errors import APIError
 
 JSON_TYPES = ("application/json",)
 
 
-def _is_json(content_type: Optional[bytes]) -> bool:
+def _is_json(content_type: bytes | None) -> bool:
     if content_type is None:
         return False
     media = content_type.decode("latin-1").split(";", 1)[0].strip().lower()
@@ -39,8 +39,11 @@ class RequestGuard:
         headers = dict(scope["headers"])
         try:
             if not _is_json(headers.get(b"content-type")):
-                raise APIError(415, "send the body as JSON with 'Content-Type: application/json'",
-                               code="unsupported_media_type")
+                raise APIError(
+                    415,
+                    "send the body as JSON with 'Content-Type: application/json'",
+                    code="unsupported_media_type",
+                )
             declared = headers.get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large()
@@ -55,13 +58,16 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     def _too_large(self) -> APIError:
-        return APIError(413, f"the request body is larger than this server accepts ({self.max_bytes} bytes)",
-                        code="request_too_large")
+        return APIError(
+            413,
+            f"the request body is larger than this server accepts ({self.max_bytes} bytes)",
+            code="request_too_large",
+        )
 
-    async def _read(self, receive) -> Optional[bytes]:
+    async def _read(self, receive) -> bytes | None:
         chunks, size = [], 0
 
-        async def read_all() -> Optional[bytes]:
+        async def read_all() -> bytes | None:
             nonlocal size
             while True:
                 message = await receive()
@@ -78,8 +84,11 @@ class RequestGuard:
         try:
             return await asyncio.wait_for(read_all(), self.timeout)
         except asyncio.TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {self.timeout:g} seconds",
-                           code="request_timeout") from None
+            raise APIError(
+                408,
+                f"the request body did not arrive within {self.timeout:g} seconds",
+                code="request_timeout",
+            ) from None
 
 
 def _replay(body: bytes, receive):

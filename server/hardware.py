@@ -5,6 +5,7 @@ row it still wins (half the bytes to read), but a batched forward can run severa
 than in fp32. Rather than let an operator find out under load, the server times one
 feed-forward-sized matmul at its batch size in both dtypes when it starts, and warns.
 """
+
 from __future__ import annotations
 
 import time

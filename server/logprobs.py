@@ -1,10 +1,10 @@
 """Token logprobs in OpenAI's two formats: the legacy completions format (tokens, token_logprobs,
 top_logprobs, text_offset) and the chat format (a content list with each token's bytes)."""
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 from gpt import IncrementalDetokenizer, Piece
 from gpt.decoding import PromptLogprobs
@@ -41,21 +41,29 @@ class CompletionLogprobBuilder:
             tokens.append(token_text(self.tokenizer, t))
         top = None
         if self.top_n:
-            top = [{token_text(self.tokenizer, t): finite(lp) for t, lp in alts.items()} for alts in piece.top_logprobs]
-        return {"tokens": tokens, "token_logprobs": [finite(lp) for lp in piece.logprobs], "top_logprobs": top,
-                "text_offset": offsets}
+            top = [
+                {token_text(self.tokenizer, t): finite(lp) for t, lp in alts.items()}
+                for alts in piece.top_logprobs
+            ]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [finite(lp) for lp in piece.logprobs],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
 
 
 @dataclass
 class EchoedPrompt:
     """A prompt as `echo` returns it: its text (its tokens decoded, so a prompt of token ids
     shows as the text they make), each token's text and character offset in it."""
+
     text: str
     tokens: list[str]
     offsets: list[int]
 
     @classmethod
-    def of(cls, tokenizer, ids: list[int]) -> "EchoedPrompt":
+    def of(cls, tokenizer, ids: list[int]) -> EchoedPrompt:
         detok = IncrementalDetokenizer(tokenizer)
         tokens, offsets = [], []
         for t in ids:
@@ -65,7 +73,7 @@ class EchoedPrompt:
         detok.flush()
         return cls(detok.text, tokens, offsets)
 
-    def logprobs(self, tokenizer, scored: Optional[PromptLogprobs], top_n: int) -> dict:
+    def logprobs(self, tokenizer, scored: PromptLogprobs | None, top_n: int) -> dict:
         """The prompt's part of a choice's legacy logprobs: the first token's logprob and
         alternatives are null (nothing predicts it). `scored` None (a request that ended before
         its prompt was read: a timeout, shutdown) leaves every logprob null."""
@@ -74,18 +82,29 @@ class EchoedPrompt:
         tops = scored.top_logprobs if scored is not None else [None] * n
         top = None
         if top_n:
-            top = [None if alts is None else {token_text(tokenizer, t): finite(lp) for t, lp in alts.items()}
-                   for alts in tops]
-        return {"tokens": list(self.tokens), "token_logprobs": [None if lp is None else finite(lp) for lp in lps],
-                "top_logprobs": top, "text_offset": list(self.offsets)}
+            top = [
+                None if alts is None else {token_text(tokenizer, t): finite(lp) for t, lp in alts.items()}
+                for alts in tops
+            ]
+        return {
+            "tokens": list(self.tokens),
+            "token_logprobs": [None if lp is None else finite(lp) for lp in lps],
+            "top_logprobs": top,
+            "text_offset": list(self.offsets),
+        }
 
 
 def join_logprobs(first: dict, then: dict) -> dict:
     """Two parts of a choice's legacy logprobs (the echoed prompt's, the completion's) as one."""
-    top = None if first["top_logprobs"] is None else first["top_logprobs"] + then["top_logprobs"]  # same top_n
-    return {"tokens": first["tokens"] + then["tokens"],
-            "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
-            "top_logprobs": top, "text_offset": first["text_offset"] + then["text_offset"]}
+    top = (
+        None if first["top_logprobs"] is None else first["top_logprobs"] + then["top_logprobs"]
+    )  # same top_n
+    return {
+        "tokens": first["tokens"] + then["tokens"],
+        "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
+        "top_logprobs": top,
+        "text_offset": first["text_offset"] + then["text_offset"],
+    }
 
 
 def chat_logprobs(tokenizer, piece: Piece, top_n: int) -> dict:

@@ -4,11 +4,17 @@ Each `Metrics` owns its own `CollectorRegistry` (unless given one), so several a
 (tests) never collide on metric names. The engine updates everything except `requests_total`,
 which the HTTP layer counts per route and status code.
 """
+
 from __future__ import annotations
 
-from typing import Optional
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 # Latencies on a 2-core CPU range from milliseconds (one decode step of a tiny model) to minutes
 # (a long generation queued behind a full batch), so the buckets span that whole range.
@@ -20,50 +26,80 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
 class Metrics:
-    def __init__(self, registry: Optional[CollectorRegistry] = None):
+    def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests_total = Counter(
-            "gptserve_requests_total", "HTTP requests by endpoint and status code",
-            ["endpoint", "status"], registry=r)
+            "gptserve_requests_total",
+            "HTTP requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.request_finished_total = Counter(
-            "gptserve_request_finished_total", "Generation requests finished, by finish reason",
-            ["finish_reason"], registry=r)
+            "gptserve_request_finished_total",
+            "Generation requests finished, by finish reason",
+            ["finish_reason"],
+            registry=r,
+        )
         self.time_to_first_token_seconds = Histogram(
-            "gptserve_time_to_first_token_seconds", "From submission to the first generated token",
-            buckets=_TTFT_BUCKETS, registry=r)
+            "gptserve_time_to_first_token_seconds",
+            "From submission to the first generated token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
         self.inter_token_latency_seconds = Histogram(
-            "gptserve_inter_token_latency_seconds", "Between consecutive generated tokens of a request",
-            buckets=_ITL_BUCKETS, registry=r)
+            "gptserve_inter_token_latency_seconds",
+            "Between consecutive generated tokens of a request",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
         self.e2e_request_latency_seconds = Histogram(
-            "gptserve_e2e_request_latency_seconds", "From submission to the last token (or cancellation)",
-            buckets=_E2E_BUCKETS, registry=r)
+            "gptserve_e2e_request_latency_seconds",
+            "From submission to the last token (or cancellation)",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
-            "gptserve_queue_wait_seconds", "From submission to getting a KV-cache slot",
-            buckets=_QUEUE_BUCKETS, registry=r)
+            "gptserve_queue_wait_seconds",
+            "From submission to getting a KV-cache slot",
+            buckets=_QUEUE_BUCKETS,
+            registry=r,
+        )
         self.requests_waiting = Gauge(
-            "gptserve_requests_waiting", "Requests queued for a KV-cache slot", registry=r)
+            "gptserve_requests_waiting", "Requests queued for a KV-cache slot", registry=r
+        )
         self.requests_running = Gauge(
-            "gptserve_requests_running", "Requests holding a KV-cache slot (prefilling or decoding)", registry=r)
-        self.kv_slots_used = Gauge(
-            "gptserve_kv_slots_used", "KV-cache rows in use", registry=r)
+            "gptserve_requests_running",
+            "Requests holding a KV-cache slot (prefilling or decoding)",
+            registry=r,
+        )
+        self.kv_slots_used = Gauge("gptserve_kv_slots_used", "KV-cache rows in use", registry=r)
         self.prompt_tokens_total = Counter(
-            "gptserve_prompt_tokens_total", "Prompt tokens of admitted requests (cached ones included)",
-            registry=r)
+            "gptserve_prompt_tokens_total",
+            "Prompt tokens of admitted requests (cached ones included)",
+            registry=r,
+        )
         self.prompt_tokens_cached_total = Counter(
-            "gptserve_prompt_tokens_cached_total", "Prompt tokens taken from the prefix cache, not prefilled",
-            registry=r)
+            "gptserve_prompt_tokens_cached_total",
+            "Prompt tokens taken from the prefix cache, not prefilled",
+            registry=r,
+        )
         self.prefix_cache_lookups_total = Counter(
-            "gptserve_prefix_cache_lookups_total", "Admitted requests that looked for a cached prompt prefix",
-            registry=r)
+            "gptserve_prefix_cache_lookups_total",
+            "Admitted requests that looked for a cached prompt prefix",
+            registry=r,
+        )
         self.prefix_cache_hits_total = Counter(
-            "gptserve_prefix_cache_hits_total", "Admitted requests that reused a cached prompt prefix",
-            registry=r)
+            "gptserve_prefix_cache_hits_total",
+            "Admitted requests that reused a cached prompt prefix",
+            registry=r,
+        )
         self.generation_tokens_total = Counter(
-            "gptserve_generation_tokens_total", "Tokens generated", registry=r)
+            "gptserve_generation_tokens_total", "Tokens generated", registry=r
+        )
         self.batch_size = Histogram(
-            "gptserve_batch_size", "Rows in each batched decode step",
-            buckets=_BATCH_BUCKETS, registry=r)
+            "gptserve_batch_size", "Rows in each batched decode step", buckets=_BATCH_BUCKETS, registry=r
+        )
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample, by its exposition name and labels, e.g.

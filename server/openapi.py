@@ -14,6 +14,7 @@ What JSON Schema cannot say is in the descriptions and comes back as a 400 with 
 "invalid_combination" (fields that are each valid but not together, like min_tokens over
 max_tokens, or a completion's max_tokens 0 without echo).
 """
+
 from __future__ import annotations
 
 from fastapi import FastAPI
@@ -21,16 +22,34 @@ from fastapi.openapi.utils import get_openapi
 
 from .unsupported import CHAT_UNSUPPORTED, UNSUPPORTED
 
-ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "param", "code"],
-    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
 
-_ERRORS = {400: "a malformed or unservable request", 401: "a missing or wrong API key",
-           404: "an unknown model or route", 408: "the body did not arrive in time",
-           413: "the body is larger than --max-body-bytes", 415: "the body is not JSON",
-           429: "the queue is full (see Retry-After)", 500: "the engine failed",
-           503: "the model is loading, the server is draining or the engine stopped"}
+_ERRORS = {
+    400: "a malformed or unservable request",
+    401: "a missing or wrong API key",
+    404: "an unknown model or route",
+    408: "the body did not arrive in time",
+    413: "the body is larger than --max-body-bytes",
+    415: "the body is not JSON",
+    429: "the queue is full (see Retry-After)",
+    500: "the engine failed",
+    503: "the model is loading, the server is draining or the engine stopped",
+}
 
 
 def below(n: int) -> str:
@@ -46,7 +65,9 @@ def below(n: int) -> str:
 
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         _document_errors(schema)
         _document_unsupported(schema)
         engine = app.state.engine
@@ -67,49 +88,76 @@ def _document_errors(schema: dict) -> None:
             for status, why in _ERRORS.items():
                 if method == "get" and status in (408, 413, 415):
                     continue
-                responses.setdefault(str(status), {"description": why,
-                                                   "content": {"application/json": {"schema": ref}}})
+                responses.setdefault(
+                    str(status), {"description": why, "content": {"application/json": {"schema": ref}}}
+                )
             if path in ("/v1/completions", "/v1/chat/completions"):
                 ok = responses["200"].setdefault("content", {})
-                ok["text/event-stream"] = {"schema": {
-                    "type": "object", "required": ["data"], "properties": {"data": {"type": "string"}},
-                    "description": "with stream: server-sent events, each `data: <chunk JSON>` (an error "
-                                   "object if the engine fails), then `data: [DONE]`"}}
+                ok["text/event-stream"] = {
+                    "schema": {
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {"data": {"type": "string"}},
+                        "description": "with stream: server-sent events, each `data: <chunk JSON>` (an error "
+                        "object if the engine fails), then `data: [DONE]`",
+                    }
+                }
 
 
 def _document_unsupported(schema: dict) -> None:
     models = schema["components"]["schemas"]
-    for name, table in (("CompletionRequest", UNSUPPORTED), ("ChatCompletionRequest", {**UNSUPPORTED,
-                                                                                        **CHAT_UNSUPPORTED})):
+    for name, table in (
+        ("CompletionRequest", UNSUPPORTED),
+        ("ChatCompletionRequest", {**UNSUPPORTED, **CHAT_UNSUPPORTED}),
+    ):
         props = models.get(name, {}).get("properties")
         if props is None:
             continue
         for field, (accepted, why) in table.items():
             if field not in props:
-                props[field] = {"enum": [None, *accepted], "description": f"{why}: only these values" if why
-                                else "accepted and ignored"}
+                props[field] = {
+                    "enum": [None, *accepted],
+                    "description": f"{why}: only these values" if why else "accepted and ignored",
+                }
 
 
 def _fill_limits(schema: dict, model_name: str, engine) -> None:
     limits, models = engine.limits, schema["components"]["schemas"]
     vocab = limits.vocab_size
-    for name in ("CompletionRequest", "ChatCompletionRequest", "TokenizePrompt", "TokenizeChat",
-                 "DetokenizeRequest"):
+    for name in (
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "TokenizePrompt",
+        "TokenizeChat",
+        "DetokenizeRequest",
+    ):
         props = models.get(name, {}).get("properties", {})
         if "model" in props:
-            props["model"] = {"anyOf": [{"enum": [model_name]}, {"type": "null"}],
-                              "description": "the served model's name (optional)"}
+            props["model"] = {
+                "anyOf": [{"enum": [model_name]}, {"type": "null"}],
+                "description": "the served model's name (optional)",
+            }
         for field in ("max_tokens", "max_completion_tokens"):
-            if field in props:  # the model's minimum (0 for a completion's max_tokens, with echo), the room left
+            if (
+                field in props
+            ):  # the model's minimum (0 for a completion's max_tokens, with echo), the room left
                 low = min((node.get("minimum", 1) for node in _walk(props[field])), default=1)
-                props[field] = {"anyOf": [{"type": "integer", "minimum": low, "maximum": limits.room(1)},
-                                          {"type": "null"}], "description": props[field].get("description", "")}
+                props[field] = {
+                    "anyOf": [
+                        {"type": "integer", "minimum": low, "maximum": limits.room(1)},
+                        {"type": "null"},
+                    ],
+                    "description": props[field].get("description", ""),
+                }
         if "n" in props:
             props["n"]["maximum"] = min(props["n"].get("maximum", engine.max_queue), engine.max_queue)
         if "top_k" in props:
             props["top_k"]["maximum"] = vocab
-        for key in _walk(props.get("prompt", {})) + _walk(props.get("stop_token_ids", {})) + \
-                _walk(props.get("tokens", {})):
+        for key in (
+            _walk(props.get("prompt", {}))
+            + _walk(props.get("stop_token_ids", {}))
+            + _walk(props.get("tokens", {}))
+        ):
             key["minimum"], key["maximum"] = 0, vocab - 1
         for bias in _objects(props.get("logit_bias", {})):
             bias["propertyNames"] = {"pattern": below(vocab)}

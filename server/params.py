@@ -6,10 +6,12 @@ max_prompt_tokens) belong to the engine's `gpt.ContextLimits`; this module asks 
 request's fields, and turns its `gpt.RequestError`s into 400s. With a seed, choice i samples with
 seed + i, so a request's choices differ yet reproduce.
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from gpt import RequestError, SamplingParams
 
@@ -17,16 +19,21 @@ from .chat_template import ChatTemplate
 from .errors import from_request_error, invalid
 from .protocol import SamplingFields
 
-SEED_SPAN = 2 ** 64  # torch.Generator.manual_seed takes [-2**63, 2**64)
+SEED_SPAN = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64)
 
 
 def check_fanout(engine, prompts: int, n: int) -> None:
     """Refuse, before any tokenizing, a request with more generations (prompts x n) than the
     engine's queue holds: it could never be admitted whole."""
     if prompts * n > engine.max_queue:
-        what = f"{prompts} prompts x n {n} = {prompts * n} generations" if prompts > 1 else f"n {n} generations"
-        raise invalid(f"the request asks for {what}, but the server queues at most {engine.max_queue}",
-                      "n", code="invalid_combination")
+        what = (
+            f"{prompts} prompts x n {n} = {prompts * n} generations" if prompts > 1 else f"n {n} generations"
+        )
+        raise invalid(
+            f"the request asks for {what}, but the server queues at most {engine.max_queue}",
+            "n",
+            code="invalid_combination",
+        )
 
 
 async def prompt_ids_off_loop(engine, prompts: list, param: str) -> list[list[int]]:
@@ -35,7 +42,7 @@ async def prompt_ids_off_loop(engine, prompts: list, param: str) -> list[list[in
     return await asyncio.to_thread(lambda: [prompt_ids(engine, p, param) for p in prompts])
 
 
-def prompt_ids(engine, prompt: Union[str, list[int]], param: str) -> list[int]:
+def prompt_ids(engine, prompt: str | list[int], param: str) -> list[int]:
     """A prompt (text, or token ids) as token ids the model can take; a 400 naming `param` if not."""
     ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     try:
@@ -53,7 +60,7 @@ def render_messages(template: ChatTemplate, messages) -> str:
         raise invalid(str(e), None if bad is None else f"messages.{bad}.role") from None
 
 
-def budget(engine, prompt_len: int, wanted: Optional[int], default: int) -> int:
+def budget(engine, prompt_len: int, wanted: int | None, default: int) -> int:
     """New tokens to generate after a checked prompt: `wanted` (the request's max_tokens) if it
     fits, else a 400 naming both numbers; with no max_tokens, `default` shrunk to the room left."""
     try:
@@ -62,7 +69,7 @@ def budget(engine, prompt_len: int, wanted: Optional[int], default: int) -> int:
         raise from_request_error(e) from None
 
 
-def choice_seed(seed: Optional[int], choice: int) -> Optional[int]:
+def choice_seed(seed: int | None, choice: int) -> int | None:
     """Choice i's seed: seed + i, wrapped into what torch.Generator.manual_seed accepts."""
     if seed is None:
         return None
@@ -70,8 +77,15 @@ def choice_seed(seed: Optional[int], choice: int) -> Optional[int]:
     return seed - SEED_SPAN if seed >= SEED_SPAN else seed
 
 
-def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choice: int, *,
-                    extra_stop: Sequence[str] = (), logprobs: int = 0) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields,
+    vocab_size: int,
+    max_tokens: int,
+    choice: int,
+    *,
+    extra_stop: Sequence[str] = (),
+    logprobs: int = 0,
+) -> SamplingParams:
     """The SamplingParams of one choice of a request; token ids checked against `vocab_size`.
     max_tokens 0 (an echo that generates nothing) is checked like the others, and the engine is
     told not to generate (`Engine.submit(generate=False)`), since SamplingParams wants >= 1."""
@@ -80,22 +94,40 @@ def sampling_params(req: SamplingFields, vocab_size: int, max_tokens: int, choic
     if bad is not None:
         raise invalid(f"logit_bias: token id {bad} is out of range [0, {vocab_size})", "logit_bias")
     if req.min_tokens > max_tokens:
-        raise invalid(f"min_tokens is {req.min_tokens}, more than the {max_tokens} new tokens this request may "
-                      f"generate", "min_tokens", code="invalid_combination")
+        raise invalid(
+            f"min_tokens is {req.min_tokens}, more than the {max_tokens} new tokens this request may "
+            f"generate",
+            "min_tokens",
+            code="invalid_combination",
+        )
     bad = next((i for i, t in enumerate(req.stop_token_ids or ()) if t >= vocab_size), None)
     if bad is not None:
-        raise invalid(f"stop_token_ids: token id {req.stop_token_ids[bad]} is out of range [0, {vocab_size})",
-                      f"stop_token_ids.{bad}")
+        raise invalid(
+            f"stop_token_ids: token id {req.stop_token_ids[bad]} is out of range [0, {vocab_size})",
+            f"stop_token_ids.{bad}",
+        )
     if req.top_k > vocab_size:
         raise invalid(f"top_k is {req.top_k}, more than the vocabulary ({vocab_size})", "top_k")
     try:
         return SamplingParams(
-            max_new_tokens=max(max_tokens, 1), temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
-            min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, logit_bias=bias or None, seed=choice_seed(req.seed, choice),
-            stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])), stop_token_ids=req.stop_token_ids or (),
-            min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs, num_beams=req.num_beams,
-            length_penalty=req.length_penalty)
+            max_new_tokens=max(max_tokens, 1),
+            temperature=req.temperature,
+            top_k=max(req.top_k, 0),
+            top_p=req.top_p,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=bias or None,
+            seed=choice_seed(req.seed, choice),
+            stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])),
+            stop_token_ids=req.stop_token_ids or (),
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            num_beams=req.num_beams,
+            length_penalty=req.length_penalty,
+        )
     except ValueError as e:
         raise invalid(str(e)) from None
 
@@ -104,16 +136,26 @@ class Job(NamedTuple):
     """What the engine is asked for: `n` choices of one prompt. A sampled job has n = 1 (one per
     choice, each with its own seed); a beam search (params.num_beams > 1) is one job whose n best
     beams are the choices."""
+
     ids: list[int]
     params: SamplingParams
     n: int = 1
 
 
-def choices(engine, req: SamplingFields, ids: list[int], max_tokens: int, *, extra_stop: Sequence[str] = (),
-            logprobs: int = 0) -> list[Job]:
+def choices(
+    engine,
+    req: SamplingFields,
+    ids: list[int],
+    max_tokens: int,
+    *,
+    extra_stop: Sequence[str] = (),
+    logprobs: int = 0,
+) -> list[Job]:
     """The engine jobs for one prompt's `n` choices: one per choice, or one beam search for all."""
     vocab = engine.limits.vocab_size
     if req.num_beams > 1:
         return [Job(ids, sampling_params(req, vocab, max_tokens, 0, extra_stop=extra_stop), req.n)]
-    return [Job(ids, sampling_params(req, vocab, max_tokens, i, extra_stop=extra_stop, logprobs=logprobs))
-            for i in range(req.n)]
+    return [
+        Job(ids, sampling_params(req, vocab, max_tokens, i, extra_stop=extra_stop, logprobs=logprobs))
+        for i in range(req.n)
+    ]

@@ -10,9 +10,10 @@ cheapest to overwrite (least recently used). A row's contents are:
     `Scheduler` only copies what is already written).
 Everything here runs on the engine thread.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

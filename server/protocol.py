@@ -5,11 +5,12 @@ type is a 400 naming the field rather than a surprise further in. Unknown fields
 as OpenAI-compatible servers usually do, so clients that send extra options still work; the
 options we cannot honour (`best_of` > n, `suffix`, tools, `echo` on chat) are rejected explicitly.
 """
+
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -23,7 +24,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # logit_bias entries, as OpenAI allows
 MAX_BEAMS = 16  # a beam search holds this many KV-cache rows of its own
 MAX_PROMPTS = 1024  # prompts in one /v1/completions request (times n: at most the queue)
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.Generator.manual_seed accepts
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -62,47 +63,93 @@ class TextFormat(_Strict):
 
 class SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-    model: Optional[str] = Field(None, description="the served model's name (optional: this server serves one)")
-    max_tokens: Optional[int] = Field(None, ge=1, description=(
-        "new tokens at most; the prompt plus these must fit the model's context (a 400 names both numbers). "
-        "Default: the server's --default-max-tokens, shrunk to the room left"))
+
+    model: str | None = Field(None, description="the served model's name (optional: this server serves one)")
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "new tokens at most; the prompt plus these must fit the model's context (a 400 names "
+            "both numbers). "
+            "Default: the server's --default-max-tokens, shrunk to the room left"
+        ),
+    )
     temperature: float = Field(1.0, ge=0, le=2, description="0 chooses the most likely token (greedy)")
-    top_p: float = Field(1.0, gt=0, le=1, description="sample from the smallest set of tokens whose probability "
-                                                      "reaches top_p")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="sample from the smallest set of tokens whose probability reaches top_p"
+    )
     n: int = Field(1, ge=1, le=MAX_N, description="choices to generate for each prompt")
     stream: bool = Field(False, description="send the output as server-sent events while it is generated")
-    stream_options: Optional[StreamOptions] = Field(None, description="with stream only")
-    stop: Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]] = Field(
-        None, description=f"up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters; the output ends "
-                          f"before the first one that appears, which is not included")
-    stop_token_ids: Optional[Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)]] = Field(
-        None, description="token ids that end the output like end-of-text (the token is not shown); extension")
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX, description=(
-        "makes sampling reproducible: the same request gives the same output, alone or under load"))
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted once from every token already "
-                                                                  "generated")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="subtracted per occurrence from every token "
-                                                                   "already generated")
-    logit_bias: Optional[Annotated[dict[TokenKey, Bias], Field(max_length=MAX_LOGIT_BIAS)]] = Field(
-        None, description=f"token id (as a string) -> a bias in [-100, 100] added to its logit; at most "
-                          f"{MAX_LOGIT_BIAS} entries, ids within the tokenizer's vocabulary")
-    user: Optional[str] = Field(None, description="accepted and ignored")
+    stream_options: StreamOptions | None = Field(None, description="with stream only")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        None,
+        description=f"up to {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters; the output ends "
+        f"before the first one that appears, which is not included",
+    )
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = Field(
+        None, description="token ids that end the output like end-of-text (the token is not shown); extension"
+    )
+    seed: int | None = Field(
+        None,
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description=(
+            "makes sampling reproducible: the same request gives the same output, alone or under load"
+        ),
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="subtracted once from every token already generated"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="subtracted per occurrence from every token already generated"
+    )
+    logit_bias: Annotated[dict[TokenKey, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = Field(
+        None,
+        description=f"token id (as a string) -> a bias in [-100, 100] added to its logit; at most "
+        f"{MAX_LOGIT_BIAS} entries, ids within the tokenizer's vocabulary",
+    )
+    user: str | None = Field(None, description="accepted and ignored")
     # extensions (vLLM's names); the openai client sends them with extra_body=
     top_k: int = Field(0, ge=-1, description="sample among the k most likely tokens; 0 or -1: off; extension")
-    min_p: float = Field(0.0, ge=0, le=1, description="drop tokens less likely than min_p times the most likely "
-                                                      "one; extension")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description=(
-        "divides positive and multiplies negative logits of tokens in the prompt or output; 1: off; extension"))
-    min_tokens: int = Field(0, ge=0, description="end-of-text and stop_token_ids cannot end the output before "
-                                                 "this many tokens (stop strings still can); extension")
+    min_p: float = Field(
+        0.0, ge=0, le=1, description="drop tokens less likely than min_p times the most likely one; extension"
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description=(
+            "divides positive and multiplies negative logits of tokens in the prompt or output; 1: "
+            "off; extension"
+        ),
+    )
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="end-of-text and stop_token_ids cannot end the output before "
+        "this many tokens (stop strings still can); extension",
+    )
     ignore_eos: bool = Field(False, description="keep generating past end-of-text; extension")
-    num_beams: int = Field(1, ge=1, le=MAX_BEAMS, description=(
-        "> 1: beam search with this many beams, and the n best beams are the choices (n <= num_beams). "
-        "Deterministic (temperature, top_k/top_p/min_p and seed do not apply; penalties and logit_bias do), "
-        "not streamed, no logprobs; extension"))
-    length_penalty: float = Field(1.0, ge=-10, le=10, description=(
-        "beam search ranks a finished beam by its logprob / length ** length_penalty (> 1 favours longer "
-        "output); extension"))
+    num_beams: int = Field(
+        1,
+        ge=1,
+        le=MAX_BEAMS,
+        description=(
+            "> 1: beam search with this many beams, and the n best beams are the choices (n <= num_beams). "
+            "Deterministic (temperature, top_k/top_p/min_p and seed do not apply; penalties and "
+            "logit_bias do), "
+            "not streamed, no logprobs; extension"
+        ),
+    )
+    length_penalty: float = Field(
+        1.0,
+        ge=-10,
+        le=10,
+        description=(
+            "beam search ranks a finished beam by its logprob / length ** length_penalty (> 1 favours longer "
+            "output); extension"
+        ),
+    )
 
     _unsupported = model_validator(mode="before")(check_unsupported)
 
@@ -145,14 +192,18 @@ class SamplingFields(_Strict):
     def _combinations(self):
         def bad(name, why):
             return PydanticCustomError("invalid_combination", why, {"name": name})
+
         if self.stream_options is not None and not self.stream:
             raise bad("stream_options", "only allowed when stream is true")
         if self.num_beams > 1:
             if self.stream:
                 raise bad("stream", "beam search (num_beams > 1) is not streamed")
             if self.n > self.num_beams:
-                raise bad("n", f"n ({self.n}) must be at most num_beams ({self.num_beams}): the choices are "
-                               f"the best beams")
+                raise bad(
+                    "n",
+                    f"n ({self.n}) must be at most num_beams ({self.num_beams}): the choices are "
+                    f"the best beams",
+                )
             if getattr(self, "logprobs", None) not in (None, False):
                 raise bad("logprobs", "logprobs are not reported for beam search (num_beams > 1)")
         elif self.length_penalty != 1.0:
@@ -162,25 +213,50 @@ class SamplingFields(_Strict):
 
 PROMPT_SCHEMA = {
     "description": "a string, a list of token ids, a list of strings or a list of token-id lists (a batch, "
-                   f"at most {MAX_PROMPTS} prompts); none empty, each must leave room in the model's context",
+    f"at most {MAX_PROMPTS} prompts); none empty, each must leave room in the model's context",
     "anyOf": [
         {"type": "string", "minLength": 1},
         {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
-        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-         "minItems": 1, "maxItems": MAX_PROMPTS},
-    ]}
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "minItems": 1,
+            "maxItems": MAX_PROMPTS,
+        },
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            "minItems": 1,
+            "maxItems": MAX_PROMPTS,
+        },
+    ],
+}
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # checked and made a list of prompts by parse_prompt
-    max_tokens: Optional[int] = Field(None, ge=0, description=(
-        SamplingFields.model_fields["max_tokens"].description + ". 0 only with echo: the prompt, nothing generated"))
-    logprobs: Optional[int] = Field(None, ge=0, le=20, description="each token's logprob and this many likeliest "
-                                    "alternatives; with echo, the prompt's first (its first token's are null)")
-    echo: Optional[bool] = Field(False, description="prepend the prompt (ids as their text); streamed: a first chunk")
-    best_of: Optional[int] = Field(None, ge=1, description="only equal to n")
-    suffix: Optional[Literal[""]] = Field(None, description="insertion is not supported")
+    prompt: Annotated[
+        Any, WithJsonSchema(PROMPT_SCHEMA)
+    ]  # checked and made a list of prompts by parse_prompt
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            SamplingFields.model_fields["max_tokens"].description
+            + ". 0 only with echo: the prompt, nothing generated"
+        ),
+    )
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="each token's logprob and this many likeliest "
+        "alternatives; with echo, the prompt's first (its first token's are null)",
+    )
+    echo: bool | None = Field(
+        False, description="prepend the prompt (ids as their text); streamed: a first chunk"
+    )
+    best_of: int | None = Field(None, ge=1, description="only equal to n")
+    suffix: Literal[""] | None = Field(None, description="insertion is not supported")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -188,8 +264,9 @@ class CompletionRequest(SamplingFields):
         return parse_prompt(v)
 
 
-def parse_prompt(v) -> list[Union[str, list[int]]]:
+def parse_prompt(v) -> list[str | list[int]]:
     """OpenAI's four prompt shapes -> a list of prompts, each a string or a list of token ids."""
+
     def is_ids(x) -> bool:
         return isinstance(x, list) and all(type(t) is int for t in x)
 
@@ -206,7 +283,9 @@ def parse_prompt(v) -> list[Union[str, list[int]]]:
     elif isinstance(v, list) and not v:
         raise ValueError("the prompt is empty")
     else:
-        raise ValueError("must be a string, a list of token ids, a list of strings or a list of token-id lists")
+        raise ValueError(
+            "must be a string, a list of token ids, a list of strings or a list of token-id lists"
+        )
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError("the prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
@@ -220,8 +299,8 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Optional[Union[str, list[TextPart]]] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     @property
     def text(self) -> str:
@@ -234,10 +313,11 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = Field(False, description="report each output token's logprob")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="and this many most likely alternatives "
-                                                                        "(needs logprobs)")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="and this many most likely alternatives (needs logprobs)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -245,32 +325,34 @@ class ChatCompletionRequest(SamplingFields):
         return check_unsupported(data, CHAT_UNSUPPORTED)
 
     @property
-    def wanted_max_tokens(self) -> Optional[int]:
+    def wanted_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class TokenizePrompt(_Strict):
     model_config = ConfigDict(extra="forbid")
     prompt: str
-    model: Optional[str] = None
+    model: str | None = None
 
 
 class TokenizeChat(_Strict):
     """A chat's messages, tokenized as the chat template renders them."""
+
     model_config = ConfigDict(extra="forbid")
     messages: list[ChatMessage] = Field(min_length=1)
-    model: Optional[str] = None
+    model: str | None = None
 
 
-TokenizeRequest = Union[TokenizePrompt, TokenizeChat]
+TokenizeRequest = TokenizePrompt | TokenizeChat
 
 
 class DetokenizeRequest(_Strict):
     tokens: list[int]
-    model: Optional[str] = None
+    model: str | None = None
 
 
 # --- responses --------------------------------------------------------------------------------
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -281,7 +363,9 @@ def now() -> int:
 
 
 class PromptTokensDetails(BaseModel):
-    cached_tokens: int = Field(0, description="prompt tokens served from the prefix cache, not computed again")
+    cached_tokens: int = Field(
+        0, description="prompt tokens served from the prefix cache, not computed again"
+    )
 
 
 class Usage(BaseModel):
@@ -291,24 +375,27 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens,
-                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[Optional[float]] = []  # with echo, the first prompt token's is null
-    top_logprobs: Optional[list[Optional[dict[str, float]]]] = None
+    token_logprobs: list[float | None] = []  # with echo, the first prompt token's is null
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = []
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -317,7 +404,7 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):
@@ -342,8 +429,8 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: Optional[ChatLogprobs] = None
-    finish_reason: Optional[str] = None
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -361,11 +448,16 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "gpt-serve"
     max_model_len: int = Field(description="the model's context in tokens (0 while it loads); extension")
-    suggested_mode: Literal["completion", "chat"] = Field(description=(
-        'how the model is best used; extension. "chat" when the server was started with --chat-template '
-        '(the operator gave the model a chat format), else "completion": a model that continues text, best '
-        "prompted through /v1/completions (/v1/chat/completions still works, through the plain-text default "
-        "template). The web page at / opens in this mode."))
+    suggested_mode: Literal["completion", "chat"] = Field(
+        description=(
+            'how the model is best used; extension. "chat" when the server was started with --chat-template '
+            '(the operator gave the model a chat format), else "completion": a model that continues '
+            "text, best "
+            "prompted through /v1/completions (/v1/chat/completions still works, through the "
+            "plain-text default "
+            "template). The web page at / opens in this mode."
+        )
+    )
 
 
 class ModelList(BaseModel):

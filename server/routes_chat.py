@@ -1,4 +1,5 @@
 """POST /v1/chat/completions: the messages go through the chat template into one prompt."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
@@ -11,17 +12,29 @@ from .errors import invalid
 from .fanout import collect, finish_reason, submit_all
 from .logprobs import chat_logprobs
 from .params import budget, check_fanout, choices, prompt_ids_off_loop, render_messages
-from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
-                       Usage, new_id, now)
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    Usage,
+    new_id,
+    now,
+)
 from .sse import EventStream, event_stream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request, engine=Depends(get_engine),
-                                 settings: Settings = Depends(get_settings),
-                                 template: ChatTemplate = Depends(get_chat_template)):
+async def create_chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    engine=Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+    template: ChatTemplate = Depends(get_chat_template),
+):
     model_name = check_model(settings, body.model)
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs", code="invalid_combination")
@@ -38,32 +51,67 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_stream(handles, tok, body, rid, created, model_name, len(ids), include_usage), handles)
+        return EventStream(
+            _stream(handles, tok, body, rid, created, model_name, len(ids), include_usage), handles
+        )
 
     done = await collect(request, handles)
-    out = [ChatChoice(index=i, message=AssistantMessage(content=c.text),
-                      logprobs=ChatLogprobs(**chat_logprobs(tok, c, top_n)) if body.logprobs else None,
-                      finish_reason=finish_reason(c.finish_reason))
-           for i, c in enumerate(done)]
+    out = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=c.text),
+            logprobs=ChatLogprobs(**chat_logprobs(tok, c, top_n)) if body.logprobs else None,
+            finish_reason=finish_reason(c.finish_reason),
+        )
+        for i, c in enumerate(done)
+    ]
     completion_tokens = sum(c.completion_tokens for c in done)
-    return ChatCompletionResponse(id=rid, created=created, model=model_name, choices=out,
-                                  usage=Usage.of(len(ids), completion_tokens, done[0].cached_tokens))
+    return ChatCompletionResponse(
+        id=rid,
+        created=created,
+        model=model_name,
+        choices=out,
+        usage=Usage.of(len(ids), completion_tokens, done[0].cached_tokens),
+    )
 
 
-def _stream(handles, tok, body: ChatCompletionRequest, rid: str, created: int, model_name: str,
-            prompt_tokens: int, include_usage: bool):
+def _stream(
+    handles,
+    tok,
+    body: ChatCompletionRequest,
+    rid: str,
+    created: int,
+    model_name: str,
+    prompt_tokens: int,
+    include_usage: bool,
+):
     top_n = body.top_logprobs or 0
 
     def delta(i, piece, reason):
         logprobs = chat_logprobs(tok, piece, top_n) if body.logprobs and piece.token_ids else None
         if not (piece.text or reason or logprobs):
             return None
-        return {"index": i, "delta": {"content": piece.text} if piece.text else {}, "logprobs": logprobs,
-                "finish_reason": reason}
+        return {
+            "index": i,
+            "delta": {"content": piece.text} if piece.text else {},
+            "logprobs": logprobs,
+            "finish_reason": reason,
+        }
 
     # OpenAI opens each choice with the role and empty content
-    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-               for i in range(len(handles))]
-    return event_stream(handles, object_name="chat.completion.chunk", rid=rid, created=created,
-                        model_name=model_name, prompt_tokens=prompt_tokens, include_usage=include_usage,
-                        choice_delta=delta, opening=opening, n=body.n)
+    opening = [
+        {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        for i in range(len(handles))
+    ]
+    return event_stream(
+        handles,
+        object_name="chat.completion.chunk",
+        rid=rid,
+        created=created,
+        model_name=model_name,
+        prompt_tokens=prompt_tokens,
+        include_usage=include_usage,
+        choice_delta=delta,
+        opening=opening,
+        n=body.n,
+    )

@@ -4,10 +4,10 @@ With `echo`, each choice's text starts with its prompt, and with `logprobs` its 
 with the prompt's tokens, scored by the engine in the same forward passes that read the prompt
 (see server/scheduler.py); `max_tokens: 0` then scores the prompt and generates nothing, which
 is what evaluation harnesses ask for (lm-evaluation-harness's `local-completions`)."""
+
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
 
 from fastapi import APIRouter, Depends, Request
 
@@ -18,29 +18,51 @@ from .errors import invalid
 from .fanout import collect, finish_reason, submit_all
 from .logprobs import CompletionLogprobBuilder, EchoedPrompt, join_logprobs
 from .params import budget, check_fanout, choices, prompt_ids_off_loop
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, new_id, now
+from .protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    new_id,
+    now,
+)
 from .sse import EventStream, event_stream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
-async def create_completion(body: CompletionRequest, request: Request, engine=Depends(get_engine),
-                            settings: Settings = Depends(get_settings)):
+async def create_completion(
+    body: CompletionRequest,
+    request: Request,
+    engine=Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+):
     model_name = check_model(settings, body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("best_of other than n is not supported", "best_of", code="invalid_combination")
     echo, generate = bool(body.echo), body.max_tokens != 0
     if not (generate or echo):
-        raise invalid("max_tokens: 0 (generate nothing) is only allowed with echo: true", "max_tokens",
-                      code="invalid_combination")
+        raise invalid(
+            "max_tokens: 0 (generate nothing) is only allowed with echo: true",
+            "max_tokens",
+            code="invalid_combination",
+        )
     if body.num_beams > 1 and not generate:
-        raise invalid("max_tokens: 0 generates nothing to search: beam search needs max_tokens >= 1", "max_tokens",
-                      code="invalid_combination")
+        raise invalid(
+            "max_tokens: 0 generates nothing to search: beam search needs max_tokens >= 1",
+            "max_tokens",
+            code="invalid_combination",
+        )
     score_prompt = echo and body.logprobs is not None
     if score_prompt and engine.limits.is_seq2seq:
-        raise invalid("echo with logprobs needs a decoder-only model: this encoder-decoder's prompt is its source, "
-                      "which it does not predict", "echo", code="invalid_combination")
+        raise invalid(
+            "echo with logprobs needs a decoder-only model: this encoder-decoder's prompt is its source, "
+            "which it does not predict",
+            "echo",
+            code="invalid_combination",
+        )
     tok = engine.tokenizer
     check_fanout(engine, len(body.prompt), body.n)
     prompts = await prompt_ids_off_loop(engine, body.prompt, "prompt")
@@ -49,17 +71,26 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
     for ids in prompts:
         max_tokens = budget(engine, len(ids), body.max_tokens, settings.default_max_tokens) if generate else 0
         jobs += choices(engine, body, ids, max_tokens, logprobs=body.logprobs or 0)
-    handles = submit_all(engine, jobs, settings.timeout, prompt_logprobs=body.logprobs if score_prompt else None,
-                         generate=generate)
+    handles = submit_all(
+        engine,
+        jobs,
+        settings.timeout,
+        prompt_logprobs=body.logprobs if score_prompt else None,
+        generate=generate,
+    )
     prompt_tokens = sum(len(ids) for ids in prompts)
     rid, created = new_id("cmpl"), now()
     # choice i echoes prompt i // n
-    echoed = [echoes[i // body.n] for i in range(len(handles))] if echoes is not None else [None] * len(handles)
+    echoed = (
+        [echoes[i // body.n] for i in range(len(handles))] if echoes is not None else [None] * len(handles)
+    )
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_stream(handles, tok, body, echoed, rid, created, model_name, prompt_tokens,
-                                   include_usage), handles)
+        return EventStream(
+            _stream(handles, tok, body, echoed, rid, created, model_name, prompt_tokens, include_usage),
+            handles,
+        )
 
     done = await collect(request, handles)
     out = []
@@ -71,17 +102,39 @@ async def create_completion(body: CompletionRequest, request: Request, engine=De
             if e is not None:
                 logprobs = join_logprobs(e.logprobs(tok, c.prompt_logprobs, body.logprobs), logprobs)
             logprobs = CompletionLogprobs(**logprobs)
-        out.append(CompletionChoice(index=i, text=(e.text if e else "") + c.text, logprobs=logprobs,
-                                    finish_reason=finish_reason(c.finish_reason)))
+        out.append(
+            CompletionChoice(
+                index=i,
+                text=(e.text if e else "") + c.text,
+                logprobs=logprobs,
+                finish_reason=finish_reason(c.finish_reason),
+            )
+        )
     completion_tokens = sum(c.completion_tokens for c in done)
-    cached = sum(c.cached_tokens for c in done[::body.n])  # each prompt counted once, like prompt_tokens
-    return CompletionResponse(id=rid, created=created, model=model_name, choices=out,
-                              usage=Usage.of(prompt_tokens, completion_tokens, cached))
+    cached = sum(c.cached_tokens for c in done[:: body.n])  # each prompt counted once, like prompt_tokens
+    return CompletionResponse(
+        id=rid,
+        created=created,
+        model=model_name,
+        choices=out,
+        usage=Usage.of(prompt_tokens, completion_tokens, cached),
+    )
 
 
-def _stream(handles, tok, body: CompletionRequest, echoed: list[Optional[EchoedPrompt]], rid: str, created: int,
-            model_name: str, prompt_tokens: int, include_usage: bool):
-    builders = [CompletionLogprobBuilder(tok, body.logprobs or 0, offset=len(e.text) if e else 0) for e in echoed]
+def _stream(
+    handles,
+    tok,
+    body: CompletionRequest,
+    echoed: list[EchoedPrompt | None],
+    rid: str,
+    created: int,
+    model_name: str,
+    prompt_tokens: int,
+    include_usage: bool,
+):
+    builders = [
+        CompletionLogprobBuilder(tok, body.logprobs or 0, offset=len(e.text) if e else 0) for e in echoed
+    ]
     pending_echo = [e is not None for e in echoed]
 
     def delta(i, piece, reason):
@@ -89,12 +142,23 @@ def _stream(handles, tok, body: CompletionRequest, echoed: list[Optional[EchoedP
         if pending_echo[i]:  # the choice's first piece: the prompt (scored by now, when asked) goes first
             pending_echo[i] = False
             e = echoed[i]
-            logprobs = e.logprobs(tok, piece.prompt_logprobs, body.logprobs) if body.logprobs is not None else None
+            logprobs = (
+                e.logprobs(tok, piece.prompt_logprobs, body.logprobs) if body.logprobs is not None else None
+            )
             first.append({"index": i, "text": e.text, "logprobs": logprobs, "finish_reason": None})
         logprobs = builders[i].piece(piece) if body.logprobs is not None else None
         if not (piece.text or reason or (logprobs and logprobs["tokens"])):
             return first
         return first + [{"index": i, "text": piece.text, "logprobs": logprobs, "finish_reason": reason}]
 
-    return event_stream(handles, object_name="text_completion", rid=rid, created=created, model_name=model_name,
-                        prompt_tokens=prompt_tokens, include_usage=include_usage, choice_delta=delta, n=body.n)
+    return event_stream(
+        handles,
+        object_name="text_completion",
+        rid=rid,
+        created=created,
+        model_name=model_name,
+        prompt_tokens=prompt_tokens,
+        include_usage=include_usage,
+        choice_delta=delta,
+        n=body.n,
+    )

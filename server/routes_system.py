@@ -1,5 +1,6 @@
 """Everything that is not generation: probes, metrics, the model list, the tokenizer endpoints
 and the web page. Probes, metrics and the page are open; the rest needs the API key."""
+
 from __future__ import annotations
 
 import asyncio
@@ -68,9 +69,16 @@ async def ready(request: Request):
     return {"status": "ready", "model": state.settings.model_name}
 
 
-@open_router.get("/metrics", response_class=Response,
-                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                                  "description": "Prometheus text format"}})
+@open_router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
+)
 async def metrics(request: Request):
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
@@ -116,13 +124,18 @@ def _card(request: Request) -> ModelCard:
     state = request.app.state
     max_len = state.engine.limits.max_len if state.engine is not None else 0
     mode = "chat" if state.settings.chat_template else "completion"
-    return ModelCard(id=state.settings.model_name, created=state.created, max_model_len=max_len,
-                     suggested_mode=mode)
+    return ModelCard(
+        id=state.settings.model_name, created=state.created, max_model_len=max_len, suggested_mode=mode
+    )
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, engine=Depends(get_engine), settings: Settings = Depends(get_settings),
-                   template: ChatTemplate = Depends(get_chat_template)):
+async def tokenize(
+    body: TokenizeRequest,
+    engine=Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+    template: ChatTemplate = Depends(get_chat_template),
+):
     """vLLM's shape: {"prompt": text} (or {"messages": [...]}, rendered by the chat template)
     -> {"tokens": [...], "count": n, "max_model_len": context}."""
     check_model(settings, body.model)
@@ -132,7 +145,9 @@ async def tokenize(body: TokenizeRequest, engine=Depends(get_engine), settings: 
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, engine=Depends(get_engine), settings: Settings = Depends(get_settings)):
+async def detokenize(
+    body: DetokenizeRequest, engine=Depends(get_engine), settings: Settings = Depends(get_settings)
+):
     """{"tokens": [...]} -> {"prompt": text}; an id outside the vocabulary is a 400."""
     check_model(settings, body.model)
     tok = engine.tokenizer

@@ -31,12 +31,14 @@ taken from the same unprocessed distribution as generated tokens' logprobs (`tok
 They travel on the request's first piece. A request with a budget of 0 new tokens ends once its
 prompt is scored (with nothing to score, at admission, without taking a slot).
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -55,22 +57,24 @@ class Request:
     id: str
     prompt: list[int]
     params: SamplingParams
-    max_new_tokens: int  # the budget, checked against the context at submit; 0: only read (and score) the prompt
+    max_new_tokens: (
+        int  # the budget, checked against the context at submit; 0: only read (and score) the prompt
+    )
     loop: Any  # the asyncio loop the request's handle lives on
     arrival: float  # time.monotonic() at submit
-    deadline: Optional[float] = None
-    prompt_logprobs: Optional[int] = None  # report the prompt's logprobs with this many alternatives; None: not
+    deadline: float | None = None
+    prompt_logprobs: int | None = None  # report the prompt's logprobs with this many alternatives; None: not
     handle: Any = None
     cancelled: bool = False  # set from any thread by RequestHandle.cancel
     # engine-thread state from admission on
     slot: int = -1
-    decoder: Optional[SequenceDecoder] = None
+    decoder: SequenceDecoder | None = None
     prefilled: int = 0  # prompt tokens already in the cache
     cached_tokens: int = 0  # of those, tokens whose keys and values came from the prefix cache
-    share_from: Optional["Request"] = None  # until it has prefilled share_len tokens, wait, then copy them
+    share_from: Request | None = None  # until it has prefilled share_len tokens, wait, then copy them
     share_len: int = 0
-    scored: Optional[PromptLogprobs] = None  # the prompt's logprobs so far, when asked
-    first_token_at: Optional[float] = None
+    scored: PromptLogprobs | None = None  # the prompt's logprobs so far, when asked
+    first_token_at: float | None = None
     last_token_at: float = 0.0
 
     def expired(self, now: float) -> bool:
@@ -86,9 +90,18 @@ Deliver = Callable[[list[tuple[Request, Piece]]], None]
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch_size: int, max_len: int, prefill_chunk: int,
-                 metrics: Metrics, deliver: Deliver, prefix_cache: bool = True,
-                 cache_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int,
+        max_len: int,
+        prefill_chunk: int,
+        metrics: Metrics,
+        deliver: Deliver,
+        prefix_cache: bool = True,
+        cache_dtype: torch.dtype | None = None,
+    ):
         self.model, self.tokenizer, self.metrics, self.deliver = model, tokenizer, metrics, deliver
         self.prefill_chunk = prefill_chunk
         self.cache = model.new_cache(max_batch_size, max_len=max_len, dtype=cache_dtype)
@@ -213,8 +226,9 @@ class Scheduler:
             return False
         r.share_from = None
         in_use = {q.slot for q in self.running}
-        written = torch.where(torch.tensor([row in in_use for row in range(self.batch)]),
-                              self.cache.lengths, self.prefix.known)
+        written = torch.where(
+            torch.tensor([row in in_use for row in range(self.batch)]), self.cache.lengths, self.prefix.known
+        )
         written[r.slot] = 0
         common = self.prefix.common_prefix(torch.tensor(r.prompt), written)
         row = int(common.argmax())
@@ -236,7 +250,9 @@ class Scheduler:
             return
         self._compact(reqs)  # now in rows 0..n-1: the cache reads them as views, not copies
         reqs.sort(key=lambda r: r.slot)
-        tokens = torch.tensor([[r.decoder.last_token] for r in reqs], dtype=torch.long, device=self.model.device)
+        tokens = torch.tensor(
+            [[r.decoder.last_token] for r in reqs], dtype=torch.long, device=self.model.device
+        )
         logits = self.model.step(tokens, self.cache, rows=slice(0, len(reqs)))
         self.metrics.batch_size.observe(len(reqs))
         self._sample(reqs, logits, outs)
@@ -296,12 +312,14 @@ class Scheduler:
         else:  # chunks continue rows that earlier chunks (or admission's reset) left in the cache
             ids = torch.zeros(len(picked), width, dtype=torch.long)
             for i, (r, n) in enumerate(picked):
-                ids[i, :n] = torch.tensor(r.prompt[r.prefilled: r.prefilled + n])
+                ids[i, :n] = torch.tensor(r.prompt[r.prefilled : r.prefilled + n])
             n_tokens = torch.tensor([n for _, n in picked])
             ids = ids.to(self.model.device)
             if scoring:  # logits at every position (B, T, V): the prompts' own tokens are scored from them
                 every = self.model(ids, cache=self.cache, rows=rows, n_tokens=n_tokens)
-                logits = every[torch.arange(len(picked), device=every.device), (n_tokens - 1).to(every.device)]
+                logits = every[
+                    torch.arange(len(picked), device=every.device), (n_tokens - 1).to(every.device)
+                ]
                 for i in scoring:
                     r, n = picked[i]
                     self._score_prompt(r, every[i, :n])
@@ -332,9 +350,9 @@ class Scheduler:
         if m <= 0:
             return
         top_n = r.prompt_logprobs
-        targets = torch.tensor(r.prompt[start + 1: start + 1 + m], dtype=torch.long, device=logits.device)
+        targets = torch.tensor(r.prompt[start + 1 : start + 1 + m], dtype=torch.long, device=logits.device)
         # ids past the tokenizer's vocabulary (a padded output layer) are never reported, as in decode_tokens
-        chosen, top_v, top_i = token_logprobs(logits[:m, :self.tokenizer.vocab_size], targets, top_n)
+        chosen, top_v, top_i = token_logprobs(logits[:m, : self.tokenizer.vocab_size], targets, top_n)
         r.scored.logprobs += chosen.tolist()
         if top_n:
             r.scored.top_logprobs += [dict(zip(ids, lps)) for ids, lps in zip(top_i.tolist(), top_v.tolist())]

@@ -1,9 +1,10 @@
 """Server-sent events: OpenAI's streaming envelope, shared by both generation endpoints, and
 the response that carries it."""
+
 from __future__ import annotations
 
 import json
-from typing import AsyncIterator, Union
+from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
@@ -12,7 +13,7 @@ from .fanout import cancel_unfinished, finish_reason, merged
 from .protocol import Usage
 
 
-def sse(data: Union[dict, str]) -> str:
+def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -20,8 +21,19 @@ def sse_error(exc: APIError) -> str:
     return sse(exc.body())
 
 
-async def event_stream(handles, *, object_name: str, rid: str, created: int, model_name: str,
-                       prompt_tokens: int, include_usage: bool, choice_delta, opening=(), n: int = 1):
+async def event_stream(
+    handles,
+    *,
+    object_name: str,
+    rid: str,
+    created: int,
+    model_name: str,
+    prompt_tokens: int,
+    include_usage: bool,
+    choice_delta,
+    opening=(),
+    n: int = 1,
+):
     """A chunk per piece of a choice (`choice_delta(i, piece, finish_reason)` gives the choice
     dict, a list of them for one chunk each, or None to skip the piece), with `include_usage` a
     last chunk with `choices: []` and the usage, then `[DONE]`. An engine error mid-stream becomes
@@ -62,8 +74,11 @@ class EventStream(StreamingResponse):
     generator that never started runs no cleanup of its own), not when it is garbage-collected."""
 
     def __init__(self, gen: AsyncIterator[str], handles=()):
-        super().__init__(gen, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            gen,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._gen, self._handles = gen, handles
 
     async def __call__(self, scope, receive, send) -> None:

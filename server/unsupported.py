@@ -1,6 +1,7 @@
 """The fields of OpenAI's or vLLM's API that would change the output but are not implemented
 here: any value but the "off" one is a 400 naming the field, never silently dropped. The OpenAPI
 schema lists them too (server/openapi.py)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -47,5 +48,7 @@ def check_unsupported(data: Any, table=UNSUPPORTED) -> Any:
         for name, (accepted, why) in table.items():
             value = data.get(name)
             if value is not None and not any(value == a and type(value) is type(a) for a in accepted):
-                raise PydanticCustomError("unsupported", "{why}", {"name": name, "why": why or "invalid value"})
+                raise PydanticCustomError(
+                    "unsupported", "{why}", {"name": name, "why": why or "invalid value"}
+                )
     return data

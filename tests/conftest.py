@@ -40,8 +40,14 @@ def stand_in_cuda_graphs(monkeypatch):
         self.graph = SimpleNamespace(replay=lambda: self.out.copy_(body()))
 
     def accepts(self, idx, cache, n_tokens, last_only):
-        return (self.failed is None and idx.shape[1] == 1 and n_tokens is None and last_only
-                and cache.max_src_len == 0 and not torch.is_grad_enabled())
+        return (
+            self.failed is None
+            and idx.shape[1] == 1
+            and n_tokens is None
+            and last_only
+            and cache.max_src_len == 0
+            and not torch.is_grad_enabled()
+        )
 
     monkeypatch.setattr(_Graph, "record", record)
     monkeypatch.setattr(DecodeGraphs, "accepts", accepts)

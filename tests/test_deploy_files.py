@@ -4,6 +4,7 @@ No Docker engine runs on these machines, so nothing here builds an image or star
 Instead the files are parsed and held against each other and against the project: the names,
 ports, paths, commands and routes they mention must be the ones that exist.
 """
+
 from __future__ import annotations
 
 import json
@@ -108,8 +109,12 @@ def test_compose_defines_server_prometheus_and_a_train_profile(services):
 
 def test_prometheus_scrapes_the_server_service_on_its_container_port(services, prometheus_config):
     jobs = prometheus_config["scrape_configs"]
-    targets = [(job.get("metrics_path", "/metrics"), t)
-               for job in jobs for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [
+        (job.get("metrics_path", "/metrics"), t)
+        for job in jobs
+        for sc in job["static_configs"]
+        for t in sc["targets"]
+    ]
     assert targets, "prometheus.yml scrapes nothing"
     server = services["server"]
     port = int(env_of(server).get("GPT_SERVE_PORT", 8000))
@@ -123,8 +128,12 @@ def test_prometheus_scrapes_the_server_service_on_its_container_port(services, p
 
 
 def test_bind_mounted_files_exist_in_the_repository(services):
-    mounts = [(name, src, dst) for name, svc in services.items() for src, dst in volumes_of(svc)
-              if src.startswith((".", "/"))]
+    mounts = [
+        (name, src, dst)
+        for name, svc in services.items()
+        for src, dst in volumes_of(svc)
+        if src.startswith((".", "/"))
+    ]
     assert ("prometheus", "./deploy/prometheus.yml", "/etc/prometheus/prometheus.yml") in mounts
     for name, src, _ in mounts:
         assert (ROOT / src).exists(), f"service {name} mounts {src}, which is not in the repository"
@@ -190,13 +199,16 @@ def test_dockerfile_copies_the_packages_and_what_pip_install_needs(pyproject):
         for src in parts[:-1]:
             assert (ROOT / src).exists(), f"COPY {src}: no such path in the repository"
             copied.add(src.rstrip("/"))
-    packages = {pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = {
+        pattern.rstrip("*") for pattern in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
     assert packages <= copied, f"packages not copied into the image: {packages - copied}"
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= copied
     runs = " ".join(dockerfile("RUN"))
     assert "pip install ." in runs
-    assert 'ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu' in \
-        [f"ARG {a}" for a in dockerfile("ARG")]
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in [
+        f"ARG {a}" for a in dockerfile("ARG")
+    ]
     assert '--index-url "$TORCH_INDEX_URL"' in runs
 
 
@@ -209,12 +221,16 @@ def test_web_page_ships_as_package_data(pyproject):
     patterns = pyproject["tool"]["setuptools"]["package-data"]["server"]
     assert any((ROOT / "server").glob(p) for p in patterns)
     assert (ROOT / "server" / "static" / "index.html") in {
-        f for p in patterns for f in (ROOT / "server").glob(p)}
+        f for p in patterns for f in (ROOT / "server").glob(p)
+    }
 
 
 def test_dockerignore_keeps_environments_vcs_and_data_out():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", "runs", "data", "**/__pycache__"} <= ignored
     # and nothing the Dockerfile copies is ignored
     for args in dockerfile("COPY"):
@@ -266,24 +282,28 @@ def _free_port() -> int:
 
 def test_dockerfile_healthcheck_command_passes_on_a_live_server_and_fails_without_one(app_port):
     (check,) = dockerfile("HEALTHCHECK")
-    argv = json.loads(check[check.index("CMD") + 3:].strip())  # the exec form, as Docker runs it
+    argv = json.loads(check[check.index("CMD") + 3 :].strip())  # the exec form, as Docker runs it
     assert argv[0] == "python"
     run = [sys.executable, *argv[1:]]
-    up = subprocess.run(run, env={**os.environ, "GPT_SERVE_PORT": str(app_port)}, capture_output=True, timeout=30)
-    down = subprocess.run(run, env={**os.environ, "GPT_SERVE_PORT": str(_free_port())}, capture_output=True,
-                          timeout=30)
+    up = subprocess.run(
+        run, env={**os.environ, "GPT_SERVE_PORT": str(app_port)}, capture_output=True, timeout=30
+    )
+    down = subprocess.run(
+        run, env={**os.environ, "GPT_SERVE_PORT": str(_free_port())}, capture_output=True, timeout=30
+    )
     assert up.returncode == 0, up.stderr
     assert down.returncode != 0
 
 
 def test_compose_environment_names_are_server_settings(services):
-    from server.config import ENV_PREFIX, Settings
     import dataclasses
+
+    from server.config import ENV_PREFIX, Settings
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     for name in env_of(services["server"]):
         assert name.startswith(ENV_PREFIX)
-        assert name[len(ENV_PREFIX):].lower() in fields, f"{name} is not a gpt-serve setting"
+        assert name[len(ENV_PREFIX) :].lower() in fields, f"{name} is not a gpt-serve setting"
     Settings.from_env(env_of(services["server"]))  # and their values parse
 
 
@@ -297,9 +317,16 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.skipif(_compose_cli() is None, reason="neither `docker compose` nor `docker-compose` is installed")
+@pytest.mark.skipif(
+    _compose_cli() is None, reason="neither `docker compose` nor `docker-compose` is installed"
+)
 @pytest.mark.parametrize("profile", [[], ["--profile", "train"]], ids=["default", "train-profile"])
 def test_docker_compose_accepts_the_file(profile):
-    r = subprocess.run(_compose_cli() + ["-f", str(ROOT / "docker-compose.yml"), *profile, "config", "-q"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        _compose_cli() + ["-f", str(ROOT / "docker-compose.yml"), *profile, "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr

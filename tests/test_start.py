@@ -1,4 +1,5 @@
 """The README's main command: ./start.sh trains the default model once, then serves it."""
+
 import json
 import os
 import signal
@@ -12,8 +13,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not (ROOT / ".venv/bin/gpt-serve").exists(),
-                                reason="start.sh uses the project's .venv (made by .ci/run or a first ./start.sh)")
+pytestmark = pytest.mark.skipif(
+    not (ROOT / ".venv/bin/gpt-serve").exists(),
+    reason="start.sh uses the project's .venv (made by .ci/run or a first ./start.sh)",
+)
 
 
 def _free_port() -> int:
@@ -25,8 +28,14 @@ def _free_port() -> int:
 def _start(run_dir: Path, *args: str):
     env = {**os.environ, "GPT_DEFAULT_RUN": str(run_dir), "GPT_DEFAULT_ITERS": "4"}
     env.pop("GPT_SERVE_MODEL", None)
-    return subprocess.Popen(["bash", str(ROOT / "start.sh"), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        ["bash", str(ROOT / "start.sh"), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for_url(proc, limit: float = 300.0) -> tuple[str, list[str]]:
@@ -52,7 +61,9 @@ def _stop(proc) -> int:
 
 
 def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.load(r)
 

@@ -5,6 +5,7 @@ including those inside functions: a cycle hidden by a function-level import is s
 (it only moves the failure from import time to the first call, and the design is just as
 tangled). Third-party and standard-library imports are not part of the graph.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,6 +17,7 @@ MAX_LINES = 400
 
 
 # --- the import graph -----------------------------------------------------------------------
+
 
 def find_modules(root: Path, packages=PACKAGES) -> dict[str, Path]:
     """{dotted module name: file}; a package's __init__.py is named after the package."""
@@ -81,8 +83,9 @@ def import_edges(module: str, source: str, modules: dict[str, Path]) -> dict[str
 
 def import_graph(root: Path, packages=PACKAGES) -> dict[str, dict[str, int]]:
     modules = find_modules(root, packages)
-    return {name: import_edges(name, file.read_text(encoding="utf-8"), modules)
-            for name, file in modules.items()}
+    return {
+        name: import_edges(name, file.read_text(encoding="utf-8"), modules) for name, file in modules.items()
+    }
 
 
 def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
@@ -151,8 +154,16 @@ def _describe(component: list[str], graph: dict[str, dict[str, int]], modules: d
 
 # --- the tests ------------------------------------------------------------------------------
 
+
 def test_the_cycle_finder_reports_a_synthetic_cycle_and_nothing_for_an_acyclic_graph():
-    cyclic = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1, "d": 1}, "d": {}, "e": {"a": 1, "f": 1}, "f": {"e": 1}}
+    cyclic = {
+        "a": {"b": 1},
+        "b": {"c": 1},
+        "c": {"a": 1, "d": 1},
+        "d": {},
+        "e": {"a": 1, "f": 1},
+        "f": {"e": 1},
+    }
     assert find_cycles(cyclic) == [["a", "b", "c"], ["e", "f"]]
     assert a_cycle_through(["a", "b", "c"], cyclic) == ["a", "b", "c", "a"]
     acyclic = {"a": {"b": 1, "c": 1}, "b": {"c": 1}, "c": {}, "d": {"a": 1}}
@@ -193,8 +204,10 @@ def test_no_import_cycles_among_gpt_server_training_modules_counting_function_le
 
 
 def test_no_python_source_file_in_gpt_server_training_is_longer_than_400_lines():
-    lengths = {file.relative_to(ROOT): len(file.read_text(encoding="utf-8").splitlines())
-               for file in find_modules(ROOT).values()}
+    lengths = {
+        file.relative_to(ROOT): len(file.read_text(encoding="utf-8").splitlines())
+        for file in find_modules(ROOT).values()
+    }
     assert len(lengths) > 10
     too_long = {str(f): n for f, n in sorted(lengths.items()) if n > MAX_LINES}
     assert not too_long, f"files longer than {MAX_LINES} lines: {too_long}"

@@ -1,10 +1,10 @@
 """Everything a training run needs to know, in one dataclass that is saved with its checkpoints."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import gpt
 
@@ -23,20 +23,20 @@ class ConfigError(ValueError):
 class TrainConfig:
     # what to train
     model: str = "gpt"  # gpt | seq2seq
-    preset: Optional[str] = None  # default: gpt-mini / seq2seq-mini
-    n_layer: Optional[int] = None
-    n_encoder_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_embd: Optional[int] = None
-    block_size: Optional[int] = None
-    dropout: Optional[float] = None
-    tokenizer: Optional[str] = None  # default: the preset's
+    preset: str | None = None  # default: gpt-mini / seq2seq-mini
+    n_layer: int | None = None
+    n_encoder_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    tokenizer: str | None = None  # default: the preset's
     bpe_vocab: int = 4096  # --tokenizer bpe: ids in the tokenizer trained on the data
-    init_from: Optional[str] = None  # fine-tune from a checkpoint / Hugging Face GPT-2 directory
+    init_from: str | None = None  # fine-tune from a checkpoint / Hugging Face GPT-2 directory
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the whole model (needs init_from)
-    lora_alpha: Optional[float] = None  # adapter scale alpha / rank; default 2 x rank
+    lora_alpha: float | None = None  # adapter scale alpha / rank; default 2 x rank
     lora_dropout: float = 0.0
-    lora_targets: Optional[list[str]] = None  # layer names to adapt; default: attention and MLP projections
+    lora_targets: list[str] | None = None  # layer names to adapt; default: attention and MLP projections
     lora_bias: bool = False  # train every bias too
     # data
     data: list[str] = field(default_factory=list)  # empty: stdlib sources (gpt) / date task (seq2seq)
@@ -59,9 +59,9 @@ class TrainConfig:
     eval_iters: int = 100
     eval_pairs: int = 200  # seq2seq: held-out pairs for exact-match accuracy
     num_beams: int = 4  # seq2seq: beam width for the beam-search accuracy
-    sample_prompts: Optional[list[str]] = None  # continued at each evaluation; None: a default per model kind
+    sample_prompts: list[str] | None = None  # continued at each evaluation; None: a default per model kind
     sample_tokens: int = 48  # new tokens per sample; 0: no samples
-    tensorboard: Optional[str] = None  # a directory for TensorBoard event files
+    tensorboard: str | None = None  # a directory for TensorBoard event files
     log_interval: int = 10
     keep_last: int = 3  # step checkpoints kept besides best/
     out: str = "runs/train"
@@ -78,17 +78,34 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.model in MODEL_KINDS, f"--model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+        need(
+            self.model in MODEL_KINDS, f"--model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}"
+        )
         if self.preset is not None:
-            need(self.preset in gpt.PRESETS,
-                 f"unknown preset {self.preset!r}; choose one of {', '.join(gpt.PRESETS)}")
+            need(
+                self.preset in gpt.PRESETS,
+                f"unknown preset {self.preset!r}; choose one of {', '.join(gpt.PRESETS)}",
+            )
         for name in ("n_layer", "n_head", "n_embd", "block_size", "n_encoder_layer"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(
+            self.dropout is None or 0.0 <= self.dropout < 1.0,
+            f"--dropout must be in [0, 1), got {self.dropout}",
+        )
         need(0.0 < self.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
-                     "keep_last", "eval_pairs", "num_beams", "max_bad_steps"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "keep_last",
+            "eval_pairs",
+            "num_beams",
+            "max_bad_steps",
+        ):
             v = getattr(self, name)
             need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
@@ -107,10 +124,16 @@ class TrainConfig:
         else:
             for name in ("lora_alpha", "lora_targets"):
                 need(getattr(self, name) is None, f"--{name.replace('_', '-')} needs --lora-rank")
-            need(not self.lora_bias and not self.lora_dropout, "--lora-bias and --lora-dropout need --lora-rank")
-        need(self.sample_tokens >= 0, f"--sample-tokens must be >= 0 (0 = no samples), got {self.sample_tokens}")
+            need(
+                not self.lora_bias and not self.lora_dropout,
+                "--lora-bias and --lora-dropout need --lora-rank",
+            )
+        need(
+            self.sample_tokens >= 0,
+            f"--sample-tokens must be >= 0 (0 = no samples), got {self.sample_tokens}",
+        )
 
-    def model_config(self, vocab_size: int, tokenizer: str, eot: Optional[int] = None) -> gpt.ModelConfig:
+    def model_config(self, vocab_size: int, tokenizer: str, eot: int | None = None) -> gpt.ModelConfig:
         """The model to build: the preset with the command line's overrides. eot: the
         tokenizer's end-of-text id, which a seq2seq decoder starts from."""
         name = self.preset or DEFAULT_PRESET[self.model]
@@ -132,11 +155,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

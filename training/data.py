@@ -4,6 +4,7 @@
 The cache is crash-safe: the token files are fsynced and renamed into place before meta.json,
 written last, marks them complete; and a cache whose files are not the size meta.json gives
 (a full disk, a copy cut short) is rebuilt rather than trained on."""
+
 from __future__ import annotations
 
 import glob
@@ -12,9 +13,9 @@ import json
 import os
 import secrets
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -30,8 +31,17 @@ from .config import ConfigError
 # packages, and two directories that are data rather than code: encodings/ (mostly generated
 # codec tables) and pydoc_data/ (one 750 KB string of help text).
 STDLIB_BYTES = 12 * 1024 * 1024
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib", "lib2to3",
-              "encodings", "pydoc_data"}
+_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "encodings",
+    "pydoc_data",
+}
 _SNIFF = 8192
 META = "meta.json"  # written last: a cache without it is incomplete
 
@@ -77,8 +87,11 @@ def find_files(specs: list[str], option: str = "--data") -> list[Path]:
                 raise ConfigError(f"{option} {spec}: the pattern matches no files")
             out.extend(m for m in matches if _is_text(m))
         elif os.path.isdir(spec):
-            found = sorted(p for p in Path(spec).rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(spec).parts))
+            found = sorted(
+                p
+                for p in Path(spec).rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(spec).parts)
+            )
             out.extend(p for p in found if _is_text(p))
         elif os.path.isfile(spec):
             if not _is_text(Path(spec)):
@@ -91,8 +104,9 @@ def find_files(specs: list[str], option: str = "--data") -> list[Path]:
     return out
 
 
-def _fingerprint(files: list[Path], tokenizer: Tokenizer, val_fraction: float,
-                 val_files: Optional[list[Path]] = None) -> str:
+def _fingerprint(
+    files: list[Path], tokenizer: Tokenizer, val_fraction: float, val_files: list[Path] | None = None
+) -> str:
     h = hashlib.sha256(json.dumps([tokenizer.fingerprint, val_fraction]).encode())
     for f in [*files, *(["--val-data"] if val_files else []), *(val_files or [])]:
         if isinstance(f, str):
@@ -122,8 +136,12 @@ def _tokenize(files: list[Path], tokenizer: Tokenizer, dest: Path, progress: boo
     dtype = token_dtype(tokenizer.vocab_size)
     total = sum(f.stat().st_size for f in files)
     n = 0
-    with open(dest, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
-                                       disable=not progress, leave=False) as bar:
+    with (
+        open(dest, "wb") as out,
+        tqdm(
+            total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress, leave=False
+        ) as bar,
+    ):
         for i, f in enumerate(files):
             try:
                 text = f.read_text(encoding="utf-8")
@@ -151,20 +169,28 @@ def training_texts(files: list[Path], val_fraction: float) -> Iterator[str]:
         budget -= f.stat().st_size
 
 
-def _complete_cache(d: Path) -> Optional[dict]:
+def _complete_cache(d: Path) -> dict | None:
     """The metadata of the cache in `d`, or None if it is missing, unreadable, or its token
     files are not the size it gives."""
     try:
         meta = json.loads((d / META).read_text())
         size = np.dtype(meta["dtype"]).itemsize
-        whole = all((d / f"{name}.bin").stat().st_size == meta[f"{name}_tokens"] * size for name in ("train", "val"))
+        whole = all(
+            (d / f"{name}.bin").stat().st_size == meta[f"{name}_tokens"] * size for name in ("train", "val")
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta if whole else None
 
 
-def _build_cache(files: list[Path], tokenizer: Tokenizer, d: Path, val_fraction: float, progress: bool,
-                 val_files: Optional[list[Path]] = None) -> dict:
+def _build_cache(
+    files: list[Path],
+    tokenizer: Tokenizer,
+    d: Path,
+    val_fraction: float,
+    progress: bool,
+    val_files: list[Path] | None = None,
+) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     (d / META).unlink(missing_ok=True)  # it must only ever vouch for the files written below
     dtype = token_dtype(tokenizer.vocab_size)
@@ -189,14 +215,21 @@ def _build_cache(files: list[Path], tokenizer: Tokenizer, d: Path, val_fraction:
         fsync_path(d)
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": n - n_val,
-            "val_tokens": n_val, "files": [str(f) for f in files[:1000]], "n_files": len(files)}
+    meta = {
+        "tokenizer": tokenizer.name,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": n - n_val,
+        "val_tokens": n_val,
+        "files": [str(f) for f in files[:1000]],
+        "n_files": len(files),
+    }
     atomic_write_bytes(d / META, json.dumps(meta, indent=1).encode())  # written last: marks it complete
     return meta
 
 
-def _build_separate_cache(files: list[Path], val_files: list[Path], tokenizer: Tokenizer, d: Path, dtype,
-                          progress: bool) -> dict:
+def _build_separate_cache(
+    files: list[Path], val_files: list[Path], tokenizer: Tokenizer, d: Path, dtype, progress: bool
+) -> dict:
     """--val-data: every --data token trains, and the validation tokens are the other files'."""
     counts = {}
     for name, group in (("train", files), ("val", val_files)):
@@ -204,16 +237,24 @@ def _build_separate_cache(files: list[Path], val_files: list[Path], tokenizer: T
         try:
             counts[name] = _tokenize(group, tokenizer, tmp, progress)
             if counts[name] == 0:
-                raise ConfigError(f"the {'--data' if name == 'train' else '--val-data'} files are empty (no tokens)")
+                raise ConfigError(
+                    f"the {'--data' if name == 'train' else '--val-data'} files are empty (no tokens)"
+                )
             with open(tmp, "r+b") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, d / f"{name}.bin")
         finally:
             tmp.unlink(missing_ok=True)
     fsync_path(d)
-    meta = {"tokenizer": tokenizer.name, "dtype": np.dtype(dtype).name, "train_tokens": counts["train"],
-            "val_tokens": counts["val"], "files": [str(f) for f in files[:1000]], "n_files": len(files),
-            "val_files": [str(f) for f in val_files[:1000]]}
+    meta = {
+        "tokenizer": tokenizer.name,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "files": [str(f) for f in files[:1000]],
+        "n_files": len(files),
+        "val_files": [str(f) for f in val_files[:1000]],
+    }
     atomic_write_bytes(d / META, json.dumps(meta, indent=1).encode())  # written last: marks it complete
     return meta
 
@@ -226,8 +267,16 @@ def recover(cache_root: Path) -> None:
             recover_interrupted_writes(d)
 
 
-def prepare(files: list[Path], tokenizer: Tokenizer, cache_root: Path, *, val_fraction: float,
-            block_size: int, progress: bool = True, val_files: Optional[list[Path]] = None) -> TokenData:
+def prepare(
+    files: list[Path],
+    tokenizer: Tokenizer,
+    cache_root: Path,
+    *,
+    val_fraction: float,
+    block_size: int,
+    progress: bool = True,
+    val_files: list[Path] | None = None,
+) -> TokenData:
     """Tokenize `files` into cache_root/<fingerprint>/{train,val}.bin once; later runs reuse it.
 
     The last `val_fraction` of the tokens is validation, as nanoGPT splits its corpora; with
@@ -236,9 +285,11 @@ def prepare(files: list[Path], tokenizer: Tokenizer, cache_root: Path, *, val_fr
     meta = _complete_cache(d) or _build_cache(files, tokenizer, d, val_fraction, progress, val_files)
     for name in ("train", "val"):
         if meta[f"{name}_tokens"] <= block_size:
-            raise ConfigError(f"the corpus is too short: its {'training' if name == 'train' else 'validation'} "
-                              f"split has {meta[f'{name}_tokens']} tokens, and one block needs {block_size + 1} "
-                              f"(block size {block_size}); add text or lower --block-size")
+            raise ConfigError(
+                f"the corpus is too short: its {'training' if name == 'train' else 'validation'} "
+                f"split has {meta[f'{name}_tokens']} tokens, and one block needs {block_size + 1} "
+                f"(block size {block_size}); add text or lower --block-size"
+            )
     train = np.memmap(d / "train.bin", dtype=meta["dtype"], mode="r")
     val = np.memmap(d / "val.bin", dtype=meta["dtype"], mode="r")
     return TokenData(train=train, val=val, directory=d, n_files=meta["n_files"])

@@ -6,6 +6,7 @@ Pairs are generated on the fly, so there is nothing to download. Conventions tha
 source unambiguous: slashes are month/day/year (US), dots and dashes with a numeric month are
 day.month.year (European), and years run 1950-2049 so two-digit years have one reading.
 """
+
 from __future__ import annotations
 
 import calendar
@@ -30,12 +31,26 @@ def _forms(d: dt.date, rng: random.Random) -> list[str]:
     wd = rng.choice((DAYS, DAYS_ABBR))[d.weekday()]
     y, yy, mo, day = d.year, f"{d.year % 100:02d}", d.month, d.day
     return [
-        f"{m} {day}, {y}", f"{m} {day} {y}", f"{m} {ordinal(day)}, {y}", f"{wd}, {m} {day}, {y}",
-        f"{day} {m} {y}", f"{ordinal(day)} {m} {y}", f"the {ordinal(day)} of {m}, {y}",
-        f"{wd} {day} {m} {y}", f"{day}-{m[:3]}-{y}", f"{m} {day}, '{yy}",
-        f"{mo:02d}/{day:02d}/{y}", f"{mo}/{day}/{y}", f"{mo:02d}/{day:02d}/{yy}", f"{mo}/{day}/{yy}",
-        f"{day:02d}.{mo:02d}.{y}", f"{day}.{mo}.{y}", f"{day:02d}-{mo:02d}-{y}",
-        f"{y}/{mo:02d}/{day:02d}", f"{y}{mo:02d}{day:02d}", d.isoformat(),
+        f"{m} {day}, {y}",
+        f"{m} {day} {y}",
+        f"{m} {ordinal(day)}, {y}",
+        f"{wd}, {m} {day}, {y}",
+        f"{day} {m} {y}",
+        f"{ordinal(day)} {m} {y}",
+        f"the {ordinal(day)} of {m}, {y}",
+        f"{wd} {day} {m} {y}",
+        f"{day}-{m[:3]}-{y}",
+        f"{m} {day}, '{yy}",
+        f"{mo:02d}/{day:02d}/{y}",
+        f"{mo}/{day}/{y}",
+        f"{mo:02d}/{day:02d}/{yy}",
+        f"{mo}/{day}/{yy}",
+        f"{day:02d}.{mo:02d}.{y}",
+        f"{day}.{mo}.{y}",
+        f"{day:02d}-{mo:02d}-{y}",
+        f"{y}/{mo:02d}/{day:02d}",
+        f"{y}{mo:02d}{day:02d}",
+        d.isoformat(),
     ]
 
 
@@ -49,4 +64,3 @@ def date_pair(rng: random.Random) -> tuple[str, str]:
     elif case < 0.15:
         src = src.upper()
     return src, d.isoformat()
-

@@ -1,5 +1,6 @@
 """torchrun / DistributedDataParallel plumbing. Without torchrun's environment everything here is
 a no-op for a single process, so the training loop reads the same either way."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,11 @@ class Dist:
 def setup(device: str) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and pick this
     rank's device: `auto` means cuda:<local rank> when CUDA is available, else cpu."""
-    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-             int(os.environ.get("WORLD_SIZE", 1)))
+    d = Dist(
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+    )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -1,10 +1,11 @@
 """gpt-eval: loss, perplexity and bits per byte of a checkpoint on held-out text."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from gpt.cli import _Parser, _positive_int
 
@@ -21,23 +22,38 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gpt-eval", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                description="Score a checkpoint or Hugging Face GPT-2 directory on held-out text.")
+    p = _Parser(
+        prog="gpt-eval",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a checkpoint or Hugging Face GPT-2 directory on held-out text.",
+    )
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint or GPT-2 directory")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
-    p.add_argument("--stride", type=_positive_int, default=None,
-                   help="GPT: new tokens scored per window in documents longer than the context "
-                        "(half the context)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows or pairs per forward pass (8)")
+    p.add_argument(
+        "--stride",
+        type=_positive_int,
+        default=None,
+        help="GPT: new tokens scored per window in documents longer than the context (half the context)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="windows or pairs per forward pass (8)"
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights' dtype (float32)")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: 8-bit linear layers (none)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weights' dtype (float32)",
+    )
+    p.add_argument(
+        "--quantize", choices=["none", "int8"], default="none", help="int8: 8-bit linear layers (none)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
@@ -69,8 +85,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             score = score_pairs(model, tok, pairs, batch_size=args.batch_size, progress=progress)
         else:
             texts = [f.read_text(encoding="utf-8") for f in files]
-            score = score_texts(model, tok, texts, stride=args.stride, batch_size=args.batch_size,
-                                progress=progress)
+            score = score_texts(
+                model, tok, texts, stride=args.stride, batch_size=args.batch_size, progress=progress
+            )
     except (ConfigError, CheckpointError, ValueError) as e:
         parser.error(str(e))
     except OSError as e:

@@ -1,9 +1,8 @@
 """Steps that must not be applied: a NaN or infinite loss or gradient norm. The trainer checks
 both before every optimizer step, skips the update when either is not finite (so the weights
 stay the last good ones), counts such steps, and stops after too many in a row."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -37,7 +36,7 @@ def grad_norm(model: torch.nn.Module, clip: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
 
 
-def non_finite(loss: torch.Tensor, norm: torch.Tensor, scaled: bool) -> Optional[str]:
+def non_finite(loss: torch.Tensor, norm: torch.Tensor, scaled: bool) -> str | None:
     """What makes this step unfit to apply, or None. Under float16's grad scaler, overflowing
     gradients are routine while it calibrates its scale, and it skips those updates itself."""
     loss_bad, norm_bad = (~torch.isfinite(torch.stack([loss.float(), norm.float()]))).tolist()  # one sync

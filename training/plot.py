@@ -1,10 +1,13 @@
 """The loss curve: training and validation loss against step, as a PNG."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def plot_losses(path: Path, train: list[tuple[int, float]], val: list[tuple[int, float]], title: str = "") -> Path:
+def plot_losses(
+    path: Path, train: list[tuple[int, float]], val: list[tuple[int, float]], title: str = ""
+) -> Path:
     """Write the PNG atomically (a viewer refreshing it never sees half a file)."""
     import matplotlib
 

@@ -1,12 +1,12 @@
 """What a run reports: the progress bar, log lines, metrics.jsonl, the loss-curve PNG and,
 with --tensorboard, TensorBoard event files."""
+
 from __future__ import annotations
 
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 from gpt.files import atomic_write_bytes
 
@@ -28,8 +28,17 @@ class Reporter:
     """Rank 0 reports; other ranks get a silent one. The bar shows step, loss, tokens/s and ETA
     on a terminal; elsewhere (logs, CI) a plain line is printed every log interval instead."""
 
-    def __init__(self, out: Path, *, start_step: int, max_iters: int, enabled: bool, quiet: bool, title: str = "",
-                 tensorboard: Optional[str] = None):
+    def __init__(
+        self,
+        out: Path,
+        *,
+        start_step: int,
+        max_iters: int,
+        enabled: bool,
+        quiet: bool,
+        title: str = "",
+        tensorboard: str | None = None,
+    ):
         self.out, self.enabled, self.quiet, self.title = out, enabled, quiet, title
         self.writer = None
         self.train: list[tuple[int, float]] = []
@@ -42,7 +51,9 @@ class Reporter:
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=max_iters, initial=start_step, unit="it", dynamic_ncols=True, desc="training")
+            self.bar = tqdm(
+                total=max_iters, initial=start_step, unit="it", dynamic_ncols=True, desc="training"
+            )
 
     def _load_history(self, start_step: int) -> None:
         """Keep the metrics up to the step being resumed from; drop what a crashed run logged
@@ -77,7 +88,7 @@ class Reporter:
         if self.writer is not None:
             write_record(self.writer, rec)
 
-    def step(self, step: int, rec: Optional[dict]) -> None:
+    def step(self, step: int, rec: dict | None) -> None:
         """Advance the bar; `rec` is the train record on logging steps."""
         if not self.enabled:
             return
@@ -86,8 +97,11 @@ class Reporter:
                 self.bar.set_postfix(loss=_loss(rec), tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
             self.bar.update(1)
         elif rec is not None and not self.quiet:
-            print(f"step {step}: loss {_loss(rec)}, lr {rec['lr']:.2e}, {rec['ms_per_iter']:.1f} ms/iter, "
-                  f"{rec['tokens_per_s']:,.0f} tokens/s", flush=True)
+            print(
+                f"step {step}: loss {_loss(rec)}, lr {rec['lr']:.2e}, {rec['ms_per_iter']:.1f} ms/iter, "
+                f"{rec['tokens_per_s']:,.0f} tokens/s",
+                flush=True,
+            )
 
     def say(self, msg: str) -> None:
         if not self.enabled or self.quiet:
@@ -97,7 +111,7 @@ class Reporter:
         else:
             print(msg, flush=True)
 
-    def plot(self) -> Optional[Path]:
+    def plot(self) -> Path | None:
         if not self.enabled or not (self.train or self.val):
             return None
         return plot_losses(self.out / PLOT, self.train, self.val, self.title)

@@ -1,5 +1,6 @@
 """Samples during training: at each evaluation the model continues a few prompts, so a run shows
 what it writes, not only a loss. They go to the log, metrics.jsonl and TensorBoard."""
+
 from __future__ import annotations
 
 import gpt
@@ -20,7 +21,9 @@ def sample(model, tokenizer: gpt.Tokenizer, prompts: list[str], max_new_tokens: 
     exact-match accuracy does. A GPT's prompt is cut to its last tokens if it leaves no room for
     max_new_tokens (an encoder-decoder's, to its source context)."""
     if kind == "gpt":
-        params = gpt.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=SAMPLE_SEED)
+        params = gpt.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=SAMPLE_SEED
+        )
     else:
         params = gpt.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     limits = gpt.ContextLimits.of(model, tokenizer)
@@ -36,6 +39,8 @@ def sample(model, tokenizer: gpt.Tokenizer, prompts: list[str], max_new_tokens: 
 
 def describe(samples: list[dict]) -> str:
     """The samples as log lines: the prompt and its continuation, newlines shown as ⏎."""
+
     def show(s: str) -> str:
         return s.replace("\n", "⏎")
+
     return "\n".join(f"  sample: {show(s['prompt'])} → {show(s['text'])}" for s in samples)

@@ -1,5 +1,6 @@
 """Everything a run builds before its first step: config (fresh or resumed), tokenizer, data,
 model and optimizer. Bad input surfaces here as a ConfigError, before anything is written."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from .dates import date_pair
 DATES_HELD_OUT = 1000  # generated validation pairs of the built-in date task
 
 
-def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Optional[Path], Optional[dict]]:
+def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Path | None, dict | None]:
     """The run's TrainConfig: the defaults, or with --resume the saved run's settings, updated
     by whatever the command line set explicitly. Also the checkpoint and state to resume from."""
     out = Path(overrides.get("out") or TrainConfig.out)
@@ -33,8 +34,10 @@ def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Optional
         cfg = TrainConfig(**overrides)
         cfg.validate()
         if ckpt.has_run(out):
-            raise ConfigError(f"--out {out} already holds a training run; pass --resume to continue it, "
-                              f"or choose another --out")
+            raise ConfigError(
+                f"--out {out} already holds a training run; pass --resume to continue it, "
+                f"or choose another --out"
+            )
         return cfg, None, None
     path = ckpt.latest_checkpoint(out)
     if path is None:
@@ -46,8 +49,10 @@ def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Optional
     cfg = TrainConfig.from_dict(saved["config"]).replace(**{**overrides, "out": str(out)})
     cfg.validate()
     if saved["step"] >= cfg.max_iters:
-        raise ConfigError(f"--resume: the run in {out} already reached step {saved['step']} of --max-iters "
-                          f"{cfg.max_iters}; pass a larger --max-iters to train further")
+        raise ConfigError(
+            f"--resume: the run in {out} already reached step {saved['step']} of --max-iters "
+            f"{cfg.max_iters}; pass a larger --max-iters to train further"
+        )
     return cfg, path, saved
 
 
@@ -61,8 +66,9 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"--out {out}: not writable ({e.strerror or e})") from None
 
 
-def model_and_tokenizer(cfg: TrainConfig, resume_path: Optional[Path] = None, is_main: bool = True,
-                        barrier=lambda: None) -> tuple[torch.nn.Module, gpt.Tokenizer]:
+def model_and_tokenizer(
+    cfg: TrainConfig, resume_path: Path | None = None, is_main: bool = True, barrier=lambda: None
+) -> tuple[torch.nn.Module, gpt.Tokenizer]:
     """A freshly initialised model (seeded by cfg.seed), or the --init-from weights."""
     if cfg.init_from:
         try:
@@ -70,18 +76,27 @@ def model_and_tokenizer(cfg: TrainConfig, resume_path: Optional[Path] = None, is
         except (OSError, ValueError) as e:
             raise ConfigError(f"--init-from {cfg.init_from}: {e}") from None
         if model.config.arch != cfg.model:
-            raise ConfigError(f"--init-from {cfg.init_from} holds a {model.config.arch} model: pass "
-                              f"--model {model.config.arch}")
+            raise ConfigError(
+                f"--init-from {cfg.init_from} holds a {model.config.arch} model: pass "
+                f"--model {model.config.arch}"
+            )
         if cfg.tokenizer and cfg.tokenizer != tok.name:
             raise ConfigError(f"--tokenizer {cfg.tokenizer}: --init-from {cfg.init_from} uses {tok.name!r}")
         if model.config.vocab_size < tok.vocab_size:
-            raise ConfigError(f"--init-from {cfg.init_from}: the model has {model.config.vocab_size} token "
-                              f"embeddings but its tokenizer {tok.name!r} has {tok.vocab_size} ids")
-        changed = [f for f in MODEL_FIELDS if getattr(cfg, f) is not None and f != "dropout"
-                   and getattr(cfg, f) != getattr(model.config, f)]
+            raise ConfigError(
+                f"--init-from {cfg.init_from}: the model has {model.config.vocab_size} token "
+                f"embeddings but its tokenizer {tok.name!r} has {tok.vocab_size} ids"
+            )
+        changed = [
+            f
+            for f in MODEL_FIELDS
+            if getattr(cfg, f) is not None and f != "dropout" and getattr(cfg, f) != getattr(model.config, f)
+        ]
         if changed:
-            raise ConfigError(f"--{changed[0].replace('_', '-')}: cannot change the shape of the model "
-                              f"loaded by --init-from (only --dropout)")
+            raise ConfigError(
+                f"--{changed[0].replace('_', '-')}: cannot change the shape of the model "
+                f"loaded by --init-from (only --dropout)"
+            )
         if cfg.dropout is not None:
             fresh = gpt.build_model(model.config.replace(dropout=cfg.dropout))
             fresh.load_state_dict(model.state_dict())
@@ -103,7 +118,7 @@ def model_and_tokenizer(cfg: TrainConfig, resume_path: Optional[Path] = None, is
 TOKENIZER_SAMPLE_PAIRS = 20_000  # generated pairs a seq2seq run without --data learns its BPE from
 
 
-def trained_tokenizer(cfg: TrainConfig, resume_path: Optional[Path], is_main: bool, barrier) -> BPETokenizer:
+def trained_tokenizer(cfg: TrainConfig, resume_path: Path | None, is_main: bool, barrier) -> BPETokenizer:
     """--tokenizer bpe: the one saved with the checkpoint being resumed, or one learned now from
     the training part of the data (by rank 0, into OUT/tokenizer.json, which every rank reads)."""
     if resume_path is not None:
@@ -145,8 +160,9 @@ class Data:
     description: str
 
 
-def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int, is_main: bool,
-               barrier) -> Data:
+def build_data(
+    cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int, is_main: bool, barrier
+) -> Data:
     seed = cfg.seed + rank  # each rank draws its own batches
     if cfg.model == "gpt":
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
@@ -158,12 +174,26 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
         tokens = None
         if is_main:
             corpus.recover(cache)  # the other ranks wait at the barrier: nobody else writes there now
-            tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
-                                    progress=not cfg.quiet and sys.stderr.isatty(), val_files=val_files)
+            tokens = corpus.prepare(
+                files,
+                tok,
+                cache,
+                val_fraction=cfg.val_fraction,
+                block_size=block_size,
+                progress=not cfg.quiet and sys.stderr.isatty(),
+                val_files=val_files,
+            )
         barrier()
         if tokens is None:
-            tokens = corpus.prepare(files, tok, cache, val_fraction=cfg.val_fraction, block_size=block_size,
-                                    progress=False, val_files=val_files)
+            tokens = corpus.prepare(
+                files,
+                tok,
+                cache,
+                val_fraction=cfg.val_fraction,
+                block_size=block_size,
+                progress=False,
+                val_files=val_files,
+            )
         what = " ".join(cfg.data) if cfg.data else f"the Python standard library ({len(files)} files)"
         if cfg.val_data:
             what += f", validated on {' '.join(cfg.val_data)}"
@@ -171,10 +201,13 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
             train=corpus.BlockSampler(tokens.train, block_size, cfg.batch_size, seed),
             make_val=lambda s: corpus.BlockSampler(tokens.val, block_size, cfg.batch_size, s),
             accuracy_pairs=[],
-            description=f"{what}: {len(tokens.train):,} training / {len(tokens.val):,} validation tokens")
+            description=f"{what}: {len(tokens.train):,} training / {len(tokens.val):,} validation tokens",
+        )
     eot = tok.eot_token
     if cfg.data:
-        train, val, val_texts = pairdata.load_pair_files(cfg.data, tok, block_size, cfg.val_fraction, cfg.val_data)
+        train, val, val_texts = pairdata.load_pair_files(
+            cfg.data, tok, block_size, cfg.val_fraction, cfg.val_data
+        )
         sampler = pairdata.PairSampler(train, cfg.batch_size, seed, eot, eot)
         what = f"{' '.join(cfg.data)}: {len(train):,} training / {len(val):,} validation pairs"
     else:
@@ -183,26 +216,39 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int,
         else:
             val_texts = pairdata.held_out(date_pair, DATES_HELD_OUT, cfg.seed)
         val = pairdata.encode_pairs(val_texts, tok, block_size, "--val-data" if cfg.val_data else "date task")
-        sampler = pairdata.GeneratedPairSampler(date_pair, tok, block_size, cfg.batch_size, seed,
-                                                {s for s, _ in val_texts}, eot, eot)
+        sampler = pairdata.GeneratedPairSampler(
+            date_pair, tok, block_size, cfg.batch_size, seed, {s for s, _ in val_texts}, eot, eot
+        )
         what = f"the date-normalisation task: generated training pairs, {len(val):,} held-out"
-    return Data(train=sampler, make_val=lambda s: pairdata.PairSampler(val, cfg.batch_size, s, eot, eot),
-                accuracy_pairs=val_texts[: cfg.eval_pairs], description=what)
+    return Data(
+        train=sampler,
+        make_val=lambda s: pairdata.PairSampler(val, cfg.batch_size, s, eot, eot),
+        accuracy_pairs=val_texts[: cfg.eval_pairs],
+        description=what,
+    )
 
 
-def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> Optional[str]:
+def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
     """--lora-rank: freeze `model` and give it adapters; a description for the log, or None."""
     if not cfg.lora_rank:
         return None
     torch.manual_seed(cfg.seed)  # the adapters' random A: the same on every rank and every rerun
     try:
-        layers = lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                            cfg.lora_targets or lora.DEFAULT_TARGETS, cfg.lora_bias)
+        layers = lora.apply(
+            model,
+            cfg.lora_rank,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_targets or lora.DEFAULT_TARGETS,
+            cfg.lora_bias,
+        )
     except ValueError as e:
         raise ConfigError(f"--lora-targets: {e}") from None
     trainable, total = lora.trainable_count(model)
-    return (f"LoRA rank {cfg.lora_rank} on {len(layers)} layers: {trainable:,} of {total:,} parameters train "
-            f"({100 * trainable / total:.2f}%)")
+    return (
+        f"LoRA rank {cfg.lora_rank} on {len(layers)} layers: {trainable:,} of {total:,} parameters train "
+        f"({100 * trainable / total:.2f}%)"
+    )
 
 
 def resume_adapters(model: torch.nn.Module, saved: dict, path: Path) -> None:
@@ -222,19 +268,24 @@ def check_resumable(model: torch.nn.Module, path: Path) -> None:
     diff = [k for k in want if want[k] != have.get(k)]
     if diff:
         k = diff[0]
-        raise ConfigError(f"--resume: {path} holds a model with {k}={have.get(k)!r}, but this run asks for "
-                          f"{k}={want[k]!r}; use the same settings or another --out")
+        raise ConfigError(
+            f"--resume: {path} holds a model with {k}={have.get(k)!r}, but this run asks for "
+            f"{k}={want[k]!r}; use the same settings or another --out"
+        )
     with torch.no_grad():
         model.load_state_dict(saved_model.state_dict())
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
-                   fused: Optional[bool] = None) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW; weight decay on the matrices (>= 2-D: linear weights, embeddings), not on biases
     and LayerNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     if fused is None:
         # the fused kernel is one op for all parameters: measured faster on CPU and CUDA alike
         fused = device.type in ("cpu", "cuda")

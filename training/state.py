@@ -11,20 +11,28 @@ Every write is atomic (gpt.files.atomic_directory / atomic_write_bytes), and old
 are renamed away before they are deleted: a crash mid-save leaves the previous checkpoint in
 place, and `recover` (run before a run starts) tidies up what the crash left.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import safetensors.torch
 import torch
 
 import gpt
-from gpt.files import (CONFIG_FILE, CheckpointError, atomic_write_bytes, read_json, read_safetensors,
-                       recover_interrupted_writes, remove_directory)
+from gpt.files import (
+    CONFIG_FILE,
+    CheckpointError,
+    atomic_write_bytes,
+    read_json,
+    read_safetensors,
+    recover_interrupted_writes,
+    remove_directory,
+)
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
@@ -38,6 +46,7 @@ def ckpt_name(step: int) -> str:
 
 
 # --- nested state <-> (JSON, tensors) ---------------------------------------------------------
+
 
 def split_tensors(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     """A JSON-able copy of `obj` with every tensor moved into `tensors` and replaced by a
@@ -69,20 +78,31 @@ def optimizer_state(opt: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, saved: dict) -> None:
-    opt.load_state_dict({"state": {int(k): v for k, v in saved["state"]}, "param_groups": saved["param_groups"]})
+    opt.load_state_dict(
+        {"state": {int(k): v for k, v in saved["state"]}, "param_groups": saved["param_groups"]}
+    )
 
 
 # --- writing ----------------------------------------------------------------------------------
 
-def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, keep_last: int,
-              tokenizer: Optional[gpt.Tokenizer] = None) -> Path:
+
+def save_step(
+    out: Path,
+    model: torch.nn.Module,
+    state: dict,
+    metadata: dict,
+    keep_last: int,
+    tokenizer: gpt.Tokenizer | None = None,
+) -> Path:
     """Write OUT/ckpt-<step>/ (model + trainer state), point `latest` at it, drop old ones."""
     tensors: dict[str, torch.Tensor] = {}
     # no best loss yet is stored as null: JSON has no Infinity
     best = state["best_val_loss"]
     as_json = split_tensors({**state, "best_val_loss": best if math.isfinite(best) else None}, tensors)
-    files = {STATE_JSON: (json.dumps(as_json, allow_nan=False) + "\n").encode(),
-             STATE_TENSORS: safetensors.torch.save(tensors)}
+    files = {
+        STATE_JSON: (json.dumps(as_json, allow_nan=False) + "\n").encode(),
+        STATE_TENSORS: safetensors.torch.save(tensors),
+    }
     name = ckpt_name(state["step"])
     path = gpt.save(model, out / name, tokenizer=tokenizer, metadata=metadata, extra_files=files)
     atomic_write_bytes(out / LATEST, (name + "\n").encode())
@@ -92,11 +112,14 @@ def save_step(out: Path, model: torch.nn.Module, state: dict, metadata: dict, ke
     return path
 
 
-def save_best(out: Path, model: torch.nn.Module, metadata: dict, tokenizer: Optional[gpt.Tokenizer] = None) -> Path:
+def save_best(
+    out: Path, model: torch.nn.Module, metadata: dict, tokenizer: gpt.Tokenizer | None = None
+) -> Path:
     return gpt.save(model, out / BEST, tokenizer=tokenizer, metadata=metadata)
 
 
 # --- reading ----------------------------------------------------------------------------------
+
 
 def step_checkpoints(out: Path) -> list[Path]:
     """Complete step checkpoints in OUT, oldest first."""
@@ -108,7 +131,7 @@ def step_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(out: Path) -> Optional[Path]:
+def latest_checkpoint(out: Path) -> Path | None:
     """What `latest` names, or (if it is missing or dangling) the newest step checkpoint."""
     pointer = out / LATEST
     if pointer.is_file():

@@ -1,9 +1,9 @@
 """--tensorboard DIR: what metrics.jsonl records, as TensorBoard scalars and text, through
 torch.utils.tensorboard (which needs the `tensorboard` package: pip install '.[tensorboard]')."""
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from .config import ConfigError
 
@@ -11,15 +11,17 @@ from .config import ConfigError
 NOT_SCALARS = {"kind", "step"}
 
 
-def open_writer(log_dir: Optional[str]):
+def open_writer(log_dir: str | None):
     """A SummaryWriter for `log_dir`, or None without one; a ConfigError if TensorBoard is missing."""
     if not log_dir:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                          "(or the project's [tensorboard] extra)") from None
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or the project's [tensorboard] extra)"
+        ) from None
     return SummaryWriter(log_dir=log_dir)
 
 

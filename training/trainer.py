@@ -2,6 +2,7 @@
 gradient accumulation and clipping, mixed precision, periodic evaluation and checkpoints,
 exact resume, DistributedDataParallel under torchrun, a clean stop on SIGINT/SIGTERM, and
 steps with a non-finite loss or gradient skipped rather than applied."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,16 @@ from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, no
 from .pairs import IGNORE, exact_match
 from .progress import Reporter
 from .samples import default_prompts, describe, sample
-from .setup import (add_lora, build_data, check_resumable, check_writable, make_optimizer, model_and_tokenizer,
-                    resolve_config, resume_adapters)
+from .setup import (
+    add_lora,
+    build_data,
+    check_resumable,
+    check_writable,
+    make_optimizer,
+    model_and_tokenizer,
+    resolve_config,
+    resume_adapters,
+)
 
 # Tests set this to a directory: every rank then writes a hash of its final weights there.
 DEBUG_DUMP_ENV = "GPT_TRAIN_DEBUG_WEIGHTS_DIR"
@@ -52,7 +60,7 @@ class StopFlag:
     signal falls through to Python's default handling."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -79,7 +87,7 @@ def _threads(cfg: TrainConfig) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def _finite_or_none(x: Optional[float]) -> Optional[float]:
+def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
@@ -87,7 +95,8 @@ def _last_good(out: Path) -> str:
     latest = ckpt.latest_checkpoint(out)
     if latest is None:
         return "no checkpoint had been written yet"
-    return f"the last good checkpoint is {latest} (continue with --resume --out {out}, perhaps with a lower --lr)"
+    hint = f"continue with --resume --out {out}, perhaps with a lower --lr"
+    return f"the last good checkpoint is {latest} ({hint})"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -110,8 +119,9 @@ def train(overrides: dict, resume: bool = False) -> dict:
         ddp.cleanup()
 
 
-def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict], d: ddp.Dist,
-           device: torch.device) -> dict:
+def _train(
+    cfg: TrainConfig, resume_path: Path | None, saved: dict | None, d: ddp.Dist, device: torch.device
+) -> dict:
     out = Path(cfg.out)
     repairs: list[str] = []
     if d.is_main:
@@ -159,15 +169,27 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     title = f"{mcfg.arch} {mcfg.n_layer}L/{mcfg.n_head}H/{mcfg.n_embd}, block {mcfg.block_size}, {tok.name}"
-    report = Reporter(out, start_step=step, max_iters=cfg.max_iters, enabled=d.is_main, quiet=cfg.quiet,
-                      title=title, tensorboard=cfg.tensorboard)
-    prompts = cfg.sample_prompts if cfg.sample_prompts is not None else default_prompts(cfg.model,
-                                                                                        data.accuracy_pairs)
+    report = Reporter(
+        out,
+        start_step=step,
+        max_iters=cfg.max_iters,
+        enabled=d.is_main,
+        quiet=cfg.quiet,
+        title=title,
+        tensorboard=cfg.tensorboard,
+    )
+    prompts = (
+        cfg.sample_prompts
+        if cfg.sample_prompts is not None
+        else default_prompts(cfg.model, data.accuracy_pairs)
+    )
     report.say(f"data: {data.description}")
     if adapted:
         report.say(adapted)
-    report.say(f"model: {title}, {raw.num_params() / 1e6:.2f}M parameters, on {device}"
-               + (f" x {d.world_size} ranks" if d.enabled else ""))
+    report.say(
+        f"model: {title}, {raw.num_params() / 1e6:.2f}M parameters, on {device}"
+        + (f" x {d.world_size} ranks" if d.enabled else "")
+    )
     for msg in repairs:
         report.say(msg)
     if resume_path is not None:
@@ -212,36 +234,63 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
         # skipped steps should make this impossible; it is the last line before a checkpoint
         if not finite_weights(raw):
             report.close()
-            raise TrainingDiverged(f"the weights are not finite at step {step}; nothing was saved, and "
-                                   f"{_last_good(out)}")
+            raise TrainingDiverged(
+                f"the weights are not finite at step {step}; nothing was saved, and {_last_good(out)}"
+            )
 
     def plain_model():
         """What checkpoints hold: with LoRA, the adapters merged in (gpt.load reads it as is)."""
         return lora.merged(raw) if adapted else raw
 
-    def save(step: int, val_loss: Optional[float]) -> None:
+    def save(step: int, val_loss: float | None) -> None:
         require_finite_weights(step)  # on every rank (they hold the same weights): all stop together
-        rank_state = {"torch_rng": torch.get_rng_state(), "sampler": data.train.state_dict(),
-                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rank_state = {
+            "torch_rng": torch.get_rng_state(),
+            "sampler": data.train.state_dict(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
         ranks = ddp.gather(rank_state, d)
         if not d.is_main:
             return
-        st = {"step": step, "best_val_loss": best_val, "tokens_seen": tokens_seen, "config": cfg.to_dict(), "ranks": ranks,
-              "optimizer": ckpt.optimizer_state(optimizer), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-              "skipped_steps": bad.total, "bad_in_a_row": bad.in_a_row,
-              "adapters": lora.adapters(raw) if adapted else None}
-        meta = {"step": step, "val_loss": _finite_or_none(val_loss), "tokens_seen": tokens_seen,
-                "train_config": cfg.to_dict()}
+        st = {
+            "step": step,
+            "best_val_loss": best_val,
+            "tokens_seen": tokens_seen,
+            "config": cfg.to_dict(),
+            "ranks": ranks,
+            "optimizer": ckpt.optimizer_state(optimizer),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "skipped_steps": bad.total,
+            "bad_in_a_row": bad.in_a_row,
+            "adapters": lora.adapters(raw) if adapted else None,
+        }
+        meta = {
+            "step": step,
+            "val_loss": _finite_or_none(val_loss),
+            "tokens_seen": tokens_seen,
+            "train_config": cfg.to_dict(),
+        }
         ckpt.save_step(out, plain_model(), st, meta, cfg.keep_last, tokenizer=tok)
 
     def report_skip(step: int, why: str) -> None:
-        report.log({"kind": "skip", "step": step, "reason": f"non-finite {why}", "in_a_row": bad.in_a_row,
-                    "skipped_steps": bad.total})
-        report.say(f"step {step}: non-finite {why}, update skipped ({bad.in_a_row} in a row, {bad.total} in all)")
+        report.log(
+            {
+                "kind": "skip",
+                "step": step,
+                "reason": f"non-finite {why}",
+                "in_a_row": bad.in_a_row,
+                "skipped_steps": bad.total,
+            }
+        )
+        report.say(
+            f"step {step}: non-finite {why}, update skipped ({bad.in_a_row} in a row, {bad.total} in all)"
+        )
         if bad.too_many:
             report.close()
-            raise TrainingDiverged(f"{bad.in_a_row} steps in a row, up to step {step}, had a non-finite loss or "
-                                   f"gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopped, and {_last_good(out)}")
+            raise TrainingDiverged(
+                f"{bad.in_a_row} steps in a row, up to step {step}, had a non-finite loss or "
+                f"gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopped, and {_last_good(out)}"
+            )
 
     summary: dict = {"out": str(out), "best": str(out / ckpt.BEST), "start_step": step, "evals": []}
     interrupted, started = None, time.perf_counter()
@@ -289,10 +338,15 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 elapsed = time.perf_counter() - window_t
                 train_time += elapsed
                 timed_steps += window_steps
-                rec = {"kind": "train", "step": step,
-                       "loss": float(loss_sum) / (window_good * cfg.grad_accum) if window_good else None,
-                       "lr": lr, "ms_per_iter": 1000 * elapsed / window_steps,
-                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), "skipped_steps": bad.total}
+                rec = {
+                    "kind": "train",
+                    "step": step,
+                    "loss": float(loss_sum) / (window_good * cfg.grad_accum) if window_good else None,
+                    "lr": lr,
+                    "ms_per_iter": 1000 * elapsed / window_steps,
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "skipped_steps": bad.total,
+                }
                 report.log(rec)
                 loss_sum.zero_()
                 window_t, window_steps, window_tokens, window_good = time.perf_counter(), 0, 0, 0
@@ -301,8 +355,13 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 paused = time.perf_counter()
                 val_loss = evaluate()
-                ev = {"kind": "eval", "step": step, "val_loss": val_loss,
-                      "val_ppl": math.exp(min(val_loss, 50.0)), "elapsed_s": time.perf_counter() - started}
+                ev = {
+                    "kind": "eval",
+                    "step": step,
+                    "val_loss": val_loss,
+                    "val_ppl": math.exp(min(val_loss, 50.0)),
+                    "elapsed_s": time.perf_counter() - started,
+                }
                 if data.accuracy_pairs and d.is_main:
                     ev["exact_match_greedy"] = accuracy(1)
                 report.log(ev)
@@ -316,8 +375,12 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                     best_val = val_loss
                     require_finite_weights(step)
                     if d.is_main:
-                        ckpt.save_best(out, plain_model(), {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()},
-                                       tokenizer=tok)
+                        ckpt.save_best(
+                            out,
+                            plain_model(),
+                            {"step": step, "val_loss": val_loss, "train_config": cfg.to_dict()},
+                            tokenizer=tok,
+                        )
                 save(step, val_loss)
                 report.plot()
                 window_t += time.perf_counter() - paused  # evaluation time is not training time
@@ -326,21 +389,32 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
                 if step % cfg.eval_interval and step != cfg.max_iters:
                     save(step, None)
                 interrupted = stop.signum if stop.signum is not None else signal.SIGTERM
-                report.say(f"stopped by signal at step {step}; checkpoint saved in {out}; "
-                           f"continue with --resume --out {out}")
+                report.say(
+                    f"stopped by signal at step {step}; checkpoint saved in {out}; "
+                    f"continue with --resume --out {out}"
+                )
                 break
 
     if interrupted is None and data.accuracy_pairs and d.is_main:
         last = summary["evals"][-1] if summary["evals"] else {}
-        summary["exact_match_greedy"] = last["exact_match_greedy"] if last.get("step") == step else accuracy(1)
+        summary["exact_match_greedy"] = (
+            last["exact_match_greedy"] if last.get("step") == step else accuracy(1)
+        )
         summary["exact_match_beam"] = accuracy(cfg.num_beams)
-        rec = {"kind": "accuracy", "step": step, "pairs": len(data.accuracy_pairs),
-               "exact_match_greedy": summary["exact_match_greedy"],
-               "exact_match_beam": summary["exact_match_beam"], "num_beams": cfg.num_beams}
+        rec = {
+            "kind": "accuracy",
+            "step": step,
+            "pairs": len(data.accuracy_pairs),
+            "exact_match_greedy": summary["exact_match_greedy"],
+            "exact_match_beam": summary["exact_match_beam"],
+            "num_beams": cfg.num_beams,
+        }
         report.log(rec)
-        report.say(f"exact match on {len(data.accuracy_pairs)} held-out pairs: greedy "
-                   f"{100 * rec['exact_match_greedy']:.1f}%, beam search ({cfg.num_beams} beams) "
-                   f"{100 * rec['exact_match_beam']:.1f}%")
+        report.say(
+            f"exact match on {len(data.accuracy_pairs)} held-out pairs: greedy "
+            f"{100 * rec['exact_match_greedy']:.1f}%, beam search ({cfg.num_beams} beams) "
+            f"{100 * rec['exact_match_beam']:.1f}%"
+        )
     plot = report.plot()
     report.close()
     if os.environ.get(DEBUG_DUMP_ENV):
@@ -350,6 +424,12 @@ def _train(cfg: TrainConfig, resume_path: Optional[Path], saved: Optional[dict],
     # leave together: a rank tearing down its process group while rank 0 is still writing
     # checkpoints and plots aborts in gloo ("terminate called without an active exception")
     ddp.barrier(d)
-    summary.update(step=step, best_val_loss=best_val, interrupted=interrupted, plot=str(plot) if plot else None,
-                   ms_per_iter=1000 * train_time / max(timed_steps, 1), tokens_seen=tokens_seen)
+    summary.update(
+        step=step,
+        best_val_loss=best_val,
+        interrupted=interrupted,
+        plot=str(plot) if plot else None,
+        ms_per_iter=1000 * train_time / max(timed_steps, 1),
+        tokens_seen=tokens_seen,
+    )
     return summary

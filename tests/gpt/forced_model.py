@@ -1,5 +1,6 @@
 """A model wrapper for decoding tests: it runs the real model (so caches behave) but dictates
 every row's next token, one per forward, from a list."""
+
 import torch
 
 

@@ -1,17 +1,17 @@
 """The BPE tokenizer trained on the user's corpus: lossless, compact, and kept in the checkpoint."""
+
 import json
 import sysconfig
 from pathlib import Path
 
 import pytest
+from test_tokenizer import TEXTS
 
 import gpt
 from gpt.bpe import TOKENIZER_FILE, BPETokenizer, train_bpe
 from gpt.files import CheckpointError
 from gpt.streaming import IncrementalDetokenizer
 from gpt.tokenizer import EOT_TEXT, get_tokenizer
-
-from test_tokenizer import TEXTS
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -57,7 +57,7 @@ def test_a_prompt_ending_in_a_newline_ends_on_a_token_boundary_seen_in_training(
     # the next line's indentation is a token of its own, so the prompt's ids are a prefix of
     # the ids of the text the model was trained on
     head, body = "    def test_x(self):\n", "        self.assertTrue(x)\n"
-    assert bpe.encode(head + body)[:len(bpe.encode(head))] == bpe.encode(head)
+    assert bpe.encode(head + body)[: len(bpe.encode(head))] == bpe.encode(head)
 
 
 def test_end_of_text_is_plain_text_unless_specials_are_allowed(bpe):

@@ -1,4 +1,5 @@
 """Checkpoint directories: exact round trips, atomic replacement, no unpickling, clear errors."""
+
 import json
 import os
 import pickle
@@ -7,17 +8,19 @@ import pytest
 import safetensors.torch
 import torch
 
-from gpt.checkpoint import (CheckpointError, atomic_write_bytes, load, load_checkpoint, save)
+from gpt.checkpoint import CheckpointError, atomic_write_bytes, load, load_checkpoint, save
 from gpt.config import preset
 from gpt.model import build_model
 
 VARIANTS = {
     "gpt-tiny": preset("gpt-tiny"),
-    "gpt-rotary-post-ln-untied": preset("gpt-tiny", pos_encoding="rotary", norm="post", tie_embeddings=False,
-                                        bias=False, d_ff=48),
+    "gpt-rotary-post-ln-untied": preset(
+        "gpt-tiny", pos_encoding="rotary", norm="post", tie_embeddings=False, bias=False, d_ff=48
+    ),
     "seq2seq-tiny": preset("seq2seq-tiny"),
-    "seq2seq-separate-embeddings": preset("seq2seq-tiny", share_embeddings=False, pos_encoding="sinusoidal",
-                                          norm="post", activation="relu"),
+    "seq2seq-separate-embeddings": preset(
+        "seq2seq-tiny", share_embeddings=False, pos_encoding="sinusoidal", norm="post", activation="relu"
+    ),
 }
 
 
@@ -109,6 +112,7 @@ def test_dtype_and_device_arguments_convert_the_loaded_model(tmp_path):
 
 # --- atomicity ------------------------------------------------------------------------------
 
+
 def test_saving_over_an_existing_checkpoint_replaces_it_and_leaves_no_temp_dirs(tmp_path):
     first, second = _randomised(preset("gpt-tiny")), _randomised(preset("gpt-tiny"))
     save(first, tmp_path / "c", metadata={"step": 1}, extra_files={"old.bin": b"x"})
@@ -184,6 +188,7 @@ def test_atomic_write_bytes_replaces_whole_files_and_cleans_up_on_failure(tmp_pa
 
 # --- safety and errors ----------------------------------------------------------------------
 
+
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     save(_randomised(preset("gpt-tiny")), tmp_path / "c")
 
@@ -249,14 +254,18 @@ def test_config_whose_shapes_do_not_match_the_weights_is_a_clear_error(tmp_path)
     _edit_config(path, vocab_size=100)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(path)
-    assert str(e.value) == (f"{path / 'model.safetensors'}: transformer.wte.weight has shape (257, 32), "
-                            f"config.json says (100, 32)")
+    assert str(e.value) == (
+        f"{path / 'model.safetensors'}: transformer.wte.weight has shape (257, 32), "
+        f"config.json says (100, 32)"
+    )
 
 
 def test_config_with_more_layers_than_the_weights_names_the_missing_tensors(tmp_path):
     path = _saved(tmp_path)
     _edit_config(path, n_layer=3)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensors transformer\.h\.2\.ln_1\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: missing tensors transformer\.h\.2\.ln_1\.weight"
+    ):
         load_checkpoint(path)
 
 

@@ -1,4 +1,5 @@
 """gpt-generate: streams text, documents its options, and fails with one line and exit code 2."""
+
 import subprocess
 import sys
 
@@ -25,6 +26,7 @@ def test_generates_the_same_text_as_the_library(ckpt, capsys):
 
 def test_reads_the_prompt_from_stdin(ckpt, capsys, monkeypatch):
     import io
+
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello"))
     assert main(["--model", str(ckpt), "-t", "0", "-n", "5", "--ignore-eos"]) == 0
     assert len(capsys.readouterr().out) > 1
@@ -33,22 +35,43 @@ def test_reads_the_prompt_from_stdin(ckpt, capsys, monkeypatch):
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "gpt.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for opt in ("--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
-                "--stop", "--num-beams", "--repetition-penalty", "--presence-penalty", "--frequency-penalty",
-                "--length-penalty", "--ignore-eos", "--device", "--dtype"):
+    for opt in (
+        "--model",
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--seed",
+        "--stop",
+        "--num-beams",
+        "--repetition-penalty",
+        "--presence-penalty",
+        "--frequency-penalty",
+        "--length-penalty",
+        "--ignore-eos",
+        "--device",
+        "--dtype",
+    ):
         assert opt in out.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--model", "/nonexistent/model", "hi"], "/nonexistent/model"),
-    (["--model", "{ckpt}", "--top-p", "1.5", "hi"], "top_p"),
-    (["--model", "{ckpt}", "--temperature", "-1", "hi"], "temperature"),
-    (["--model", "{ckpt}", "-n", "0", "hi"], "max-new-tokens"),
-    (["--model", "{ckpt}", "--bogus", "hi"], "--bogus"),
-    pytest.param(["--model", "{ckpt}", "--device", "cuda", "hi"], "cuda",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
-    (["hi"], "--model"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/nonexistent/model", "hi"], "/nonexistent/model"),
+        (["--model", "{ckpt}", "--top-p", "1.5", "hi"], "top_p"),
+        (["--model", "{ckpt}", "--temperature", "-1", "hi"], "temperature"),
+        (["--model", "{ckpt}", "-n", "0", "hi"], "max-new-tokens"),
+        (["--model", "{ckpt}", "--bogus", "hi"], "--bogus"),
+        pytest.param(
+            ["--model", "{ckpt}", "--device", "cuda", "hi"],
+            "cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
+        (["hi"], "--model"),
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, args, needle):
     args = [a.format(ckpt=ckpt) for a in args]
     out = subprocess.run([sys.executable, "-m", "gpt.cli", *args], capture_output=True, text=True, input="")
@@ -60,6 +83,7 @@ def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, args, needle):
 
 def test_a_directory_that_is_not_a_model_is_one_clear_line(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    out = subprocess.run([sys.executable, "-m", "gpt.cli", "--model", str(tmp_path), "hi"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "gpt.cli", "--model", str(tmp_path), "hi"], capture_output=True, text=True
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1

@@ -1,5 +1,6 @@
 """gpt.compile_decode: the compiled decode step gives what the eager one gives, with one graph
 for every prompt and output length (and, where batched steps compile, for every batch size)."""
+
 import shutil
 
 import pytest
@@ -12,8 +13,10 @@ from gpt.compile import is_compiled, warm_up
 BYTES = gpt.get_tokenizer("byte")
 PROMPTS = ["Once upon a time", "x", "A longer prompt, to move the lengths around a little more"]
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                reason="torch.compile (inductor) needs a C++ compiler on CPU")
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None,
+    reason="torch.compile (inductor) needs a C++ compiler on CPU",
+)
 
 
 def _twin(model):
@@ -42,6 +45,7 @@ def test_compiled_int8_decode_matches_eager_with_one_graph_for_every_length(pres
 
 def test_gpt_generate_compile_flag(tmp_path, capsys):
     from gpt.cli import main
+
     model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
     gpt.save(model, str(tmp_path / "m"), tokenizer="byte")
     args = ["--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--temperature", "0", "--ignore-eos"]
@@ -49,8 +53,9 @@ def test_gpt_generate_compile_flag(tmp_path, capsys):
     eager = capsys.readouterr().out
     assert main([*args, "--quantize", "int8", "--compile", "hello"]) == 0
     quantized = gpt.quantize(_twin(model), "int8")
-    want = gpt.complete(quantized, BYTES, ["hello"], [gpt.SamplingParams(max_new_tokens=8, temperature=0,
-                                                                         ignore_eos=True)])[0].text
+    want = gpt.complete(
+        quantized, BYTES, ["hello"], [gpt.SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)]
+    )[0].text
     assert capsys.readouterr().out.startswith(want) and eager
 
 
@@ -73,7 +78,9 @@ def _greedy(model, prompt, n=8, rows=1):
 def test_unguarded_graphs_are_kept_per_model_and_per_cache_shape():
     """Steps that run without dynamo's guards must never be handed another model's graph (two
     configs in one process) or one traced for another cache shape."""
-    models = [gpt.GPT(gpt.preset("gpt-tiny", n_layer=n, n_embd=e, n_head=2)).eval() for n, e in [(2, 32), (3, 48)]]
+    models = [
+        gpt.GPT(gpt.preset("gpt-tiny", n_layer=n, n_embd=e, n_head=2)).eval() for n, e in [(2, 32), (3, 48)]
+    ]
     fast = [gpt.compile_decode(gpt.quantize(_twin(m), "int8")) for m in models]
     eager = [gpt.quantize(m, "int8") for m in models]
     for rows in (1, 3):
@@ -141,9 +148,15 @@ def test_batched_int8_steps_compile_once_for_every_batch_size_where_they_run_our
     caches = fast.new_cache(5), eager.new_cache(5)
     warm_up(fast, caches[0])
     assert len(fast._compiled_stack.unguarded) == 2  # one row, and every batch
-    for rows, prompts in [(slice(0, 2), PROMPTS[:2]), (slice(1, 4), PROMPTS),
-                          (torch.tensor([4, 0, 2]), PROMPTS[::-1]), (slice(0, 5), PROMPTS + PROMPTS[:2])]:
-        (got, got_lp), (want, want_lp) = (_greedy_rows(m, prompts, c, rows) for m, c in zip((fast, eager), caches))
+    for rows, prompts in [
+        (slice(0, 2), PROMPTS[:2]),
+        (slice(1, 4), PROMPTS),
+        (torch.tensor([4, 0, 2]), PROMPTS[::-1]),
+        (slice(0, 5), PROMPTS + PROMPTS[:2]),
+    ]:
+        (got, got_lp), (want, want_lp) = (
+            _greedy_rows(m, prompts, c, rows) for m, c in zip((fast, eager), caches)
+        )
         assert got == want
         for g, w in zip(got_lp, want_lp):
             assert g == pytest.approx(w, abs=1e-3)

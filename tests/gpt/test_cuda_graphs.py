@@ -3,6 +3,7 @@
 The step a graph records (rows 0..Bb-1, keys 0..Kb-1, riders writing to the spare slot, masked
 keys) is ordinary PyTorch, so it is checked on the CPU, against the eager step, on every
 machine. Recording and replaying need a GPU: those tests run where CUDA is available."""
+
 import dataclasses
 import gc
 
@@ -53,14 +54,20 @@ def test_recorded_step_matches_eager_step_and_leaves_riders_rows_alone(pos_encod
 
     got_rows, positions = graph_cache.advance_one(2, rows)
     assert got_rows.tolist() == [2, 0] and positions.tolist() == [2, 3]
-    g = _Graph(rows=4, keys=_bucket(int(positions.max()) + 1, 16, graph_cache.max_len),
-               spare=graph_cache.max_len, device=torch.device("cpu"))
+    g = _Graph(
+        rows=4,
+        keys=_bucket(int(positions.max()) + 1, 16, graph_cache.max_len),
+        spare=graph_cache.max_len,
+        device=torch.device("cpu"),
+    )
     g.load(tokens, got_rows, positions)
     got = g._body(model, *model.decode_parts(), graph_cache)[:2]
 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(graph_cache.lengths, eager_cache.lengths)
-    for a, b in zip(eager_cache.layers, graph_cache.layers):  # every real position; only the spare slot differs
+    for a, b in zip(
+        eager_cache.layers, graph_cache.layers
+    ):  # every real position; only the spare slot differs
         torch.testing.assert_close(a.k[:, :, :-1], b.k[:, :, :-1], rtol=0, atol=1e-6)
         torch.testing.assert_close(a.v[:, :, :-1], b.v[:, :, :-1], rtol=0, atol=1e-6)
 
@@ -91,7 +98,10 @@ def test_graph_bookkeeping_matches_eager_generation_as_the_batch_shrinks(stand_i
     graphed.load_state_dict(eager.state_dict())
     prompts = ["Once upon a time", "x", "A longer prompt, to move the lengths around", "yz"]
     # rows finish at different steps: the batch shrinks to non-contiguous rows that others ride along with
-    params = [gpt.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, logprobs=2) for n in (20, 3, 9, 5)]
+    params = [
+        gpt.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True, logprobs=2)
+        for n in (20, 3, 9, 5)
+    ]
     want = gpt.complete(eager, BYTES, prompts, params)
     got = gpt.complete(graphed, BYTES, prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
@@ -101,7 +111,9 @@ def test_graph_bookkeeping_matches_eager_generation_as_the_batch_shrinks(stand_i
 
 
 @torch.inference_mode()
-def test_a_step_that_cannot_be_recorded_falls_back_to_eager_once_with_a_warning(stand_in_cuda_graphs, monkeypatch):
+def test_a_step_that_cannot_be_recorded_falls_back_to_eager_once_with_a_warning(
+    stand_in_cuda_graphs, monkeypatch
+):
     model = gpt.cuda_graph_decode(_model())
     cache = _prefilled(model, [[1, 2, 3]])
 
@@ -132,7 +144,9 @@ def test_check_compares_a_replayed_step_with_the_eager_one(stand_in_cuda_graphs,
 def test_record_decode_graphs_leaves_the_model_eager_when_the_check_fails(stand_in_cuda_graphs, monkeypatch):
     model = _model()
     cache = model.new_cache(2, max_len=16)
-    assert record_decode_graphs(model, cache) == (0, None) and model._decode_graphs is not None  # CPU: none needed
+    assert (
+        record_decode_graphs(model, cache) == (0, None) and model._decode_graphs is not None
+    )  # CPU: none needed
     real_body = _Graph._body
     monkeypatch.setattr(_Graph, "_body", lambda self, *a: real_body(self, *a) + 1.0)
     n, problem = record_decode_graphs(model, cache)
@@ -141,6 +155,7 @@ def test_record_decode_graphs_leaves_the_model_eager_when_the_check_fails(stand_
 
 
 # --- on a GPU ----------------------------------------------------------------------------
+
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,12 +1,13 @@
 """The per-sequence decoding state, its pieces, and the one owner of context limits."""
+
 import pytest
 import torch
+from forced_model import ForcedModel
 
 import gpt
 from gpt import ContextLimits, Piece, RequestError, SamplingParams, SequenceDecoder
 from gpt.beam import beam_search
 from gpt.generate import complete
-from forced_model import ForcedModel
 
 BYTES = gpt.get_tokenizer("byte")
 GPT2 = gpt.get_tokenizer("gpt2")
@@ -109,17 +110,21 @@ def test_new_cache_refuses_rows_longer_than_the_block():
 
 # --- ContextLimits -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def gpt_limits():
     return ContextLimits.of(gpt.GPT(gpt.preset("gpt-tiny")), BYTES, max_len=32, max_prompt_tokens=20)
 
 
-@pytest.mark.parametrize("ids,message", [
-    ([], "the prompt is empty"),
-    ([1, 257], "token id 257 is out of range"),
-    ([1, -1], "token id -1 is out of range"),
-    ([1] * 21, "this server accepts at most 20"),
-])
+@pytest.mark.parametrize(
+    "ids,message",
+    [
+        ([], "the prompt is empty"),
+        ([1, 257], "token id 257 is out of range"),
+        ([1, -1], "token id -1 is out of range"),
+        ([1] * 21, "this server accepts at most 20"),
+    ],
+)
 def test_bad_prompts_are_refused_naming_the_parameter(gpt_limits, ids, message):
     with pytest.raises(RequestError, match=message) as e:
         gpt_limits.check_prompt(ids, param="messages")
@@ -160,7 +165,9 @@ def test_prompt_ids_must_fit_both_the_model_and_the_tokenizer():
 
 def test_library_generation_clamps_the_budget_to_the_context():
     model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
-    out = complete(model, BYTES, [[1] * 60], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))[0]
+    out = complete(
+        model, BYTES, [[1] * 60], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    )[0]
     assert len(out.token_ids) == 4 and out.finish_reason == "length"
     assert isinstance(out, Piece)
 
@@ -178,10 +185,13 @@ def test_min_tokens_holds_back_end_of_text_and_stop_tokens_but_not_other_tokens(
     logits[:, BYTES.eot_token] = 10.0  # the model wants to stop at once...
     logits[:, ord(";")] = 9.0  # ...or to emit the stop token
     logits[:, ord("a")] = 1.0
-    decoders = [SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[ord(";")])),
-                SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, min_tokens=0)),
-                SequenceDecoder(BYTES, [1], SamplingParams(temperature=0.7, seed=1, min_tokens=2,
-                                                           stop_token_ids=[ord(";")]))]
+    decoders = [
+        SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[ord(";")])),
+        SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, min_tokens=0)),
+        SequenceDecoder(
+            BYTES, [1], SamplingParams(temperature=0.7, seed=1, min_tokens=2, stop_token_ids=[ord(";")])
+        ),
+    ]
     first = gpt.decode_tokens(logits, decoders)
     assert [p.token_ids[0] for p in first] == [ord("a"), BYTES.eot_token, ord("a")]
     assert first[1].finish_reason == "stop"
@@ -197,8 +207,10 @@ def test_ids_past_the_tokenizer_in_a_padded_output_layer_are_never_chosen():
     V = BYTES.vocab_size
     logits = torch.zeros(2, V + 64)
     logits[:, V + 10] = 100.0  # the padded ids are by far the likeliest
-    decoders = [SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, logprobs=3)),
-                SequenceDecoder(BYTES, [1], SamplingParams(temperature=1.0, seed=0, logprobs=3))]
+    decoders = [
+        SequenceDecoder(BYTES, [1], SamplingParams(temperature=0, logprobs=3)),
+        SequenceDecoder(BYTES, [1], SamplingParams(temperature=1.0, seed=0, logprobs=3)),
+    ]
     pieces = gpt.decode_tokens(logits, decoders)
     for p in pieces:
         assert p.token_ids[0] < V
@@ -209,5 +221,7 @@ def test_beam_search_never_chooses_an_id_past_the_tokenizer():
     torch.manual_seed(0)
     inner = gpt.GPT(gpt.preset("gpt-tiny", vocab_size=BYTES.vocab_size + 64))
     padded = ForcedModel(inner, [BYTES.vocab_size + 10])  # the model insists on a padded id
-    outs = beam_search(padded, BYTES, [1, 2, 3], SamplingParams(max_new_tokens=5, num_beams=3, ignore_eos=True))
+    outs = beam_search(
+        padded, BYTES, [1, 2, 3], SamplingParams(max_new_tokens=5, num_beams=3, ignore_eos=True)
+    )
     assert all(t < BYTES.vocab_size for o in outs for t in o.token_ids)

@@ -1,4 +1,5 @@
 """Scoring held-out text: every token scored once, with as much context as the model allows."""
+
 import math
 
 import pytest
@@ -9,7 +10,9 @@ import gpt
 from gpt.evaluate import score_pairs, score_texts, windows
 
 
-@pytest.mark.parametrize("n,block,stride", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (50, 8, 3), (50, 8, 8), (17, 4, 1)])
+@pytest.mark.parametrize(
+    "n,block,stride", [(1, 8, 4), (8, 8, 4), (9, 8, 4), (50, 8, 3), (50, 8, 8), (17, 4, 1)]
+)
 def test_windows_score_each_token_once_with_at_most_a_block_of_context(n, block, stride):
     ids = list(range(100, 100 + n))
     scored = []
@@ -19,7 +22,7 @@ def test_windows_score_each_token_once_with_at_most_a_block_of_context(n, block,
         assert n_new <= (stride if k else block)
         if k:
             assert len(inp) == block  # past the first window, the context is always full
-        scored += tgt[len(tgt) - n_new:]
+        scored += tgt[len(tgt) - n_new :]
     assert scored == ids
 
 
@@ -58,7 +61,7 @@ def test_disjoint_windows_equal_the_sum_of_chunk_losses(tiny_gpt):
     want = 0.0
     with torch.no_grad():
         for lo in range(0, len(ids) - 1, block):
-            x, y = ids[lo:lo + block], ids[lo + 1:lo + block + 1]
+            x, y = ids[lo : lo + block], ids[lo + 1 : lo + block + 1]
             want += F.cross_entropy(tiny_gpt(torch.tensor([x]))[0], torch.tensor(y), reduction="sum").item()
     assert score_texts(tiny_gpt, tok, [text], stride=block).nll == pytest.approx(want, rel=1e-5)
 
@@ -72,8 +75,8 @@ def test_more_context_never_hurts_a_model_that_memorised_the_text():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
         i = torch.randint(0, ids.shape[1] - 33, (8,))
-        x = torch.stack([ids[0, j:j + 32] for j in i])
-        y = torch.stack([ids[0, j + 1:j + 33] for j in i])
+        x = torch.stack([ids[0, j : j + 32] for j in i])
+        y = torch.stack([ids[0, j + 1 : j + 33] for j in i])
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()

@@ -1,12 +1,13 @@
 """End-to-end generation with both models: batching, streaming, stops, beams."""
+
 import pytest
 import torch
+from forced_model import ForcedModel
 
 import gpt
 from gpt.beam import beam_search
 from gpt.generate import complete, generate
 from gpt.sampling import SamplingParams
-from forced_model import ForcedModel
 
 TOK = gpt.get_tokenizer("byte")
 
@@ -53,19 +54,25 @@ def _stream_forced(model, forced):
     from gpt.generate import generate_batch
 
     params = SamplingParams(max_new_tokens=len(forced), temperature=0, ignore_eos=True)
-    return (piece.text for _, piece in generate_batch(ForcedModel(model, forced), TOK, [[1]], [params]) if piece.text)
+    return (
+        piece.text
+        for _, piece in generate_batch(ForcedModel(model, forced), TOK, [[1]], [params])
+        if piece.text
+    )
 
 
 def test_stop_string_spanning_tokens_ends_the_text_before_it(model):
     full = _greedy(model, "The", 20)
     text = TOK.decode(full.token_ids)
     stop = text[5:8]  # three byte-tokens: the stop spans token boundaries
-    out = complete(model, TOK, ["The"], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True,
-                                                       stop=[stop]))[0]
+    out = complete(
+        model, TOK, ["The"], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True, stop=[stop])
+    )[0]
     assert out.text == text[: text.find(stop)]
     assert out.finish_reason == "stop"
-    streamed = "".join(generate(model, TOK, "The", stream=True, max_new_tokens=20, temperature=0,
-                                ignore_eos=True, stop=stop))
+    streamed = "".join(
+        generate(model, TOK, "The", stream=True, max_new_tokens=20, temperature=0, ignore_eos=True, stop=stop)
+    )
     assert streamed == out.text  # no partial stop string leaks into the stream
 
 
@@ -75,14 +82,20 @@ def test_max_new_tokens_ends_with_finish_reason_length(model):
 
 
 def test_end_of_text_ends_with_finish_reason_stop(model):
-    out = complete(model, TOK, ["abc"], SamplingParams(max_new_tokens=20, temperature=0,
-                                                       logit_bias={TOK.eot_token: 100.0}))[0]
+    out = complete(
+        model,
+        TOK,
+        ["abc"],
+        SamplingParams(max_new_tokens=20, temperature=0, logit_bias={TOK.eot_token: 100.0}),
+    )[0]
     assert out.token_ids == [TOK.eot_token] and out.text == "" and out.finish_reason == "stop"
 
 
 def test_generation_stops_at_the_context_limit():
     model = gpt.GPT(gpt.preset("gpt-tiny", block_size=16)).eval()
-    out = complete(model, TOK, ["0123456789"], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))[0]
+    out = complete(
+        model, TOK, ["0123456789"], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    )[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
     with pytest.raises(ValueError, match="context"):
         generate(model, TOK, "x" * 16, max_new_tokens=5)
@@ -95,37 +108,45 @@ def test_empty_prompt_is_rejected(model):
 
 def test_beam_search_with_one_beam_equals_greedy(model):
     greedy = _greedy(model, "Beam", 16)
-    one = beam_search(model, TOK, TOK.encode("Beam"), SamplingParams(max_new_tokens=16, num_beams=1,
-                                                                     ignore_eos=True))[0]
+    one = beam_search(
+        model, TOK, TOK.encode("Beam"), SamplingParams(max_new_tokens=16, num_beams=1, ignore_eos=True)
+    )[0]
     assert one.token_ids == greedy.token_ids
 
 
 def test_four_beams_end_with_a_log_probability_at_least_greedys(model):
     for prompt in ("Beam", "search", "xyz"):
         greedy = _greedy(model, prompt, 16)
-        best = beam_search(model, TOK, TOK.encode(prompt), SamplingParams(max_new_tokens=16, num_beams=4,
-                                                                          ignore_eos=True))[0]
+        best = beam_search(
+            model, TOK, TOK.encode(prompt), SamplingParams(max_new_tokens=16, num_beams=4, ignore_eos=True)
+        )[0]
         assert len(best.token_ids) == 16
         assert best.logprob >= greedy.logprob - 1e-4
 
 
 def test_beam_search_returns_num_beams_hypotheses_best_first(model):
-    outs = beam_search(model, TOK, TOK.encode("abc"), SamplingParams(max_new_tokens=8, num_beams=3,
-                                                                     length_penalty=0.0, ignore_eos=True))
+    outs = beam_search(
+        model,
+        TOK,
+        TOK.encode("abc"),
+        SamplingParams(max_new_tokens=8, num_beams=3, length_penalty=0.0, ignore_eos=True),
+    )
     assert len(outs) == 3
     assert [o.logprob for o in outs] == sorted((o.logprob for o in outs), reverse=True)
 
 
 def test_generate_with_num_beams_uses_beam_search(model):
     text = generate(model, TOK, "abc", max_new_tokens=8, num_beams=3, ignore_eos=True)
-    best = beam_search(model, TOK, TOK.encode("abc"), SamplingParams(max_new_tokens=8, num_beams=3,
-                                                                     ignore_eos=True))[0]
+    best = beam_search(
+        model, TOK, TOK.encode("abc"), SamplingParams(max_new_tokens=8, num_beams=3, ignore_eos=True)
+    )[0]
     assert text == best.text
 
 
 def test_logprobs_are_reported_per_token(model):
-    out = complete(model, TOK, ["abc"], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True,
-                                                       logprobs=3))[0]
+    out = complete(
+        model, TOK, ["abc"], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True, logprobs=3)
+    )[0]
     assert len(out.logprobs) == 5 and len(out.top_logprobs) == 5
     for lp, tops, tok in zip(out.logprobs, out.top_logprobs, out.token_ids):
         assert max(tops.values()) == pytest.approx(lp)  # greedy picks the most likely

@@ -1,4 +1,5 @@
 """Hugging Face GPT-2 import/export: our GPT must reproduce transformers' GPT2LMHeadModel."""
+
 import json
 
 import pytest
@@ -14,19 +15,34 @@ from gpt.model import GPT  # noqa: E402
 HF_CONFIGS = {
     "small-vocab": dict(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=1000),
     "gpt2-vocab": dict(n_layer=3, n_head=4, n_embd=96, n_positions=64, vocab_size=50257),
-    "untied-n_inner": dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=500, n_inner=80,
-                           tie_word_embeddings=False, layer_norm_epsilon=1e-4),
+    "untied-n_inner": dict(
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=500,
+        n_inner=80,
+        tie_word_embeddings=False,
+        layer_norm_epsilon=1e-4,
+    ),
 }
 
 
 def _hf_model(seed=0, **kw):
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        **kw, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        **kw,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
         # With the default 0.02 the blocks barely move the residual stream, so a tied model
         # just repeats its input token; larger weights make greedy decoding worth comparing.
-        initializer_range=0.2)
+        initializer_range=0.2,
+    )
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():
         # Initialisation leaves biases at zero and LayerNorm gains at one, which would hide a
@@ -52,7 +68,7 @@ def _write_bin(model, path, *, prefix=True, old_buffers=True):
             sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
             sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     if not prefix:  # GPT2Model layout: no "transformer." and no lm_head
-        sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
+        sd = {k[len("transformer.") :]: v for k, v in sd.items() if k.startswith("transformer.")}
     torch.save(sd, path / "pytorch_model.bin")
     return path
 
@@ -93,8 +109,14 @@ def test_safetensors_import_matches_transformers_logits_and_greedy_generation(tm
 
     prompt = _ids(hf.config.vocab_size, (1, 7), seed=2)
     with torch.no_grad():
-        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=32, min_new_tokens=32, pad_token_id=0)[0, 7:].tolist()
+        theirs = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=32,
+            min_new_tokens=32,
+            pad_token_id=0,
+        )[0, 7:].tolist()
     ours = _greedy(model, prompt[0].tolist(), 32)
     assert ours == theirs
     assert len(set(ours)) >= 8  # a varied continuation, not one token repeated
@@ -176,8 +198,11 @@ def test_tanh_gelu_spellings_are_accepted(tmp_path, act):
 
 def test_hf_config_that_does_not_match_the_weights_is_a_clear_error(tmp_path):
     path = _hf_dir(tmp_path, n_embd=32)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: transformer\.\S+ has shape "
-                                                r"\(\d+, 64\), config.json says \(\d+, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: transformer\.\S+ has shape "
+        r"\(\d+, 64\), config.json says \(\d+, 32\)",
+    ):
         load(path)
     path = _hf_dir(tmp_path / "more", n_layer=3)
     with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensors transformer\.h\.2\."):

@@ -1,5 +1,6 @@
 """gpt.lora: adapters start as a no-op, only they train, and merging gives a plain model whose
 outputs equal the adapted one's, for both model kinds."""
+
 import pytest
 import torch
 
@@ -14,10 +15,13 @@ def _randomise_adapters(model):
                 p.normal_(0, 0.5)
 
 
-@pytest.mark.parametrize("preset,expect", [
-    ("gpt-tiny", {"c_attn", "c_proj", "c_fc"}),
-    ("seq2seq-tiny", {"c_attn", "q_proj", "kv_proj", "c_proj", "c_fc"}),
-])
+@pytest.mark.parametrize(
+    "preset,expect",
+    [
+        ("gpt-tiny", {"c_attn", "c_proj", "c_fc"}),
+        ("seq2seq-tiny", {"c_attn", "q_proj", "kv_proj", "c_proj", "c_fc"}),
+    ],
+)
 def test_adapters_start_as_a_no_op_and_merge_into_a_plain_model_with_equal_outputs(preset, expect):
     model = gpt.build_model(gpt.preset(preset)).eval()
     plain_keys = list(model.state_dict())

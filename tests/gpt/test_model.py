@@ -1,4 +1,5 @@
 """The shared layers and both models: shapes, masks, and cache-vs-full-forward equality."""
+
 import pytest
 import torch
 
@@ -99,6 +100,7 @@ def test_a_decode_step_books_the_cache_like_any_other_forward(rows, lengths):
     """One token per row takes its own short path through the cache's bookkeeping; it must give
     what the general path gives when told explicitly that every row brings one token."""
     from gpt.kv_cache import KVCache
+
     got, want = (KVCache(1, 5, 2, 16, 4) for _ in range(2))
     ids = torch.arange(5)[rows] if isinstance(rows, slice) else rows
     for cache in (got, want):
@@ -173,12 +175,15 @@ def test_sinusoidal_table_follows_the_formula():
     assert abs(t[pos, 2 * i + 1] - torch.cos(torch.tensor(pos / 10000 ** (2 * i / 16)))) < 1e-6
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (dict(n_embd=30, n_head=4), "divisible"),
-    (dict(pos_encoding="alibi"), "pos_encoding"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(dropout=1.5), "dropout"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (dict(n_embd=30, n_head=4), "divisible"),
+        (dict(pos_encoding="alibi"), "pos_encoding"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(dropout=1.5), "dropout"),
+    ],
+)
 def test_invalid_configs_are_rejected_with_a_reason(bad, msg):
     with pytest.raises(ValueError, match=msg):
         gpt.preset("gpt-tiny", **bad)
@@ -198,6 +203,7 @@ def test_too_long_input_is_rejected(tiny_gpt):
 def test_inference_linear_fast_path_matches_f_linear(shape):
     """Wide layers run inference on oneDNN's GEMM: it must compute what F.linear computes."""
     from gpt.layers import Linear
+
     layer = Linear(1024, 768)
     x = torch.randn(1024, 6).t() if shape == "transposed" else torch.randn(*shape)
     with torch.inference_mode():
@@ -216,6 +222,7 @@ def test_cached_decoding_equals_full_forward_at_a_width_that_takes_the_fast_path
 @pytest.mark.parametrize("shape", [(1, 1024), (4, 1024), (3, 5, 1024), "transposed"])
 def test_packed_linear_weights_compute_what_f_linear_computes(shape):
     from gpt.layers import Linear
+
     layer = Linear(1024, 768)
     assert layer.pack() is True
     x = torch.randn(1024, 6).t() if shape == "transposed" else torch.randn(*shape)
@@ -227,6 +234,7 @@ def test_packed_linear_weights_compute_what_f_linear_computes(shape):
 
 def test_a_packed_copy_is_dropped_once_its_weight_changes():
     from gpt.layers import Linear
+
     layer = Linear(1024, 768)
     packed = layer.pack()
     assert layer.is_packed == packed  # False where oneDNN's linear is not available
@@ -249,7 +257,9 @@ def test_packing_skips_small_layers_and_keeps_the_state_dict():
     model = gpt.GPT(gpt.preset("gpt-tiny", n_embd=512, n_head=8, n_layer=1, vocab_size=1024)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     packed = gpt.pack_linear_weights(model)
-    assert packed == sum(m.weight.numel() >= 1 << 19 for m in model.modules() if isinstance(m, gpt.layers.Linear))
+    assert packed == sum(
+        m.weight.numel() >= 1 << 19 for m in model.modules() if isinstance(m, gpt.layers.Linear)
+    )
     assert packed >= 1
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

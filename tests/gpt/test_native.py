@@ -1,6 +1,7 @@
 """Our single-row kernels (gpt.native): they agree with PyTorch on every flavour this CPU can run,
 the layers that use them give the numbers they gave before, and without them everything still
 runs on PyTorch's kernels."""
+
 import os
 import shutil
 import subprocess
@@ -16,7 +17,9 @@ import gpt.native_build as native_build
 from gpt.layers import Linear
 from gpt.quantization import Int8Linear
 
-needs_kernels = pytest.mark.skipif(not native.f32_available(), reason=f"no native kernels here: {native.status()}")
+needs_kernels = pytest.mark.skipif(
+    not native.f32_available(), reason=f"no native kernels here: {native.status()}"
+)
 
 
 def _cpu_has(*flags: str) -> bool:
@@ -65,14 +68,16 @@ def test_the_whole_int8_layer_in_one_call_gives_torchs_numbers_to_the_bit(M, N, 
     for b in (bias, None):
         y = torch.ops.gpt.linear_u8s8(x, rows, sums, scale, b)
         assert torch.equal(y, native._linear_u8s8_reference(x, w, scale, b))
-        assert torch.equal(torch.ops.gpt.linear_u8s8(x[-1:], rows, sums, scale, b), y[-1:])  # alone as in a batch
+        assert torch.equal(
+            torch.ops.gpt.linear_u8s8(x[-1:], rows, sums, scale, b), y[-1:]
+        )  # alone as in a batch
 
 
 @needs_kernels
 @pytest.mark.parametrize("B,V", [(1, 1), (1, 7), (3, 300), (32, 50257)])
 def test_argmax_and_logsumexp_over_rows_match_torch(B, V):
     x = torch.randn(B, V) * 8
-    x[0, V // 2:] = x[0].max()  # ties: the first largest wins
+    x[0, V // 2 :] = x[0].max()  # ties: the first largest wins
     if B > 2:
         x[1] = -float("inf")  # a fully masked row, then one with a single live token
         x[2, :] = -float("inf")
@@ -101,7 +106,9 @@ def test_logsumexp_of_many_equal_logits_keeps_its_precision():
 
 @needs_kernels
 def test_the_kernels_weight_layout_is_a_reordering_that_the_kernel_depends_on():
-    w = torch.randint(-128, 128, (10, 200), dtype=torch.int8)  # two blocks of four rows, two plain rows, a K tail
+    w = torch.randint(
+        -128, 128, (10, 200), dtype=torch.int8
+    )  # two blocks of four rows, two plain rows, a K tail
     rows = native.interleave_int8(w)
     assert rows.shape == w.shape and torch.equal(rows.view(-1).sort().values, w.view(-1).sort().values)
     assert torch.equal(rows[8:], w[8:]) and not torch.equal(rows[:8], w[:8])
@@ -125,7 +132,9 @@ def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc or not _cpu_has(*cpu_flags):
         pytest.skip(f"needs a C compiler and a CPU with {', '.join(cpu_flags)}")
-    monkeypatch.setattr(native_build, "FLAGS", [f for f in native_build.FLAGS if f != "-march=native"] + flags)
+    monkeypatch.setattr(
+        native_build, "FLAGS", [f for f in native_build.FLAGS if f != "-march=native"] + flags
+    )
     monkeypatch.setenv("GPT_KERNEL_CACHE", str(tmp_path))
     lib = native._bind(native._compile(cc))
     assert lib.gemv_isa() >> 4 == isa and lib.gemv_isa() & 1
@@ -135,7 +144,9 @@ def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 5])  # several rows run on our kernel where oneDNN int8 is inexact (no VNNI)
+@pytest.mark.parametrize(
+    "rows", [1, 5]
+)  # several rows run on our kernel where oneDNN int8 is inexact (no VNNI)
 def test_an_int8_layer_gives_the_same_numbers_on_our_kernel_and_on_torchs(monkeypatch, rows):
     layer = Int8Linear.from_float(torch.randn(300, 200) * 0.05, torch.randn(300) * 0.1)
     x = torch.randn(rows, 200) * torch.logspace(-2, 2, rows)[:, None]
@@ -155,7 +166,9 @@ def test_a_float32_layer_on_our_kernel_stays_within_rounding_of_torchs(monkeypat
         monkeypatch.setattr(native, "_isa", lambda: 0)
         torch.testing.assert_close(ours, layer(x), atol=1e-5, rtol=1e-5)
         monkeypatch.undo()
-        torch.testing.assert_close(layer(x.expand(3, 1, 768))[1], ours[0], atol=1e-5, rtol=1e-5)  # oneDNN, 3 rows
+        torch.testing.assert_close(
+            layer(x.expand(3, 1, 768))[1], ours[0], atol=1e-5, rtol=1e-5
+        )  # oneDNN, 3 rows
 
 
 @needs_kernels
@@ -208,12 +221,15 @@ def test_a_quantized_checkpoint_decodes_the_same_with_and_without_our_kernels(tm
 
 
 def _status_in_subprocess(env: dict) -> str:
-    code = "import gpt.native, torch; print(gpt.native.status()); " \
-           "import gpt; m = gpt.build_model(gpt.ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, " \
-           "n_embd=512)).eval(); gpt.quantize(m, 'int8'); c = m.new_cache(1); m.start([[1, 2]], c); " \
-           "print(m.step(torch.ones(1, 1, dtype=torch.long), c).shape)"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import gpt.native, torch; print(gpt.native.status()); "
+        "import gpt; m = gpt.build_model(gpt.ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, "
+        "n_embd=512)).eval(); gpt.quantize(m, 'int8'); c = m.new_cache(1); m.start([[1, 2]], c); "
+        "print(m.step(torch.ones(1, 1, dtype=torch.long), c).shape)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -237,22 +253,27 @@ def test_without_a_cpp_compiler_the_ops_reach_our_kernels_through_ctypes(tmp_pat
 @needs_kernels
 def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
     """The C++ registration (ops.cpp) and the ctypes one, on the same int8 and float32 inputs."""
-    code = ("import torch, gpt.native as n; n.f32_available(); g = torch.Generator().manual_seed(5); "
-            "x = torch.randn(1, 300, generator=g); w = torch.randn(70, 300, generator=g); "
-            "xq = torch.randint(0, 256, (1, 300), generator=g, dtype=torch.uint8); "
-            "wq = torch.randint(-128, 128, (70, 300), generator=g, dtype=torch.int8); "
-            "q, k, v = torch.randn(3, 2, 4, 16, generator=g).unbind(0); kc, vc = torch.zeros(2, 3, 4, 20, 16).unbind(0); "
-            "a = torch.ops.gpt.attend_one(q, k, v, kc, vc, torch.tensor([2, 0]), torch.tensor([0, 5])); "
-            "print(n.status()); print(torch.ops.gpt.gemv_f32(x, w, None).sum().item(), "
-            "torch.ops.gpt.gemv_u8s8(xq, n.interleave_int8(wq), wq.sum(1, dtype=torch.int32)).sum().item(), "
-            "a.sum().item(), torch.ops.gpt.linear_u8s8(x, n.interleave_int8(wq), wq.sum(1, dtype=torch.int32), "
-            "torch.rand(70, generator=g), None).sum().item())")
+    code = (
+        "import torch, gpt.native as n; n.f32_available(); g = torch.Generator().manual_seed(5); "
+        "x = torch.randn(1, 300, generator=g); w = torch.randn(70, 300, generator=g); "
+        "xq = torch.randint(0, 256, (1, 300), generator=g, dtype=torch.uint8); "
+        "wq = torch.randint(-128, 128, (70, 300), generator=g, dtype=torch.int8); "
+        "q, k, v = torch.randn(3, 2, 4, 16, generator=g).unbind(0); kc, vc = torch.zeros(2, 3, 4, "
+        "20, 16).unbind(0); "
+        "a = torch.ops.gpt.attend_one(q, k, v, kc, vc, torch.tensor([2, 0]), torch.tensor([0, 5])); "
+        "print(n.status()); print(torch.ops.gpt.gemv_f32(x, w, None).sum().item(), "
+        "torch.ops.gpt.gemv_u8s8(xq, n.interleave_int8(wq), wq.sum(1, dtype=torch.int32)).sum().item(), "
+        "a.sum().item(), torch.ops.gpt.linear_u8s8(x, n.interleave_int8(wq), wq.sum(1, dtype=torch.int32), "
+        "torch.rand(70, generator=g), None).sum().item())"
+    )
     outs = {}
     for how in ("C++", "ctypes"):
         env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path)}
         if how == "ctypes":
             env["GPT_NATIVE_OPS"] = "ctypes"
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
         assert run.returncode == 0, run.stderr
         status, numbers = run.stdout.splitlines()
         if f"called through {how}" not in status:
@@ -267,9 +288,14 @@ def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
 def test_where_they_can_be_built_our_kernels_are_in_use():
     """So that a kernel broken by an edit fails here rather than quietly skipping the tests above."""
     import platform
+
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not (cc and platform.system() == "Linux" and platform.machine() == "x86_64" and _cpu_has("avx2", "fma")) \
-            or os.environ.get("GPT_NATIVE_KERNELS") == "0":
+    if (
+        not (
+            cc and platform.system() == "Linux" and platform.machine() == "x86_64" and _cpu_has("avx2", "fma")
+        )
+        or os.environ.get("GPT_NATIVE_KERNELS") == "0"
+    ):
         pytest.skip("not an x86-64 Linux machine with AVX2 and a C compiler")
     assert native.f32_available() and native.int8_available(), native.status()
 
@@ -305,8 +331,9 @@ def test_decoding_on_our_attention_stays_within_rounding_of_torchs(preset, monke
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
-needs_f16_attention = pytest.mark.skipif(not native.attention_f16_available(),
-                                         reason=f"no float16-cache attention kernel here: {native.status()}")
+needs_f16_attention = pytest.mark.skipif(
+    not native.attention_f16_available(), reason=f"no float16-cache attention kernel here: {native.status()}"
+)
 
 
 @needs_f16_attention

@@ -1,4 +1,5 @@
 """int8 weights: what gpt.quantize changes, what it must not, and that it keeps the model's quality."""
+
 import inspect
 import json
 
@@ -49,8 +50,10 @@ def test_without_an_int8_kernel_the_layer_falls_back_to_weight_only(monkeypatch)
     assert (fast - slow).abs().max() < 0.02 * slow.abs().max()
 
 
-needs_qlinear = pytest.mark.skipif(not quantization.qlinear_available(),
-                                   reason="this build has no oneDNN int8 linear (onednn::qlinear_pointwise)")
+needs_qlinear = pytest.mark.skipif(
+    not quantization.qlinear_available(),
+    reason="this build has no oneDNN int8 linear (onednn::qlinear_pointwise)",
+)
 
 
 @needs_qlinear
@@ -63,7 +66,7 @@ def test_a_packed_int8_layer_gives_exactly_the_unpacked_result_and_rows_alone_ma
     packed = layer(x)
     assert torch.equal(packed, plain)
     # a single row runs on _int_mm and the plain weight: still the same numbers as inside the batch
-    assert all(torch.equal(layer(x[i:i + 1]), packed[i:i + 1]) for i in range(rows))
+    assert all(torch.equal(layer(x[i : i + 1]), packed[i : i + 1]) for i in range(rows))
 
 
 def test_without_onednn_int8_pack_declines_and_the_layer_still_runs(monkeypatch):
@@ -145,8 +148,8 @@ def _train_tiny(data: torch.Tensor, steps: int = 250, block: int = 48) -> gpt.GP
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
         ix = torch.randint(0, len(data) - block - 1, (32,))
-        x = torch.stack([data[i: i + block] for i in ix])
-        y = torch.stack([data[i + 1: i + block + 1] for i in ix])
+        x = torch.stack([data[i : i + block] for i in ix])
+        y = torch.stack([data[i + 1 : i + block + 1] for i in ix])
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
@@ -160,10 +163,12 @@ def test_int8_keeps_a_trained_models_validation_loss_within_one_percent():
     model = _train_tiny(data[:split])
     quantized = gpt.quantize(_copy(model))
     val = data[split:]
-    blocks = torch.stack([val[i: i + 49] for i in range(0, len(val) - 49, 49)])
+    blocks = torch.stack([val[i : i + 49] for i in range(0, len(val) - 49, 49)])
     with torch.no_grad():
-        losses = [F.cross_entropy(m(blocks[:, :-1]).flatten(0, 1), blocks[:, 1:].flatten()).item()
-                  for m in (model, quantized)]
+        losses = [
+            F.cross_entropy(m(blocks[:, :-1]).flatten(0, 1), blocks[:, 1:].flatten()).item()
+            for m in (model, quantized)
+        ]
     assert losses[0] < 3.0  # it learned something, or the comparison would mean little
     assert abs(losses[1] - losses[0]) / losses[0] < 0.01, losses
     params = gpt.SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
@@ -187,8 +192,9 @@ def test_a_quantized_checkpoint_loads_as_it_was_saved_and_is_smaller(tmp_path):
     size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
     assert size(tmp_path / "int8") < 0.7 * size(tmp_path / "fp32")
     with pytest.raises(ValueError, match="int8-quantized"):
-        gpt.export_hf_gpt2(gpt.quantize(gpt.GPT(gpt.preset("gpt2", n_layer=1, n_embd=64, n_head=2))),
-                           tmp_path / "hf")
+        gpt.export_hf_gpt2(
+            gpt.quantize(gpt.GPT(gpt.preset("gpt2", n_layer=1, n_embd=64, n_head=2))), tmp_path / "hf"
+        )
 
 
 def test_gpt_generate_quantize_int8_prints_what_the_library_generates(tmp_path, capsys):

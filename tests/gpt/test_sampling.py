@@ -1,4 +1,5 @@
 """Properties of next-token choice: filters, penalties, seeds."""
+
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
@@ -75,11 +76,19 @@ def test_same_seed_reproduces_and_a_different_seed_differs():
 
 def test_a_seeded_row_samples_the_same_whatever_shares_its_batch():
     logits = torch.randn(5, 400)
-    alone = [int(sample(logits[2:3], [RowState.new(SamplingParams(seed=11, top_p=0.9), [0])])) for _ in range(1)]
+    alone = [
+        int(sample(logits[2:3], [RowState.new(SamplingParams(seed=11, top_p=0.9), [0])])) for _ in range(1)
+    ]
     others = [RowState.new(SamplingParams(seed=s, temperature=0.7), [0]) for s in (1, 2)]
     me = RowState.new(SamplingParams(seed=11, top_p=0.9), [0])
-    batch = sample(logits, others[:1] + [RowState.new(SamplingParams(temperature=0), [0])] + [me] + others[1:] +
-                   [RowState.new(SamplingParams(top_k=3), [0])])
+    batch = sample(
+        logits,
+        others[:1]
+        + [RowState.new(SamplingParams(temperature=0), [0])]
+        + [me]
+        + others[1:]
+        + [RowState.new(SamplingParams(top_k=3), [0])],
+    )
     assert int(batch[2]) == alone[0]
 
 
@@ -87,14 +96,18 @@ def test_repetition_penalty_matches_transformers():
     logits = torch.randn(1, 40)
     history = [3, 5, 5, 9, 30]
     ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([history]), logits.clone())
-    ours = apply_penalties(logits[0].clone(), RowState(SamplingParams(repetition_penalty=1.7), history[:2],
-                                                       output_ids=history[2:]))
+    ours = apply_penalties(
+        logits[0].clone(),
+        RowState(SamplingParams(repetition_penalty=1.7), history[:2], output_ids=history[2:]),
+    )
     assert torch.allclose(ours, ref[0])
 
 
 def test_presence_and_frequency_penalties_follow_openai():
     logits = torch.zeros(10)
-    row = RowState(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [1, 1, 1], output_ids=[4, 4, 4, 7])
+    row = RowState(
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [1, 1, 1], output_ids=[4, 4, 4, 7]
+    )
     out = apply_penalties(logits, row)
     assert out[4] == pytest.approx(-(0.5 + 3 * 0.25))
     assert out[7] == pytest.approx(-(0.5 + 0.25))
@@ -106,8 +119,9 @@ def test_logit_bias_can_force_and_ban_tokens():
     forced = sample(logits, _rows(200, logit_bias={17: 100.0}))
     assert (forced == 17).all()
     top = logits.argmax(-1)
-    banned = sample(logits, [RowState.new(SamplingParams(temperature=0, logit_bias={int(t): -100.0}), [0])
-                             for t in top])
+    banned = sample(
+        logits, [RowState.new(SamplingParams(temperature=0, logit_bias={int(t): -100.0}), [0]) for t in top]
+    )
     assert (banned != top).all()
 
 
@@ -117,11 +131,22 @@ def test_filters_keep_at_least_the_most_likely_token():
     assert torch.isfinite(out[0, 0]) and torch.isinf(out[0, 1:]).all()
 
 
-@pytest.mark.parametrize("bad", [
-    dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2),
-    dict(repetition_penalty=0), dict(presence_penalty=3), dict(max_new_tokens=0), dict(num_beams=0),
-    dict(logit_bias={5: 500}), dict(logprobs=50),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2),
+        dict(repetition_penalty=0),
+        dict(presence_penalty=3),
+        dict(max_new_tokens=0),
+        dict(num_beams=0),
+        dict(logit_bias={5: 500}),
+        dict(logprobs=50),
+    ],
+)
 def test_out_of_range_parameters_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -161,7 +161,7 @@ def reference_truncate(text: str, stops: list[str]) -> tuple[str, str | None]:
         done = [s for s in stops if text.endswith(s, 0, end)]
         if done:
             stop = max(done, key=len)  # the one that started earliest
-            return text[:end - len(stop)], stop
+            return text[: end - len(stop)], stop
     return text, None
 
 
@@ -169,7 +169,7 @@ def random_chunks(rng: random.Random, text: str) -> list[str]:
     chunks, i = [], 0
     while i < len(text):
         n = rng.choice([0, 1, 1, 2, 3, 5])  # empty pushes are allowed too
-        chunks.append(text[i:i + n])
+        chunks.append(text[i : i + n])
         i += n
     return chunks
 
@@ -183,7 +183,7 @@ def test_stop_matcher_output_equals_truncated_text_for_random_chunkings():
         for _ in range(rng.randint(0, 3)):
             if text and rng.random() < 0.8:
                 i = rng.randrange(len(text))
-                stops.append(text[i:i + rng.randint(1, 4)])
+                stops.append(text[i : i + rng.randint(1, 4)])
             else:
                 stops.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3))))
         expected, expected_stop = reference_truncate(text, stops)
@@ -254,5 +254,5 @@ def test_long_stop_strings_cost_memory_linear_in_their_length():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 50 * 2 ** 20
+    assert peak < 50 * 2**20
     assert m.push(stops[3][-1]) == ("", True) and m.matched == stops[3]

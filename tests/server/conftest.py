@@ -6,6 +6,7 @@
 `start_server(settings, engine=None)` (the `server_factory` fixture) starts further servers with
 their own settings, stopped at the end of the test.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import openai
 import pytest
@@ -31,7 +32,7 @@ TINY_CONTEXT = 128  # gpt-tiny's 64 tokens hardly fit a chat prompt and a reply
 @dataclass
 class LiveServer:
     url: str
-    api_key: Optional[str]
+    api_key: str | None
     app: Any
     engine: Any
     model: str  # the served model name
@@ -57,15 +58,24 @@ def start_live_server(settings: Settings, engine=None) -> LiveServer:
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}"
+    )
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
-    return LiveServer(url=f"http://127.0.0.1:{port}", api_key=settings.api_key, app=app, engine=app.state.engine,
-                      model=settings.model_name, _server=server, _thread=thread)
+    return LiveServer(
+        url=f"http://127.0.0.1:{port}",
+        api_key=settings.api_key,
+        app=app,
+        engine=app.state.engine,
+        model=settings.model_name,
+        _server=server,
+        _thread=thread,
+    )
 
 
 def save_tiny(path, preset: str = "gpt-tiny", seed: int = 0, **overrides) -> str:
@@ -136,9 +146,10 @@ def server_factory():
         server.stop()
 
 
-def make_client(server: LiveServer, api_key: Optional[str] = None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key or server.api_key or "no-key",
-                         max_retries=0, timeout=60)
+def make_client(server: LiveServer, api_key: str | None = None) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=server.url + "/v1", api_key=api_key or server.api_key or "no-key", max_retries=0, timeout=60
+    )
 
 
 @pytest.fixture

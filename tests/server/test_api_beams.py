@@ -1,6 +1,7 @@
 """Beam search over HTTP (`num_beams`, `length_penalty`): the n best beams are the choices, equal
 to the library's `gpt.beam_search` on the same weights, for both model kinds; it runs beside
 streamed requests without disturbing them, and what cannot work is a 400 before any work."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import TINY_CONTEXT, save_tiny, start_live_server, tiny_settings
+from test_api_errors import CHAT, COMPLETIONS, assert_error
 
 import gpt
-from conftest import TINY_CONTEXT, save_tiny, start_live_server, tiny_settings
 from server.app import load_engine
 from server.engine import Engine
-from test_api_errors import CHAT, COMPLETIONS, assert_error
 
 TOK = gpt.get_tokenizer("byte")
 PROMPT = "The quick brown fox"
@@ -54,8 +55,18 @@ def _library(model, prompt_ids, **params):
 def test_completion_choices_are_the_library_s_best_beams_in_order(server, reference, length_penalty):
     params = dict(max_new_tokens=12, num_beams=4, length_penalty=length_penalty, repetition_penalty=1.3)
     want = _library(reference, TOK.encode(PROMPT), **params)
-    r = _post(server, COMPLETIONS, {"prompt": PROMPT, "max_tokens": 12, "num_beams": 4, "n": 3,
-                                    "length_penalty": length_penalty, "repetition_penalty": 1.3})
+    r = _post(
+        server,
+        COMPLETIONS,
+        {
+            "prompt": PROMPT,
+            "max_tokens": 12,
+            "num_beams": 4,
+            "n": 3,
+            "length_penalty": length_penalty,
+            "repetition_penalty": 1.3,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
@@ -78,7 +89,9 @@ def test_batched_prompts_each_get_their_own_beams(server, reference):
     r = _post(server, COMPLETIONS, {"prompt": prompts, "max_tokens": 8, "num_beams": 2, "n": 2})
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in r.json()["choices"]]
-    want = [p.text for q in prompts for p in _library(reference, TOK.encode(q), max_new_tokens=8, num_beams=2)]
+    want = [
+        p.text for q in prompts for p in _library(reference, TOK.encode(q), max_new_tokens=8, num_beams=2)
+    ]
     assert texts == want
 
 
@@ -96,8 +109,17 @@ def test_chat_choices_are_beams_of_the_rendered_prompt(server, reference):
     assert len(choices) == 2 and all(c["message"]["role"] == "assistant" for c in choices)
     # the same search through the completions endpoint, on the prompt the template renders
     rendered = server.app.state.chat_template.render([("user", "hi")])
-    again = _post(server, COMPLETIONS, {"prompt": rendered, "max_tokens": 10, "num_beams": 3, "n": 2,
-                                        "stop": list(server.app.state.chat_template.stop) or None})
+    again = _post(
+        server,
+        COMPLETIONS,
+        {
+            "prompt": rendered,
+            "max_tokens": 10,
+            "num_beams": 3,
+            "n": 2,
+            "stop": list(server.app.state.chat_template.stop) or None,
+        },
+    )
     assert [c["message"]["content"] for c in choices] == [c["text"] for c in again.json()["choices"]]
 
 
@@ -128,8 +150,12 @@ def test_a_beam_search_runs_beside_streams_and_leaves_them_unchanged(server, ref
 def test_encoder_decoder_beams_match_the_library(tmp_path):
     path = save_tiny(tmp_path / "s2s", preset="seq2seq-tiny", seed=5)
     model, tok = gpt.load(path)
-    want = gpt.beam_search(model, tok, tok.encode("2024-01-05"),
-                           gpt.SamplingParams(max_new_tokens=9, num_beams=3, logit_bias=ASCII))
+    want = gpt.beam_search(
+        model,
+        tok,
+        tok.encode("2024-01-05"),
+        gpt.SamplingParams(max_new_tokens=9, num_beams=3, logit_bias=ASCII),
+    )
     settings = tiny_settings(path, max_batch_size=2)
     s = start_live_server(settings, engine=load_engine(settings))
     try:
@@ -140,21 +166,25 @@ def test_encoder_decoder_beams_match_the_library(tmp_path):
         s.stop()
 
 
-@pytest.mark.parametrize("path,extra,param", [
-    (COMPLETIONS, {"num_beams": 2, "stream": True}, "stream"),
-    (CHAT, {"num_beams": 2, "stream": True}, "stream"),
-    (COMPLETIONS, {"num_beams": 2, "n": 3}, "n"),
-    (CHAT, {"num_beams": 2, "n": 3}, "n"),
-    (COMPLETIONS, {"num_beams": 2, "logprobs": 1}, "logprobs"),
-    (CHAT, {"num_beams": 2, "logprobs": True}, "logprobs"),
-    (COMPLETIONS, {"length_penalty": 2.0}, "length_penalty"),
-    (CHAT, {"length_penalty": 0.5}, "length_penalty"),
-    (COMPLETIONS, {"num_beams": 2, "max_tokens": 0, "echo": True}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "path,extra,param",
+    [
+        (COMPLETIONS, {"num_beams": 2, "stream": True}, "stream"),
+        (CHAT, {"num_beams": 2, "stream": True}, "stream"),
+        (COMPLETIONS, {"num_beams": 2, "n": 3}, "n"),
+        (CHAT, {"num_beams": 2, "n": 3}, "n"),
+        (COMPLETIONS, {"num_beams": 2, "logprobs": 1}, "logprobs"),
+        (CHAT, {"num_beams": 2, "logprobs": True}, "logprobs"),
+        (COMPLETIONS, {"length_penalty": 2.0}, "length_penalty"),
+        (CHAT, {"length_penalty": 0.5}, "length_penalty"),
+        (COMPLETIONS, {"num_beams": 2, "max_tokens": 0, "echo": True}, "max_tokens"),
+    ],
+)
 def test_what_beam_search_cannot_do_is_a_400_naming_the_field(server, path, extra, param):
     body = {"prompt": PROMPT} if path == COMPLETIONS else {"messages": [{"role": "user", "content": "hi"}]}
-    assert_error(_post(server, path, {"max_tokens": 4, **body, **extra}), 400, param=param,
-                 code="invalid_combination")
+    assert_error(
+        _post(server, path, {"max_tokens": 4, **body, **extra}), 400, param=param, code="invalid_combination"
+    )
 
 
 @pytest.mark.parametrize("value", [0, 17, 2.5, "4", True])
@@ -169,12 +199,18 @@ def test_a_prompt_that_leaves_no_room_is_a_400_before_any_search(server):
 
 # --- the engine, driven directly ---------------------------------------------------------
 
+
+async def _drain(handle) -> list:
+    return [p async for p in handle]
+
+
 def _engine_run(engine: Engine, coro):
     async def main():
         try:
             return await asyncio.wait_for(coro(engine), 60)
         finally:
             await engine.shutdown(grace=0)
+
     return asyncio.run(main())
 
 
@@ -185,12 +221,18 @@ def test_a_timed_out_search_returns_its_best_beams_so_far(tiny_gpt):
     def slow(*a, **k):
         time.sleep(0.02)
         return step(*a, **k)
+
     tiny_gpt.step = slow
 
     async def go(e):
-        handles = e.submit_beams(TOK.encode("ab"), gpt.SamplingParams(max_new_tokens=50, num_beams=2, ignore_eos=True),
-                                 2, timeout=0.3)
-        return [[p async for p in h] for h in handles]
+        handles = e.submit_beams(
+            TOK.encode("ab"),
+            gpt.SamplingParams(max_new_tokens=50, num_beams=2, ignore_eos=True),
+            2,
+            timeout=0.3,
+        )
+        return [await _drain(h) for h in handles]
+
     outs = _engine_run(engine, go)
     assert [len(o) for o in outs] == [1, 1]
     assert all(o[0].finish_reason == "timeout" for o in outs)
@@ -205,9 +247,10 @@ def test_cancelling_every_choice_ends_the_search_and_frees_the_queue(tiny_gpt):
         handles = e.submit_beams(TOK.encode("ab"), params, 2)
         for h in handles:
             h.cancel()
-        outs = [[p async for p in h] for h in handles]
+        outs = [await _drain(h) for h in handles]
         again = e.submit_beams(TOK.encode("ab"), gpt.SamplingParams(max_new_tokens=3, num_beams=2), 1)
         return outs, [p async for p in again[0]]
+
     outs, again = _engine_run(engine, go)
     assert all(o[-1].finish_reason == "cancelled" for o in outs)
     assert again[-1].finish_reason in ("stop", "length")

@@ -1,4 +1,5 @@
 """gpt-serve: options and environment, one-line errors, and SIGTERM draining in a real process."""
+
 import json
 import os
 import signal
@@ -8,15 +9,37 @@ import time
 
 import httpx
 import pytest
-
 from conftest import tiny_settings
+
 from server.app import load_engine
 from server.cli import build_parser, main
 
-OPTIONS = ["--model", "--host", "--port", "--served-model-name", "--api-key", "--max-batch-size", "--max-queue",
-           "--max-prompt-tokens", "--default-max-tokens", "--timeout", "--drain-grace", "--chat-template",
-           "--device", "--dtype", "--kv-cache-dtype", "--quantize", "--log-level", "--no-prefix-cache", "--max-body-bytes",
-           "--body-timeout", "--max-connections", "--keep-alive-timeout", "--allowed-origins", "--no-docs"]
+OPTIONS = [
+    "--model",
+    "--host",
+    "--port",
+    "--served-model-name",
+    "--api-key",
+    "--max-batch-size",
+    "--max-queue",
+    "--max-prompt-tokens",
+    "--default-max-tokens",
+    "--timeout",
+    "--drain-grace",
+    "--chat-template",
+    "--device",
+    "--dtype",
+    "--kv-cache-dtype",
+    "--quantize",
+    "--log-level",
+    "--no-prefix-cache",
+    "--max-body-bytes",
+    "--body-timeout",
+    "--max-connections",
+    "--keep-alive-timeout",
+    "--allowed-origins",
+    "--no-docs",
+]
 
 
 def test_help_documents_every_option_and_its_environment_variable():
@@ -27,21 +50,24 @@ def test_help_documents_every_option_and_its_environment_variable():
         assert env in text.replace("\n", "").replace(" ", "")
 
 
-@pytest.mark.parametrize("argv, env, fragment", [
-    ([], {}, "--model PATH is required"),
-    (["--model", "/no/such/dir"], {}, "no such checkpoint directory"),
-    (["--model", "x", "--port", "abc"], {}, "invalid int value"),
-    (["--model", "x", "--port", "70000"], {}, "port must be in"),
-    (["--model", "x", "--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
-    (["--model", "x", "--dtype", "int8"], {}, "invalid choice"),
-    (["--model", "x", "--quantize", "int4"], {}, "invalid choice"),
-    (["--model", "x", "--kv-cache-dtype", "int8"], {}, "invalid choice"),
-    (["--model", "x"], {"GPT_SERVE_KV_CACHE_DTYPE": "fp8"}, "GPT_SERVE_KV_CACHE_DTYPE"),
-    (["--model", "x"], {"GPT_SERVE_QUANTIZE": "int4"}, "GPT_SERVE_QUANTIZE"),
-    (["--model", "x"], {"GPT_SERVE_MAX_QUEUE": "lots"}, "GPT_SERVE_MAX_QUEUE"),
-    (["--model", "x", "--chat-template", "/no/template.json"], {}, "cannot read the chat template"),
-    (["--model", "x", "--device", "nonsense"], {}, "--device"),
-])
+@pytest.mark.parametrize(
+    "argv, env, fragment",
+    [
+        ([], {}, "--model PATH is required"),
+        (["--model", "/no/such/dir"], {}, "no such checkpoint directory"),
+        (["--model", "x", "--port", "abc"], {}, "invalid int value"),
+        (["--model", "x", "--port", "70000"], {}, "port must be in"),
+        (["--model", "x", "--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
+        (["--model", "x", "--dtype", "int8"], {}, "invalid choice"),
+        (["--model", "x", "--quantize", "int4"], {}, "invalid choice"),
+        (["--model", "x", "--kv-cache-dtype", "int8"], {}, "invalid choice"),
+        (["--model", "x"], {"GPT_SERVE_KV_CACHE_DTYPE": "fp8"}, "GPT_SERVE_KV_CACHE_DTYPE"),
+        (["--model", "x"], {"GPT_SERVE_QUANTIZE": "int4"}, "GPT_SERVE_QUANTIZE"),
+        (["--model", "x"], {"GPT_SERVE_MAX_QUEUE": "lots"}, "GPT_SERVE_MAX_QUEUE"),
+        (["--model", "x", "--chat-template", "/no/template.json"], {}, "cannot read the chat template"),
+        (["--model", "x", "--device", "nonsense"], {}, "--device"),
+    ],
+)
 def test_bad_arguments_print_one_line_and_exit_2(monkeypatch, capsys, tiny_checkpoint, argv, env, fragment):
     for key in [k for k in os.environ if k.startswith("GPT_SERVE_")]:
         monkeypatch.delenv(key)
@@ -58,14 +84,35 @@ def test_bad_arguments_print_one_line_and_exit_2(monkeypatch, capsys, tiny_check
 def test_sigterm_drains_running_streams_then_exits_0(long_checkpoint, tmp_path):
     env = {**os.environ, "GPT_SERVE_LOG_LEVEL": "warning", "GPT_SERVE_DRAIN_GRACE": "60"}
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", long_checkpoint, "--port", "0",
-                             "--served-model-name", "m"], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--model",
+            long_checkpoint,
+            "--port",
+            "0",
+            "--served-model-name",
+            "m",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
     try:
         banner = proc.stdout.readline()
         url = banner.split(" at ")[1].split()[0]
         assert httpx.get(url + "/ready").status_code == 200
-        body = {"model": "m", "prompt": "drain", "max_tokens": 1500, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "model": "m",
+            "prompt": "drain",
+            "max_tokens": 1500,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as stream:
             lines = stream.iter_lines()
             first = next(lines)
@@ -76,13 +123,20 @@ def test_sigterm_drains_running_streams_then_exits_0(long_checkpoint, tmp_path):
                 assert time.monotonic() < deadline, "/ready never turned 503"
                 time.sleep(0.01)
             assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down"
-            refused = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "late", "max_tokens": 2})
+            refused = httpx.post(
+                url + "/v1/completions", json={"model": "m", "prompt": "late", "max_tokens": 2}
+            )
             assert refused.status_code == 503
             events = [first] + [line for line in lines if line]
         assert events[-1] == "data: [DONE]"
-        usage = json.loads(events[-2][len("data: "):])["usage"]
+        usage = json.loads(events[-2][len("data: ") :])["usage"]
         assert usage["completion_tokens"] == 1500  # the running stream finished, not cut
-        reasons = [c["finish_reason"] for e in events[:-2] for c in json.loads(e[6:])["choices"] if c["finish_reason"]]
+        reasons = [
+            c["finish_reason"]
+            for e in events[:-2]
+            for c in json.loads(e[6:])["choices"]
+            if c["finish_reason"]
+        ]
         assert reasons == ["length"]
         assert proc.wait(timeout=60) == 0
     finally:
@@ -112,8 +166,13 @@ sys.exit(main(sys.argv[1:]))
 def test_a_dead_engine_fails_the_request_and_the_process_exits_1(tiny_checkpoint, tmp_path):
     env = {**os.environ, "GPT_SERVE_LOG_LEVEL": "warning"}
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", _DYING_SERVER, "--model", tiny_checkpoint, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DYING_SERVER, "--model", tiny_checkpoint, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
     try:
         url = proc.stdout.readline().split(" at ")[1].split()[0]
         assert httpx.get(url + "/ready").status_code == 200

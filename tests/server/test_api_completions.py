@@ -1,9 +1,10 @@
 """/v1/completions through the official openai client against a live server."""
+
 import httpx
 import pytest
+from conftest import TINY_CONTEXT
 
 import gpt
-from conftest import TINY_CONTEXT
 
 TOK = gpt.get_tokenizer("byte")  # the tiny checkpoint's tokenizer
 NO_EOS = {"ignore_eos": True}
@@ -27,7 +28,9 @@ def stream_text(client, model, **kw):
 
 def test_non_streamed_completion_has_exact_usage_and_length_finish(openai_client, live_server):
     prompt = "Hello, world"
-    r = complete(openai_client, live_server.model, prompt=prompt, max_tokens=12, temperature=0, extra_body=NO_EOS)
+    r = complete(
+        openai_client, live_server.model, prompt=prompt, max_tokens=12, temperature=0, extra_body=NO_EOS
+    )
     assert r.object == "text_completion" and r.model == live_server.model and r.id.startswith("cmpl-")
     assert len(r.choices) == 1 and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == len(TOK.encode(prompt))
@@ -64,7 +67,9 @@ def test_n_choices_are_seeded_per_choice_and_ordered_by_prompt(openai_client, li
             assert single.choices[0].text == texts[p * 3 + i]
     assert r.usage.prompt_tokens == len(TOK.encode("first")) + len(TOK.encode("second"))
     assert r.usage.completion_tokens == 6 * 10
-    streamed, reasons, _ = stream_text(openai_client, live_server.model, prompt=["first", "second"], n=3, **kw)
+    streamed, reasons, _ = stream_text(
+        openai_client, live_server.model, prompt=["first", "second"], n=3, **kw
+    )
     assert [streamed[i] for i in range(6)] == texts
     assert reasons == {i: ["length"] for i in range(6)}
 
@@ -83,7 +88,7 @@ def _clean_window(text: str, width: int, start: int = 4) -> int:
     """Index of the first occurrence of a `width`-character substring (no U+FFFD) that starts
     at `start` or later."""
     for i in range(start, len(text) - width):
-        s = text[i:i + width]
+        s = text[i : i + width]
         if "\ufffd" not in s:
             return text.find(s)
     raise AssertionError(f"no clean window in {text!r}")
@@ -95,10 +100,12 @@ def test_stop_string_spanning_tokens_cuts_the_text_before_it(openai_client, live
     base = dict(prompt="The stop test", max_tokens=40, temperature=1.0, seed=1, extra_body=NO_EOS)
     full = complete(openai_client, live_server.model, **base).choices[0].text
     k = _clean_window(full, 3)
-    stop = full[k:k + 3]
+    stop = full[k : k + 3]
     assert len(TOK.encode(stop)) >= 3  # one byte token per byte: the match spans tokens
     if stream:
-        texts, reasons, chunks = stream_text(openai_client, live_server.model, stop=[stop, "never-there"], **base)
+        texts, reasons, chunks = stream_text(
+            openai_client, live_server.model, stop=[stop, "never-there"], **base
+        )
         assert texts[0] == full[:k] and reasons == {0: ["stop"]}
         assert all(stop not in c.text for ch in chunks for c in ch.choices)
     else:
@@ -124,8 +131,14 @@ def test_include_usage_matrix(openai_client, live_server, include_usage, n):
 
 
 def test_raw_stream_is_sse_ending_with_done(live_server):
-    body = {"model": live_server.model, "prompt": "raw", "max_tokens": 6, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": live_server.model,
+        "prompt": "raw",
+        "max_tokens": 6,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", live_server.url + "/v1/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -149,19 +162,45 @@ def test_logprobs_follow_the_legacy_format_and_count_every_token(openai_client, 
 
 
 def test_logit_bias_forces_a_token(openai_client, live_server):
-    r = complete(openai_client, live_server.model, prompt="bias", max_tokens=6, temperature=1.0, seed=5,
-                 logit_bias={str(ord("z")): 100}, extra_body=NO_EOS)
+    r = complete(
+        openai_client,
+        live_server.model,
+        prompt="bias",
+        max_tokens=6,
+        temperature=1.0,
+        seed=5,
+        logit_bias={str(ord("z")): 100},
+        extra_body=NO_EOS,
+    )
     assert r.choices[0].text == "z" * 6
 
 
 def test_extensions_and_user_are_accepted(openai_client, live_server):
-    r = complete(openai_client, live_server.model, prompt="ext", max_tokens=6, seed=1, user="alice",
-                 presence_penalty=0.5, frequency_penalty=0.5, top_p=0.9,
-                 extra_body={"top_k": 5, "min_p": 0.01, "repetition_penalty": 1.3, "ignore_eos": True})
+    r = complete(
+        openai_client,
+        live_server.model,
+        prompt="ext",
+        max_tokens=6,
+        seed=1,
+        user="alice",
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        top_p=0.9,
+        extra_body={"top_k": 5, "min_p": 0.01, "repetition_penalty": 1.3, "ignore_eos": True},
+    )
     assert r.usage.completion_tokens == 6
-    greedy = complete(openai_client, live_server.model, prompt="ext", max_tokens=6, temperature=0, extra_body=NO_EOS)
-    top1 = complete(openai_client, live_server.model, prompt="ext", max_tokens=6, temperature=1.0, seed=9,
-                    extra_body={"top_k": 1, "ignore_eos": True})
+    greedy = complete(
+        openai_client, live_server.model, prompt="ext", max_tokens=6, temperature=0, extra_body=NO_EOS
+    )
+    top1 = complete(
+        openai_client,
+        live_server.model,
+        prompt="ext",
+        max_tokens=6,
+        temperature=1.0,
+        seed=9,
+        extra_body={"top_k": 1, "ignore_eos": True},
+    )
     assert top1.choices[0].text == greedy.choices[0].text  # top_k=1 is greedy: the extension is applied
 
 
@@ -175,7 +214,9 @@ def test_default_max_tokens_shrinks_to_the_room_left(openai_client, live_server)
 def test_end_of_text_stops_with_finish_stop_and_counts_as_a_token(openai_client, live_server, stream):
     kw = dict(model=live_server.model, prompt="x", max_tokens=5, logit_bias={str(TOK.eot_token): 100})
     if stream:
-        chunks = list(openai_client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        chunks = list(
+            openai_client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+        )
         assert "".join(c.text for ch in chunks for c in ch.choices) == ""
         assert [c.finish_reason for ch in chunks for c in ch.choices] == ["stop"]
         assert chunks[-1].usage.completion_tokens == 1
@@ -189,14 +230,25 @@ def test_a_continued_prompt_reports_its_cached_tokens_in_usage_streamed_or_not(o
     m = live_server.engine.metrics
     hits = m.value("gptserve_prefix_cache_hits_total")
     first = "A conversation that goes on: "
-    r = complete(openai_client, live_server.model, prompt=first, max_tokens=6, temperature=0, extra_body=NO_EOS)
+    r = complete(
+        openai_client, live_server.model, prompt=first, max_tokens=6, temperature=0, extra_body=NO_EOS
+    )
     follow = first + r.choices[0].text + " and on"
-    again = complete(openai_client, live_server.model, prompt=follow, max_tokens=4, temperature=0, extra_body=NO_EOS)
+    again = complete(
+        openai_client, live_server.model, prompt=follow, max_tokens=4, temperature=0, extra_body=NO_EOS
+    )
     cached = again.usage.prompt_tokens_details.cached_tokens
     # the row kept the first prompt and the replies fed back (all but the last, never fed)
     assert len(TOK.encode(first)) <= cached < again.usage.prompt_tokens
-    _, _, chunks = stream_text(openai_client, live_server.model, prompt=follow, max_tokens=4, temperature=0,
-                               extra_body=NO_EOS, stream_options={"include_usage": True})
+    _, _, chunks = stream_text(
+        openai_client,
+        live_server.model,
+        prompt=follow,
+        max_tokens=4,
+        temperature=0,
+        extra_body=NO_EOS,
+        stream_options={"include_usage": True},
+    )
     streamed = chunks[-1].usage
     assert streamed.prompt_tokens == again.usage.prompt_tokens
     assert streamed.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1

@@ -9,6 +9,7 @@ in chunks of 7 tokens with 4 slots, so prompts are scored across several forward
 with other requests. Differential checks compare with a plain full forward pass of the same
 checkpoint, loaded separately.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from conftest import TINY_CONTEXT, make_client, start_live_server, tiny_settings
+from test_api_errors import CHAT, COMPLETIONS, OK_CHAT, assert_error
 
 import gpt
-from conftest import TINY_CONTEXT, make_client, save_tiny, start_live_server, tiny_settings
 from server.app import load_engine
 from server.engine import Engine
 from server.logprobs import token_text
-from test_api_errors import CHAT, COMPLETIONS, OK_CHAT, assert_error
 
 TOK = gpt.get_tokenizer("byte")
 VOCAB = TOK.vocab_size  # 257
@@ -36,8 +37,9 @@ ASCII_ONLY = {str(t): -100 for t in range(128, VOCAB)}  # generated tokens are t
 
 def _build_padded(path) -> str:
     torch.manual_seed(11)
-    model = gpt.build_model(gpt.preset("gpt-tiny", block_size=TINY_CONTEXT, vocab_size=PADDED_VOCAB,
-                                       tie_embeddings=False))
+    model = gpt.build_model(
+        gpt.preset("gpt-tiny", block_size=TINY_CONTEXT, vocab_size=PADDED_VOCAB, tie_embeddings=False)
+    )
     with torch.no_grad():
         model.lm_head.weight.mul_(10.0)
         # final LayerNorm output = gain * normalised + bias, and the normalised part sums to 0: a padded
@@ -112,7 +114,7 @@ def assert_offsets(lp: dict, text: str) -> None:
     assert offsets == sorted(offsets) and len(offsets) == len(lp["tokens"])
     for token, off in zip(lp["tokens"], offsets):
         if token != "\ufffd":
-            assert text[off:off + len(token)] == token
+            assert text[off : off + len(token)] == token
 
 
 def test_prompt_logprobs_equal_a_plain_forward_pass_and_skip_the_padded_ids(server, reference):
@@ -133,7 +135,14 @@ def test_prompt_logprobs_equal_a_plain_forward_pass_and_skip_the_padded_ids(serv
 def test_echo_prepends_the_prompt_and_leaves_the_completion_as_without_echo(server, reference):
     ids = TOK.encode(PROMPT)
     for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}):
-        body = {"prompt": PROMPT, "max_tokens": 8, "logprobs": 3, "logit_bias": ASCII_ONLY, **sampling, **NO_EOS}
+        body = {
+            "prompt": PROMPT,
+            "max_tokens": 8,
+            "logprobs": 3,
+            "logit_bias": ASCII_ONLY,
+            **sampling,
+            **NO_EOS,
+        }
         plain = ok(server, body)["choices"][0]  # first: this prompt is then in the prefix cache
         echoed = ok(server, {**body, "echo": True})["choices"][0]
         assert echoed["text"] == PROMPT + plain["text"]
@@ -152,10 +161,21 @@ def test_scoring_a_generated_text_gives_back_its_generation_logprobs(server):
     """The prompt logprobs and the generated tokens' logprobs come from the same model, dtype and
     vocabulary handling: echoing prompt + completion with max_tokens 0 scores the completion's
     tokens as they were generated."""
-    gen = ok(server, {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 2, "logit_bias": ASCII_ONLY,
-                      **NO_EOS})["choices"][0]["logprobs"]
+    gen = ok(
+        server,
+        {
+            "prompt": PROMPT,
+            "max_tokens": 12,
+            "temperature": 0,
+            "logprobs": 2,
+            "logit_bias": ASCII_ONLY,
+            **NO_EOS,
+        },
+    )["choices"][0]["logprobs"]
     ids = TOK.encode(PROMPT) + [ord(t) for t in gen["tokens"]]
-    scored = ok(server, {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0})["choices"][0]["logprobs"]
+    scored = ok(server, {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0})["choices"][0][
+        "logprobs"
+    ]
     n = len(TOK.encode(PROMPT))
     assert scored["tokens"][n:] == gen["tokens"]
     assert scored["token_logprobs"][n:] == pytest.approx(gen["token_logprobs"], abs=TOL)
@@ -163,23 +183,32 @@ def test_scoring_a_generated_text_gives_back_its_generation_logprobs(server):
 
 
 def test_max_tokens_0_needs_echo(server):
-    err = assert_error(post(server, {"prompt": "x", "max_tokens": 0}), 400, param="max_tokens",
-                       code="invalid_combination")
+    err = assert_error(
+        post(server, {"prompt": "x", "max_tokens": 0}), 400, param="max_tokens", code="invalid_combination"
+    )
     assert err["type"] == "invalid_request_error" and "echo" in err["message"]
     assert_error(post(server, {"prompt": "x", "max_tokens": 0, "echo": False}), 400, param="max_tokens")
     assert_error(post(server, {"messages": OK_CHAT, "max_tokens": 0}, CHAT), 400, param="max_tokens")
     assert_error(post(server, {"messages": OK_CHAT, "echo": True}, CHAT), 400, param="echo")
     assert_error(post(server, {"prompt": "x", "echo": "yes"}), 400, param="echo")
-    assert_error(post(server, {"prompt": "x", "max_tokens": 0, "echo": True, "min_tokens": 1}), 400,
-                 param="min_tokens", code="invalid_combination")
+    assert_error(
+        post(server, {"prompt": "x", "max_tokens": 0, "echo": True, "min_tokens": 1}),
+        400,
+        param="min_tokens",
+        code="invalid_combination",
+    )
 
 
 def test_max_tokens_0_with_echo_and_no_logprobs_returns_the_prompt(server):
     r = ok(server, {"prompt": ["one", "two"], "echo": True, "max_tokens": 0, "n": 2})
     assert [c["text"] for c in r["choices"]] == ["one", "one", "two", "two"]
     assert all(c["logprobs"] is None and c["finish_reason"] == "length" for c in r["choices"])
-    assert r["usage"] == {"prompt_tokens": 6, "completion_tokens": 0, "total_tokens": 6,
-                          "prompt_tokens_details": {"cached_tokens": 0}}
+    assert r["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 0,
+        "total_tokens": 6,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert server.engine.stats().slots_in_use == 0
 
 
@@ -187,20 +216,29 @@ def test_the_prompt_must_fit_the_context(server):
     fits = "x" * (TINY_CONTEXT - 1)
     r = ok(server, {"prompt": fits, "echo": True, "logprobs": 0, "max_tokens": 0})
     assert len(r["choices"][0]["logprobs"]["tokens"]) == TINY_CONTEXT - 1
-    assert_error(post(server, {"prompt": "x" * TINY_CONTEXT, "echo": True, "logprobs": 0, "max_tokens": 0}), 400,
-                 param="prompt", code="context_length_exceeded")
-    assert_error(post(server, {"prompt": fits, "echo": True, "logprobs": 0, "max_tokens": 2}), 400,
-                 param="max_tokens", code="context_length_exceeded")
+    assert_error(
+        post(server, {"prompt": "x" * TINY_CONTEXT, "echo": True, "logprobs": 0, "max_tokens": 0}),
+        400,
+        param="prompt",
+        code="context_length_exceeded",
+    )
+    assert_error(
+        post(server, {"prompt": fits, "echo": True, "logprobs": 0, "max_tokens": 2}),
+        400,
+        param="max_tokens",
+        code="context_length_exceeded",
+    )
 
 
 def _stream(server, body: dict) -> list[dict]:
     chunks = []
-    with httpx.stream("POST", server.url + COMPLETIONS, json={"model": server.model, "stream": True, **body},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST", server.url + COMPLETIONS, json={"model": server.model, "stream": True, **body}, timeout=60
+    ) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[len("data: "):]))
+                chunks.append(json.loads(line[len("data: ") :]))
     return chunks
 
 
@@ -209,9 +247,15 @@ def _join(chunks: list[dict]) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for ch in chunks:
         for c in ch["choices"]:
-            o = out.setdefault(c["index"], {"text": "", "reasons": [], "texts": [],
-                                            "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [],
-                                                         "text_offset": []}})
+            o = out.setdefault(
+                c["index"],
+                {
+                    "text": "",
+                    "reasons": [],
+                    "texts": [],
+                    "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+                },
+            )
             o["text"] += c["text"]
             o["texts"].append(c["text"])
             if c["finish_reason"] is not None:
@@ -224,8 +268,16 @@ def _join(chunks: list[dict]) -> dict[int, dict]:
 
 def test_streamed_echo_sends_each_choices_prompt_first_and_joins_to_the_whole_response(server, reference):
     ids = TOK.encode(PROMPT)
-    body = {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 6, "n": 2, "temperature": 1.0, "seed": 3,
-            **NO_EOS}
+    body = {
+        "prompt": PROMPT,
+        "echo": True,
+        "logprobs": 2,
+        "max_tokens": 6,
+        "n": 2,
+        "temperature": 1.0,
+        "seed": 3,
+        **NO_EOS,
+    }
     whole = ok(server, body)
     chunks = _stream(server, {**body, "stream_options": {"include_usage": True}})
     joined = _join(chunks)
@@ -238,8 +290,9 @@ def test_streamed_echo_sends_each_choices_prompt_first_and_joins_to_the_whole_re
         assert j["logprobs"]["tokens"] == choice["logprobs"]["tokens"]
         assert j["logprobs"]["text_offset"] == choice["logprobs"]["text_offset"]
         assert j["logprobs"]["token_logprobs"][0] is None
-        assert j["logprobs"]["token_logprobs"][1:] == pytest.approx(choice["logprobs"]["token_logprobs"][1:],
-                                                                    abs=1e-5)
+        assert j["logprobs"]["token_logprobs"][1:] == pytest.approx(
+            choice["logprobs"]["token_logprobs"][1:], abs=1e-5
+        )
         assert_prompt_part(j["logprobs"], ids, reference_logprobs(reference, ids), 2)
     first = next(c for ch in chunks for c in ch["choices"] if c["index"] == 0)
     assert first["logprobs"]["tokens"] == [token_text(TOK, t) for t in ids] and first["finish_reason"] is None
@@ -258,21 +311,28 @@ def test_token_id_prompts_echo_as_their_decoded_text(server, reference):
     by_ids = ok(server, {"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 0})["choices"][0]
     assert by_ids["text"] == by_text["text"] == text
     assert by_ids["logprobs"]["tokens"] == by_text["logprobs"]["tokens"]
-    assert by_ids["logprobs"]["token_logprobs"][1:] == pytest.approx(by_text["logprobs"]["token_logprobs"][1:],
-                                                                     abs=1e-5)
+    assert by_ids["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        by_text["logprobs"]["token_logprobs"][1:], abs=1e-5
+    )
     assert_prompt_part(by_ids["logprobs"], ids, reference_logprobs(reference, ids), 2)
     # a character's bytes all point at it: the offset counts the whole characters before the token
-    assert by_ids["logprobs"]["text_offset"] == [len(bytes(ids[:k]).decode("utf-8", errors="ignore"))
-                                                 for k in range(len(ids))]
+    assert by_ids["logprobs"]["text_offset"] == [
+        len(bytes(ids[:k]).decode("utf-8", errors="ignore")) for k in range(len(ids))
+    ]
     assert_offsets(by_ids["logprobs"], by_ids["text"])
     # ids that are not valid UTF-8 echo as the decoder shows them, with U+FFFD
     broken = [104, 195, 105]
-    r = ok(server, {"prompt": broken, "echo": True, "max_tokens": 2, "temperature": 0, **NO_EOS})["choices"][0]
+    r = ok(server, {"prompt": broken, "echo": True, "max_tokens": 2, "temperature": 0, **NO_EOS})["choices"][
+        0
+    ]
     assert r["text"].startswith(TOK.decode(broken)) and "\ufffd" in r["text"]
 
 
 def test_a_batch_of_prompts_each_echo_their_own_and_equal_them_alone(server, reference):
-    for prompts in (["a b c", "hello world", "x", PROMPT], [TOK.encode("token ids"), TOK.encode("y"), [7, 8]]):
+    for prompts in (
+        ["a b c", "hello world", "x", PROMPT],
+        [TOK.encode("token ids"), TOK.encode("y"), [7, 8]],
+    ):
         r = ok(server, {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 0})
         assert [c["index"] for c in r["choices"]] == list(range(len(prompts)))
         all_ids = [p if isinstance(p, list) else TOK.encode(p) for p in prompts]
@@ -291,9 +351,13 @@ def test_concurrent_requests_with_and_without_echo_equal_their_solo_results(serv
         if i % 3 == 0:
             jobs.append({"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0})
         elif i % 3 == 1:
-            jobs.append({"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 5, "temperature": 0, **NO_EOS})
+            jobs.append(
+                {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 5, "temperature": 0, **NO_EOS}
+            )
         else:
-            jobs.append({"prompt": prompt, "logprobs": 1, "max_tokens": 9, "temperature": 0.8, "seed": i, **NO_EOS})
+            jobs.append(
+                {"prompt": prompt, "logprobs": 1, "max_tokens": 9, "temperature": 0.8, "seed": i, **NO_EOS}
+            )
     solo = [ok(server, body)["choices"][0] for body in jobs]
     with ThreadPoolExecutor(len(jobs)) as pool:
         together = list(pool.map(lambda body: ok(server, body)["choices"][0], jobs))
@@ -316,22 +380,34 @@ def test_the_openai_client_scores_a_prompt(server):
     assert all(lp < 0 for lp in choice.logprobs.token_logprobs[1:])
     assert r.usage.completion_tokens == 0
     # what lm-evaluation-harness's local-completions sends: one generated token after the prompt
-    r = client.completions.create(model=server.model, prompt=[TOK.encode(PROMPT)], echo=True, logprobs=1,
-                                  max_tokens=1, temperature=0, seed=1234)
+    r = client.completions.create(
+        model=server.model,
+        prompt=[TOK.encode(PROMPT)],
+        echo=True,
+        logprobs=1,
+        max_tokens=1,
+        temperature=0,
+        seed=1234,
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(TOK.encode(PROMPT)) + 1
     greedy = all(tok == max(top.values()) for tok, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]))
     assert isinstance(greedy, bool)  # is_greedy as lm-eval computes it: every entry past the first is a dict
-    stream = client.completions.create(model=server.model, prompt=PROMPT, echo=True, logprobs=1, max_tokens=0,
-                                       stream=True)
+    stream = client.completions.create(
+        model=server.model, prompt=PROMPT, echo=True, logprobs=1, max_tokens=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream) == PROMPT
 
 
 def test_an_encoder_decoder_echoes_its_source_but_cannot_score_it(tiny_s2s_checkpoint, server_factory):
     settings = tiny_settings(tiny_s2s_checkpoint, max_batch_size=2)
     s2s = server_factory(settings, engine=load_engine(settings))
-    assert_error(post(s2s, {"prompt": "abc", "echo": True, "logprobs": 1}), 400, param="echo",
-                 code="invalid_combination")
+    assert_error(
+        post(s2s, {"prompt": "abc", "echo": True, "logprobs": 1}),
+        400,
+        param="echo",
+        code="invalid_combination",
+    )
     r = ok(s2s, {"prompt": "abc", "echo": True, "max_tokens": 3, "temperature": 0, **NO_EOS})
     assert r["choices"][0]["text"].startswith("abc") and r["usage"]["completion_tokens"] == 3
     r = ok(s2s, {"prompt": "abc", "echo": True, "max_tokens": 0})

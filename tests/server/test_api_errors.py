@@ -1,12 +1,13 @@
 """Bad input, authentication, unknown models, a full queue and draining: every failure is a
 4xx/5xx carrying OpenAI's error object, and none leaks an engine slot."""
+
 import time
 
 import httpx
 import openai
 import pytest
-
 from conftest import TINY_CONTEXT, make_client, tiny_settings
+
 from server.app import drain, load_engine
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -37,10 +38,10 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": {"text": "x"}}, "prompt"),
     (COMPLETIONS, {"prompt": [True, False]}, "prompt"),
     (COMPLETIONS, {"prompt": [-1, 5]}, "prompt"),
-    (COMPLETIONS, {"prompt": [10 ** 6]}, "prompt"),
+    (COMPLETIONS, {"prompt": [10**6]}, "prompt"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": -5}, "max_tokens"),
-    (COMPLETIONS, {"prompt": "x", "max_tokens": 10 ** 30}, "max_tokens"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 10**30}, "max_tokens"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": "10"}, "max_tokens"),
     (COMPLETIONS, {"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
     (COMPLETIONS, {"prompt": "x", "temperature": -1}, "temperature"),
@@ -50,12 +51,12 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "x", "temperature": "hot"}, "temperature"),
     (COMPLETIONS, {"prompt": "x", "top_p": 0}, "top_p"),
     (COMPLETIONS, {"prompt": "x", "n": 0}, "n"),
-    (COMPLETIONS, {"prompt": "x", "n": 10 ** 20}, "n"),
+    (COMPLETIONS, {"prompt": "x", "n": 10**20}, "n"),
     (COMPLETIONS, {"prompt": "x", "n": True}, "n"),
     (COMPLETIONS, {"prompt": "x", "stream": "yes"}, "stream"),
     (COMPLETIONS, {"prompt": "x", "stop": 5}, "stop"),
     (COMPLETIONS, {"prompt": "x", "stop": ["a"] * 100}, "stop"),
-    (COMPLETIONS, {"prompt": "x", "seed": 2 ** 70}, "seed"),
+    (COMPLETIONS, {"prompt": "x", "seed": 2**70}, "seed"),
     (COMPLETIONS, {"prompt": "x", "seed": "abc"}, "seed"),
     (COMPLETIONS, {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
     (COMPLETIONS, {"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
@@ -64,10 +65,14 @@ BAD_BODIES = [
     (COMPLETIONS, {"prompt": "x", "logit_bias": {"999999": 1}}, "logit_bias"),
     (COMPLETIONS, {"prompt": "x", "logprobs": 21}, "logprobs"),
     (COMPLETIONS, {"prompt": "x", "top_k": -2}, "top_k"),
-    (COMPLETIONS, {"prompt": "x", "top_k": 10 ** 9}, "top_k"),
+    (COMPLETIONS, {"prompt": "x", "top_k": 10**9}, "top_k"),
     (COMPLETIONS, {"prompt": "x", "min_p": 1.5}, "min_p"),
     (COMPLETIONS, {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
-    (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    (
+        COMPLETIONS,
+        {"prompt": "x", "stream_options": {"include_usage": "yes"}},
+        "stream_options.include_usage",
+    ),
     (COMPLETIONS, {"prompt": "x", "echo": "yes"}, "echo"),
     (COMPLETIONS, {"prompt": "x", "echo": 1}, "echo"),
     (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of"),
@@ -79,8 +84,11 @@ BAD_BODIES = [
     (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
     (CHAT, {"messages": [{"role": "user", "content": "x"}, {"content": "y"}]}, "messages.1.role"),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]},
-     "messages.0.content"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]},
+        "messages.0.content",
+    ),
     (CHAT, {"messages": OK_CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
     (CHAT, {"messages": OK_CHAT, "top_logprobs": 3}, "top_logprobs"),
     (CHAT, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, "tools"),
@@ -88,8 +96,9 @@ BAD_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("endpoint, body, param", BAD_BODIES, ids=[f"{e[-11:]}-{p}-{i}" for i, (e, _, p) in
-                                                                   enumerate(BAD_BODIES)])
+@pytest.mark.parametrize(
+    "endpoint, body, param", BAD_BODIES, ids=[f"{e[-11:]}-{p}-{i}" for i, (e, _, p) in enumerate(BAD_BODIES)]
+)
 def test_bad_request_bodies_get_400_naming_the_field(live_server, endpoint, body, param):
     if isinstance(body, bytes):  # what json= cannot encode (infinity, NaN)
         r = httpx.post(live_server.url + endpoint, content=body, headers={"content-type": "application/json"})
@@ -111,14 +120,27 @@ def test_the_operators_prompt_cap_is_a_400_naming_the_prompt(tiny_checkpoint, se
     r = httpx.post(server.url + COMPLETIONS, json={"prompt": "x" * 9, "max_tokens": 2})
     message = assert_error(r, 400, "prompt", "context_length_exceeded")["message"]
     assert "9" in message and "8" in message
-    r = httpx.post(server.url + CHAT, json={"messages": [{"role": "user", "content": "x" * 9}], "max_tokens": 2})
+    r = httpx.post(
+        server.url + CHAT, json={"messages": [{"role": "user", "content": "x" * 9}], "max_tokens": 2}
+    )
     assert_error(r, 400, "messages", "context_length_exceeded")
     assert httpx.post(server.url + COMPLETIONS, json={"prompt": "x" * 8, "max_tokens": 2}).status_code == 200
     wait_for_idle(server)
 
 
-@pytest.mark.parametrize("raw", [b"{", b'{"prompt": "x",}', b"", b"null", b"[1, 2]", b'"text"',
-                                 b'{"prompt": "\xff\xfe"}', b"\xff\xfe\xfd"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{",
+        b'{"prompt": "x",}',
+        b"",
+        b"null",
+        b"[1, 2]",
+        b'"text"',
+        b'{"prompt": "\xff\xfe"}',
+        b"\xff\xfe\xfd",
+    ],
+)
 def test_malformed_json_and_invalid_utf8_are_400(live_server, raw):
     r = httpx.post(live_server.url + COMPLETIONS, content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400)
@@ -141,14 +163,27 @@ def test_unknown_route_and_wrong_method_are_error_objects(live_server):
 
 def test_api_key_is_required_on_the_api_but_not_on_probes(tiny_checkpoint, server_factory):
     server = server_factory(tiny_settings(tiny_checkpoint, api_key="s3cret"))
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"},
-                    {"Authorization": "Bearer s3cret-and-more"}):
-        for method, path in (("POST", COMPLETIONS), ("POST", CHAT), ("GET", "/v1/models"), ("POST", "/tokenize")):
-            r = httpx.request(method, server.url + path, headers=headers, json={"prompt": "x", "messages": OK_CHAT})
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic s3cret"},
+        {"Authorization": "Bearer s3cret-and-more"},
+    ):
+        for method, path in (
+            ("POST", COMPLETIONS),
+            ("POST", CHAT),
+            ("GET", "/v1/models"),
+            ("POST", "/tokenize"),
+        ):
+            r = httpx.request(
+                method, server.url + path, headers=headers, json={"prompt": "x", "messages": OK_CHAT}
+            )
             assert_error(r, 401)
     with pytest.raises(openai.AuthenticationError):
         make_client(server, api_key="wrong").completions.create(model=server.model, prompt="x", max_tokens=1)
-    ok = make_client(server, api_key="s3cret").completions.create(model=server.model, prompt="x", max_tokens=2)
+    ok = make_client(server, api_key="s3cret").completions.create(
+        model=server.model, prompt="x", max_tokens=2
+    )
     assert ok.usage.prompt_tokens == 1
     for path in ("/health", "/ready", "/metrics"):
         assert httpx.get(server.url + path).status_code == 200
@@ -220,8 +255,9 @@ def test_internal_errors_are_500_error_objects_and_counted(tiny_checkpoint, serv
     assert 'gptserve_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
 
 
-def test_a_failing_forward_is_a_500_or_an_error_event_and_frees_the_slot(tiny_checkpoint, server_factory,
-                                                                         monkeypatch):
+def test_a_failing_forward_is_a_500_or_an_error_event_and_frees_the_slot(
+    tiny_checkpoint, server_factory, monkeypatch
+):
     settings = tiny_settings(tiny_checkpoint)
     server = server_factory(settings, engine=load_engine(settings))
 
@@ -231,7 +267,9 @@ def test_a_failing_forward_is_a_500_or_an_error_event_and_frees_the_slot(tiny_ch
     monkeypatch.setattr(server.engine.model, "step", broken_step)
     body = {"prompt": "x", "max_tokens": 5}
     assert_error(httpx.post(server.url + COMPLETIONS, json=body), 500)
-    with httpx.stream("POST", server.url + CHAT, json={"messages": OK_CHAT, "max_tokens": 5, "stream": True}) as r:
+    with httpx.stream(
+        "POST", server.url + CHAT, json={"messages": OK_CHAT, "max_tokens": 5, "stream": True}
+    ) as r:
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
     assert '"error"' in events[-2] and '"server_error"' in events[-2]

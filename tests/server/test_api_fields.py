@@ -1,17 +1,17 @@
 """Request fields: the cheap output-changing extensions work (min_tokens, stop_token_ids), the
 ones not implemented are refused naming the field, the size limits hold before any work is
 done, and no logprob can make a response invalid JSON."""
+
 import json
 import threading
 
 import httpx
 import pytest
-import torch
-
 from conftest import tiny_settings
+from test_api_errors import CHAT, COMPLETIONS, OK_CHAT, assert_error, wait_for_idle
+
 from server.app import load_engine
 from server.protocol import MAX_LOGIT_BIAS, MAX_STOP_CHARS
-from test_api_errors import CHAT, COMPLETIONS, OK_CHAT, assert_error, wait_for_idle
 
 BYTE_EOT = 256  # the byte tokenizer's end-of-text id
 
@@ -20,22 +20,25 @@ def _post(server, path, body):
     return httpx.post(server.url + path, json=body, timeout=30)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "auto"),
-    ("functions", [{"name": "f"}]),
-    ("guided_json", {"type": "object"}),
-    ("guided_regex", "a+"),
-    ("guided_choice", ["a", "b"]),
-    ("typical_p", 0.5),
-    ("use_beam_search", True),
-    ("prompt_logprobs", 1),
-    ("include_stop_str_in_output", True),
-    ("truncate_prompt_tokens", 10),
-    ("reasoning_effort", "high"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("response_format", {"type": "json_object"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tool_choice", "auto"),
+        ("functions", [{"name": "f"}]),
+        ("guided_json", {"type": "object"}),
+        ("guided_regex", "a+"),
+        ("guided_choice", ["a", "b"]),
+        ("typical_p", 0.5),
+        ("use_beam_search", True),
+        ("prompt_logprobs", 1),
+        ("include_stop_str_in_output", True),
+        ("truncate_prompt_tokens", 10),
+        ("reasoning_effort", "high"),
+    ],
+)
 @pytest.mark.parametrize("endpoint", [COMPLETIONS, CHAT])
 def test_unimplemented_output_changing_fields_are_400_naming_the_field(live_server, endpoint, field, value):
     body = {"prompt": "x", "messages": OK_CHAT, "max_tokens": 1, field: value}
@@ -43,11 +46,23 @@ def test_unimplemented_output_changing_fields_are_400_naming_the_field(live_serv
     assert "not" in err["message"] and err["code"] in ("unsupported_parameter", "invalid_value")
 
 
-@pytest.mark.parametrize("extra", [
-    {"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"}, {"typical_p": 1.0},
-    {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto", "parallel_tool_calls": False},
-    {"num_beams": 1, "length_penalty": 1.0, "modalities": ["text"]},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "text"}},
+        {"tools": []},
+        {"tool_choice": "none"},
+        {"typical_p": 1.0},
+        {
+            "user": "u1",
+            "metadata": {"k": "v"},
+            "store": False,
+            "service_tier": "auto",
+            "parallel_tool_calls": False,
+        },
+        {"num_beams": 1, "length_penalty": 1.0, "modalities": ["text"]},
+    ],
+)
 def test_the_off_values_of_those_fields_and_output_neutral_fields_are_accepted(live_server, extra):
     for endpoint in (COMPLETIONS, CHAT):
         r = _post(live_server, endpoint, {"prompt": "x", "messages": OK_CHAT, "max_tokens": 1, **extra})
@@ -65,17 +80,20 @@ def test_stream_options_without_stream_is_400(live_server):
         assert_error(_post(live_server, endpoint, body), 400, param="stream_options")
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"stop": ["s"] * 17}, "stop"),
-    ({"stop": "s" * (MAX_STOP_CHARS + 1)}, "stop"),
-    ({"stop": ["ok", "s" * (MAX_STOP_CHARS + 1)]}, "stop"),
-    ({"logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, "logit_bias"),
-    ({"stop_token_ids": [BYTE_EOT + 1]}, "stop_token_ids.0"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
-    ({"min_tokens": -1}, "min_tokens"),
-    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
-    ({"logit_bias": {"257": 5}}, "logit_bias"),  # past the byte tokenizer
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"stop": ["s"] * 17}, "stop"),
+        ({"stop": "s" * (MAX_STOP_CHARS + 1)}, "stop"),
+        ({"stop": ["ok", "s" * (MAX_STOP_CHARS + 1)]}, "stop"),
+        ({"logit_bias": {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)}}, "logit_bias"),
+        ({"stop_token_ids": [BYTE_EOT + 1]}, "stop_token_ids.0"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"logit_bias": {"257": 5}}, "logit_bias"),  # past the byte tokenizer
+    ],
+)
 def test_size_limits_and_token_ids_are_400_naming_the_field(live_server, body, param):
     for endpoint in (COMPLETIONS, CHAT):
         r = _post(live_server, endpoint, {"prompt": "x", "messages": OK_CHAT, "max_tokens": 4, **body})
@@ -96,14 +114,20 @@ def test_a_stop_token_id_ends_the_output_without_showing_it(live_server):
     r = _post(live_server, COMPLETIONS, {**body, "stop_token_ids": [ord("A")]}).json()
     assert r["choices"][0]["text"] == "" and r["choices"][0]["finish_reason"] == "stop"
     assert r["usage"]["completion_tokens"] == 1
-    r = _post(live_server, CHAT, {"messages": OK_CHAT, **body, "stop_token_ids": [ord("A")], "min_tokens": 3}).json()
+    r = _post(
+        live_server, CHAT, {"messages": OK_CHAT, **body, "stop_token_ids": [ord("A")], "min_tokens": 3}
+    ).json()
     assert r["usage"]["completion_tokens"] == 4 and r["choices"][0]["finish_reason"] == "stop"
 
 
-def test_a_request_with_more_generations_than_the_queue_is_refused_before_tokenizing(live_server, monkeypatch):
+def test_a_request_with_more_generations_than_the_queue_is_refused_before_tokenizing(
+    live_server, monkeypatch
+):
     calls = []
     encode = live_server.engine.tokenizer.encode
-    monkeypatch.setattr(live_server.engine.tokenizer, "encode", lambda text: calls.append(text) or encode(text))
+    monkeypatch.setattr(
+        live_server.engine.tokenizer, "encode", lambda text: calls.append(text) or encode(text)
+    )
     r = _post(live_server, COMPLETIONS, {"prompt": ["abc"] * 1000, "n": 64, "max_tokens": 1})
     assert_error(r, 400, param="n")
     assert calls == []
@@ -146,8 +170,11 @@ def test_non_finite_logprobs_are_sent_as_numbers(tiny_checkpoint, server_factory
     assert r.status_code == 200
     logprobs = json.loads(r.text, parse_constant=pytest.fail)["choices"][0]["logprobs"]
     assert all(isinstance(x, float) for x in logprobs["token_logprobs"])
-    with httpx.stream("POST", server.url + CHAT, json={"messages": OK_CHAT, "max_tokens": 3, "logprobs": True,
-                                                      "top_logprobs": 5, "stream": True}) as s:
+    with httpx.stream(
+        "POST",
+        server.url + CHAT,
+        json={"messages": OK_CHAT, "max_tokens": 3, "logprobs": True, "top_logprobs": 5, "stream": True},
+    ) as s:
         for line in s.iter_lines():
             if line.startswith("data: {"):
                 json.loads(line[6:], parse_constant=pytest.fail)

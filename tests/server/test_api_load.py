@@ -1,4 +1,5 @@
 """Concurrency: many streaming clients at once, seeds under load, aborted clients, metric counts."""
+
 import asyncio
 import threading
 import time
@@ -6,10 +7,10 @@ import time
 import httpx
 import openai
 import pytest
-
 from conftest import make_client, tiny_settings
-from server.app import load_engine
 from test_api_errors import wait_for_idle
+
+from server.app import load_engine
 
 NO_EOS = {"ignore_eos": True}
 
@@ -26,8 +27,9 @@ def metric(server, name: str, **labels) -> float:
 
 async def _stream_completion(client, model, **kw):
     text, reasons, usage = "", [], None
-    async for chunk in await client.completions.create(model=model, stream=True,
-                                                       stream_options={"include_usage": True}, **kw):
+    async for chunk in await client.completions.create(
+        model=model, stream=True, stream_options={"include_usage": True}, **kw
+    ):
         for c in chunk.choices:
             text += c.text
             if c.finish_reason:
@@ -47,8 +49,10 @@ async def _stream_chat(client, model, **kw):
 
 
 def test_sixteen_concurrent_streaming_clients_match_their_solo_results(openai_client, live_server):
-    jobs = [dict(prompt=f"client {i} says", max_tokens=10 + i, temperature=1.0, seed=100 + i, extra_body=NO_EOS)
-            for i in range(16)]
+    jobs = [
+        dict(prompt=f"client {i} says", max_tokens=10 + i, temperature=1.0, seed=100 + i, extra_body=NO_EOS)
+        for i in range(16)
+    ]
     solo = [openai_client.completions.create(model=live_server.model, **kw) for kw in jobs]
     chat_kw = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=12, seed=5, extra_body=NO_EOS)
     chat_solo = openai_client.chat.completions.create(model=live_server.model, **chat_kw)
@@ -63,7 +67,11 @@ def test_sixteen_concurrent_streaming_clients_match_their_solo_results(openai_cl
     for (text, reasons, usage), ref in zip(results, solo):
         assert text == ref.choices[0].text
         assert reasons == ["length"]
-        counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens depends on the cache's state
+        counts = (
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+        )  # cached_tokens depends on the cache's state
         assert [getattr(usage, k) for k in counts] == [getattr(ref.usage, k) for k in counts]
         assert 0 <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
     for text, reasons, _ in results[16:]:
@@ -72,16 +80,26 @@ def test_sixteen_concurrent_streaming_clients_match_their_solo_results(openai_cl
 
 
 def test_seeded_requests_reproduce_whatever_else_is_in_the_batch(openai_client, live_server):
-    seeded = dict(prompt="reproduce me", max_tokens=24, temperature=1.0, top_p=0.95, seed=2024, extra_body=NO_EOS)
+    seeded = dict(
+        prompt="reproduce me", max_tokens=24, temperature=1.0, top_p=0.95, seed=2024, extra_body=NO_EOS
+    )
     alone = openai_client.completions.create(model=live_server.model, **seeded).choices[0].text
-    noise = [dict(prompt="noise " * (i + 1), max_tokens=5 + 7 * i, temperature=1.0, n=1 + i % 3,
-                  extra_body={"ignore_eos": True, "repetition_penalty": 1.2}) for i in range(6)]
+    noise = [
+        dict(
+            prompt="noise " * (i + 1),
+            max_tokens=5 + 7 * i,
+            temperature=1.0,
+            n=1 + i % 3,
+            extra_body={"ignore_eos": True, "repetition_penalty": 1.2},
+        )
+        for i in range(6)
+    ]
 
     async def run_all():
         async with openai.AsyncOpenAI(base_url=live_server.url + "/v1", api_key="x", max_retries=0) as client:
             tasks, mine = [], []
             for i in range(4):  # the seeded request, started at different moments of the noise
-                tasks += [client.completions.create(model=live_server.model, **kw) for kw in noise[i:i + 2]]
+                tasks += [client.completions.create(model=live_server.model, **kw) for kw in noise[i : i + 2]]
                 mine.append(len(tasks))
                 tasks.append(client.completions.create(model=live_server.model, **seeded))
             results = await asyncio.gather(*tasks)
@@ -133,13 +151,23 @@ def test_metric_counts_match_the_requests_sent(tiny_checkpoint, server_factory):
     client = make_client(server)
     prompt_tokens = completion_tokens = 0
     for i in range(3):
-        r = client.completions.create(model=server.model, prompt="m" * (i + 1), max_tokens=4, extra_body=NO_EOS)
+        r = client.completions.create(
+            model=server.model, prompt="m" * (i + 1), max_tokens=4, extra_body=NO_EOS
+        )
         prompt_tokens += r.usage.prompt_tokens
         completion_tokens += r.usage.completion_tokens
     for _ in range(2):
-        chunks = list(client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "x"}],
-                                                     max_tokens=3, n=2, stream=True, extra_body=NO_EOS,
-                                                     stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(
+                model=server.model,
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=3,
+                n=2,
+                stream=True,
+                extra_body=NO_EOS,
+                stream_options={"include_usage": True},
+            )
+        )
         prompt_tokens += 2 * chunks[-1].usage.prompt_tokens  # two engine requests, one prompt each
         completion_tokens += chunks[-1].usage.completion_tokens
     for _ in range(4):

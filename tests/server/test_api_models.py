@@ -1,13 +1,14 @@
 """What gets served: an encoder-decoder, a Hugging Face GPT-2 directory, a model loaded in the
 background; the tokenizer endpoints, probes and the chat page."""
+
 import time
 
 import httpx
 import pytest
 import torch
+from conftest import TINY_CONTEXT, TINY_MODEL_NAME, make_client, start_live_server, tiny_settings
 
 import gpt
-from conftest import TINY_CONTEXT, TINY_MODEL_NAME, make_client, start_live_server, tiny_settings
 from server.app import create_app, load_engine
 from server.config import Settings
 
@@ -26,23 +27,29 @@ def test_seq2seq_checkpoint_is_served(tiny_s2s_checkpoint, server_factory):
     assert whole.choices[0].text == expected
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
     assert streamed == expected
-    chat = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=4, extra_body=NO_EOS)
+    chat = client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, extra_body=NO_EOS
+    )
     assert chat.usage.completion_tokens == 4
     # an encoder-decoder's output has the whole context to itself: the limit names max_tokens
-    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 10 ** 6})
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 10**6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
-def test_quantize_int8_serves_what_the_quantized_library_generates(tiny_checkpoint, server_factory, monkeypatch):
+def test_quantize_int8_serves_what_the_quantized_library_generates(
+    tiny_checkpoint, server_factory, monkeypatch
+):
     monkeypatch.setenv("GPT_SERVE_QUANTIZE", "INT8")
     settings = Settings.from_env(model=tiny_checkpoint, served_model_name=TINY_MODEL_NAME)
     assert settings.quantize == "int8"
     server = server_factory(settings, engine=load_engine(settings))
-    out = make_client(server).completions.create(model=server.model, prompt="quantized", max_tokens=8,
-                                                 temperature=0, extra_body=NO_EOS)
+    out = make_client(server).completions.create(
+        model=server.model, prompt="quantized", max_tokens=8, temperature=0, extra_body=NO_EOS
+    )
     model, tok = gpt.load(tiny_checkpoint)
-    expected = gpt.generate(gpt.quantize(model), tok, "quantized", max_new_tokens=8, temperature=0, ignore_eos=True)
+    expected = gpt.generate(
+        gpt.quantize(model), tok, "quantized", max_new_tokens=8, temperature=0, ignore_eos=True
+    )
     assert out.choices[0].text == expected
 
 
@@ -53,10 +60,12 @@ def test_a_float16_kv_cache_is_what_the_engine_decodes_in(tiny_checkpoint, monke
     assert settings.kv_cache_dtype == "float16" and engine._sched.cache.layers[0].k.dtype == torch.float16
 
 
-@pytest.mark.parametrize("kv, kernel, warns", [("float16", False, True), ("float16", True, False),
-                                               ("float32", False, False)])
-def test_a_kv_cache_dtype_that_attention_must_convert_is_warned_of(tiny_checkpoint, monkeypatch, caplog, kv, kernel,
-                                                                     warns):
+@pytest.mark.parametrize(
+    "kv, kernel, warns", [("float16", False, True), ("float16", True, False), ("float32", False, False)]
+)
+def test_a_kv_cache_dtype_that_attention_must_convert_is_warned_of(
+    tiny_checkpoint, monkeypatch, caplog, kv, kernel, warns
+):
     monkeypatch.setattr(gpt.native, "attention_f16_available", lambda: kernel)
     with caplog.at_level("WARNING", logger="server"):
         load_engine(Settings(model=tiny_checkpoint, kv_cache_dtype=kv))
@@ -71,12 +80,14 @@ def test_hugging_face_gpt2_directory_is_served(tmp_path, server_factory):
     server = server_factory(settings, engine=load_engine(settings))
     assert server.model == "hf-gpt2"  # the directory's name by default
     client = make_client(server)
-    r = client.completions.create(model="hf-gpt2", prompt="Hello world", max_tokens=6, temperature=0,
-                                  extra_body=NO_EOS)
+    r = client.completions.create(
+        model="hf-gpt2", prompt="Hello world", max_tokens=6, temperature=0, extra_body=NO_EOS
+    )
     tok = gpt.get_tokenizer("gpt2")
     assert r.usage.prompt_tokens == len(tok.encode("Hello world")) == 2
-    assert r.choices[0].text == gpt.generate(model, tok, "Hello world", max_new_tokens=6, temperature=0,
-                                             ignore_eos=True)
+    assert r.choices[0].text == gpt.generate(
+        model, tok, "Hello world", max_new_tokens=6, temperature=0, ignore_eos=True
+    )
     assert [m.id for m in client.models.list().data] == ["hf-gpt2"]
 
 
@@ -87,7 +98,9 @@ def test_model_loads_in_the_background_and_ready_follows(tiny_checkpoint, server
     while httpx.get(server.url + "/ready").status_code != 200:
         assert time.monotonic() < deadline, "the model never became ready"
         time.sleep(0.05)
-    r = make_client(server).completions.create(model=server.model, prompt="x", max_tokens=2, extra_body=NO_EOS)
+    r = make_client(server).completions.create(
+        model=server.model, prompt="x", max_tokens=2, extra_body=NO_EOS
+    )
     assert r.usage.completion_tokens == 2
 
 
@@ -109,7 +122,9 @@ def test_a_model_that_fails_to_load_keeps_ready_503_with_the_reason(tmp_path):
 def test_tokenize_and_detokenize(live_server):
     r = httpx.post(live_server.url + "/tokenize", json={"prompt": "héllo"}).json()
     assert r == {"tokens": list("héllo".encode()), "count": 6, "max_model_len": TINY_CONTEXT}
-    assert httpx.post(live_server.url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "héllo"}
+    assert httpx.post(live_server.url + "/detokenize", json={"tokens": r["tokens"]}).json() == {
+        "prompt": "héllo"
+    }
     for bad in ([300], [-1], ["a"], [1.5]):
         err = httpx.post(live_server.url + "/detokenize", json={"tokens": bad})
         assert err.status_code == 400 and err.json()["error"]["param"].startswith("tokens")
@@ -123,13 +138,16 @@ def test_models_endpoint_reports_the_context(openai_client, live_server):
     assert card.model_extra["max_model_len"] == TINY_CONTEXT
 
 
-def test_models_suggest_completion_mode_unless_a_chat_template_was_given(openai_client, live_server, tmp_path,
-                                                                        tiny_checkpoint, server_factory):
+def test_models_suggest_completion_mode_unless_a_chat_template_was_given(
+    openai_client, live_server, tmp_path, tiny_checkpoint, server_factory
+):
     assert openai_client.models.list().data[0].model_extra["suggested_mode"] == "completion"
     assert openai_client.models.retrieve(live_server.model).model_extra["suggested_mode"] == "completion"
     path = tmp_path / "template.json"
     path.write_text('{"roles": {"user": {"prefix": "Q: "}, "assistant": {"prefix": "A: "}}}')
-    server = server_factory(tiny_settings(tiny_checkpoint, chat_template=str(path)))  # loads in the background
+    server = server_factory(
+        tiny_settings(tiny_checkpoint, chat_template=str(path))
+    )  # loads in the background
     cards = httpx.get(server.url + "/v1/models").json()["data"]
     assert [c["suggested_mode"] for c in cards] == ["chat"]
     card = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["ModelCard"]
@@ -157,8 +175,13 @@ def test_create_app_rejects_a_bad_chat_template(tmp_path):
 
 
 def test_settings_from_env_and_overrides():
-    env = {"GPT_SERVE_MODEL": "/m/ckpt", "GPT_SERVE_PORT": "9000", "GPT_SERVE_API_KEY": "k",
-           "GPT_SERVE_TIMEOUT": "2.5", "GPT_SERVE_LOG_LEVEL": "DEBUG"}
+    env = {
+        "GPT_SERVE_MODEL": "/m/ckpt",
+        "GPT_SERVE_PORT": "9000",
+        "GPT_SERVE_API_KEY": "k",
+        "GPT_SERVE_TIMEOUT": "2.5",
+        "GPT_SERVE_LOG_LEVEL": "DEBUG",
+    }
     s = Settings.from_env(env, port=9100)
     assert (s.model, s.port, s.api_key, s.timeout, s.log_level) == ("/m/ckpt", 9100, "k", 2.5, "debug")
     assert s.model_name == "ckpt"

@@ -1,4 +1,5 @@
 """gpt-chat against a real server on a loopback port: run as a subprocess with piped stdin."""
+
 from __future__ import annotations
 
 import json
@@ -22,18 +23,31 @@ USAGE = re.compile(r"\[prompt_tokens=(\d+) completion_tokens=(\d+) finish_reason
 
 def gpt_chat(url: str, stdin: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run gpt-chat; stdout is decoded by hand so that a "\r" in a reply stays a "\r"."""
-    inherited = {k: v for k, v in os.environ.items()
-                 if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GPT_CHAT_URL")}
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "GPT_CHAT_URL")
+    }
     env = {**inherited, "PYTHONIOENCODING": "utf-8", **(env or {})}
-    r = subprocess.run([sys.executable, "-m", "server.chat_client", "--url", url, *args],
-                       input=stdin.encode(), capture_output=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "server.chat_client", "--url", url, *args],
+        input=stdin.encode(),
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 def sampling_args(**overrides) -> list[str]:
     s = {**SAMPLING, **overrides}
-    return ["--temperature", str(s["temperature"]), "--seed", str(s["seed"]),
-            "--max-tokens", str(s["max_tokens"]), "--usage"]
+    return [
+        "--temperature",
+        str(s["temperature"]),
+        "--seed",
+        str(s["seed"]),
+        "--max-tokens",
+        str(s["max_tokens"]),
+        "--usage",
+    ]
 
 
 def api_reply(openai_client, model: str, messages: list[dict], **overrides) -> tuple[str, int]:
@@ -47,14 +61,18 @@ def model(live_server):
     return live_server.model
 
 
-def test_gpt_chat_streams_replies_equal_to_the_api_keeping_history_until_reset(live_server, openai_client, model):
-    r = gpt_chat(live_server.url, "hi\nok\n/reset\nhi\n/quit\nnever sent\n",
-                 *sampling_args())
+def test_gpt_chat_streams_replies_equal_to_the_api_keeping_history_until_reset(
+    live_server, openai_client, model
+):
+    r = gpt_chat(live_server.url, "hi\nok\n/reset\nhi\n/quit\nnever sent\n", *sampling_args())
     assert r.returncode == 0, r.stderr
 
     first, first_prompt = api_reply(openai_client, model, [{"role": "user", "content": "hi"}])
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
-               {"role": "user", "content": "ok"}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "ok"},
+    ]
     second, second_prompt = api_reply(openai_client, model, history)
     assert first and second
     # stdout holds exactly the replies, one per turn; after /reset the conversation starts over,
@@ -90,15 +108,18 @@ def test_stream_chat_yields_the_reply_in_several_pieces(paced_live_server, opena
     assert reply.usage["prompt_tokens"] == prompt_tokens
 
 
-def test_gpt_chat_failed_turn_prints_the_server_error_and_the_session_goes_on(live_server, openai_client, model):
+def test_gpt_chat_failed_turn_prints_the_server_error_and_the_session_goes_on(
+    live_server, openai_client, model
+):
     too_long = "word " * 5000  # far beyond the tiny model's context
     r = gpt_chat(live_server.url, f"{too_long}\nhi\n", *sampling_args())
     assert r.returncode == 1  # a turn failed
     errors = [line for line in r.stderr.splitlines() if line.startswith("gpt-chat: error:")]
     assert len(errors) == 1 and "(HTTP 400)" in errors[0]
     with pytest.raises(Exception) as api_error:  # the same message the API gives for it
-        openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": too_long}],
-                                              **SAMPLING)
+        openai_client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": too_long}], **SAMPLING
+        )
     assert api_error.value.body["message"] in errors[0]
     # the failed message did not stay in the conversation
     reply, prompt = api_reply(openai_client, model, [{"role": "user", "content": "hi"}])
@@ -155,7 +176,9 @@ def test_gpt_chat_sends_the_api_key_and_reports_a_rejected_one(tiny_checkpoint, 
     assert by_option.stdout == by_env.stdout and by_option.stdout.strip("\n")
 
 
-def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(live_server, openai_client, model):
+def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(
+    live_server, openai_client, model
+):
     pty = pytest.importorskip("pty")
     from server.chat_client import _CONTROLS
 
@@ -170,8 +193,13 @@ def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(
 
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "dumb", "PYTHONIOENCODING": "utf-8"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.chat_client", "--url", live_server.url,
-                             *sampling_args(seed=seed)], stdin=slave, stdout=slave, stderr=slave, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.chat_client", "--url", live_server.url, *sampling_args(seed=seed)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+    )
     os.close(slave)
     output = b""
 
@@ -203,6 +231,7 @@ def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(
 
 # ---- the stream parser against canned responses (no server): what other servers may send
 
+
 def _chunk(content=None, finish=None, index=0) -> str:
     delta = {} if content is None else {"content": content}
     return json.dumps({"choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
@@ -211,6 +240,7 @@ def _chunk(content=None, finish=None, index=0) -> str:
 def _canned(body: str, status: int = 200, content_type: str = "text/event-stream") -> ChatClient:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(status, content=body.encode(), headers={"content-type": content_type})
+
     return ChatClient("http://canned", transport=httpx.MockTransport(handler))
 
 
@@ -224,33 +254,51 @@ def _run(client: ChatClient) -> tuple[list[str], Reply]:
 
 def test_stream_parser_takes_crlf_comments_other_fields_and_other_choices_in_stride():
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    body = (": keep-alive\r\n\r\n"
-            f"data: {_chunk('a')}\r\n\r\n"
-            f"event: message\nid: 7\ndata: {_chunk('ignored', index=1)}\n\n"
-            f"data:{_chunk('b', finish='length')}\n\n"
-            f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-            "data: [DONE]\n\n")
+    body = (
+        ": keep-alive\r\n\r\n"
+        f"data: {_chunk('a')}\r\n\r\n"
+        f"event: message\nid: 7\ndata: {_chunk('ignored', index=1)}\n\n"
+        f"data:{_chunk('b', finish='length')}\n\n"
+        f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        "data: [DONE]\n\n"
+    )
     pieces, reply = _run(_canned(body))
     assert pieces == ["a", "b"] and reply.text == "ab"
     assert reply.finish_reason == "length" and reply.usage == usage
 
 
-@pytest.mark.parametrize("body, message", [
-    (f"data: {_chunk('a')}\n\ndata: {json.dumps({'error': {'message': 'engine failed'}})}\n\n", "engine failed"),
-    (f"data: {_chunk('a')}\n\n", "ended before the reply was finished"),
-    ("data: {not json\n\n", "malformed stream chunk"),
-], ids=["error-chunk", "cut-off", "malformed"])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            f"data: {_chunk('a')}\n\ndata: {json.dumps({'error': {'message': 'engine failed'}})}\n\n",
+            "engine failed",
+        ),
+        (f"data: {_chunk('a')}\n\n", "ended before the reply was finished"),
+        ("data: {not json\n\n", "malformed stream chunk"),
+    ],
+    ids=["error-chunk", "cut-off", "malformed"],
+)
 def test_stream_problems_become_one_line_errors(body, message):
     with pytest.raises(ChatError, match=message):
         _run(_canned(body))
 
 
-@pytest.mark.parametrize("status, body, content_type, message", [
-    (401, '{"error": {"message": "bad key", "type": "authentication_error", "param": null, "code": "invalid_api_key"}}',
-     "application/json", "bad key (HTTP 401)"),
-    (422, '{"detail": "field required"}', "application/json", "field required (HTTP 422)"),
-    (502, "<html>Bad Gateway</html>\n<p>nginx</p>", "text/html", "HTTP 502: <html>Bad Gateway</html>"),
-], ids=["openai-error", "fastapi-detail", "proxy-page"])
+@pytest.mark.parametrize(
+    "status, body, content_type, message",
+    [
+        (
+            401,
+            '{"error": {"message": "bad key", "type": "authentication_error", "param": null, '
+            '"code": "invalid_api_key"}}',
+            "application/json",
+            "bad key (HTTP 401)",
+        ),
+        (422, '{"detail": "field required"}', "application/json", "field required (HTTP 422)"),
+        (502, "<html>Bad Gateway</html>\n<p>nginx</p>", "text/html", "HTTP 502: <html>Bad Gateway</html>"),
+    ],
+    ids=["openai-error", "fastapi-detail", "proxy-page"],
+)
 def test_http_errors_give_the_servers_message(status, body, content_type, message):
     with pytest.raises(ChatError) as e:
         _run(_canned(body, status, content_type))

@@ -1,13 +1,14 @@
 """The continuous-batching engine, driven directly (no HTTP) with tiny models."""
+
 import asyncio
 import time
 
 import pytest
 
 import gpt
+import server.engine
 from gpt import SamplingParams
 from gpt.compile import is_compiled
-import server.engine
 from server.engine import Engine, EngineClosed, QueueFull
 
 TOK = gpt.get_tokenizer("byte")
@@ -48,13 +49,23 @@ def gauges(engine: Engine) -> tuple[float, float, float]:
     return tuple(m.value(f"gptserve_{g}") for g in ("requests_waiting", "requests_running", "kv_slots_used"))
 
 
-PROMPTS = ["hello world", "a", "the quick brown fox jumps over", "xyz", "Once upon a time", "42", "foo bar baz"]
+PROMPTS = [
+    "hello world",
+    "a",
+    "the quick brown fox jumps over",
+    "xyz",
+    "Once upon a time",
+    "42",
+    "foo bar baz",
+]
 
 
 def test_more_requests_than_slots_all_complete_with_the_text_of_gpt_complete(tiny_gpt):
     # different lengths: requests finish on different steps, leaving holes the next ones fill
-    params = [SamplingParams(max_new_tokens=4 + 5 * (i % 3), temperature=0, ignore_eos=True)
-              for i in range(len(PROMPTS))]
+    params = [
+        SamplingParams(max_new_tokens=4 + 5 * (i % 3), temperature=0, ignore_eos=True)
+        for i in range(len(PROMPTS))
+    ]
     want = gpt.complete(tiny_gpt, TOK, PROMPTS, params)
     decode_rows = []
     step = tiny_gpt.step
@@ -87,8 +98,10 @@ def test_rows_moved_to_keep_the_decode_batch_contiguous_keep_their_cache(tiny_gp
     # A and B take rows 0 and 1; A finishes and C takes row 0 while B still decodes in row 1:
     # B swaps rows with C (mid-prefill), and then rows move again as B finishes before C.
     jobs = [(TOK.encode("ab"), 3), (TOK.encode("cd"), 30), (list(range(70, 100)), 6)]
-    want = [gpt.complete(tiny_gpt, TOK, [p], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
-            for p, n in jobs]
+    want = [
+        gpt.complete(tiny_gpt, TOK, [p], SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))[0]
+        for p, n in jobs
+    ]
     moves = []  # (source rows, destination rows) of every row move in the cache the engine made
     new_cache = tiny_gpt.new_cache
 
@@ -108,8 +121,10 @@ def test_rows_moved_to_keep_the_decode_batch_contiguous_keep_their_cache(tiny_gp
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=2, prefill_chunk=4)
         try:
-            handles = [engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
-                       for p, n in jobs]
+            handles = [
+                engine.submit(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True))
+                for p, n in jobs
+            ]
             return await asyncio.gather(*map(collect, handles))
         finally:
             await engine.shutdown(1)
@@ -138,8 +153,9 @@ def test_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding(ti
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=4, prefill_chunk=8)
         try:
-            streaming = engine.submit(TOK.encode("hi"), SamplingParams(max_new_tokens=40, temperature=0,
-                                                                        ignore_eos=True))
+            streaming = engine.submit(
+                TOK.encode("hi"), SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+            )
             first = await streaming.__anext__()
             calls.clear()
             long = engine.submit(long_prompt, params)
@@ -167,9 +183,13 @@ def test_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(tiny_gpt):
         engine = Engine(tiny_gpt, TOK, max_batch_size=4, prefill_chunk=6)
         try:
             alone = (await collect(engine.submit(TOK.encode("Once upon a time"), seeded)))[0]
-            others = [engine.submit(TOK.encode(p), SamplingParams(max_new_tokens=5 + 3 * i, temperature=1.2,
-                                                                  seed=i if i % 2 else None))
-                      for i, p in enumerate(PROMPTS)]
+            others = [
+                engine.submit(
+                    TOK.encode(p),
+                    SamplingParams(max_new_tokens=5 + 3 * i, temperature=1.2, seed=i if i % 2 else None),
+                )
+                for i, p in enumerate(PROMPTS)
+            ]
             busy = engine.submit(TOK.encode("Once upon a time"), seeded)
             results = await asyncio.gather(collect(busy), *map(collect, others))
             return alone, results[0][0]
@@ -184,14 +204,20 @@ def test_seeded_request_gives_the_same_text_alone_and_in_a_busy_batch(tiny_gpt):
 def test_stop_string_spanning_tokens_ends_the_text_before_it_and_never_leaks(tiny_gpt):
     base = dict(max_new_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
     full = gpt.complete(tiny_gpt, TOK, ["abc"], SamplingParams(**base))[0].text
-    at = next(i for i in range(8, len(full) - 2) if full[i:i + 3].isprintable() and "\ufffd" not in full[i:i + 3])
-    stop = full[at:at + 3]  # three byte tokens: the match spans tokens
+    at = next(
+        i
+        for i in range(8, len(full) - 2)
+        if full[i : i + 3].isprintable() and "\ufffd" not in full[i : i + 3]
+    )
+    stop = full[at : at + 3]  # three byte tokens: the match spans tokens
     want = full[: full.index(stop)]
 
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=2)
         try:
-            return await collect(engine.submit(TOK.encode("abc"), SamplingParams(**base, stop=[stop, "\x00never"])))
+            return await collect(
+                engine.submit(TOK.encode("abc"), SamplingParams(**base, stop=[stop, "\x00never"]))
+            )
         finally:
             await engine.shutdown(1)
 
@@ -208,8 +234,12 @@ def test_end_of_text_stops_unless_ignore_eos_and_length_ends_at_max_tokens(tiny_
         try:
             return await asyncio.gather(
                 collect(engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5, logit_bias=force_eot))),
-                collect(engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5, logit_bias=force_eot,
-                                                                ignore_eos=True))))
+                collect(
+                    engine.submit(
+                        [1, 2, 3], SamplingParams(max_new_tokens=5, logit_bias=force_eot, ignore_eos=True)
+                    )
+                ),
+            )
         finally:
             await engine.shutdown(1)
 
@@ -246,7 +276,10 @@ def test_cancel_frees_slots_and_brings_the_gauges_back_to_zero(tiny_gpt):
             handles = [engine.submit([5, 6, 7], long) for _ in range(4)]  # two run, two wait
             first = await handles[0].__anext__()
             deadline = time.monotonic() + 5  # the engine thread may still be admitting the second one
-            while (engine.stats().slots_in_use, engine.stats().waiting) != (2, 2) and time.monotonic() < deadline:
+            while (engine.stats().slots_in_use, engine.stats().waiting) != (
+                2,
+                2,
+            ) and time.monotonic() < deadline:
                 await asyncio.sleep(0.001)
             stats = engine.stats()
             assert first.finish_reason is None and stats.slots_in_use == 2 and stats.waiting == 2
@@ -332,7 +365,9 @@ def test_shutdown_cancels_what_outlasts_the_grace_period(tiny_gpt):
 
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=1)
-        handles = [engine.submit([1, 2], SamplingParams(max_new_tokens=60, ignore_eos=True)) for _ in range(2)]
+        handles = [
+            engine.submit([1, 2], SamplingParams(max_new_tokens=60, ignore_eos=True)) for _ in range(2)
+        ]
         await engine.shutdown(grace=0.1)
         return await asyncio.gather(*map(collect, handles)), gauges(engine)
 
@@ -386,14 +421,21 @@ def test_encoder_decoder_model_is_served_with_the_text_of_gpt_complete(tiny_s2s)
         assert [x for o in outs for x in o.logprobs] == pytest.approx(c.logprobs, abs=1e-4)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
-    ([], SamplingParams(), "empty"),
-    ([1, 300], SamplingParams(), "300"),
-    ([1] * 60, SamplingParams(max_new_tokens=10),
-     "the prompt has 60 tokens and max_new_tokens is 10: 70 tokens, more than the model's context of 64"),
-    ([1, 2], SamplingParams(max_new_tokens=8, num_beams=2), "submit_beams"),
-    ([1, 2], SamplingParams(max_new_tokens=8, logit_bias={999: 1.0}), "999"),
-])
+@pytest.mark.parametrize(
+    "prompt, params, message",
+    [
+        ([], SamplingParams(), "empty"),
+        ([1, 300], SamplingParams(), "300"),
+        (
+            [1] * 60,
+            SamplingParams(max_new_tokens=10),
+            "the prompt has 60 tokens and max_new_tokens is 10: 70 tokens, more than the model's "
+            "context of 64",
+        ),
+        ([1, 2], SamplingParams(max_new_tokens=8, num_beams=2), "submit_beams"),
+        ([1, 2], SamplingParams(max_new_tokens=8, logit_bias={999: 1.0}), "999"),
+    ],
+)
 def test_bad_requests_are_refused_at_submit_with_a_clear_message(tiny_gpt, prompt, params, message):
     async def main():
         engine = Engine(tiny_gpt, TOK)
@@ -484,7 +526,7 @@ def _reference_prompt_logprobs(model, ids):
     import torch
 
     with torch.inference_mode():
-        return torch.log_softmax(model(torch.tensor([ids]))[0, :, :TOK.vocab_size].float(), dim=-1)
+        return torch.log_softmax(model(torch.tensor([ids]))[0, :, : TOK.vocab_size].float(), dim=-1)
 
 
 def test_prompt_logprobs_are_scored_in_chunks_beside_decoding_and_ride_on_the_first_piece(tiny_gpt):
@@ -494,11 +536,18 @@ def test_prompt_logprobs_are_scored_in_chunks_beside_decoding_and_ride_on_the_fi
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=3, prefill_chunk=5)
         try:
-            busy = engine.submit(TOK.encode("busy"), SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+            busy = engine.submit(
+                TOK.encode("busy"), SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+            )
             await busy.__anext__()  # decoding while the others prefill
-            score = engine.submit(long_prompt, SamplingParams(max_new_tokens=1), prompt_logprobs=2, generate=False)
-            both = engine.submit(long_prompt, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
-                                 prompt_logprobs=0)
+            score = engine.submit(
+                long_prompt, SamplingParams(max_new_tokens=1), prompt_logprobs=2, generate=False
+            )
+            both = engine.submit(
+                long_prompt,
+                SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
+                prompt_logprobs=0,
+            )
             results = await asyncio.gather(collect(score), collect(both), collect(busy))
             await settle(engine)
             return results, engine.stats()
@@ -513,8 +562,9 @@ def test_prompt_logprobs_are_scored_in_chunks_beside_decoding_and_ride_on_the_fi
     want = [ref[k - 1, long_prompt[k]].item() for k in range(1, len(long_prompt))]
     assert scored.logprobs[1:] == pytest.approx(want, abs=1e-5)
     for k in range(1, len(long_prompt)):
-        assert sorted(scored.top_logprobs[k].values(), reverse=True) == \
-            pytest.approx(ref[k - 1].topk(2).values.tolist(), abs=1e-5)
+        assert sorted(scored.top_logprobs[k].values(), reverse=True) == pytest.approx(
+            ref[k - 1].topk(2).values.tolist(), abs=1e-5
+        )
     _, ids, reason, outs = both
     assert len(ids) == 3 and reason == "length"
     assert outs[0].prompt_logprobs.logprobs[1:] == pytest.approx(want, abs=1e-5)
@@ -541,8 +591,11 @@ def test_nothing_to_generate_nor_score_ends_at_admission_without_a_slot(tiny_gpt
 
 def test_prompt_logprobs_are_refused_for_an_encoder_decoder_and_out_of_range(tiny_gpt, tiny_s2s):
     async def main():
-        for model, value, message in ((tiny_s2s, 1, "decoder-only"), (tiny_gpt, 21, r"\[0, 20\]"),
-                                      (tiny_gpt, True, r"\[0, 20\]")):
+        for model, value, message in (
+            (tiny_s2s, 1, "decoder-only"),
+            (tiny_gpt, 21, r"\[0, 20\]"),
+            (tiny_gpt, True, r"\[0, 20\]"),
+        ):
             engine = Engine(model, TOK)
             try:
                 with pytest.raises(gpt.RequestError, match=message) as e:
@@ -556,6 +609,7 @@ def test_prompt_logprobs_are_refused_for_an_encoder_decoder_and_out_of_range(tin
 
 def serve_one_compiled(model, prompt: str, params: SamplingParams, limit: float = 300):
     """(text, token ids, finish reason) of one request to an engine built with compile_decode=True."""
+
     async def main():
         engine = Engine(model, TOK, max_batch_size=2, compile_decode=True)
         try:
@@ -586,7 +640,9 @@ def test_where_compiling_fails_the_engine_warns_and_serves_uncompiled(tiny_gpt, 
     with caplog.at_level("WARNING"):
         got = serve_one_compiled(tiny_gpt, "hi", params, limit=60)
     assert not is_compiled(tiny_gpt) and got == (want.text, want.token_ids, "length")
-    assert any("torch.compile failed (RuntimeError: no C++ compiler here)" in r.getMessage() for r in caplog.records)
+    assert any(
+        "torch.compile failed (RuntimeError: no C++ compiler here)" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_a_float16_kv_cache_streams_what_the_library_decodes_from_one(tiny_gpt):

@@ -17,6 +17,7 @@ rare knife edge there: the two paths batch rows differently, so logits differ by
 probability 0.4170003 in one path and 0.4169994 in the other. A first differing token at such a
 tie is rounding; anything else is a bug.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -75,15 +76,23 @@ def draw_prompt(rng: random.Random, length: int) -> list[int]:
 def draw_params(rng: random.Random, max_new_cap: int) -> SamplingParams:
     """Random sampling settings (no stop strings yet); every sampled request has a seed."""
     greedy = rng.random() < 0.3
-    temperature = 0.0 if greedy else rng.choice([0.1, 0.3, 0.5, 0.7, 1.0, 1.0, 1.3, 2.0,
-                                                 round(rng.uniform(0.05, 2.0), 3)])
+    temperature = (
+        0.0
+        if greedy
+        else rng.choice([0.1, 0.3, 0.5, 0.7, 1.0, 1.0, 1.3, 2.0, round(rng.uniform(0.05, 2.0), 3)])
+    )
     logit_bias = {}
     if rng.random() < 0.5:  # mostly printable text: stop strings to take from it, real UTF-8
         logit_bias.update(dict.fromkeys(PRINTABLE, round(rng.uniform(1.0, 4.0), 3)))
     if rng.random() < 0.4:
         for tok in rng.sample(range(256), rng.randint(1, 4)):
-            logit_bias[tok] = rng.choice([round(rng.uniform(-3.0, 3.0), 3), -100.0, 100.0 if rng.random() < 0.2
-                                          else round(rng.uniform(-1.0, 1.0), 3)])
+            logit_bias[tok] = rng.choice(
+                [
+                    round(rng.uniform(-3.0, 3.0), 3),
+                    -100.0,
+                    100.0 if rng.random() < 0.2 else round(rng.uniform(-1.0, 1.0), 3),
+                ]
+            )
     if rng.random() < 0.4:  # make end-of-text likely at some point
         logit_bias[EOT] = round(rng.uniform(0.0, 5.0), 3)
     long_run = rng.random() < 0.75
@@ -97,7 +106,7 @@ def draw_params(rng: random.Random, max_new_cap: int) -> SamplingParams:
         presence_penalty=0.0 if rng.random() < 0.6 else round(rng.uniform(-2.0, 2.0), 3),
         frequency_penalty=0.0 if rng.random() < 0.6 else round(rng.uniform(-2.0, 2.0), 3),
         logit_bias=logit_bias or None,
-        seed=rng.randrange(2 ** 31) if not greedy or rng.random() < 0.5 else None,
+        seed=rng.randrange(2**31) if not greedy or rng.random() < 0.5 else None,
         ignore_eos=rng.random() < 0.25,
         logprobs=rng.randint(0, 5),
     )
@@ -113,7 +122,7 @@ def stop_strings_from(rng: random.Random, text: str) -> list[str]:
             if len(text) < k + 4:
                 break
             at = rng.randint(len(text) // 4, max(len(text) // 4, (3 * len(text)) // 4 - k))
-            s = text[at:at + k]
+            s = text[at : at + k]
             if len(s) == k and "\ufffd" not in s:
                 stops.append(s)
                 break
@@ -129,8 +138,12 @@ def draw_cases(rng: random.Random, model) -> tuple[list[Case], list[dict]]:
     block = model.config.block_size
     cases, runs = [], []
     for run_no in range(RUNS):
-        runs.append(dict(max_batch_size=rng.choice([2, 3, 4, 5]),
-                         prefill_chunk=rng.choice([8, 12, 16]) if seq2seq else rng.choice([3, 4, 6, 8])))
+        runs.append(
+            dict(
+                max_batch_size=rng.choice([2, 3, 4, 5]),
+                prefill_chunk=rng.choice([8, 12, 16]) if seq2seq else rng.choice([3, 4, 6, 8]),
+            )
+        )
         # different prompt lengths within a run: rows prefill and finish at different steps
         for length in rng.sample(range(1, 41 if seq2seq else 25), PER_RUN):
             cap = min(48, block - 1) if seq2seq else min(40, block - length)
@@ -147,13 +160,18 @@ def draw_cases(rng: random.Random, model) -> tuple[list[Case], list[dict]]:
 async def collect(handle) -> dict:
     """One request's Outputs, concatenated."""
     outs = [o async for o in handle]
-    return dict(text="".join(o.text for o in outs), token_ids=[t for o in outs for t in o.token_ids],
-                finish_reason=outs[-1].finish_reason, logprobs=[x for o in outs for x in o.logprobs],
-                top_logprobs=[t for o in outs for t in o.top_logprobs])
+    return dict(
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        finish_reason=outs[-1].finish_reason,
+        logprobs=[x for o in outs for x in o.logprobs],
+        top_logprobs=[t for o in outs for t in o.top_logprobs],
+    )
 
 
 def run_engine(model, cases: list[Case], runs: list[dict]) -> list[dict]:
     """Each run: one Engine, its requests submitted together, read concurrently."""
+
     async def main():
         results = []
         for run_no, settings in enumerate(runs):
@@ -220,23 +238,37 @@ def show(p: SamplingParams) -> str:
 
 
 def describe(c: Case, runs: list[dict], got: dict, want: gpt.Completion, diffs: list[str]) -> str:
-    first = next((i for i, (a, b) in enumerate(zip(got["token_ids"], want.token_ids)) if a != b),
-                 min(len(got["token_ids"]), len(want.token_ids)))
-    return (f"case {c.n} (engine run {c.run}: {runs[c.run]}) differs in {', '.join(diffs)}\n"
-            f"  prompt ({len(c.prompt)} tokens): {c.prompt}\n"
-            f"  params: {show(c.params)}\n"
-            f"  first differing token: {first}\n"
-            f"  engine:  reason={got['finish_reason']!r} text={got['text']!r}\n"
-            f"           ids={got['token_ids']}\n"
-            f"  library: reason={want.finish_reason!r} text={want.text!r}\n"
-            f"           ids={want.token_ids}")
+    first = next(
+        (i for i, (a, b) in enumerate(zip(got["token_ids"], want.token_ids)) if a != b),
+        min(len(got["token_ids"]), len(want.token_ids)),
+    )
+    return (
+        f"case {c.n} (engine run {c.run}: {runs[c.run]}) differs in {', '.join(diffs)}\n"
+        f"  prompt ({len(c.prompt)} tokens): {c.prompt}\n"
+        f"  params: {show(c.params)}\n"
+        f"  first differing token: {first}\n"
+        f"  engine:  reason={got['finish_reason']!r} text={got['text']!r}\n"
+        f"           ids={got['token_ids']}\n"
+        f"  library: reason={want.finish_reason!r} text={want.text!r}\n"
+        f"           ids={want.token_ids}"
+    )
 
 
-@pytest.mark.parametrize("device,quantization", [
-    ("cpu", None), ("cpu", "int8"), ("cpu-graphs", None),
-    pytest.param("cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize(
+    "device,quantization",
+    [
+        ("cpu", None),
+        ("cpu", "int8"),
+        ("cpu-graphs", None),
+        pytest.param(
+            "cuda", None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+        ),
+    ],
+)
 @pytest.mark.parametrize("kind", ["gpt", "seq2seq"])
-def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(kind, device, quantization, request):
+def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(
+    kind, device, quantization, request
+):
     # int8 too: activations are quantized per row, so a row's logits do not depend on its batch.
     # On a GPU the library decodes eagerly (first) and the Engine replays CUDA graphs (it records
     # them); other kernels for other batch shapes round differently, hence a wider tolerance.
@@ -253,7 +285,8 @@ def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(kind, 
         gpt.cuda_graph_decode(model)
         steps = gpt.cuda_graphs.DecodeGraphs.step
         request.getfixturevalue("monkeypatch").setattr(
-            gpt.cuda_graphs.DecodeGraphs, "step", lambda *a: replays.append(1) or steps(*a))
+            gpt.cuda_graphs.DecodeGraphs, "step", lambda *a: replays.append(1) or steps(*a)
+        )
     got = run_engine(model, cases, runs)
     assert bool(replays) == (device == "cpu-graphs" and kind == "gpt")
 
@@ -263,8 +296,10 @@ def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(kind, 
         diffs = differences(g, w, tol=1e-4 if device == "cuda" else LOGPROB_TOL)
         if diffs:
             failures.append(describe(c, runs, g, w, diffs))
-    assert not failures, (f"{len(failures)} of {len(cases)} requests differ between the Engine and gpt.complete "
-                          f"(ENGINE_DIFF_SEED={SEED}, {kind}):\n" + "\n".join(failures[:6]))
+    assert not failures, (
+        f"{len(failures)} of {len(cases)} requests differ between the Engine and gpt.complete "
+        f"(ENGINE_DIFF_SEED={SEED}, {kind}):\n" + "\n".join(failures[:6])
+    )
 
     # the draw must exercise what it is meant to (guards against a degenerate set of cases)
     ends = {"end-of-text": 0, "stop string": 0, "length": 0}
@@ -277,4 +312,8 @@ def test_engine_gives_the_completions_of_gpt_complete_for_random_requests(kind, 
             ends["stop string"] += 1
     sampled = sum(not c.params.greedy for c in cases)
     with_top = sum(bool(w.top_logprobs) for w in want)
-    assert all(ends.values()) and sampled >= len(cases) // 3 and with_top >= len(cases) // 4, (ends, sampled, with_top)
+    assert all(ends.values()) and sampled >= len(cases) // 3 and with_top >= len(cases) // 4, (
+        ends,
+        sampled,
+        with_top,
+    )

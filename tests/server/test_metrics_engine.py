@@ -1,4 +1,5 @@
 """The engine's Prometheus metrics count exactly what happened."""
+
 import asyncio
 
 import gpt
@@ -7,9 +8,20 @@ from server.engine import Engine
 from server.metrics import Metrics
 
 TOK = gpt.get_tokenizer("byte")
-NAMES = ["requests_total", "request_finished_total", "time_to_first_token_seconds", "inter_token_latency_seconds",
-         "e2e_request_latency_seconds", "queue_wait_seconds", "requests_waiting", "requests_running",
-         "kv_slots_used", "prompt_tokens_total", "generation_tokens_total", "batch_size"]
+NAMES = [
+    "requests_total",
+    "request_finished_total",
+    "time_to_first_token_seconds",
+    "inter_token_latency_seconds",
+    "e2e_request_latency_seconds",
+    "queue_wait_seconds",
+    "requests_waiting",
+    "requests_running",
+    "kv_slots_used",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "batch_size",
+]
 
 
 def test_two_metrics_objects_do_not_collide_and_render_every_metric():
@@ -24,9 +36,11 @@ def test_two_metrics_objects_do_not_collide_and_render_every_metric():
 
 def test_engine_metrics_match_the_requests_it_served(tiny_gpt):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9] * 10, [10, 11]]
-    params = [SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
-              SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
-              SamplingParams(max_new_tokens=6, logit_bias={TOK.eot_token: 100.0})]  # stops at once
+    params = [
+        SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=6, logit_bias={TOK.eot_token: 100.0}),
+    ]  # stops at once
 
     async def drain(handle):
         return [o async for o in handle]

@@ -3,13 +3,14 @@ schema (valid ones and broken ones) and checks that none gets a 5xx, every respo
 its documented status, content type and body, and every schema-valid request is accepted,
 except where the schema says it cannot know (a prompt and max_tokens that do not fit the context
 together, or fields that are each valid but not together)."""
+
 import hypothesis
 import pytest
 import schemathesis
+from conftest import start_live_server, tiny_settings
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import start_live_server, tiny_settings
 from server.app import load_engine
 from server.openapi import below
 
@@ -41,12 +42,21 @@ def test_the_live_schema_matches_what_the_server_does(fuzzed_server, mode):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     for operation in operations:
+
         @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-        @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.settings(
+            max_examples=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
         def check(case):
-            case.call_and_validate(excluded_checks=[positive_data_acceptance],
-                                   additional_checks=[valid_data_is_accepted], timeout=60)
+            case.call_and_validate(
+                excluded_checks=[positive_data_acceptance],
+                additional_checks=[valid_data_is_accepted],
+                timeout=60,
+            )
 
         try:
             check()

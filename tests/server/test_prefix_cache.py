@@ -7,32 +7,39 @@ conversations where each turn's prompt is the last prompt, the reply and a new l
 conversations than cache rows (rows are evicted); `n` choices of one prompt; a request cancelled
 while it prefills on top of a reused row.
 """
+
 from __future__ import annotations
 
 import asyncio
 import random
 
 import pytest
+from test_engine import collect, run, settle, slow_steps
+from test_engine_matches_library import TOK, build_model
 
 from gpt import SamplingParams
 from server.config import Settings
 from server.engine import Engine
 
-from test_engine import collect, run, settle, slow_steps
-from test_engine_matches_library import TOK, build_model
-
 LOGPROB_TOL = 1e-5
 
 
 def engine(prefix_cache: bool, slots: int = 3, chunk: int = 16, kind: str = "gpt") -> Engine:
-    return Engine(build_model(kind), TOK, max_batch_size=slots, prefill_chunk=chunk, prefix_cache=prefix_cache)
+    return Engine(
+        build_model(kind), TOK, max_batch_size=slots, prefill_chunk=chunk, prefix_cache=prefix_cache
+    )
 
 
 def turn_params(rng: random.Random, seed: int) -> SamplingParams:
     sampled = rng.random() < 0.6
-    return SamplingParams(max_new_tokens=rng.randint(1, 6), temperature=rng.choice([0.7, 1.0, 1.3]) if sampled else 0.0,
-                          top_k=rng.choice([0, 5, 40]), seed=seed, logprobs=rng.choice([0, 0, 3]),
-                          ignore_eos=rng.random() < 0.7)
+    return SamplingParams(
+        max_new_tokens=rng.randint(1, 6),
+        temperature=rng.choice([0.7, 1.0, 1.3]) if sampled else 0.0,
+        top_k=rng.choice([0, 5, 40]),
+        seed=seed,
+        logprobs=rng.choice([0, 0, 3]),
+        ignore_eos=rng.random() < 0.7,
+    )
 
 
 async def conversation(eng: Engine, rng: random.Random, k: int, turns: int) -> list:
@@ -43,8 +50,12 @@ async def conversation(eng: Engine, rng: random.Random, k: int, turns: int) -> l
         n = rng.choice([1, 1, 2])
         params = turn_params(rng, seed=1000 * k + t)
         results = await asyncio.gather(*[collect(eng.submit(prompt, params)) for _ in range(n)])
-        outputs.append([(ids, [lp for o in outs for lp in o.logprobs], [t for o in outs for t in o.top_logprobs])
-                        for _, ids, _, outs in results])
+        outputs.append(
+            [
+                (ids, [lp for o in outs for lp in o.logprobs], [t for o in outs for t in o.top_logprobs])
+                for _, ids, _, outs in results
+            ]
+        )
         reply = results[0][1]
         prompt = prompt + reply + TOK.encode(f"|{t}{'ab' * rng.randint(0, 3)}:")
         if len(prompt) > 44:  # tiny models have a 64-token context
@@ -54,8 +65,9 @@ async def conversation(eng: Engine, rng: random.Random, k: int, turns: int) -> l
 
 async def conversations(eng: Engine, seed: int, count: int, turns: int) -> list:
     try:
-        return await asyncio.gather(*[conversation(eng, random.Random(seed * 100 + k), k, turns)
-                                      for k in range(count)])
+        return await asyncio.gather(
+            *[conversation(eng, random.Random(seed * 100 + k), k, turns) for k in range(count)]
+        )
     finally:
         await eng.shutdown()
 
@@ -97,8 +109,9 @@ def test_n_choices_of_one_prompt_prefill_it_once_and_match_the_uncached_output()
     a, b = run(four(cached_engine)), run(four(engine(False, slots=4)))
     for (_, ids_a, _, outs_a), (_, ids_b, _, outs_b) in zip(a, b):
         assert ids_a == ids_b
-        assert [lp for o in outs_a for lp in o.logprobs] == pytest.approx([lp for o in outs_b for lp in o.logprobs],
-                                                                         abs=LOGPROB_TOL)
+        assert [lp for o in outs_a for lp in o.logprobs] == pytest.approx(
+            [lp for o in outs_b for lp in o.logprobs], abs=LOGPROB_TOL
+        )
     m = cached_engine.metrics
     # the first choice prefills the prompt; the other three copy all of it but the last token
     assert m.value("gptserve_prefix_cache_hits_total") == 3
@@ -118,6 +131,7 @@ def test_a_request_cancelled_while_prefilling_on_a_reused_row_leaves_a_row_that_
             _, reply, _, _ = await collect(eng.submit(first, params))
             second = first + reply + TOK.encode(", then a longer second, in chunks")
             handle = eng.submit(second, params)
+
             def prefilled() -> int:
                 running = eng._sched.running
                 return running[0].prefilled if running else 0
@@ -137,8 +151,9 @@ def test_a_request_cancelled_while_prefilling_on_a_reused_row_leaves_a_row_that_
     reply_a, (_, ids_a, _, outs_a) = run(scenario(cached_engine))
     reply_b, (_, ids_b, _, outs_b) = run(scenario(engine(False, chunk=8)))
     assert (reply_a, ids_a) == (reply_b, ids_b)
-    assert [lp for o in outs_a for lp in o.logprobs] == pytest.approx([lp for o in outs_b for lp in o.logprobs],
-                                                                     abs=LOGPROB_TOL)
+    assert [lp for o in outs_a for lp in o.logprobs] == pytest.approx(
+        [lp for o in outs_b for lp in o.logprobs], abs=LOGPROB_TOL
+    )
     assert outs_a[-1].cached_tokens >= len(FIRST_TURN) + 8  # what the cancelled request had prefilled
 
 

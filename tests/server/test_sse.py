@@ -1,5 +1,6 @@
 """The SSE response cancels the engine requests it streams however it ends, even when the
 client is gone before its first byte (a generator that never started has no cleanup to run)."""
+
 import asyncio
 
 from server.sse import EventStream

@@ -1,13 +1,13 @@
 """The web page's chat mode at / in a real headless browser (Debian's chromium + chromedriver)
 against a live server: type a message, press Enter, watch the reply stream in."""
+
 from __future__ import annotations
 
 import pytest
-
-from webpage import WAIT, browser, open_page, set_field, text_of, wait_for_models  # noqa: F401 (browser: a fixture)
 from selenium.webdriver.common.by import By  # noqa: E402 (webpage skips this module without chromium)
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from webpage import WAIT, browser, open_page, set_field, text_of, wait_for_models  # noqa: F401 (browser: a fixture)
 
 
 @pytest.fixture
@@ -49,7 +49,9 @@ def test_typed_message_streams_a_reply_equal_to_the_api_reply(page, paced_live_s
     assert reply.get_attribute("data-error") is None
     assert int(reply.get_attribute("data-chunks")) > 1  # it arrived as a stream, not in one piece
     text = text_of(page, reply)
-    assert text and text == api_reply(openai_client, model, [{"role": "user", "content": message}], **sampling)
+    assert text and text == api_reply(
+        openai_client, model, [{"role": "user", "content": message}], **sampling
+    )
     assert reply.get_attribute("data-finish-reason") in ("stop", "length")
     # user text is shown as text, never parsed as HTML
     user = page.find_elements(By.CSS_SELECTOR, ".msg.user")[-1]
@@ -63,24 +65,29 @@ def test_second_turn_carries_the_conversation_and_new_chat_forgets_it(page, open
     set_field(page, "max-tokens", sampling["max_tokens"])
     first = text_of(page, send(page, "hi"))
     second = text_of(page, send(page, "ok"))
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
-               {"role": "user", "content": "ok"}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "ok"},
+    ]
     assert first == api_reply(openai_client, model, history[:1], **sampling)
     assert second == api_reply(openai_client, model, history, **sampling)
 
     page.find_element(By.ID, "reset").click()
     assert page.find_elements(By.CSS_SELECTOR, ".msg") == []
     assert text_of(page, send(page, "ok")) == api_reply(
-        openai_client, model, [{"role": "user", "content": "ok"}], **sampling)
+        openai_client, model, [{"role": "user", "content": "ok"}], **sampling
+    )
 
 
 def test_server_error_is_shown_from_the_error_object(page, openai_client, model):
-    set_field(page, "max-tokens", 10 ** 7)  # far beyond the context: the server answers 400
+    set_field(page, "max-tokens", 10**7)  # far beyond the context: the server answers 400
     reply = send(page, "hello")
     error = reply.get_attribute("data-error")
     with pytest.raises(Exception) as api_error:
-        openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}],
-                                              max_tokens=10 ** 7)
+        openai_client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=10**7
+        )
     assert error and api_error.value.body["message"] in error
     shown = page.find_element(By.ID, "error")
     assert shown.is_displayed() and api_error.value.body["message"] in shown.text
@@ -92,8 +99,9 @@ def test_server_error_is_shown_from_the_error_object(page, openai_client, model)
     set_field(page, "max-tokens", 8)
     reply = send(page, "hi")
     assert reply.get_attribute("data-error") is None and not shown.is_displayed()
-    assert text_of(page, reply) == api_reply(openai_client, model, [{"role": "user", "content": "hi"}],
-                                             temperature=0.0, max_tokens=8)
+    assert text_of(page, reply) == api_reply(
+        openai_client, model, [{"role": "user", "content": "hi"}], temperature=0.0, max_tokens=8
+    )
 
 
 def test_settings_persist_across_reloads(page):
@@ -110,8 +118,12 @@ def test_stop_button_aborts_the_stream_and_the_server_frees_the_request(page, li
     # Click Send then Stop in one script, so the abort lands while the reply is still streaming.
     page.execute_script("document.getElementById('send').click(); document.getElementById('stop').click();")
     reply = WebDriverWait(page, WAIT).until(
-        lambda d: (r := d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) and
-        r[-1].get_attribute("data-done") == "true" and r[-1])
+        lambda d: (
+            (r := d.find_elements(By.CSS_SELECTOR, ".msg.assistant"))
+            and r[-1].get_attribute("data-done") == "true"
+            and r[-1]
+        )
+    )
     assert reply.get_attribute("data-finish-reason") == "stopped"
     assert reply.get_attribute("data-error") is None
     assert page.find_element(By.ID, "send").is_enabled() and not page.find_element(By.ID, "stop").is_enabled()

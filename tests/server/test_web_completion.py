@@ -1,6 +1,7 @@
 """The web page's completion mode at / in a real headless browser (Debian's chromium +
 chromedriver) against a live server: type a prompt, press Generate, watch the continuation
 stream in after it; and the mode the page opens in, which the served model suggests."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,12 +9,11 @@ import json
 
 import httpx
 import pytest
-
-from webpage import WAIT, browser, mode_of, open_page, set_field, text_of, wait_for_models  # noqa: F401
+from conftest import tiny_settings  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402 (webpage skips this module without chromium)
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from webpage import WAIT, browser, mode_of, open_page, set_field, text_of, wait_for_models  # noqa: F401
 
-from conftest import tiny_settings  # noqa: E402
 from server.app import load_engine  # noqa: E402
 
 
@@ -28,10 +28,15 @@ def runs(driver) -> int:
 
 def finished_run(driver, run: int):
     """The continuation element of generation number `run`, once it is done."""
+
     def done(d):
         el = d.find_elements(By.ID, "continuation")
-        return (el and el[0].get_attribute("data-run") == str(run) and el[0].get_attribute("data-done") == "true"
-                and el[0])
+        return (
+            el
+            and el[0].get_attribute("data-run") == str(run)
+            and el[0].get_attribute("data-done") == "true"
+            and el[0]
+        )
 
     return WebDriverWait(driver, WAIT).until(done)
 
@@ -46,7 +51,9 @@ def generate(driver, prompt: str):
     return finished_run(driver, before + 1)
 
 
-def test_prompt_streams_a_continuation_equal_to_the_api_one_with_its_usage(page, paced_live_server, openai_client):
+def test_prompt_streams_a_continuation_equal_to_the_api_one_with_its_usage(
+    page, paced_live_server, openai_client
+):
     assert mode_of(page) == "completion"
     sampling = dict(temperature=0.9, top_p=0.8, seed=11, max_tokens=16, top_k=40)
     for field, value in sampling.items():
@@ -55,8 +62,9 @@ def test_prompt_streams_a_continuation_equal_to_the_api_one_with_its_usage(page,
     el = generate(page, prompt)
 
     top_k = sampling.pop("top_k")
-    api = openai_client.completions.create(model=paced_live_server.model, prompt=prompt,
-                                           extra_body={"top_k": top_k}, **sampling)
+    api = openai_client.completions.create(
+        model=paced_live_server.model, prompt=prompt, extra_body={"top_k": top_k}, **sampling
+    )
     assert el.get_attribute("data-error") is None
     assert int(el.get_attribute("data-chunks")) > 1  # it arrived as a stream, not in one piece
     assert text_of(page, el) == api.choices[0].text != ""
@@ -66,9 +74,12 @@ def test_prompt_streams_a_continuation_equal_to_the_api_one_with_its_usage(page,
     assert float(el.get_attribute("data-tokens-per-second")) >= 0
     # the prompt is shown as text, never parsed as HTML, and the continuation right after it
     output = page.find_element(By.ID, "output")
-    assert text_of(page, output) == prompt + api.choices[0].text and not output.find_elements(By.TAG_NAME, "b")
-    assert page.execute_script("return getComputedStyle(arguments[0]).fontWeight", el) != \
-        page.execute_script("return getComputedStyle(document.querySelector('#output .prompt-text')).fontWeight")
+    assert text_of(page, output) == prompt + api.choices[0].text and not output.find_elements(
+        By.TAG_NAME, "b"
+    )
+    assert page.execute_script("return getComputedStyle(arguments[0]).fontWeight", el) != page.execute_script(
+        "return getComputedStyle(document.querySelector('#output .prompt-text')).fontWeight"
+    )
     stats = page.find_element(By.ID, "completion-stats").text
     assert f"{api.usage.prompt_tokens} prompt tokens" in stats
     assert f"{api.usage.completion_tokens} completion tokens" in stats
@@ -80,34 +91,47 @@ def test_continue_and_stop_sequences(page, openai_client, live_server):
     set_field(page, "temperature", 0)
     set_field(page, "max-tokens", 12)
     first = text_of(page, generate(page, "The"))
-    assert first == openai_client.completions.create(model=live_server.model, prompt="The",
-                                                     **sampling).choices[0].text
+    assert (
+        first
+        == openai_client.completions.create(model=live_server.model, prompt="The", **sampling).choices[0].text
+    )
     before = runs(page)
     page.find_element(By.ID, "continue").click()  # the text so far becomes the prompt
     el = finished_run(page, before + 1)
     assert page.find_element(By.ID, "prompt").get_attribute("value") == "The" + first
-    assert text_of(page, el) == openai_client.completions.create(model=live_server.model, prompt="The" + first,
-                                                                 **sampling).choices[0].text
+    assert (
+        text_of(page, el)
+        == openai_client.completions.create(model=live_server.model, prompt="The" + first, **sampling)
+        .choices[0]
+        .text
+    )
 
     # stop sequences: one a line, with \n, \t and \\ written as escapes
     set_field(page, "stop", "a\\nb\n\n\\t\\\\x")
     assert page.execute_script("return readParams().stop") == ["a\nb", "\t\\x"]
-    k = next(i for i in range(1, len(first) - 2)
-             if first[i:i + 2].isprintable() and not set(first[i:i + 2]) & {"\ufffd", "\\"})
-    stop = first[k:k + 2]
+    k = next(
+        i
+        for i in range(1, len(first) - 2)
+        if first[i : i + 2].isprintable() and not set(first[i : i + 2]) & {"\ufffd", "\\"}
+    )
+    stop = first[k : k + 2]
     set_field(page, "stop", stop)
     el = generate(page, "The")
     api = openai_client.completions.create(model=live_server.model, prompt="The", stop=[stop], **sampling)
-    assert text_of(page, el) == api.choices[0].text == first[:first.index(stop)]
+    assert text_of(page, el) == api.choices[0].text == first[: first.index(stop)]
     assert el.get_attribute("data-finish-reason") == api.choices[0].finish_reason == "stop"
 
 
-def test_page_opens_in_the_suggested_mode_until_the_user_chooses_one(page, tmp_path, tiny_checkpoint,
-                                                                     server_factory):
+def test_page_opens_in_the_suggested_mode_until_the_user_chooses_one(
+    page, tmp_path, tiny_checkpoint, server_factory
+):
     hint = page.find_element(By.ID, "mode-hint")
     assert mode_of(page) == "completion" and hint.get_attribute("data-suggested-mode") == "completion"
     assert "continues text" in hint.text and "Completion mode" in hint.text
-    assert page.find_element(By.ID, "prompt").is_displayed() and not page.find_element(By.ID, "input").is_displayed()
+    assert (
+        page.find_element(By.ID, "prompt").is_displayed()
+        and not page.find_element(By.ID, "input").is_displayed()
+    )
     page.find_element(By.ID, "tab-chat").click()
     assert mode_of(page) == "chat" and page.find_element(By.ID, "input").is_displayed()
     page.refresh()  # the user's choice outlives a reload, over the model's suggestion
@@ -139,7 +163,8 @@ def test_stop_aborts_the_stream_and_the_server_frees_the_request(page, paced_liv
     page.find_element(By.ID, "prompt").send_keys("hi")
     page.find_element(By.ID, "generate").click()
     WebDriverWait(page, WAIT).until(
-        lambda d: int(d.find_element(By.ID, "continuation").get_attribute("data-chunks")) >= 1)
+        lambda d: int(d.find_element(By.ID, "continuation").get_attribute("data-chunks")) >= 1
+    )
     page.find_element(By.ID, "generate-stop").click()
     el = finished_run(page, 1)
     assert el.get_attribute("data-finish-reason") == "stopped" and el.get_attribute("data-error") is None
@@ -152,10 +177,10 @@ def test_stop_aborts_the_stream_and_the_server_frees_the_request(page, paced_liv
 
 
 def test_server_errors_are_shown_from_the_error_object(page, openai_client, live_server, monkeypatch):
-    set_field(page, "max-tokens", 10 ** 7)  # far beyond the context: the server answers 400
+    set_field(page, "max-tokens", 10**7)  # far beyond the context: the server answers 400
     el = generate(page, "hello")
     with pytest.raises(Exception) as api_error:
-        openai_client.completions.create(model=live_server.model, prompt="hello", max_tokens=10 ** 7)
+        openai_client.completions.create(model=live_server.model, prompt="hello", max_tokens=10**7)
     message = api_error.value.body["message"]
     assert message in el.get_attribute("data-error") and text_of(page, el) == ""
     shown = page.find_element(By.ID, "error")
@@ -172,8 +197,11 @@ def test_server_errors_are_shown_from_the_error_object(page, openai_client, live
 
     monkeypatch.setattr(live_server.engine.model, "step", failing_step)
     el = generate(page, "hello")
-    with httpx.stream("POST", live_server.url + "/v1/completions",
-                      json={"prompt": "hello", "max_tokens": 20, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        live_server.url + "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 20, "stream": True},
+    ) as r:
         events = [line for line in r.iter_lines() if line]
     assert r.status_code == 200 and events[-1] == "data: [DONE]"
     message = json.loads(events[-2].removeprefix("data: "))["error"]["message"]

@@ -1,19 +1,22 @@
 """What the browser tests of the web page at / share (test_web_chat.py, test_web_completion.py):
 a real headless browser (Debian's chromium + chromedriver) driven by selenium. Importing this
 skips the importing test module where chromium is not installed."""
+
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
 
 import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
-                ".ci/run does)", allow_module_level=True)
+    pytest.skip(
+        "chromium and chromedriver are not installed (apt-get install chromium chromium-driver; "
+        ".ci/run does)",
+        allow_module_level=True,
+    )
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.options import Options  # noqa: E402
@@ -37,7 +40,7 @@ def browser():
     driver.quit()
 
 
-def open_page(driver, url: str, mode: Optional[str] = None, wait: bool = True):
+def open_page(driver, url: str, mode: str | None = None, wait: bool = True):
     """Load the page from the server at `url` with its default settings (localStorage cleared),
     as if the user had chosen `mode` before when one is given; wait for the model list."""
     driver.get(url + "/")
@@ -63,7 +66,10 @@ def set_field(driver, element_id: str, value) -> None:
     # page's own change handlers (localStorage) run.
     driver.execute_script(
         "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
-        "el.dispatchEvent(new Event('change'));", element_id, str(value))
+        "el.dispatchEvent(new Event('change'));",
+        element_id,
+        str(value),
+    )
 
 
 def text_of(driver, element) -> str:

@@ -12,6 +12,7 @@ def corpus(tmp_path):
 @pytest.fixture
 def run(tmp_path, corpus):
     """train() with the tiny settings; keyword arguments override them."""
+
     def _run(resume=False, **kw):
         if resume:  # a resumed run takes its settings from the checkpoint, except those given
             overrides = dict(kw)
@@ -20,4 +21,5 @@ def run(tmp_path, corpus):
             overrides = dict(TINY, data=[str(corpus)], out=str(tmp_path / "run"))
             overrides.update(kw)
         return train(overrides, resume=resume)
+
     return _run

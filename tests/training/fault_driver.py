@@ -11,6 +11,7 @@ FAULT (environment) says where:
     nan-loss:RANK:STEP    that rank's first loss at that step is NaN (its gradients stay finite)
 A pause writes the file named by MARKER, then sleeps until the test kills the process, so the
 kill lands at exactly that point and the test needs no timing guesses."""
+
 from __future__ import annotations
 
 import os
@@ -77,14 +78,22 @@ def in_steps() -> None:
         first = seen["count"] == 1
         if KIND == "pause-step" and seen["step"] == int(ARGS[0]) and first:
             pause()
-        if (KIND == "nan-loss" and int(os.environ.get("RANK", 0)) == int(ARGS[0])
-                and seen["step"] == int(ARGS[1]) and first):
+        if (
+            KIND == "nan-loss"
+            and int(os.environ.get("RANK", 0)) == int(ARGS[0])
+            and seen["step"] == int(ARGS[1])
+            and first
+        ):
             return loss + loss.detach() * float("nan")  # the gradient does not flow through detach()
         return loss
 
     trainer.get_lr, trainer.compute_loss = get_lr, compute_loss
 
 
-{"pause-save": pause_in_save, "pause-replace": pause_in_replace,
- "pause-step": in_steps, "nan-loss": in_steps}[KIND]()
+{
+    "pause-save": pause_in_save,
+    "pause-replace": pause_in_replace,
+    "pause-step": in_steps,
+    "nan-loss": in_steps,
+}[KIND]()
 sys.exit(main(sys.argv[1:]))

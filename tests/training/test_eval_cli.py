@@ -1,4 +1,5 @@
 """gpt-eval: one command scores a checkpoint on held-out files; bad input is a one-line error."""
+
 import json
 
 import pytest
@@ -43,16 +44,22 @@ def test_seq2seq_scores_pair_files(tmp_path, tiny_s2s, capsys):
     assert got["documents"] == 2 and got["bytes"] == 20 and got["tokens"] == 22
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--data", "/nonexistent"], "no such file"),
-    (["--data", "EMPTY"], "nothing to score"),
-    (["--data", "TEXT", "--stride", "1000"], "stride"),
-    (["--data", "TEXT", "--stride", "0"], "--stride"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "/nonexistent"], "no such file"),
+        (["--data", "EMPTY"], "nothing to score"),
+        (["--data", "TEXT", "--stride", "1000"], "stride"),
+        (["--data", "TEXT", "--stride", "0"], "--stride"),
+    ],
+)
 def test_bad_input_is_a_one_line_error_with_exit_code_2(checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "text.txt").write_text("some text")
-    args = [a.replace("EMPTY", str(tmp_path / "empty.txt")).replace("TEXT", str(tmp_path / "text.txt")) for a in args]
+    args = [
+        a.replace("EMPTY", str(tmp_path / "empty.txt")).replace("TEXT", str(tmp_path / "text.txt"))
+        for a in args
+    ]
     with pytest.raises(SystemExit) as e:
         main(["--model", str(checkpoint), *args])
     assert e.value.code == 2

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import TINY as TINY_ARGS
+from train_helpers import read_metrics
 
 import gpt
 from training import state as ckpt
 from training import trainer
 from training.config import ConfigError
 from training.trainer import weights_digest
-
-from train_helpers import TINY as TINY_ARGS, read_metrics
 
 
 def _train_losses(out):
@@ -31,7 +31,9 @@ def test_run_writes_loadable_best_latest_metrics_and_plot(run, tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [10, 20, 30, 40]
-    assert all(abs(e["val_ppl"] - torch.tensor(e["val_loss"]).exp().item()) < 1e-3 * e["val_ppl"] for e in evals)
+    assert all(
+        abs(e["val_ppl"] - torch.tensor(e["val_loss"]).exp().item()) < 1e-3 * e["val_ppl"] for e in evals
+    )
     # the structured corpus is learnt: validation loss falls well below uniform (ln 257 = 5.55)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < 5.6
     assert evals[-1]["val_loss"] < 3.5
@@ -46,11 +48,17 @@ def test_token_cache_is_reused_by_a_second_run(run, tmp_path, monkeypatch):
 
     def fail(*a, **k):
         raise AssertionError("tokenized again")
+
     # the cache lives next to the output: a new run in the same directory reuses it
     cache = tmp_path / "a" / "tokens"
     monkeypatch.setattr(data, "_tokenize", fail)
-    tokens = data.prepare(data.find_files([str(tmp_path / "corpus.txt")]), gpt.get_tokenizer("byte"), cache,
-                          val_fraction=0.1, block_size=16)
+    tokens = data.prepare(
+        data.find_files([str(tmp_path / "corpus.txt")]),
+        gpt.get_tokenizer("byte"),
+        cache,
+        val_fraction=0.1,
+        block_size=16,
+    )
     assert len(tokens.train) + len(tokens.val) == (tmp_path / "corpus.txt").stat().st_size
 
 
@@ -91,13 +99,33 @@ def test_resume_can_extend_max_iters(run, tmp_path):
 
 
 def test_seq2seq_date_task_reports_greedy_and_beam_exact_match(tmp_path):
-    s = trainer.train(dict(model="seq2seq", preset="seq2seq-tiny", max_iters=4, eval_interval=2, eval_iters=2,
-                           eval_pairs=6, num_beams=2, batch_size=8, threads=1, quiet=True,
-                           out=str(tmp_path / "s2s")))
+    s = trainer.train(
+        dict(
+            model="seq2seq",
+            preset="seq2seq-tiny",
+            max_iters=4,
+            eval_interval=2,
+            eval_iters=2,
+            eval_pairs=6,
+            num_beams=2,
+            batch_size=8,
+            threads=1,
+            quiet=True,
+            out=str(tmp_path / "s2s"),
+        )
+    )
     assert 0.0 <= s["exact_match_greedy"] <= 1.0 and 0.0 <= s["exact_match_beam"] <= 1.0
     acc = [r for r in read_metrics(tmp_path / "s2s") if r["kind"] == "accuracy"]
-    assert acc == [{"kind": "accuracy", "step": 4, "pairs": 6, "exact_match_greedy": s["exact_match_greedy"],
-                    "exact_match_beam": s["exact_match_beam"], "num_beams": 2}]
+    assert acc == [
+        {
+            "kind": "accuracy",
+            "step": 4,
+            "pairs": 6,
+            "exact_match_greedy": s["exact_match_greedy"],
+            "exact_match_beam": s["exact_match_beam"],
+            "num_beams": 2,
+        }
+    ]
     evals = [r for r in read_metrics(tmp_path / "s2s") if r["kind"] == "eval"]
     assert all("exact_match_greedy" in e for e in evals)
     model, tok = gpt.load(tmp_path / "s2s" / "best")
@@ -117,9 +145,24 @@ def test_exact_match_counts_correct_outputs(tmp_path):
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 5))) for _ in range(300)]
     data.write_text("".join(json.dumps({"source": w, "target": w}) + "\n" for w in words))
-    trainer.train(dict(model="seq2seq", preset="seq2seq-tiny", n_embd=64, data=[str(data)], max_iters=300,
-                       eval_interval=300, eval_iters=2, batch_size=32, lr=3e-3, warmup=20, threads=1, quiet=True,
-                       eval_pairs=10, out=str(tmp_path / "copy")))
+    trainer.train(
+        dict(
+            model="seq2seq",
+            preset="seq2seq-tiny",
+            n_embd=64,
+            data=[str(data)],
+            max_iters=300,
+            eval_interval=300,
+            eval_iters=2,
+            batch_size=32,
+            lr=3e-3,
+            warmup=20,
+            threads=1,
+            quiet=True,
+            eval_pairs=10,
+            out=str(tmp_path / "copy"),
+        )
+    )
     model, tok = gpt.load(tmp_path / "copy" / "best")
     copy_pairs = [(w, w) for w in words[-30:]]
     assert exact_match(model, tok, copy_pairs) >= 0.9
@@ -141,7 +184,9 @@ def test_init_from_checkpoint_and_hf_directory_starts_from_those_weights(run, tm
     for i, (path, src) in enumerate([(tmp_path / "run" / "best", ours), (tmp_path / "hf", hf_model)]):
         out = tmp_path / f"ft{i}"
         # a learning rate of ~0 leaves the weights where they started
-        s = run(init_from=str(path), preset=None, block_size=None, lr=1e-20, min_lr=0, max_iters=1, out=str(out))
+        s = run(
+            init_from=str(path), preset=None, block_size=None, lr=1e-20, min_lr=0, max_iters=1, out=str(out)
+        )
         tuned, tok = gpt.load(out / "best")
         assert tok.name == ("byte" if i == 0 else "gpt2") and s["step"] == 1
         for (k, a), b in zip(src.state_dict().items(), tuned.state_dict().values()):
@@ -149,12 +194,30 @@ def test_init_from_checkpoint_and_hf_directory_starts_from_those_weights(run, tm
 
 
 def test_init_from_an_encoder_decoder_checkpoint_fine_tunes_it(tmp_path):
-    base = dict(model="seq2seq", preset="seq2seq-tiny", eval_iters=1, eval_pairs=4, num_beams=2, batch_size=4,
-                threads=1, quiet=True, sample_tokens=0)
+    base = dict(
+        model="seq2seq",
+        preset="seq2seq-tiny",
+        eval_iters=1,
+        eval_pairs=4,
+        num_beams=2,
+        batch_size=4,
+        threads=1,
+        quiet=True,
+        sample_tokens=0,
+    )
     trainer.train(dict(base, max_iters=2, eval_interval=2, out=str(tmp_path / "a")))
     src, _ = gpt.load(tmp_path / "a" / "best")
-    s = trainer.train(dict(base, init_from=str(tmp_path / "a" / "best"), lr=1e-20, min_lr=0, max_iters=1,
-                           eval_interval=1, out=str(tmp_path / "b")))
+    s = trainer.train(
+        dict(
+            base,
+            init_from=str(tmp_path / "a" / "best"),
+            lr=1e-20,
+            min_lr=0,
+            max_iters=1,
+            eval_interval=1,
+            out=str(tmp_path / "b"),
+        )
+    )
     tuned, _ = gpt.load(tmp_path / "b" / "best")
     assert s["step"] == 1 and tuned.config.arch == "seq2seq"
     for (k, a), b in zip(src.state_dict().items(), tuned.state_dict().values()):
@@ -180,14 +243,21 @@ def test_val_data_files_are_the_validation_set_and_all_of_data_trains(run, tmp_p
 def test_samples_at_each_evaluation_go_to_the_log_metrics_and_tensorboard(run, tmp_path, capsys):
     pytest.importorskip("tensorboard")
     tb = tmp_path / "tb"
-    run(max_iters=10, eval_interval=5, sample_prompts=["the cat", "alpha"], sample_tokens=12, quiet=False,
-        tensorboard=str(tb))
+    run(
+        max_iters=10,
+        eval_interval=5,
+        sample_prompts=["the cat", "alpha"],
+        sample_tokens=12,
+        quiet=False,
+        tensorboard=str(tb),
+    )
     samples = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "sample"]
     assert [r["step"] for r in samples] == [5, 10]
     assert [s["prompt"] for s in samples[-1]["samples"]] == ["the cat", "alpha"]
     assert all(len(s["text"]) > 0 for r in samples for s in r["samples"])
     assert "sample: the cat →" in capsys.readouterr().out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(tb), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
     assert {"train/loss", "train/lr", "train/tokens_per_s", "eval/val_loss"} <= set(acc.Tags()["scalars"])
@@ -196,7 +266,9 @@ def test_samples_at_each_evaluation_go_to_the_log_metrics_and_tensorboard(run, t
     assert [t.step for t in texts] == [5, 10] and b"the cat" in texts[-1].tensor_proto.string_val[0]
 
 
-def test_the_default_sample_prompt_of_a_gpt_is_a_new_line_and_sample_tokens_0_turns_samples_off(run, tmp_path):
+def test_the_default_sample_prompt_of_a_gpt_is_a_new_line_and_sample_tokens_0_turns_samples_off(
+    run, tmp_path
+):
     run(max_iters=5, eval_interval=5, out=str(tmp_path / "a"))
     (rec,) = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "sample"]
     assert rec["samples"][0]["prompt"] == "\n"
@@ -205,12 +277,26 @@ def test_the_default_sample_prompt_of_a_gpt_is_a_new_line_and_sample_tokens_0_tu
 
 
 def test_seq2seq_val_data_pairs_are_the_held_out_set(tmp_path):
-    rows = [json.dumps({"source": w, "target": w[::-1]}) + "\n" for w in ("abc", "hello", "xyz", "gpt", "cat")]
+    rows = [
+        json.dumps({"source": w, "target": w[::-1]}) + "\n" for w in ("abc", "hello", "xyz", "gpt", "cat")
+    ]
     (tmp_path / "train.jsonl").write_text("".join(rows * 4))
     (tmp_path / "val.jsonl").write_text("".join(rows[:3]))
-    s = trainer.train(dict(model="seq2seq", preset="seq2seq-tiny", data=[str(tmp_path / "train.jsonl")],
-                           val_data=[str(tmp_path / "val.jsonl")], max_iters=2, eval_interval=2, eval_iters=1,
-                           batch_size=4, threads=1, quiet=True, out=str(tmp_path / "run")))
+    s = trainer.train(
+        dict(
+            model="seq2seq",
+            preset="seq2seq-tiny",
+            data=[str(tmp_path / "train.jsonl")],
+            val_data=[str(tmp_path / "val.jsonl")],
+            max_iters=2,
+            eval_interval=2,
+            eval_iters=1,
+            batch_size=4,
+            threads=1,
+            quiet=True,
+            out=str(tmp_path / "run"),
+        )
+    )
     (acc,) = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "accuracy"]
     assert acc["pairs"] == 3 and s["step"] == 2
     (sample,) = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "sample"]

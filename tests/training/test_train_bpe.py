@@ -1,12 +1,12 @@
 """gpt-train --tokenizer bpe: the tokenizer is learned from the training data and travels with
 every checkpoint, so resuming, loading and serving need nothing else."""
+
 import json
 
-import pytest
+from train_helpers import read_metrics
 
 import gpt
 from gpt.bpe import TOKENIZER_FILE, BPETokenizer
-from train_helpers import read_metrics
 
 BPE = dict(tokenizer="bpe", bpe_vocab=300)
 
@@ -52,8 +52,22 @@ def test_resume_keeps_the_tokenizer_even_when_the_data_changed(run, tmp_path):
 def test_seq2seq_runs_learn_a_bpe_too_and_start_their_decoder_at_its_end_of_text(tmp_path):
     from training.trainer import train
 
-    train(dict(model="seq2seq", preset="seq2seq-tiny", max_iters=3, eval_interval=3, eval_iters=1, eval_pairs=4,
-               num_beams=2, batch_size=4, threads=1, quiet=True, out=str(tmp_path / "s2s"), **BPE))
+    train(
+        dict(
+            model="seq2seq",
+            preset="seq2seq-tiny",
+            max_iters=3,
+            eval_interval=3,
+            eval_iters=1,
+            eval_pairs=4,
+            num_beams=2,
+            batch_size=4,
+            threads=1,
+            quiet=True,
+            out=str(tmp_path / "s2s"),
+            **BPE,
+        )
+    )
     model, tok = gpt.load(tmp_path / "s2s" / "best")
     assert isinstance(tok, BPETokenizer)
     assert model.start_token == tok.eot_token == model.config.decoder_start_token

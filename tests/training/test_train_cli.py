@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import TINY, make_corpus, read_metrics
 
 import gpt
 from training.cli import main
-
-from train_helpers import TINY, make_corpus
-from train_helpers import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,10 +51,37 @@ def test_help_documents_every_option(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for opt in ["--model", "--preset", "--n-layer", "--n-head", "--n-embd", "--block-size", "--dropout", "--batch-size",
-                "--grad-accum", "--lr", "--min-lr", "--warmup", "--max-iters", "--weight-decay", "--grad-clip",
-                "--eval-interval", "--eval-iters", "--dtype", "--compile", "--seed", "--device", "--data",
-                "--tokenizer", "--bpe-vocab", "--out", "--resume", "--init-from", "standard library", "OUT/best/"]:
+    for opt in [
+        "--model",
+        "--preset",
+        "--n-layer",
+        "--n-head",
+        "--n-embd",
+        "--block-size",
+        "--dropout",
+        "--batch-size",
+        "--grad-accum",
+        "--lr",
+        "--min-lr",
+        "--warmup",
+        "--max-iters",
+        "--weight-decay",
+        "--grad-clip",
+        "--eval-interval",
+        "--eval-iters",
+        "--dtype",
+        "--compile",
+        "--seed",
+        "--device",
+        "--data",
+        "--tokenizer",
+        "--bpe-vocab",
+        "--out",
+        "--resume",
+        "--init-from",
+        "standard library",
+        "OUT/best/",
+    ]:
         assert opt in text, opt
 
 
@@ -65,23 +90,29 @@ def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
     gpt.load(tmp_path / "run" / "best")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--preset", "nope"], "unknown preset 'nope'"),
-    (["--n-embd", "30", "--n-head", "4"], "divisible"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--min-lr", "0.5"], "--min-lr"),
-    (["--dropout", "1.5"], "--dropout"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--max-iters", "ten"], "invalid int value"),
-    (["--tokenizer", "klingon"], "unknown tokenizer"),
-    (["--tokenizer", "bpe", "--bpe-vocab", "100"], "--bpe-vocab must be in [257, 65536]"),
-    (["--dtype", "float8"], "invalid choice"),
-    (["--preset", "seq2seq-tiny"], "is a seq2seq model"),
-    (["--init-from", "/nonexistent/ckpt"], "--init-from"),
-    (["--device", "bogus"], "--device bogus"),
-    pytest.param(["--device", "cuda"], "no CUDA device",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--n-embd", "30", "--n-head", "4"], "divisible"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--min-lr", "0.5"], "--min-lr"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--max-iters", "ten"], "invalid int value"),
+        (["--tokenizer", "klingon"], "unknown tokenizer"),
+        (["--tokenizer", "bpe", "--bpe-vocab", "100"], "--bpe-vocab must be in [257, 65536]"),
+        (["--dtype", "float8"], "invalid choice"),
+        (["--preset", "seq2seq-tiny"], "is a seq2seq model"),
+        (["--init-from", "/nonexistent/ckpt"], "--init-from"),
+        (["--device", "bogus"], "--device bogus"),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys, extra, message):
     err = _fails(capsys, _args(tmp_path / "run", corpus) + extra)
     assert message in err
@@ -93,9 +124,14 @@ def test_bad_corpora_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "bin.dat").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "short.txt").write_text("too short")
     (tmp_path / "emptydir").mkdir()
-    cases = [(tmp_path / "missing.txt", "no such file"), (tmp_path / "empty.txt", "empty"),
-             (tmp_path / "bin.dat", "not UTF-8 text"), (tmp_path / "short.txt", "too short"),
-             (tmp_path / "emptydir", "no text files"), (tmp_path / "*.nomatch", "matches no files")]
+    cases = [
+        (tmp_path / "missing.txt", "no such file"),
+        (tmp_path / "empty.txt", "empty"),
+        (tmp_path / "bin.dat", "not UTF-8 text"),
+        (tmp_path / "short.txt", "too short"),
+        (tmp_path / "emptydir", "no text files"),
+        (tmp_path / "*.nomatch", "matches no files"),
+    ]
     for i, (data, message) in enumerate(cases):
         err = _fails(capsys, _args(tmp_path / f"run{i}", data))
         assert message in err, (data, err)
@@ -122,8 +158,13 @@ def test_existing_run_is_never_overwritten(tmp_path, corpus, capsys):
 
 
 def test_subprocess_bad_argument_prints_one_line_and_exits_2(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "training", "--lr", "-1", "--out", str(tmp_path / "r")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "training", "--lr", "-1", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["gpt-train: error: --lr must be > 0, got -1.0"]
 
@@ -136,7 +177,9 @@ def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
     try:
         deadline = time.time() + 60
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size > 0):
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            assert proc.poll() is None and time.time() < deadline, (
+                proc.stderr.read() if proc.poll() else "timeout"
+            )
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -159,8 +202,19 @@ def _free_port() -> int:
 
 
 def _torchrun(args, env):
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "training"] + args
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "training",
+    ] + args
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
 
@@ -171,7 +225,9 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tm
     corpus = make_corpus(tmp_path / "c.txt")
     out, dump = tmp_path / "run", tmp_path / "dump"
     env = dict(os.environ, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(dump), OMP_NUM_THREADS="1")
-    _torchrun(_args(out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5), env)
+    _torchrun(
+        _args(out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5), env
+    )
     digests = [(dump / f"rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]
     from training.trainer import weights_digest
@@ -188,7 +244,9 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tm
     shutil.copytree(out, again)
     shutil.rmtree(again / "ckpt-0000030")
     (again / "latest").write_text("ckpt-0000015\n")
-    _torchrun(["--out", str(again), "--resume"], dict(env, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(tmp_path / "dump2")))
+    _torchrun(
+        ["--out", str(again), "--resume"], dict(env, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(tmp_path / "dump2"))
+    )
     losses = lambda d: [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(d)]  # noqa: E731
     assert losses(again) == losses(out)
     assert (tmp_path / "dump2" / "rank0.sha256").read_text() == digests[0]

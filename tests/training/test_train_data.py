@@ -5,14 +5,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from train_helpers import make_corpus
 
 import gpt
 from training import data, pairs
 from training.config import ConfigError, TrainConfig, get_lr
 from training.dates import date_pair
 from training.setup import make_optimizer
-
-from train_helpers import make_corpus
 
 
 def test_tokens_are_cached_as_uint16_with_the_last_tenth_as_validation(tmp_path):
@@ -103,8 +102,12 @@ def test_weight_decay_applies_only_to_matrices():
 
 
 def test_pairs_read_from_jsonl_and_tsv_with_line_numbered_errors(tmp_path):
-    (tmp_path / "p.jsonl").write_text(json.dumps({"source": "a", "target": "b"}) + "\n\n"
-                                      + json.dumps({"source": "c\td", "target": "e"}) + "\n")
+    (tmp_path / "p.jsonl").write_text(
+        json.dumps({"source": "a", "target": "b"})
+        + "\n\n"
+        + json.dumps({"source": "c\td", "target": "e"})
+        + "\n"
+    )
     assert pairs.read_pairs(tmp_path / "p.jsonl") == [("a", "b"), ("c\td", "e")]
     (tmp_path / "p.tsv").write_text("one\t1\ntwo\t2\n")
     assert pairs.read_pairs(tmp_path / "p.tsv") == [("one", "1"), ("two", "2")]

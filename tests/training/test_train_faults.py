@@ -1,5 +1,6 @@
 """Training survives what goes wrong mid-run: NaN and infinite losses or gradients, and a
 SIGKILL while a checkpoint is written or a step runs (the token cache: test_train_data.py)."""
+
 import json
 import os
 import signal
@@ -10,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import TINY
 
 import gpt
 from gpt.files import recover_interrupted_writes, remove_directory
-from training import trainer
 from training import state as ckpt
+from training import trainer
 from training.cli import main
-
-from train_helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -73,6 +73,7 @@ def _all_finite(path: Path) -> bool:
 
 # --- non-finite losses and gradients -------------------------------------------------------
 
+
 @pytest.mark.parametrize("how, grad_clip", [("loss", 1.0), ("gradient norm", 0.0)])
 def test_non_finite_steps_are_skipped_counted_and_never_applied(run, tmp_path, monkeypatch, how, grad_clip):
     _poison_training_steps(monkeypatch, {3, 7}, how)
@@ -81,8 +82,10 @@ def test_non_finite_steps_are_skipped_counted_and_never_applied(run, tmp_path, m
     assert s["step"] == 10
     records = strict_metrics(out)
     skips = [r for r in records if r["kind"] == "skip"]
-    assert skips == [{"kind": "skip", "step": 3, "reason": f"non-finite {how}", "in_a_row": 1, "skipped_steps": 1},
-                     {"kind": "skip", "step": 7, "reason": f"non-finite {how}", "in_a_row": 1, "skipped_steps": 2}]
+    assert skips == [
+        {"kind": "skip", "step": 3, "reason": f"non-finite {how}", "in_a_row": 1, "skipped_steps": 1},
+        {"kind": "skip", "step": 7, "reason": f"non-finite {how}", "in_a_row": 1, "skipped_steps": 2},
+    ]
     train = {r["step"]: r for r in records if r["kind"] == "train"}
     assert [train[k]["skipped_steps"] for k in (2, 3, 6, 7, 10)] == [0, 1, 1, 2, 2]
     # a window whose steps were all skipped has no loss (null, not NaN); the others are finite
@@ -94,14 +97,16 @@ def test_non_finite_steps_are_skipped_counted_and_never_applied(run, tmp_path, m
     assert _all_finite(out / "best") and _all_finite(out / "ckpt-0000010")
 
 
-def test_bad_steps_in_a_row_stop_with_one_line_error_and_keep_good_checkpoints(tmp_path, corpus, monkeypatch,
-                                                                                capsys):
+def test_bad_steps_in_a_row_stop_with_one_line_error_and_keep_good_checkpoints(
+    tmp_path, corpus, monkeypatch, capsys
+):
     out = tmp_path / "run"
     _poison_training_steps(monkeypatch, set(range(7, 100)))
     assert main(_argv(out, corpus, max_iters=20, eval_interval=5, max_bad_steps=3)) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("gpt-train: error: 3 steps in a row, up to step 9, had a "
-                                                   "non-finite loss"), err
+    assert err.count("\n") == 1 and err.startswith(
+        "gpt-train: error: 3 steps in a row, up to step 9, had a non-finite loss"
+    ), err
     assert f"the last good checkpoint is {out / 'ckpt-0000005'}" in err and "--resume" in err
     assert [p.name for p in ckpt.step_checkpoints(out)] == ["ckpt-0000005"]
     assert (out / "latest").read_text().strip() == "ckpt-0000005"
@@ -131,7 +136,10 @@ def test_a_non_finite_validation_loss_is_not_best_and_is_written_as_null(run, tm
     run(max_iters=10, eval_interval=5)
     out = tmp_path / "run"
     ev = [r for r in strict_metrics(out) if r["kind"] == "eval"]
-    assert [(e["step"], e["val_loss"] is None, e["val_ppl"] is None) for e in ev] == [(5, False, False), (10, True, True)]
+    assert [(e["step"], e["val_loss"] is None, e["val_ppl"] is None) for e in ev] == [
+        (5, False, False),
+        (10, True, True),
+    ]
     assert gpt.load_checkpoint(out / "best")[2]["step"] == 5
     header = json.loads((out / "ckpt-0000010" / "config.json").read_text(), parse_constant=_reject)
     assert header["metadata"]["val_loss"] is None
@@ -163,25 +171,50 @@ def test_torchrun_ranks_skip_together_when_only_one_sees_a_nan_loss(tmp_path, co
         port = sock.getsockname()[1]
     out, dump = tmp_path / "run", tmp_path / "dump"
     env = dict(os.environ, FAULT="nan-loss:1:3", GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(dump), OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(port), str(DRIVER), *_argv(out, corpus, max_iters=5, eval_interval=5, grad_accum=2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(DRIVER),
+        *_argv(out, corpus, max_iters=5, eval_interval=5, grad_accum=2),
+    ]
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (dump / "rank0.sha256").read_text() == (dump / "rank1.sha256").read_text()
     skips = [r for r in strict_metrics(out) if r["kind"] == "skip"]
-    assert skips == [{"kind": "skip", "step": 3, "reason": "non-finite loss on another rank", "in_a_row": 1,
-                      "skipped_steps": 1}]
+    assert skips == [
+        {
+            "kind": "skip",
+            "step": 3,
+            "reason": "non-finite loss on another rank",
+            "in_a_row": 1,
+            "skipped_steps": 1,
+        }
+    ]
     assert _adam_steps(out / "ckpt-0000005") == {4}
 
 
 # --- SIGKILL mid-write and mid-step ----------------------------------------------------------
 
+
 def _kill_when_paused(tmp_path, corpus, fault, **settings) -> Path:
     """Start gpt-train (through fault_driver), wait until it pauses at `fault`, SIGKILL it."""
     out, marker = tmp_path / "run", tmp_path / "paused"
     env = dict(os.environ, FAULT=fault, MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, str(DRIVER), *_argv(out, corpus, **settings)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(DRIVER), *_argv(out, corpus, **settings)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while not marker.exists():

@@ -1,15 +1,15 @@
 """gpt-train --lora-rank: only the adapters train, from --init-from; checkpoints hold the merged
 model (gpt.load reads it as is) and the adapters with their optimizer state, so resume is exact;
 a fine-tune on new text lowers the validation loss on that text."""
+
 import pytest
 import torch
+from train_helpers import TINY, read_metrics
 
 import gpt
 from training.config import ConfigError
 from training.state import load_state
 from training.trainer import train
-
-from train_helpers import TINY, read_metrics
 
 LORA = dict(lora_rank=4, lora_alpha=8.0, lr=1e-2, min_lr=1e-3, warmup=0, sample_tokens=0)
 
@@ -24,20 +24,34 @@ def base(run, tmp_path):
 def new_text(tmp_path):
     """Text unlike the base corpus: training and validation files."""
     import random
+
     rng = random.Random(1)
     words = ["zeta", "omega", "kappa", "rho", "dog", "ran", "far"]
     for name, n in (("new.txt", 600), ("new-val.txt", 120)):
-        (tmp_path / name).write_text("".join(" ".join(rng.choice(words) for _ in range(6)) + "!\n"
-                                             for _ in range(n)), encoding="utf-8")
+        (tmp_path / name).write_text(
+            "".join(" ".join(rng.choice(words) for _ in range(6)) + "!\n" for _ in range(n)), encoding="utf-8"
+        )
     return str(tmp_path / "new.txt"), str(tmp_path / "new-val.txt")
 
 
 def _lora_run(tmp_path, base, new_text, out, **kw):
-    return train(dict(TINY, init_from=base, preset=None, block_size=None, data=[new_text[0]],
-                      val_data=[new_text[1]], out=str(tmp_path / out), **{**LORA, **kw}))
+    return train(
+        dict(
+            TINY,
+            init_from=base,
+            preset=None,
+            block_size=None,
+            data=[new_text[0]],
+            val_data=[new_text[1]],
+            out=str(tmp_path / out),
+            **{**LORA, **kw},
+        )
+    )
 
 
-def test_lora_lowers_the_validation_loss_on_new_text_and_changes_only_adapted_layers(tmp_path, base, new_text):
+def test_lora_lowers_the_validation_loss_on_new_text_and_changes_only_adapted_layers(
+    tmp_path, base, new_text
+):
     s = _lora_run(tmp_path, base, new_text, "ft", max_iters=40, eval_interval=10)
     evals = [r["val_loss"] for r in read_metrics(tmp_path / "ft") if r["kind"] == "eval"]
     before, tok = gpt.load(base)
@@ -53,7 +67,9 @@ def test_lora_lowers_the_validation_loss_on_new_text_and_changes_only_adapted_la
             assert torch.linalg.matrix_rank(delta, atol=1e-5) <= 4, name  # a rank-4 update
         else:
             assert torch.equal(a, b), name  # frozen
-    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values())
+    )
     assert gpt.generate(after, tok, "zeta ", max_new_tokens=4, temperature=0.0)
 
 
@@ -63,8 +79,10 @@ def test_lora_resume_continues_with_the_same_losses(tmp_path, base, new_text):
     straight = _lora_run(tmp_path, base, new_text, "straight", max_iters=8, **same)
     _lora_run(tmp_path, base, new_text, "halves", max_iters=4, **same)
     resumed = train(dict(max_iters=8, out=str(tmp_path / "halves")), resume=True)
-    losses = {p: {r["step"]: r["loss"] for r in read_metrics(tmp_path / p) if r["kind"] == "train"}
-              for p in ("straight", "halves")}
+    losses = {
+        p: {r["step"]: r["loss"] for r in read_metrics(tmp_path / p) if r["kind"] == "train"}
+        for p in ("straight", "halves")
+    }
     assert losses["halves"] == losses["straight"]
     assert resumed["best_val_loss"] == straight["best_val_loss"]
     state = load_state(tmp_path / "halves" / "ckpt-0000008")

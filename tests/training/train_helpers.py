@@ -3,8 +3,20 @@ import random
 from pathlib import Path
 
 # Tiny runs: build in milliseconds, a step in about a millisecond on one thread.
-TINY = dict(preset="gpt-tiny", block_size=16, batch_size=4, eval_iters=2, eval_interval=5, max_iters=10,
-            warmup=2, lr=3e-3, min_lr=3e-4, threads=1, quiet=True, log_interval=1)
+TINY = dict(
+    preset="gpt-tiny",
+    block_size=16,
+    batch_size=4,
+    eval_iters=2,
+    eval_interval=5,
+    max_iters=10,
+    warmup=2,
+    lr=3e-3,
+    min_lr=3e-4,
+    threads=1,
+    quiet=True,
+    log_interval=1,
+)
 
 
 def make_corpus(path, n_words=6000, seed=0):
