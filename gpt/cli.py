@@ -72,9 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="torch.compile the decode step (tens of seconds the first time; beam search stays "
-        "uncompiled); faster with --quantize int8",
+        "uncompiled); default: on a CPU with a C++ compiler, for runs long enough to win the time back",
     )
     p.add_argument(
         "--eager",
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from . import checkpoint
+    from . import checkpoint, fast_defaults
     from .compile import compile_decode
     from .cuda_graphs import cuda_graph_decode
     from .device import resolve_device
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--model {args.model}: {e}")
     if args.quantize != "none":
         quantize(model, args.quantize)
-    if args.compile and args.num_beams == 1:
+    fast = fast_defaults.choose(model, compile=args.compile, kv_cache_dtype=None, tokens=args.max_new_tokens)
+    if fast.compile and args.num_beams == 1:
         compile_decode(model)
     if device.type == "cuda" and not args.eager:
         cuda_graph_decode(model)

@@ -37,6 +37,7 @@ def load_engine(settings: Settings, metrics=None, threads: int | None = None):
     import torch
 
     import gpt
+    from gpt import fast_defaults
 
     from .engine import Engine
     from .hardware import batched_slowdown
@@ -63,13 +64,15 @@ def load_engine(settings: Settings, metrics=None, threads: int | None = None):
                 settings.dtype,
             )
     if model.device.type == "cpu":  # builds our single-row kernels now rather than in the first request
-        log.info("single-row kernels: %s", gpt.native.status())
-    kv_dtype = getattr(torch, settings.kv_cache_dtype) if settings.kv_cache_dtype else None
+        log.info("single-row kernels: %s", gpt.kernels.status())
+    fast = fast_defaults.choose(model, compile=settings.compile, kv_cache_dtype=settings.kv_cache_dtype)
+    log.info("%s", fast_defaults.describe(fast, model, quantized=settings.quantize != "none"))
+    kv_dtype = fast.kv_cache_dtype
     if (
         kv_dtype is not None
         and kv_dtype != next(model.parameters()).dtype
         and model.device.type == "cpu"
-        and not (kv_dtype == torch.float16 and gpt.native.attention_f16_available())
+        and not (kv_dtype == torch.float16 and gpt.kernels.attention_f16_available())
     ):
         log.warning(
             "--kv-cache-dtype %s: attention converts the cache on every step on this CPU (our kernel "
@@ -85,7 +88,7 @@ def load_engine(settings: Settings, metrics=None, threads: int | None = None):
         metrics=metrics,
         threads=threads,
         prefix_cache=settings.prefix_cache,
-        compile_decode=settings.compile,
+        compile_decode=fast.compile,
         cuda_graphs=not settings.eager,
         kv_cache_dtype=kv_dtype,
     )

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from .config import DTYPES, ENV_PREFIX, LOG_LEVELS, QUANTIZATIONS, Settings
+from .config import DTYPES, ENV_PREFIX, KV_CACHE_DTYPES, LOG_LEVELS, QUANTIZATIONS, Settings
 
 log = logging.getLogger("server")
 
@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(
         p,
         "--kv-cache-dtype",
-        "dtype the KV cache stores keys and values in; default: the model's. float16 "
-        "halves the cache's memory and, on a CPU with F16C, what a batched decode step reads of it",
-        choices=DTYPES,
+        "dtype the KV cache stores keys and values in; default auto: float16 where our attention "
+        "kernel reads halves (a CPU with F16C, float32 weights, a GPT), else the model's",
+        choices=KV_CACHE_DTYPES,
     )
     _opt(
         p,
@@ -93,11 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         dest="compile",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help=f"torch.compile the decode step, compiling at start-up (tens of "
-        f"seconds the first time); faster with --quantize int8, slower in float32 on CPU "
-        f"(env {ENV_PREFIX}COMPILE=1)",
+        help=f"torch.compile the decode step at start-up (tens of seconds the first time); default: "
+        f"on a CPU where a C++ compiler is found (env {ENV_PREFIX}COMPILE=1/0)",
     )
     p.add_argument(
         "--eager",

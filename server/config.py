@@ -14,6 +14,7 @@ from pathlib import Path
 
 ENV_PREFIX = "GPT_SERVE_"
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", *DTYPES)
 QUANTIZATIONS = ("none", "int8")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -34,12 +35,14 @@ class Settings:
     chat_template: str | None = None  # JSON file; default: the plain-text template
     device: str = "cpu"
     dtype: str | None = None  # None keeps the checkpoint's dtype
-    kv_cache_dtype: str | None = (
-        None  # keys/values stored in this dtype; None: the model's. float16 halves them
-    )
+    # keys/values stored in this dtype; "auto": float16 where our attention kernel reads it, else
+    # the model's (gpt.fast_defaults)
+    kv_cache_dtype: str = "auto"
     quantize: str = "none"  # "int8": 8-bit weights and activations in every linear layer (gpt.quantize)
     prefix_cache: bool = True  # reuse cached keys/values of earlier prompts' common prefixes
-    compile: bool = False  # torch.compile the decode step (gpt.compile_decode); compiles at start-up
+    # torch.compile the decode step (gpt.compile_decode) at start-up; None: where a C++ compiler
+    # is present on a CPU (gpt.fast_defaults)
+    compile: bool | None = None
     eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
@@ -76,8 +79,8 @@ class Settings:
         need(self.drain_grace >= 0, f"drain_grace must be >= 0 seconds, got {self.drain_grace}")
         need(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(
-            self.kv_cache_dtype is None or self.kv_cache_dtype in DTYPES,
-            f"kv_cache_dtype must be one of {DTYPES}, got {self.kv_cache_dtype!r}",
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
         )
         need(
             self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}"
@@ -126,7 +129,12 @@ _INT_FIELDS = {
     "max_connections",
 }
 _FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "keep_alive_timeout"}
-_CHOICES = {"log_level": LOG_LEVELS, "quantize": QUANTIZATIONS, "dtype": DTYPES, "kv_cache_dtype": DTYPES}
+_CHOICES = {
+    "log_level": LOG_LEVELS,
+    "quantize": QUANTIZATIONS,
+    "dtype": DTYPES,
+    "kv_cache_dtype": KV_CACHE_DTYPES,
+}
 _BOOL_FIELDS = {"prefix_cache", "docs", "compile", "eager"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

@@ -1,10 +1,33 @@
+import os
+
 import pytest
 import torch
 
 import gpt
+from gpt import fast_defaults
 
 # Tests run tiny models: one thread avoids OpenMP start-up costs and contention on small machines.
 torch.set_num_threads(1)
+
+# Tests decode tiny models for a few tokens, and compare servers with the library: by default
+# they run as the library does, uncompiled on the model's own cache dtype, not with what
+# gpt.fast_defaults would choose for this machine (compiling would cost each server start tens
+# of seconds, and a float16 cache rounds logits that the comparisons hold exact). Servers run as
+# subprocesses read the variables; in-process ones (module-scoped fixtures included) are told the
+# machine has neither a compiler nor our float16 kernel. Tests of the choice itself are marked
+# `real_fast_defaults`; tests of compiling or of a float16 cache ask for them by name.
+os.environ.setdefault("GPT_SERVE_COMPILE", "0")
+os.environ.setdefault("GPT_SERVE_KV_CACHE_DTYPE", "float32")
+_real = {name: getattr(fast_defaults, name) for name in ("cpp_compiler_present", "half_cache_fits")}
+fast_defaults.cpp_compiler_present = lambda: False
+fast_defaults.half_cache_fits = lambda model: False
+
+
+@pytest.fixture(autouse=True)
+def _real_fast_defaults(request, monkeypatch):
+    if "real_fast_defaults" in request.keywords:
+        for name, function in _real.items():
+            monkeypatch.setattr(fast_defaults, name, function)
 
 
 @pytest.fixture(autouse=True)
