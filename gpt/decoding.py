@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .sampling import RowState, SamplingParams, sample, token_logprobs
@@ -35,6 +36,30 @@ class PromptLogprobs:
     @property
     def complete(self) -> bool:
         return len(self.logprobs) == len(self.token_ids)
+
+    def score(self, logits: Tensor, start: int, top_n: int, vocab_size: int) -> None:
+        """Add the logprobs of the prompt tokens that a chunk's logits (n, V) predict: the chunk's
+        position j (prompt position start + j) predicts prompt token start + j + 1; the prompt's
+        last position predicts the first generated token instead (sampled, not scored here).
+        `top_n` alternatives each; `vocab_size`: the tokenizer's (see `in_vocabulary`)."""
+        m = min(len(logits), len(self.token_ids) - 1 - start)
+        if m <= 0:
+            return
+        targets = self.token_ids[start + 1 : start + 1 + m]
+        targets = torch.tensor(targets, dtype=torch.long, device=logits.device)
+        chosen, top_v, top_i = token_logprobs(in_vocabulary(logits[:m], vocab_size), targets, top_n)
+        self.logprobs += chosen.tolist()
+        if top_n:
+            self.top_logprobs += [dict(zip(i, v)) for i, v in zip(top_i.tolist(), top_v.tolist())]
+        else:
+            self.top_logprobs += [{} for _ in range(m)]
+
+
+def in_vocabulary(logits: Tensor, vocab_size: int) -> Tensor:
+    """Logits (..., V) cut to the tokenizer's `vocab_size` ids. A model whose output layer is
+    wider than its tokenizer (a vocabulary padded to a multiple of 64) never chooses, nor
+    reports, the ids the tokenizer lacks: everything that samples or scores cuts them off here."""
+    return logits[..., :vocab_size]
 
 
 @dataclass
@@ -187,11 +212,9 @@ class SequenceDecoder:
 def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[Piece]:
     """Choose the next token of each sequence from its row of `logits` (B, V) and accept it:
     one piece per sequence. The chosen token's log-probability (and the top alternatives when a
-    sequence asks) come from the model's unprocessed distribution, as OpenAI reports them.
-
-    A model whose output layer is wider than its tokenizer (a vocabulary padded to a multiple of
-    64) never chooses, nor reports, the ids the tokenizer lacks: they are cut off first."""
-    logits = logits[:, : min(d.vocab_size for d in decoders)]
+    sequence asks) come from the model's unprocessed distribution, as OpenAI reports them, over
+    the tokenizer's ids only (`in_vocabulary`)."""
+    logits = in_vocabulary(logits, min(d.vocab_size for d in decoders))
     tokens = sample(logits, [d.sampler for d in decoders], decoders[0].eot)
     top_n = max(d.params.logprobs for d in decoders)
     chosen, top_v, top_i = token_logprobs(logits, tokens, top_n)

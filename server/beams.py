@@ -8,9 +8,13 @@ delivered to its own handle as one piece when the search ends."""
 
 from __future__ import annotations
 
+import logging
+
 from gpt import BeamSearch, Piece
 
-from .scheduler import Request
+from .requests import Request
+
+log = logging.getLogger("gpt-serve.engine")
 
 
 class BeamJob:
@@ -23,6 +27,17 @@ class BeamJob:
     @property
     def started(self) -> bool:
         return self.search is not None
+
+    def step(self, now: float) -> list[tuple[Request, Piece]] | None:
+        """`advance`, except that a step that raises ends this search with "error" (like a
+        failed batch step: the search fails, the server goes on)."""
+        try:
+            return self.advance(now)
+        except Exception:
+            log.exception("beam search step failed; failing its request")
+            if self.search is not None:
+                self.search.close()
+            return [(r, Piece(finish_reason="error")) for r in self.requests]
 
     def advance(self, now: float) -> list[tuple[Request, Piece]] | None:
         """One step on the engine thread (the first reads the prompt). The outputs once the

@@ -21,19 +21,17 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
 
-import gpt
-from gpt import ContextLimits, Piece, RequestError, SamplingParams, pack_linear_weights
-from gpt.compile import warm_up
-from gpt.cuda_graphs import record_decode_graphs
+from gpt import ContextLimits, Piece, RequestError, SamplingParams
 
 from .beams import BeamJob
 from .metrics import Metrics
-from .scheduler import Request, Scheduler
+from .model_prep import prepare_model
+from .requests import Request, RequestHandle, deliver
+from .scheduler import Scheduler
 
 __all__ = ["Engine", "EngineStats", "RequestHandle", "Piece", "QueueFull", "EngineClosed"]
 
@@ -60,60 +58,20 @@ class EngineStats:
     draining: bool  # shutting down: new requests are refused
 
 
-class RequestHandle:
-    """What `Engine.submit` returns: iterate it for `gpt.Piece`s; `cancel()` from anywhere."""
-
-    def __init__(self, engine: Engine, request: Request):
-        self._engine, self._request = engine, request
-        self.request_id, self.prompt_tokens = request.id, len(request.prompt)
-        self._queue: asyncio.Queue[Piece] = asyncio.Queue()
-        self._done = False
-
-    def __aiter__(self) -> AsyncIterator[Piece]:
-        return self
-
-    async def __anext__(self) -> Piece:
-        if self._done:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        # A consumer that fell behind gets everything pending as one piece: fewer, larger SSE
-        # chunks instead of a growing backlog.
-        while out.finish_reason is None and not self._queue.empty():
-            out = out.merge(self._queue.get_nowait())
-        if out.finish_reason is not None:
-            self._done = True
-        return out
-
-    def cancel(self) -> None:
-        """Drop the request (e.g. its client disconnected): its slot is freed within one step."""
-        self._request.cancelled = True
-        self._engine._wake()
-
-    @property
-    def finished(self) -> bool:
-        return self._done
-
-    def _put(self, out: Piece) -> None:  # on the event loop's thread
-        self._queue.put_nowait(out)
-
-
 class Engine:
     """Serves one model to many concurrent requests.
 
-    The engine takes the model over: it is put in eval mode and, unless `pack_weights=False`,
-    its linear layers get a second, oneDNN-blocked copy of their weights (1.2-1.8x faster
-    multi-row forwards on CPU in fp32; a no-op elsewhere; see gpt.layers.Linear.pack). The model
-    should not be trained while an engine serves it.
+    The engine takes the model over: it is put in eval mode and prepared to serve
+    (`server/model_prep.py`: packed weights unless `pack_weights=False`, `compile_decode`,
+    `cuda_graphs`). The model should not be trained while an engine serves it.
 
     max_len: tokens per KV-cache row (a GPT's prompt plus output; an encoder-decoder's output,
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
-    compile_decode: torch.compile the decode step (gpt.compile_decode), now, in the scheduler's
-    own cache; where compiling fails (no C++ compiler), the engine warns and serves uncompiled.
-    cuda_graphs: on a GPU, replay decode steps as CUDA graphs, all recorded now (gpt.cuda_graphs).
+    pack_weights, compile_decode, cuda_graphs: see `server.model_prep.prepare_model`.
     kv_cache_dtype: the KV cache's dtype (default: the model's; see `gpt.GPT.new_cache`).
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
-    from the longest cached prompt prefix (see server/scheduler.py); a GPT only.
+    from the longest cached prompt prefix (see server/prefix_cache.py); a GPT only.
     threads: CPU threads for the engine thread's kernels (None: torch's default for a new
     thread). OpenMP keeps one thread team per calling thread; see server/cli.py for why the
     process should run its multi-threaded kernels on this one thread only.
@@ -142,8 +100,6 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.threads = threads
-        if pack_weights:
-            pack_linear_weights(model, rows_hint=max_batch_size)
         self.metrics = metrics if metrics is not None else Metrics()
         self.limits = ContextLimits.of(model, tokenizer, max_len=max_len, max_prompt_tokens=max_prompt_tokens)
         self._sched = Scheduler(
@@ -153,21 +109,18 @@ class Engine:
             self.limits.max_len,
             prefill_chunk,
             self.metrics,
-            self._deliver,
+            deliver,
             prefix_cache=prefix_cache,
             cache_dtype=kv_cache_dtype,
         )
-        if compile_decode:
-            self._compile(model)
-        if cuda_graphs and model.device.type == "cuda" and not self.limits.is_seq2seq:
-            t0 = time.perf_counter()
-            n, problem = record_decode_graphs(model, self._sched.cache, max_batch_size)
-            if problem:
-                log.warning("CUDA graphs of the decode step are off (%s); decoding eagerly", problem)
-            else:
-                log.info(
-                    "decode step: %d CUDA graphs recorded and checked in %.1f s", n, time.perf_counter() - t0
-                )
+        prepare_model(
+            model,
+            self._sched.cache,
+            max_batch_size=max_batch_size,
+            pack_weights=pack_weights,
+            compile_decode=compile_decode,
+            cuda_graphs=cuda_graphs,
+        )
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs
         self._cond = threading.Condition()
@@ -179,20 +132,6 @@ class Engine:
         self.on_death = None  # called (from the engine thread) with that reason, e.g. to exit the process
 
     # --- the asyncio side ---------------------------------------------------------------
-
-    def _compile(self, model) -> None:
-        gpt.compile_decode(model)
-        log.info("compiling the decode step (torch.compile) ...")
-        try:
-            log.info("decode step compiled in %.1f s", warm_up(model, self._sched.cache))
-        except Exception as e:  # no C++ compiler, an unsupported op or device: serve uncompiled
-            model._compiled_stack = None
-            self._sched.cache.reset()
-            log.warning(
-                "--compile: torch.compile failed (%s: %s); serving without it",
-                type(e).__name__,
-                str(e).splitlines()[0] if str(e) else "",
-            )
 
     def start(self) -> None:
         with self._cond:
@@ -219,10 +158,7 @@ class Engine:
         (`Piece.prompt_logprobs`). A GPT only: an encoder-decoder's prompt is a source it does
         not predict. generate=False: read (and score) the prompt but generate nothing; the
         request ends with finish reason "length" and no tokens (params.max_new_tokens is ignored)."""
-        loop = asyncio.get_running_loop()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if params.num_beams > 1:
+        if isinstance(params, SamplingParams) and params.num_beams > 1:
             raise RequestError("beam search (num_beams > 1) goes through submit_beams", "num_beams")
         if prompt_logprobs is not None:
             if self.limits.is_seq2seq:
@@ -240,30 +176,7 @@ class Engine:
                     f"prompt_logprobs must be an integer in [0, 20], got {prompt_logprobs!r}",
                     "prompt_logprobs",
                 )
-        prompt, budget = self.limits.check(prompt_ids, params)
-        if not generate:
-            budget = 0
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        now = time.monotonic()
-        req = Request(
-            id=request_id or uuid.uuid4().hex,
-            prompt=prompt,
-            params=params,
-            max_new_tokens=budget,
-            loop=loop,
-            arrival=now,
-            deadline=None if timeout is None else now + timeout,
-            prompt_logprobs=prompt_logprobs,
-        )
-        handle = RequestHandle(self, req)
-        req.handle = handle
-        with self._cond:
-            self._check_open()
-            self._waiting.append(req)
-            self.metrics.requests_waiting.set(len(self._waiting))
-            self._cond.notify()
-        self.start()
+        (handle,) = self._queue(prompt_ids, params, 1, timeout, request_id, prompt_logprobs, generate)
         return handle
 
     def submit_beams(
@@ -278,11 +191,19 @@ class Engine:
         """Queue a beam search (params.num_beams > 1; see server/beams.py): one handle per choice,
         the i-th receiving the i-th best beam as a single piece when the search ends. It counts
         as one request against the queue. Raises like `submit`."""
-        loop = asyncio.get_running_loop()
         if not isinstance(params, SamplingParams) or params.num_beams < 2:
             raise TypeError("submit_beams takes SamplingParams with num_beams > 1")
         if not 1 <= n <= params.num_beams:
             raise RequestError(f"n must be in [1, num_beams = {params.num_beams}], got {n}", "n")
+        return self._queue(prompt_ids, params, n, timeout, request_id)
+
+    def _queue(
+        self, prompt_ids, params, n, timeout, request_id, prompt_logprobs=None, generate=True
+    ) -> list[RequestHandle]:
+        """What submit and submit_beams share: check, make `n` requests and their handles, queue."""
+        loop = asyncio.get_running_loop()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         prompt, budget = self.limits.check(prompt_ids, params)
@@ -293,20 +214,22 @@ class Engine:
                 id=f"{rid}-{i}" if n > 1 else rid,
                 prompt=prompt,
                 params=params,
-                max_new_tokens=budget,
+                max_new_tokens=budget if generate else 0,
                 loop=loop,
                 arrival=now,
                 deadline=None if timeout is None else now + timeout,
+                prompt_logprobs=prompt_logprobs,
             )
             for i in range(n)
         ]
-        handles = []
-        for r in reqs:
-            r.handle = RequestHandle(self, r)
-            handles.append(r.handle)
+        handles = [RequestHandle(r, self._wake) for r in reqs]
         with self._cond:
             self._check_open()
-            self._beams.append(BeamJob(self.model, self.tokenizer, reqs))
+            if params.num_beams > 1:
+                self._beams.append(BeamJob(self.model, self.tokenizer, reqs))
+            else:
+                self._waiting.extend(reqs)
+                self.metrics.requests_waiting.set(len(self._waiting))
             self._cond.notify()
         self.start()
         return handles
@@ -379,11 +302,7 @@ class Engine:
             self._waiting.clear()
             self._beams.clear()
         self._sched.running.clear()
-        for r in left:
-            try:
-                r.loop.call_soon_threadsafe(r.handle._put, Piece(finish_reason="error"))
-            except RuntimeError:  # that event loop is closed
-                pass
+        deliver([(r, Piece(finish_reason="error")) for r in left])
         if self.on_death is not None:
             self.on_death(reason)
 
@@ -412,17 +331,11 @@ class Engine:
             self._cancel_everything()
 
     def _advance_beam(self, job: BeamJob) -> None:
-        try:
-            outs = job.advance(time.monotonic())
-        except Exception:  # like a failed batch step: this search fails, the server goes on
-            log.exception("beam search step failed; failing its request")
-            if job.search is not None:
-                job.search.close()
-            outs = [(r, Piece(finish_reason="error")) for r in job.requests]
+        outs = job.step(time.monotonic())
         if outs is not None:
             with self._cond:
                 self._beams.remove(job)
-            self._deliver(outs)
+            deliver(outs)
 
     def _take_from_queue(self) -> tuple[list[Request], list[Request]]:
         """(requests to admit into free slots, oldest first; cancelled or timed-out requests
@@ -450,25 +363,8 @@ class Engine:
             beams = list(self._beams)
             self._beams.clear()
         for job in beams:
-            self._deliver(job.end("cancelled"))
+            deliver(job.end("cancelled"))
         for r in left:
             r.cancelled = True
         self._sched.step(admit=[], gone=left, cancel_all=True)
         self._update_gauges()
-
-    def _deliver(self, outputs: list[tuple[Request, Piece]]) -> None:
-        """Hand a step's outputs to their event loops: one thread-safe callback per loop."""
-        by_loop: dict = {}
-        for req, out in outputs:
-            by_loop.setdefault(req.loop, []).append((req.handle, out))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                for handle, _ in items:
-                    handle._request.cancelled = True
-
-
-def _put_all(items: list[tuple[RequestHandle, Piece]]) -> None:
-    for handle, out in items:
-        handle._put(out)

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from .api_responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    Usage,
+    new_id,
+    now,
+)
 from .auth import require_api_key
 from .chat_template import ChatTemplate
 from .config import Settings
@@ -13,14 +22,7 @@ from .fanout import collect, finish_reason, submit_all
 from .logprobs import chat_logprobs
 from .params import budget, check_fanout, choices, prompt_ids_off_loop, render_messages
 from .protocol import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatLogprobs,
-    Usage,
-    new_id,
-    now,
 )
 from .sse import EventStream, event_stream
 

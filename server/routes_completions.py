@@ -11,6 +11,14 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request
 
+from .api_responses import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    Usage,
+    new_id,
+    now,
+)
 from .auth import require_api_key
 from .config import Settings
 from .deps import check_model, get_engine, get_settings
@@ -19,13 +27,7 @@ from .fanout import collect, finish_reason, submit_all
 from .logprobs import CompletionLogprobBuilder, EchoedPrompt, join_logprobs
 from .params import budget, check_fanout, choices, prompt_ids_off_loop
 from .protocol import (
-    CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
-    CompletionResponse,
-    Usage,
-    new_id,
-    now,
 )
 from .sse import EventStream, event_stream
 

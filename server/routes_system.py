@@ -10,13 +10,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from .api_responses import ModelCard, ModelList
 from .auth import require_api_key
 from .chat_template import ChatTemplate
 from .config import Settings
 from .deps import check_model, get_chat_template, get_engine, get_settings
 from .errors import APIError, invalid
 from .params import render_messages
-from .protocol import DetokenizeRequest, ModelCard, ModelList, TokenizePrompt, TokenizeRequest
+from .protocol import DetokenizeRequest, TokenizePrompt, TokenizeRequest
 
 STATIC_DIR = Path(__file__).parent / "static"
 # the routes that take a JSON body (server/guard.py refuses other content types there)

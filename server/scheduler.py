@@ -16,18 +16,15 @@ Each step:
 Decode and prefill are separate forwards on purpose: padding 1-token decode rows to a chunk's
 width would multiply the decode rows' cost in every linear layer by the chunk length.
 
-Prefix caching (a GPT's prompts; `server/prefix_cache.py` keeps the index): a finished request's
-keys and values stay in its row until the row is taken again. A new request takes the free row
-sharing the longest token prefix with its prompt and prefills only the rest. If the longest
-prefix is in a row that is in use (another choice of the same prompt, a common system prompt),
-the request takes the least recently used free row and, once that prefix is prefilled, copies
-its keys and values instead of computing them again.
+Prefix caching (a GPT's prompts): a request may start from a row that already holds its
+prompt's beginning, or copy that beginning from a row in use; `server/prefix_cache.py` keeps the
+rows' contents and decides where each request goes.
 
 Prompt logprobs (a completion's `echo` with `logprobs`): a request that asks for them prefills its
 whole prompt, without reusing a cached prefix, and each prefill forward that carries such a
 request returns logits at every position instead of each row's last; its rows' logits give the
-logprob of each next prompt token and the top alternatives, cut to the tokenizer's vocabulary and
-taken from the same unprocessed distribution as generated tokens' logprobs (`token_logprobs`).
+logprob of each next prompt token and the top alternatives (`gpt.decoding.PromptLogprobs.score`,
+from the same distribution as generated tokens' logprobs).
 They travel on the request's first piece. A request with a budget of 0 new tokens ends once its
 prompt is scored (with nothing to score, at admission, without taking a slot).
 """
@@ -36,57 +33,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from gpt import Piece, SamplingParams, SequenceDecoder, decode_tokens
+from gpt import Piece, SequenceDecoder, decode_tokens
 from gpt.decoding import PromptLogprobs
-from gpt.sampling import token_logprobs
 
 from .metrics import Metrics
 from .prefix_cache import PrefixIndex
+from .requests import Deliver, Request
 
 log = logging.getLogger("gpt-serve.scheduler")
-
-
-@dataclass(eq=False)
-class Request:
-    id: str
-    prompt: list[int]
-    params: SamplingParams
-    max_new_tokens: (
-        int  # the budget, checked against the context at submit; 0: only read (and score) the prompt
-    )
-    loop: Any  # the asyncio loop the request's handle lives on
-    arrival: float  # time.monotonic() at submit
-    deadline: float | None = None
-    prompt_logprobs: int | None = None  # report the prompt's logprobs with this many alternatives; None: not
-    handle: Any = None
-    cancelled: bool = False  # set from any thread by RequestHandle.cancel
-    # engine-thread state from admission on
-    slot: int = -1
-    decoder: SequenceDecoder | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    cached_tokens: int = 0  # of those, tokens whose keys and values came from the prefix cache
-    share_from: Request | None = None  # until it has prefilled share_len tokens, wait, then copy them
-    share_len: int = 0
-    scored: PromptLogprobs | None = None  # the prompt's logprobs so far, when asked
-    first_token_at: float | None = None
-    last_token_at: float = 0.0
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    @property
-    def decoding(self) -> bool:
-        """Has a sampled token to feed: its prompt is in the cache and it has not finished."""
-        return self.decoder is not None and bool(self.decoder.output_ids) and not self.decoder.finished
-
-
-Deliver = Callable[[list[tuple[Request, Piece]]], None]
 
 
 class Scheduler:
@@ -197,44 +154,22 @@ class Scheduler:
             self._finish(r, "error", outs, now)
 
     def _place(self, r: Request) -> tuple[int, int]:
-        """The free row `r` takes and how many of its prompt tokens that row already holds. When
-        a row in use holds a longer prefix, `r` is told to copy it from there once it is written.
-        A request that wants its prompt's logprobs computes the whole prompt: it reuses nothing."""
+        """The free row `r` takes and how many of its prompt tokens that row already holds."""
         if self.prefix is None:
             return min(self._free), 0
-        if r.prompt_logprobs is not None:
-            return self.prefix.evictable(self._free), 0
-        self.metrics.prefix_cache_lookups_total.inc()
-        common = self.prefix.common_prefix(torch.tensor(r.prompt), self.prefix.known).tolist()
-        best_free = max(self._free, key=lambda row: (common[row], -row))
-        busy = [q for q in self.running if common[q.slot] > 0]
-        best_busy = max(busy, key=lambda q: common[q.slot], default=None)
-        shared = common[best_busy.slot] if best_busy is not None else 0
-        if common[best_free] and common[best_free] >= shared:
-            return best_free, common[best_free]
-        if best_busy is not None:
-            r.share_from, r.share_len = best_busy, shared
-        return self.prefix.evictable(self._free), 0
+        if r.prompt_logprobs is None:
+            self.metrics.prefix_cache_lookups_total.inc()
+        return self.prefix.place(r, self._free, self.running)
 
     def _ready(self, r: Request) -> bool:
-        """Whether `r` may prefill: it waits while the request it shares a prefix with has not
-        written that prefix; then it copies the longest prefix any row holds by now."""
-        src = r.share_from
-        if src is None:
+        """Whether `r` may prefill: not while the request it shares a prefix with has not
+        written that prefix (then it copies what it can: `PrefixIndex.copy_shared`)."""
+        if r.share_from is None:
             return True
-        if src.slot >= 0 and src.prefilled < r.share_len:
+        n = self.prefix.copy_shared(r, self.running, self.cache)
+        if n is None:
             return False
-        r.share_from = None
-        in_use = {q.slot for q in self.running}
-        written = torch.where(
-            torch.tensor([row in in_use for row in range(self.batch)]), self.cache.lengths, self.prefix.known
-        )
-        written[r.slot] = 0
-        common = self.prefix.common_prefix(torch.tensor(r.prompt), written)
-        row = int(common.argmax())
-        n = int(common[row])
-        if n > r.prefilled:
-            self.cache.copy_prefix(row, r.slot, n)
+        if n:
             r.prefilled = n
             self._reused(r, n)
         return True
@@ -340,24 +275,10 @@ class Scheduler:
             self._sample([picked[i][0] for i in done], logits[done], outs)
 
     def _score_prompt(self, r: Request, logits: torch.Tensor) -> None:
-        """Add the logprobs of the prompt tokens that a chunk's logits (n, V) predict: the chunk's
-        position j (prompt position r.prefilled + j) predicts prompt token r.prefilled + j + 1; the
-        prompt's last position predicts the first generated token instead (sampled, not scored here)."""
+        """Score the prompt tokens that a chunk's logits (n, V) predict, from r.prefilled on."""
         if r.scored is None:
             r.scored = PromptLogprobs(list(r.prompt))
-        start = r.prefilled
-        m = min(len(logits), len(r.prompt) - 1 - start)
-        if m <= 0:
-            return
-        top_n = r.prompt_logprobs
-        targets = torch.tensor(r.prompt[start + 1 : start + 1 + m], dtype=torch.long, device=logits.device)
-        # ids past the tokenizer's vocabulary (a padded output layer) are never reported, as in decode_tokens
-        chosen, top_v, top_i = token_logprobs(logits[:m, : self.tokenizer.vocab_size], targets, top_n)
-        r.scored.logprobs += chosen.tolist()
-        if top_n:
-            r.scored.top_logprobs += [dict(zip(ids, lps)) for ids, lps in zip(top_i.tolist(), top_v.tolist())]
-        else:
-            r.scored.top_logprobs += [{} for _ in range(m)]
+        r.scored.score(logits, r.prefilled, r.prompt_logprobs, r.decoder.vocab_size)
 
     # --- sampling and finishing --------------------------------------------------------
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
+from .api_responses import Usage
 from .errors import APIError
 from .fanout import cancel_unfinished, finish_reason, merged
-from .protocol import Usage
 
 
 def sse(data: dict | str) -> str:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 import gpt
-import server.engine
+import server.model_prep
 from gpt import SamplingParams
 from gpt.compile import is_compiled
 from server.engine import Engine, EngineClosed, QueueFull
@@ -634,7 +634,7 @@ def test_where_compiling_fails_the_engine_warns_and_serves_uncompiled(tiny_gpt, 
     def broken(model, cache=None):
         raise RuntimeError("no C++ compiler here\nmore detail")
 
-    monkeypatch.setattr(server.engine, "warm_up", broken)
+    monkeypatch.setattr(server.model_prep, "warm_up", broken)
     params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
     want = gpt.complete(tiny_gpt, TOK, ["hi"], [params])[0]
     with caplog.at_level("WARNING"):
