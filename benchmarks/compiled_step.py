@@ -45,11 +45,11 @@ def build(quant: str, compiled: bool, rows: int):
 def rate(model, cache, batch: int, steps: int, prompt_len: int = 32) -> float:
     rows = slice(0, batch)
     logits = model.start([list(range(100, 100 + prompt_len))] * batch, cache, rows=rows)
-    nxt = gpt.native.argmax(logits)
+    nxt = gpt.kernels.argmax(logits)
     t0 = time.perf_counter()
     for _ in range(steps):
         logits = model.step(nxt[:, None], cache, rows=rows)
-        nxt = gpt.native.argmax(logits)
+        nxt = gpt.kernels.argmax(logits)
     return batch * steps / (time.perf_counter() - t0)
 
 

@@ -590,11 +590,11 @@ def ours_decode_rate(model, cache, prompt: list[int], batch: int, steps: int) ->
     (cache rows 0..batch-1, the server's decode layout); tokens/s of the steps."""
     rows = slice(0, batch)
     logits = model.start([prompt] * batch, cache, rows=rows)
-    nxt = gpt.native.argmax(logits)  # what greedy sampling uses
+    nxt = gpt.kernels.argmax(logits)  # what greedy sampling uses
     t0 = time.perf_counter()
     for _ in range(steps):
         logits = model.step(nxt[:, None], cache, rows=rows)
-        nxt = gpt.native.argmax(logits)
+        nxt = gpt.kernels.argmax(logits)
     return batch * steps / (time.perf_counter() - t0)
 
 

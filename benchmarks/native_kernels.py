@@ -1,9 +1,9 @@
-"""Our single-row kernels (gpt.native) against PyTorch's, on one machine, in one process.
+"""Our single-row kernels (gpt.kernels) against PyTorch's, on one machine, in one process.
 
 Every fast path needs a fallback that is no slower elsewhere, and which one wins depends on the
 CPU: run this on the machine you serve from. It times the GPT-2-small (random weights) decode
 step of one stream, fp32 and int8, eagerly, with our kernels and with PyTorch's (the ones
-gpt.native falls back to), in interleaved rounds so that a machine whose speed drifts treats
+gpt.kernels falls back to), in interleaved rounds so that a machine whose speed drifts treats
 both alike; it prints the CPU, the memory bandwidth, each variant's best and median step time,
 the ratio, and the kernels alone (every GPT-2 weight matrix once, as a decode step reads them).
 
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpt  # noqa: E402
-import gpt.native as native  # noqa: E402
-from gpt.quantization import quantize_rows  # noqa: E402
+import gpt.kernels as kernels  # noqa: E402
+from gpt.kernels.reference import quantize_rows  # noqa: E402
 
 
 def cpu_line() -> str:
@@ -57,19 +57,19 @@ def _timed(fn) -> float:
 
 def step_times(model, rounds: int, steps: int) -> dict[str, list[float]]:
     """Median step time (s) per round, for our kernels and PyTorch's, rounds interleaved."""
-    real = native._isa
+    real = kernels._isa
     variants = {"ours": real, "torch": lambda: 0}
     out: dict[str, list[float]] = {k: [] for k in variants}
     token = torch.zeros(1, 1, dtype=torch.long)
     with torch.inference_mode():
         for _ in range(rounds):
             for name, isa in variants.items():
-                native._isa = isa
+                kernels._isa = isa
                 cache = model.new_cache(1, 512)
                 model.start([list(range(64))], cache)
                 times = [_timed(lambda: model.step(token, cache)) for _ in range(steps)]
                 out[name].append(statistics.median(times[3:]))
-    native._isa = real
+    kernels._isa = real
     return out
 
 
@@ -102,8 +102,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     print(f"CPU: {cpu_line()}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernels: {native.status()}")
-    if not native.f32_available():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernels: {kernels.status()}")
+    if not kernels.f32_available():
         print("our kernels are not in use here: nothing to compare")
         return
     print(f"memory read bandwidth (sum of a 1 GiB tensor): {bandwidth_gbs():.1f} GB/s")

@@ -15,7 +15,7 @@ Dynamo's guards, the checks that decide at every call whether a compiled graph s
 cost more than the step's small ops: for GPT-2 small about 2,700 of them (every module's
 attributes, hooks and parameters), some 0.5 ms of a step of about 4 ms. Where the step's inputs
 are all tensors, with no Python numbers that a graph could bake in (a decoder-only model on a
-CPU with our attention kernel, `gpt.native`, which finds each row's length in the cache on its
+CPU with our attention kernel, `gpt.kernels`, which finds each row's length in the cache on its
 own), the step runs without them: one graph per kind of call, on a copy of the step's code of
 its own (dynamo keeps graphs per code object, so no other model or call can be handed this
 one), picked by a key that `_key` builds from what the graph was traced with: the cache's

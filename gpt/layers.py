@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import native
+from . import kernels
 from .config import ModelConfig
 from .kv_cache import CacheView, LayerCache
 from .packing import is_current, stamp
@@ -48,7 +48,7 @@ class Linear(nn.Linear):
     memory again, so packing is opt-in (`pack_linear_weights(model)`; the server does it).
 
     A single row (the decode step of one stream) runs on our own matrix-vector kernel where it
-    could be built (`gpt.native`), eagerly and under torch.compile, and on the plain weight with
+    could be built (`gpt.kernels`), eagerly and under torch.compile, and on the plain weight with
     oneDNN elsewhere.
     """
 
@@ -97,7 +97,7 @@ class Linear(nn.Linear):
         return self._packed
 
     def _native_ok(self, x: Tensor) -> bool:
-        """A single row in float32 on a CPU, for inference: our matrix-vector kernel (gpt.native),
+        """A single row in float32 on a CPU, for inference: our matrix-vector kernel (gpt.kernels),
         eagerly and inside torch.compile alike."""
         w, b = self.weight, self.bias
         return (
@@ -109,7 +109,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and w.is_contiguous()
             and (b is None or b.dtype == torch.float32)
-            and native.f32_available()
+            and kernels.f32_available()
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,7 +133,7 @@ def pack_linear_weights(model: nn.Module, rows_hint: int = 32) -> int:
 
 def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool) -> bool:
     """Whether a step of one query per row (activations of `dtype`) attends with our kernel
-    (gpt.native): a float32 cache, or a float16 one where the CPU converts halves, on a CPU, for
+    (gpt.kernels): a float32 cache, or a float16 one where the CPU converts halves, on a CPU, for
     inference. The kernel writes the new keys and
     values itself, eagerly and inside torch.compile (the op declares its in-place writes, so
     inductor calls it on the cache itself); rows of up to 8192 positions (its scores live on
@@ -145,14 +145,14 @@ def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool)
         and k.shape[2] <= 8193
         and not torch.is_grad_enabled()
         and not training
-        and native.attention_available()
+        and kernels.attention_available()
         and (
             k.dtype == torch.float32
             or (
                 k.dtype == torch.float16
                 and k.shape[3] % 8 == 0
                 and k.shape[3] <= 256
-                and native.attention_f16_available()
+                and kernels.attention_f16_available()
             )
         )
     )

@@ -3,7 +3,7 @@
 Every linear layer, the output head included, keeps its weight as int8 with one fp32 scale per
 output channel (symmetric: w ~ scale * q, q in [-127, 127]). At each call the activations are
 quantized the same way with one scale per row, the product runs as an int8 GEMM with int32
-accumulation (our kernel in `gpt.native` on an x86 CPU, else `torch._int_mm`, the kernel
+accumulation (our kernel in `gpt.kernels` on an x86 CPU, else `torch._int_mm`, the kernel
 torchao's int8 dynamic path is built on), and the result is rescaled to floating point. Calls of
 several rows can run on a prepacked copy of the weight instead (`Int8Linear.pack`), with the same numbers.
 
@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
+from . import kernels
+from .kernels.reference import quantize_rows
 from .packing import is_current, stamp
-from .row_quantization import quantize_rows
 
 MODES = ("int8",)
 
@@ -109,7 +109,7 @@ class Int8Linear(nn.Module):
     shifted by 128) and the call runs with scale 1: it returns the exact integer products, and
     the rescaling after it is the same as `_int_mm`'s, so a row's result does not depend on
     which kernel ran or what it was batched with. A single row never uses the copy: it runs on
-    our own kernel (`gpt.native`, with `weight_rows` and `weight_sum`), else `_int_mm`, with the
+    our own kernel (`gpt.kernels`, with `weight_rows` and `weight_sum`), else `_int_mm`, with the
     same numbers again; so do calls of several rows on a CPU without VNNI, where no copy is made
     (oneDNN's int8 linear saturates there). The copy costs the weight's memory again: opt-in, like
     `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
@@ -126,7 +126,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_q", weight_q)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
-        # What our kernel reads (gpt/csrc/gemv.c says why): the weight in its own
+        # What our kernel reads (gpt/kernels/csrc/gemv.c says why): the weight in its own
         # layout and the rows' sums. Derived, so not saved, and made again whenever the weight
         # is loaded or changed; the copy costs the int8 weight's memory once more, on CPUs
         # where our kernel runs.
@@ -141,8 +141,8 @@ class Int8Linear(nn.Module):
         """(Re)derive `weight_sum` and, where our kernel runs, `weight_rows` from `weight_q`."""
         w = self.weight_q
         derived = [("weight_sum", w.sum(dim=1, dtype=torch.int32))]
-        if w.device.type == "cpu" and w.is_contiguous() and native.int8_available():
-            derived.append(("weight_rows", native.interleave_int8(w)))
+        if w.device.type == "cpu" and w.is_contiguous() and kernels.int8_available():
+            derived.append(("weight_rows", kernels.interleave_int8(w)))
         for name, value in derived:
             if getattr(self, name).shape == value.shape:
                 getattr(self, name).copy_(value)  # in place: a compiled graph holds on to this tensor
@@ -151,10 +151,10 @@ class Int8Linear(nn.Module):
         self._sum_from = stamp(w)
 
     def _native_ok(self, x2: Tensor) -> bool:
-        """Our kernel (gpt.native) runs calls of one row; and calls of several where oneDNN's int8
+        """Our kernel (gpt.kernels) runs calls of one row; and calls of several where oneDNN's int8
         linear is inexact (no VNNI), since torch._int_mm is far slower there (README, "8-bit
         weights"). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
-        if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not native.int8_available():
+        if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not kernels.int8_available():
             return False
         if x2.shape[0] != 1 and qlinear_available():
             return False

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import native
+from . import kernels
 
 
 @dataclass
@@ -198,7 +198,7 @@ def sample(logits: Tensor, rows: Sequence[RowState], eot: int | None = None) -> 
         for i, r in enumerate(rows):
             if adjusted[i]:
                 apply_penalties(logits[i], r, eot)
-    tokens = native.argmax(logits)  # PyTorch's argmax over a batch of vocabularies is slow on a CPU
+    tokens = kernels.argmax(logits)  # PyTorch's argmax over a batch of vocabularies is slow on a CPU
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not sampled:
         return tokens
@@ -231,7 +231,7 @@ def token_logprobs(logits: Tensor, tokens: Tensor, top_n: int = 0):
     ((B, n) values, (B, n) ids) when asked, from the unprocessed distribution."""
     logits = logits.float()
     # log p = logit - logsumexp(logits): one reduction, without writing a (B, V) log_softmax
-    lse = native.logsumexp(logits)[:, None]
+    lse = kernels.logsumexp(logits)[:, None]
     chosen = (logits.gather(1, tokens[:, None]) - lse)[:, 0]
     if top_n:
         vals, ids = logits.topk(top_n, dim=-1)

@@ -59,7 +59,7 @@ def test_gpt_generate_compile_flag(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(want) and eager
 
 
-needs_native = pytest.mark.skipif(not gpt.native.attention_available(), reason="needs our attention kernel")
+needs_native = pytest.mark.skipif(not gpt.kernels.attention_available(), reason="needs our attention kernel")
 
 
 def _greedy(model, prompt, n=8, rows=1):

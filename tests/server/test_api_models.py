@@ -66,7 +66,7 @@ def test_a_float16_kv_cache_is_what_the_engine_decodes_in(tiny_checkpoint, monke
 def test_a_kv_cache_dtype_that_attention_must_convert_is_warned_of(
     tiny_checkpoint, monkeypatch, caplog, kv, kernel, warns
 ):
-    monkeypatch.setattr(gpt.native, "attention_f16_available", lambda: kernel)
+    monkeypatch.setattr(gpt.kernels, "attention_f16_available", lambda: kernel)
     with caplog.at_level("WARNING", logger="server"):
         load_engine(Settings(model=tiny_checkpoint, kv_cache_dtype=kv))
     assert ("--kv-cache-dtype" in caplog.text) == warns

@@ -3,9 +3,9 @@
  * A decode step of one stream multiplies one activation row by every weight matrix, so its time
  * is the time to read the weights from memory. These kernels do only that: each thread streams
  * its own share of the weight rows, four at a time, through one vector accumulator per row, and
- * reuses each block of rows (still in L1) for the next activation row. Built by gpt/native.py
- * with -march=native, which picks the widest instruction set this CPU has; see there for why
- * we have our own kernels at all.
+ * reuses each block of rows (still in L1) for the next activation row. Built by
+ * gpt/kernels/build.py with -march=native, which picks the widest instruction set this CPU has;
+ * gpt/kernels/__init__.py says why we have our own kernels at all.
  *
  * int8: x is uint8, the int8 activations shifted by 128 (what gpt.quantization's per-row
  * quantizer writes), w is int8, and y gets the exact int32 products of (x - 128) and w.

@@ -1,4 +1,4 @@
-"""Building our C kernels (gpt/csrc) for this machine, for gpt.native: the C library on first use
+"""Building our C kernels (gpt/kernels/csrc) for this machine: the C library on first use
 with the system's C compiler and `-march=native`, and the C++ file that registers them as the
 gpt:: ops' CPU kernels, against the installed PyTorch. Each build is cached under a key of the
 sources, the compiler and its version, the flags and the CPU's flags, and written atomically
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.c", "attention.c", "rows.c")]
-HEADERS = [Path(__file__).with_name("csrc") / "exp_nonpos.h"]
-OPS_SOURCE = Path(__file__).with_name("csrc") / "ops.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "rows.c")]
+HEADERS = [CSRC / "exp_nonpos.h"]
+OPS_SOURCE = CSRC / "ops.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -41,7 +42,7 @@ def _cache_dir() -> Path:
 def _build(name: str, compiler: str, args: list[str], key_parts: list[str], timeout: float) -> Path:
     """`compiler *args -o <library>`, cached under a key of the sources, compiler, flags and CPU."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*key_parts, compiler, version, " ".join(args), _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([*key_parts, compiler, version, " ".join(args), cpu_flags()]).encode())
     target = _cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -61,14 +62,14 @@ def _build(name: str, compiler: str, args: list[str], key_parts: list[str], time
     return target
 
 
-def _compile(cc: str) -> Path:
+def compile_kernels(cc: str) -> Path:
     """The C kernels' shared library for this compiler and CPU: from the cache, or built now."""
     return _build(
         "gemv", cc, [*FLAGS, *map(str, SOURCES)], [s.read_text() for s in (*SOURCES, *HEADERS)], 120
     )
 
 
-def _compile_ops(cxx: str) -> Path:
+def compile_ops(cxx: str) -> Path:
     """The C kernels and `ops.cpp`, which registers them as the gpt:: ops' CPU kernels, linked
     against this PyTorch (its headers come with every wheel)."""
     from torch.utils import cpp_extension
