@@ -155,7 +155,7 @@ def step_bytes(model: torch.nn.Module) -> int:
     `weight_rows`, the kernel's layout); a step reads one of them."""
     seen, n = set(), 0
     for m in model.modules():
-        if isinstance(m, (gpt.layers.Linear, gpt.quantization.Int8Linear)):
+        if isinstance(m, (gpt.linear.Linear, gpt.quantization.Int8Linear)):
             tensors = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
             if isinstance(m, gpt.quantization.Int8Linear) and m.weight_rows.numel():
                 tensors = [t for t in tensors if t is not m.weight_q]

@@ -15,8 +15,8 @@ from .evaluate import Score, score_pairs, score_texts
 from .generate import Completion, complete, generate
 from .hf import export_hf_gpt2, load_hf_gpt2
 from .kv_cache import KVCache
-from .layers import pack_linear_weights
 from .limits import ContextLimits, RequestError
+from .linear import pack_linear_weights
 from .model import GPT, EncoderDecoder, build_model
 from .quantization import quantize
 from .sampling import SamplingParams

@@ -45,8 +45,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from .attention import native_attention_fits
 from .kv_cache import KVCache
-from .layers import native_attention_fits
 from .quantization import Int8Linear, qlinear_available
 
 # torch.compile's guard filters came with torch 2.8; before that every step keeps the guards

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import Linear
+from .linear import Linear
 
 # the attention and MLP projections of both model kinds (c_proj is in both)
 DEFAULT_TARGETS = ("c_attn", "q_proj", "kv_proj", "c_proj", "c_fc")

@@ -19,7 +19,9 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
-from .layers import Block, Linear, PositionEncoding
+from .layers import Block
+from .linear import Linear
+from .positions import PositionEncoding
 from .tokenizer import get_tokenizer
 
 

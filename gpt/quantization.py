@@ -112,7 +112,7 @@ class Int8Linear(nn.Module):
     our own kernel (`gpt.kernels`, with `weight_rows` and `weight_sum`), else `_int_mm`, with the
     same numbers again; so do calls of several rows on a CPU without VNNI, where no copy is made
     (oneDNN's int8 linear saturates there). The copy costs the weight's memory again: opt-in, like
-    `gpt.layers.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
+    `gpt.linear.Linear.pack` (`gpt.pack_linear_weights(model)`; the server does it).
     """
 
     _packed: Tensor | None = None  # an opaque oneDNN tensor: never in the state dict

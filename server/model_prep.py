@@ -31,7 +31,7 @@ def prepare_model(
     """Make `model` (in eval mode, decoding into `cache`) fast to serve:
 
     pack_weights: give its linear layers a second, oneDNN-blocked copy of their weights, which
-    multi-row forwards on a CPU read faster (a no-op elsewhere; see gpt.layers.Linear.pack).
+    multi-row forwards on a CPU read faster (a no-op elsewhere; see gpt.linear.Linear.pack).
     compile_decode: torch.compile the decode step (gpt.compile_decode) and warm it up now, in
     `cache`; where compiling fails, warn and serve uncompiled.
     cuda_graphs: on a GPU, record the decode step of every batch size as CUDA graphs now

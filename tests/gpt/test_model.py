@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gpt
-from gpt.layers import sinusoidal_table
+from gpt.positions import sinusoidal_table
 
 VARIANTS = [(pe, norm) for pe in ("learned", "sinusoidal", "rotary") for norm in ("pre", "post")]
 
@@ -202,7 +202,7 @@ def test_too_long_input_is_rejected(tiny_gpt):
 @pytest.mark.parametrize("shape", [(1, 1024), (3, 5, 1024), "transposed"])
 def test_inference_linear_fast_path_matches_f_linear(shape):
     """Wide layers run inference on oneDNN's GEMM: it must compute what F.linear computes."""
-    from gpt.layers import Linear
+    from gpt.linear import Linear
 
     layer = Linear(1024, 768)
     x = torch.randn(1024, 6).t() if shape == "transposed" else torch.randn(*shape)
@@ -221,7 +221,7 @@ def test_cached_decoding_equals_full_forward_at_a_width_that_takes_the_fast_path
 
 @pytest.mark.parametrize("shape", [(1, 1024), (4, 1024), (3, 5, 1024), "transposed"])
 def test_packed_linear_weights_compute_what_f_linear_computes(shape):
-    from gpt.layers import Linear
+    from gpt.linear import Linear
 
     layer = Linear(1024, 768)
     assert layer.pack() is True
@@ -233,7 +233,7 @@ def test_packed_linear_weights_compute_what_f_linear_computes(shape):
 
 
 def test_a_packed_copy_is_dropped_once_its_weight_changes():
-    from gpt.layers import Linear
+    from gpt.linear import Linear
 
     layer = Linear(1024, 768)
     packed = layer.pack()
@@ -258,7 +258,7 @@ def test_packing_skips_small_layers_and_keeps_the_state_dict():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     packed = gpt.pack_linear_weights(model)
     assert packed == sum(
-        m.weight.numel() >= 1 << 19 for m in model.modules() if isinstance(m, gpt.layers.Linear)
+        m.weight.numel() >= 1 << 19 for m in model.modules() if isinstance(m, gpt.linear.Linear)
     )
     assert packed >= 1
     assert model.state_dict().keys() == before.keys()

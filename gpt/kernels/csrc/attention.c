@@ -112,7 +112,7 @@ static inline __attribute__((always_inline)) void attend_head_f16(
 /* The same as attend_one with a float16 cache (k_cache, v_cache hold IEEE half floats): half
  * the bytes to read, and at a batch of rows the cache is what a step reads most after the
  * weights. The new key and value are rounded to half on the way in; products and sums are
- * float32. D must be a multiple of 8, at most 256 (gpt/layers.py checks). */
+ * float32. D must be a multiple of 8, at most 256 (gpt/attention.py checks). */
 void attend_one_f16(const float *q, const float *k_new, const float *v_new, uint16_t *k_cache, uint16_t *v_cache,
                     long s_row, long s_head, long s_pos, const int64_t *rows, const int64_t *pos, float *out,
                     long B, long H, long D, float scale) {

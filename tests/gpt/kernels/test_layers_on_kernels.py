@@ -6,7 +6,7 @@ import torch
 
 import gpt
 import gpt.kernels as kernels
-from gpt.layers import Linear
+from gpt.linear import Linear
 from gpt.quantization import Int8Linear
 
 needs_kernels = pytest.mark.skipif(

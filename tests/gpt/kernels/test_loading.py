@@ -34,9 +34,7 @@ def test_every_instruction_set_flavour_is_exact(flavour, tmp_path, monkeypatch):
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc or not _cpu_has(*cpu_flags):
         pytest.skip(f"needs a C compiler and a CPU with {', '.join(cpu_flags)}")
-    monkeypatch.setattr(
-        build, "FLAGS", [f for f in build.FLAGS if f != "-march=native"] + flags
-    )
+    monkeypatch.setattr(build, "FLAGS", [f for f in build.FLAGS if f != "-march=native"] + flags)
     monkeypatch.setenv("GPT_KERNEL_CACHE", str(tmp_path))
     lib = ctypes_ops.bind(build.compile_kernels(cc))
     assert lib.gemv_isa() >> 4 == isa and lib.gemv_isa() & 1
