@@ -45,7 +45,7 @@ if [ "$has_model" = 0 ]; then
             say "      Ctrl-C saves a checkpoint and the next ./start.sh resumes)"
             # The gpt-code preset: a BPE learned from the corpus, 3 layers, 128 wide, context
             # 256 tokens. Its budget is counted in tokens, 4.9M (steps x batch x context),
-            # because CPUs differ; benchmarks/first_run.py measured the choices (README).
+            # because CPUs differ; benchmarks/first_run.py measured the choices (docs/benchmarks.md).
             .venv/bin/gpt-train --out "$RUN" --preset gpt-code --bpe-vocab 3072 \
                 --batch-size 8 --max-iters "${GPT_DEFAULT_ITERS:-2400}" --lr 6e-3 --min-lr 6e-4 \
                 --warmup 100 --eval-interval 800 --eval-iters 20
