@@ -21,6 +21,8 @@ COPY pyproject.toml README.md ./
 COPY gpt ./gpt
 COPY server ./server
 COPY training ./training
+COPY client ./client
+COPY cli_args ./cli_args
 # torch is already satisfied, so this adds only the small dependencies.
 RUN pip install .
 

@@ -6,21 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2 (argparse's own prints the usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+from cli_args import Parser, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="gpt-generate",
         description=(
             "Generate text from a model and stream it to the terminal. PATH is a checkpoint directory "
@@ -35,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the prompt (for an encoder-decoder, the source text); '-' or omitted reads stdin",
     )
     p.add_argument("--model", "-m", required=True, metavar="PATH", help="checkpoint or GPT-2 directory")
-    p.add_argument("--max-new-tokens", "-n", type=_positive_int, default=128, help="tokens to generate (128)")
+    p.add_argument("--max-new-tokens", "-n", type=positive_int, default=128, help="tokens to generate (128)")
     # Small models read best a little cooler than 1, with the unlikely tail cut off.
     p.add_argument("--temperature", "-t", type=float, default=0.7, help="0 is greedy (0.7)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
@@ -54,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="stop when this text appears (repeatable); it is not printed",
     )
-    p.add_argument("--num-beams", type=_positive_int, default=1, help="beam search with this many beams")
+    p.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")

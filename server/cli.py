@@ -18,14 +18,11 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from cli_args import Parser
+
 from .config import DTYPES, ENV_PREFIX, KV_CACHE_DTYPES, LOG_LEVELS, QUANTIZATIONS, Settings
 
 log = logging.getLogger("server")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2 (argparse's own prints the usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _opt(p: argparse.ArgumentParser, flag: str, help: str, **kw) -> None:
@@ -38,7 +35,7 @@ def _opt(p: argparse.ArgumentParser, flag: str, help: str, **kw) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="gpt-serve",
         description=(
             "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "

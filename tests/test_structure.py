@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("gpt", "server", "training")
+PACKAGES = ("gpt", "server", "training", "client", "cli_args")
 MAX_LINES = 400
 
 

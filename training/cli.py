@@ -7,15 +7,11 @@ import sys
 from collections.abc import Sequence
 
 import gpt
+from cli_args import Parser
 
 from .config import DEFAULT_PRESET, DTYPES, MODEL_KINDS, ConfigError, TrainConfig
 
 D = TrainConfig()  # the defaults, quoted in --help
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2 (argparse's own prints the usage too)
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 EPILOG = """\
@@ -46,7 +42,7 @@ distributed: torchrun --nproc_per_node N -m training ...   (each rank draws its 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="gpt-train",
         argument_default=argparse.SUPPRESS,
         epilog=EPILOG,

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from gpt.cli import _Parser, _positive_int
+from cli_args import Parser, positive_int
 
 EPILOG = """\
 A GPT scores --data as documents (each file one, like gpt-train's corpus); files, directories
@@ -22,7 +22,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="gpt-eval",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,13 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     p.add_argument(
         "--stride",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="GPT: new tokens scored per window in documents longer than the context (half the context)",
     )
-    p.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="windows or pairs per forward pass (8)"
-    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows or pairs per forward pass (8)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
     p.add_argument(
         "--dtype",

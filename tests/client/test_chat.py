@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from server.chat_client import ChatClient, ChatError, Reply
+from client.chat import ChatClient, ChatError, Reply
 
 # The tiny test model has a 64-byte context: short messages and replies keep two turns inside it.
 SAMPLING = dict(temperature=0.9, seed=7, max_tokens=8)
@@ -28,7 +28,7 @@ def gpt_chat(url: str, stdin: str, *args: str, env: dict | None = None) -> subpr
     }
     env = {**inherited, "PYTHONIOENCODING": "utf-8", **(env or {})}
     r = subprocess.run(
-        [sys.executable, "-m", "server.chat_client", "--url", url, *args],
+        [sys.executable, "-m", "client.chat", "--url", url, *args],
         input=stdin.encode(),
         capture_output=True,
         env=env,
@@ -180,7 +180,7 @@ def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(
     live_server, openai_client, model
 ):
     pty = pytest.importorskip("pty")
-    from server.chat_client import _CONTROLS
+    from client.chat import _CONTROLS
 
     # The untrained byte-level model emits raw bytes: find a seed whose reply holds a control character.
     for seed in range(50):
@@ -194,7 +194,7 @@ def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "dumb", "PYTHONIOENCODING": "utf-8"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.chat_client", "--url", live_server.url, *sampling_args(seed=seed)],
+        [sys.executable, "-m", "client.chat", "--url", live_server.url, *sampling_args(seed=seed)],
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -303,3 +303,13 @@ def test_http_errors_give_the_servers_message(status, body, content_type, messag
     with pytest.raises(ChatError) as e:
         _run(_canned(body, status, content_type))
     assert str(e.value) == message
+
+
+def test_gpt_chat_imports_neither_torch_nor_the_server_nor_the_library():
+    """gpt-chat starts at once on any machine: its imports stay off torch and our other packages."""
+    code = (
+        "import sys, client.chat; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gpt', 'server', 'training')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -22,6 +22,8 @@ from typing import TextIO
 
 import httpx
 
+from cli_args import Parser, float_in, positive_int
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 HELP = "commands: /reset (forget the conversation), /quit (leave), /help"
 
@@ -177,37 +179,9 @@ def _sse_data(r: httpx.Response) -> Iterator[str]:
 # ----------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _float_in(lo: float, hi: float, lo_open: bool = False):
-    def check(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-        if not (lo < v if lo_open else lo <= v) or v > hi:
-            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {s}")
-        return v
-
-    return check
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
-    p = _Parser(
+    p = Parser(
         prog="gpt-chat",
         description=(
             "Chat with a model served by gpt-serve or any OpenAI-compatible server; replies stream "
@@ -230,20 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature",
         "-t",
-        type=_float_in(0.0, 2.0),
+        type=float_in(0.0, 2.0),
         default=None,
         help="sampling temperature in [0, 2]; 0 is greedy (default: the server's)",
     )
     p.add_argument(
         "--top-p",
-        type=_float_in(0.0, 1.0, lo_open=True),
+        type=float_in(0.0, 1.0, lo_open=True),
         default=None,
         help="nucleus sampling mass in (0, 1] (default: the server's)",
     )
     p.add_argument(
         "--max-tokens",
         "-n",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="most tokens per reply (default: the server's)",
     )
@@ -262,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=_float_in(0.0, 1e6, lo_open=True),
+        type=float_in(0.0, 1e6, lo_open=True),
         default=600.0,
         help="seconds to wait for the server's next chunk (600)",
     )
