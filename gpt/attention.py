@@ -19,8 +19,8 @@ from .linear import Linear
 from .positions import apply_rotary
 
 # With a KV cache every step attends to a key length it has not seen before, and cuDNN's attention
-# (which PyTorch may pick on a GPU) builds a new plan for each new shape: ~65 ms a call on an H100
-# with torch 2.11 (benchmarks/gpu.py's server figures). Cached attention keeps to the others.
+# (which PyTorch may pick on a GPU) builds a new plan for each new shape, which costs far more than
+# the step itself (benchmarks/gpu.py measures it). Cached attention keeps to the others.
 _CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

@@ -128,7 +128,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = False) 
     hf = HFTokenizer(models.BPE())
     # Newlines are pieces of their own, never merged with the indentation after them: a prompt
     # ending in a newline (the usual way to ask for the next line) then ends on a boundary the
-    # model saw in training. It costs about 6% more tokens on Python than GPT-2's pattern alone.
+    # model saw in training. It costs a few more tokens on source code than GPT-2's pattern alone.
     # Within a line, GPT-2's pattern: words keep their leading space, and a run of spaces gives
     # all but its last to a token of its own, so indentation levels become single tokens.
     hf.pre_tokenizer = pre_tokenizers.Sequence(

@@ -12,8 +12,8 @@ reach, and they stay eager, as does prefill: its shapes (masks, prompt lengths) 
 graph compiled in the middle of serving would stall every stream for as long.
 
 Dynamo's guards, the checks that decide at every call whether a compiled graph still fits,
-cost more than the step's small ops: for GPT-2 small about 2,700 of them (every module's
-attributes, hooks and parameters), some 0.5 ms of a step of about 4 ms. Where the step's inputs
+cost more than the step's small ops: there is one for every module's attributes, hooks and
+parameters, thousands for GPT-2 small, checked on every step. Where the step's inputs
 are all tensors, with no Python numbers that a graph could bake in (a decoder-only model on a
 CPU with our attention kernel, `gpt.kernels`, which finds each row's length in the cache on its
 own), the step runs without them: one graph per kind of call, on a copy of the step's code of
@@ -32,8 +32,8 @@ and it gains less, but still: once a step has streamed the weights through the C
 every op and line of Python around the kernels runs from cold caches, and compiled there are
 few of them.
 
-Compiling takes tens of seconds per graph on a small CPU (inductor caches its work on disk, so
-a second start is quicker). `warm_up` compiles the graph before the first request needs it.
+Compiling a graph takes long next to a step (inductor caches its work on disk, so a second
+start is quicker). `warm_up` compiles the graph before the first request needs it.
 """
 
 from __future__ import annotations

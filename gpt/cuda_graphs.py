@@ -2,7 +2,7 @@
 turn it on for a GPU unless told `--eager`).
 
 On a GPU a small model's decode step is bound by kernel launches, not by the GPU: a GPT-2-small
-step is a few hundred kernels of microseconds each, every one behind the Python and dispatcher
+step is a few hundred short kernels, every one behind the Python and dispatcher
 work that launches it. A CUDA graph records the step's kernels once and replays them all with
 one launch.
 

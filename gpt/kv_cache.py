@@ -155,7 +155,7 @@ class KVCache(nn.Module):
     def _advance_one_token(self, B: int, rows: Rows | None):
         """`advance` for a decode step (one real token per row), with the bookkeeping in Python
         numbers: a step of a small model streams its weights through the CPU's caches, and every
-        tensor op here then runs from cold caches, several times slower than in isolation."""
+        tensor op here then runs from cold caches, far slower than in isolation."""
         rows_t, select = self.resolve_rows(rows, B)
         starts = self.lengths[select].tolist()
         kv_len = max(starts) + 1

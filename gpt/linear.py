@@ -21,22 +21,22 @@ def _onednn_linear_available() -> bool:
 
 
 _ONEDNN_LINEAR = _onednn_linear_available()
-_ONEDNN_MIN_WEIGHT = 1 << 19  # oneDNN costs ~15 us more per call: not worth it for small layers
+# oneDNN's call has a fixed cost of its own, more than a small layer's product saves on it
+_ONEDNN_MIN_WEIGHT = 1 << 19
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) that runs inference on oneDNN's GEMM.
 
-    On CPU in fp32, F.linear goes to MKL's sgemm. Measured on the 2-core AMD EPYC (Zen 4) boxes
-    this project benchmarks on, oneDNN's kernel is 1.5-2x faster for every decode shape (batch 1
-    to 32, including the 50257-wide lm_head); MKL's single-row product did not use the second
-    core at all. oneDNN's op has no backward, so training (grad enabled) keeps F.linear, and
-    so does torch.compile, which picks its own kernels.
+    On CPU in fp32, F.linear goes to MKL's sgemm, whose products of a few rows (decode steps,
+    the lm_head included) read the weight more slowly than oneDNN's kernel, and whose
+    single-row product runs on one core only. oneDNN's op has no backward, so training (grad
+    enabled) keeps F.linear, and so does torch.compile, which picks its own kernels.
 
     `pack()` adds a copy of the weight in oneDNN's blocked layout. Given the plain layout,
-    oneDNN reorders the weight on every call that has more than one row; with the packed copy
-    a GPT-2-small forward of 4-512 rows ran 1.2-1.8x faster here. The copy costs the weight's
-    memory again, so packing is opt-in (`pack_linear_weights(model)`; the server does it).
+    oneDNN reorders the weight on every call that has more than one row; the packed copy saves
+    that work on every batched step and prefill. The copy costs the weight's memory again, so
+    packing is opt-in (`pack_linear_weights(model)`; the server does it).
 
     A single row (the decode step of one stream) runs on our own matrix-vector kernel where it
     could be built (`gpt.kernels`), eagerly and under torch.compile, and on the plain weight with

@@ -57,7 +57,7 @@ def _qlinear_works() -> bool:
     """Whether oneDNN's int8 linear gives the exact products of our per-row quantized activations
     (uint8 with a zero point of 128) with int8 weights. Without VNNI (an AVX2-only CPU) it sums
     products in pairs into int16 (vpmaddubsw), which saturates on such values: 255 * 127 twice
-    is past 32767, and the results were off by tens on a Zen 3. The check uses such values."""
+    is past 32767, and the results come out wrong. The check uses such values."""
     try:
         w = torch.full((24, 32), 127, dtype=torch.int8)
         w[1::2] = -127

@@ -1,10 +1,10 @@
 /* The decode step's attention: one new query per (row, head) against that row's cached keys.
  *
  * PyTorch's CPU attention kernels tile queries; with one query per row they spend most of their
- * time outside the arithmetic, and at a batch of 32 they read the cache at a third of the memory
- * bandwidth. This loop writes the row's new key and value into the cache and attends to
- * positions 0..pos in one pass over the keys and one over the values (softmax in between, in
- * float32), so a row never reads keys it does not attend to.
+ * time outside the arithmetic, and read the cache well below the memory bandwidth. This loop
+ * writes the row's new key and value into the cache and attends to positions 0..pos in one pass
+ * over the keys and one over the values (softmax in between, in float32), so a row never reads
+ * keys it does not attend to.
  *
  * q, k_new, v_new, out: (B, H, D), contiguous. k_cache, v_cache: D contiguous, strides s_row,
  * s_head, s_pos (in floats) between rows, heads and positions. Batch row b is cache row rows[b];

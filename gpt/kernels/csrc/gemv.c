@@ -21,7 +21,8 @@
 
 #define ROWS 4
 
-/* A parallel region costs a few microseconds: small matrices stay on the calling thread. */
+/* Starting a parallel region costs more than a small matrix's product: those stay on the
+ * calling thread. */
 #define PARALLEL_MIN (1L << 15)
 
 /* ---- float32 ---- */
@@ -159,8 +160,8 @@ void gemv_f32(const float *x, const float *w, const float *bias, float *y, long 
  * one): in each block of four rows, the rows' first I8_BYTES columns, then their next ones, and
  * so on, then the four rows' last K % I8_BYTES columns one row after the other; rows past the
  * last full block stay as they are. A block is then one sequential stream. Read as four rows
- * K bytes apart, GPT-2's rows of 768 bytes were too short for the hardware prefetcher to keep
- * up on an AVX2 CPU (Zen 3): the products read about half the memory bandwidth. */
+ * K bytes apart, GPT-2's rows of 768 bytes are too short for the hardware prefetcher to keep
+ * up, and the products read well below the memory bandwidth. */
 #define PREFETCH_AHEAD 1024 /* bytes: a little further than the prefetcher's own reach */
 
 void i8_interleave(const int8_t *w, int8_t *out, long N, long K) {
