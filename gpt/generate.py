@@ -52,9 +52,14 @@ def generate_batch(
         )
     else:
         cache = model.new_cache(B, max_len=max(len(d.prompt_ids) + d.budget for d in decoders))
-    logits = model.start([d.prompt_ids for d in decoders], cache)
+    active = [i for i, d in enumerate(decoders) if d.budget > 0]
+    for i, d in enumerate(decoders):
+        if d.budget == 0:  # max_new_tokens 0: nothing to generate
+            yield i, d.end("length")
+    if not active:
+        return
+    logits = model.start([d.prompt_ids for d in decoders], cache)[active]
 
-    active = list(range(B))
     while True:
         pieces = decode_tokens(logits, [decoders[i] for i in active])
         yield from zip(active, pieces)

@@ -9,17 +9,43 @@ caller says what its parameters are called (the library's `max_new_tokens` is th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
 class RequestError(ValueError):
-    """A request that cannot be served as asked. `param` names the offending parameter;
-    `code` is OpenAI's error code for it ("invalid_value", "context_length_exceeded")."""
+    """A request that cannot be served as asked. `param` names the offending parameter (a
+    path into it for an element: "stop_token_ids.3"); `code` is OpenAI's error code for it
+    ("invalid_value", "invalid_combination", "context_length_exceeded")."""
 
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str = "invalid_value",
+        *,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+        self.reason = reason  # the message without its leading "param: ", when it has one
+
+    @classmethod
+    def of(cls, param: str, reason: str, code: str = "invalid_value") -> RequestError:
+        """An error about one parameter, worded "param: reason" (as a server words its own)."""
+        return cls(f"{param}: {reason}", param, code, reason=reason)
+
+    def renamed(self, names: Mapping[str, str]) -> RequestError:
+        """This error with its parameter called as the caller calls it: the library's
+        max_new_tokens is an API's max_tokens ({"max_new_tokens": "max_tokens"}). An element's
+        path keeps its tail (stop_token_ids.3)."""
+        head, dot, tail = (self.param or "").partition(".")
+        if head not in names:
+            return self
+        param = names[head] + dot + tail
+        if self.reason is None:
+            return RequestError(self.message, param, self.code)
+        return RequestError.of(param, self.reason, self.code)
 
 
 @dataclass(frozen=True)
@@ -103,14 +129,13 @@ class ContextLimits:
     ) -> int:
         """The number of new tokens to generate after a checked prompt of `prompt_len` tokens.
 
-        wanted None: `default` (or all the room there is), shrunk to fit. A `wanted` that does not
+        wanted: an integer >= 0 (`SamplingParams.validate` checks it; 0 reads the prompt only).
+        None: `default` (or all the room there is), shrunk to fit. A `wanted` that does not
         fit is an error naming `param`, or with `clamp` is shrunk to fit (the library's choice:
         the text then ends with finish reason "length" where the context is full)."""
         room = self.room(prompt_len)
         if wanted is None:
             return room if default is None else min(default, room)
-        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
-            raise RequestError(f"{param} must be an integer >= 1, got {wanted!r}", param)
         if wanted <= room or clamp:
             return min(wanted, room)
         if self.is_seq2seq:
@@ -122,8 +147,13 @@ class ContextLimits:
             )
         raise RequestError(msg, param, "context_length_exceeded")
 
+    def check_params(self, params) -> None:
+        """Check SamplingParams against this model: its vocabulary, and whether it predicts its
+        prompt (`SamplingParams.validate`)."""
+        params.validate(self.vocab_size, seq2seq=self.is_seq2seq)
+
     def check(self, prompt_ids: Sequence[int], params, *, clamp: bool = False) -> tuple[list[int], int]:
         """Check a prompt and its SamplingParams together: (prompt ids, new-token budget)."""
         ids = self.check_prompt(prompt_ids)
-        params.validate(self.vocab_size)
+        self.check_params(params)
         return ids, self.budget(len(ids), params.max_new_tokens, clamp=clamp)

@@ -14,13 +14,19 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .limits import RequestError
+
+MAX_LOGPROBS = 20  # alternatives reported per token at most (OpenAI's limit)
 
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. Defaults follow OpenAI's API: temperature 1, no filtering."""
+    """How to pick tokens. Defaults follow OpenAI's API: temperature 1, no filtering.
 
-    max_new_tokens: int = 64
+    Every rule about these fields is checked here, once (`validate`), with one message per rule;
+    a server reports the `gpt.RequestError` under its own field names (`RequestError.renamed`)."""
+
+    max_new_tokens: int = 64  # 0: read (and score) the prompt, generate nothing
     temperature: float = 1.0  # 0 means greedy
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # nucleus: the smallest set whose probability reaches p
@@ -30,78 +36,106 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
-    stop: Sequence[str] = ()
+    stop: Sequence[str] = ()  # empty strings are dropped, repeats kept once
     stop_token_ids: Sequence[int] = ()  # these tokens end the sequence like end-of-text (not shown)
     min_tokens: int = 0  # end-of-text and stop_token_ids cannot be chosen before this many tokens
     ignore_eos: bool = False  # keep going past end-of-text
     num_beams: int = 1
     length_penalty: float = 1.0  # beam search: score = logprob / length ** length_penalty
     logprobs: int = 0  # also report this many most likely alternatives per token
+    prompt_logprobs: int | None = None  # also score the prompt, with this many alternatives (a server's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or ()) if s]
+        self.stop = list(dict.fromkeys(s for s in (self.stop or ()) if s))
         self.stop_token_ids = tuple(self.stop_token_ids or ())
         self.validate()
 
-    def validate(self, vocab_size: int | None = None) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
+    def validate(self, vocab_size: int | None = None, *, seq2seq: bool = False) -> None:
+        """Raise a gpt.RequestError naming the first field that breaks a rule. With `vocab_size`,
+        token ids and top_k are checked against the vocabulary; `seq2seq`: the model is an
+        encoder-decoder, whose prompt is a source it does not predict (no prompt_logprobs)."""
 
+        def need(cond: bool, param: str, why: str, code: str = "invalid_value") -> None:
+            if not cond:
+                raise RequestError.of(param, why, code)
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def token(t) -> bool:
+            return integer(t) and t >= 0 and (vocab_size is None or t < vocab_size)
+
+        vocab = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocabulary size)"
         need(
-            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-            f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}",
+            integer(self.max_new_tokens) and self.max_new_tokens >= 0,
+            "max_new_tokens",
+            f"must be an integer >= 0, got {self.max_new_tokens!r}",
         )
         need(
             math.isfinite(self.temperature) and self.temperature >= 0,
-            f"temperature must be >= 0, got {self.temperature}",
+            "temperature",
+            f"must be >= 0, got {self.temperature}",
         )
-        need(
-            isinstance(self.top_k, int) and self.top_k >= 0,
-            f"top_k must be an integer >= 0, got {self.top_k!r}",
-        )
-        need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        need(integer(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if vocab_size is not None:
+            need(
+                self.top_k <= vocab_size, "top_k", f"is {self.top_k}, more than the vocabulary ({vocab_size})"
+            )
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         need(
             math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+            "repetition_penalty",
+            f"must be > 0, got {self.repetition_penalty}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            need(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
         need(
-            -2 <= self.presence_penalty <= 2,
-            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+            integer(self.num_beams) and self.num_beams >= 1,
+            "num_beams",
+            f"must be an integer >= 1, got {self.num_beams!r}",
         )
-        need(
-            -2 <= self.frequency_penalty <= 2,
-            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
-        )
-        need(
-            isinstance(self.num_beams, int) and self.num_beams >= 1,
-            f"num_beams must be an integer >= 1, got {self.num_beams!r}",
-        )
-        need(math.isfinite(self.length_penalty), f"length_penalty must be finite, got {self.length_penalty}")
-        need(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
-        )
-        for tok in self.stop_token_ids:
+        if self.num_beams > 1:
             need(
-                isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
-                f"stop_token_ids: token id {tok!r} is out of range",
+                self.max_new_tokens >= 1,
+                "max_new_tokens",
+                "0 generates nothing to search: beam search (num_beams > 1) needs at least 1",
+                "invalid_combination",
             )
         need(
-            isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20,
-            f"logprobs must be an integer in [0, 20], got {self.logprobs!r}",
+            math.isfinite(self.length_penalty), "length_penalty", f"must be finite, got {self.length_penalty}"
         )
+        need(
+            integer(self.min_tokens) and self.min_tokens >= 0,
+            "min_tokens",
+            f"must be an integer >= 0, got {self.min_tokens!r}",
+        )
+        for i, tok in enumerate(self.stop_token_ids):
+            need(token(tok), f"stop_token_ids.{i}", f"token id {tok!r} is out of range {vocab}")
         for tok, bias in (self.logit_bias or {}).items():
+            need(token(tok), "logit_bias", f"token id {tok!r} is out of range {vocab}")
+            need(-100 <= bias <= 100, f"logit_bias.{tok}", f"must be in [-100, 100], got {bias}")
+        need(
+            integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+            "logprobs",
+            f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
+        if self.prompt_logprobs is not None:
             need(
-                isinstance(tok, int) and tok >= 0 and (vocab_size is None or tok < vocab_size),
-                f"logit_bias token id {tok!r} is out of range",
+                not seq2seq,
+                "prompt_logprobs",
+                "prompt logprobs need a decoder-only model: an encoder-decoder's prompt is its "
+                "source, which it does not predict",
+                "invalid_combination",
             )
-            need(-100 <= bias <= 100, f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
-        if vocab_size is not None:
-            need(self.top_k <= vocab_size or self.top_k == 0, f"top_k must be <= vocab size {vocab_size}")
+            need(
+                integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                "prompt_logprobs",
+                f"must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
+            )
 
     @property
     def greedy(self) -> bool:

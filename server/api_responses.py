@@ -39,6 +39,13 @@ class Usage(BaseModel):
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
+    @classmethod
+    def of_choices(cls, prompt_tokens: int, choices, n: int) -> Usage:
+        """The usage of a request's choices (each choice's last or merged `gpt.Piece`), `n` per
+        prompt: a prompt's cached tokens counted once, from its first choice, like its tokens."""
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        return cls.of(prompt_tokens, completion_tokens, sum(c.cached_tokens for c in choices[::n]))
+
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []

@@ -13,20 +13,25 @@ from fastapi import Request
 
 from .chat_template import ChatTemplate
 from .config import Settings
-from .errors import APIError
+from .errors import APIError, engine_closed
+from .requests import EngineClosed
+
+
+def closed(state) -> EngineClosed | None:
+    """Why the server takes no new requests (the engine died, or the app or the engine is
+    shutting down), or None."""
+    refusal = state.engine.closed() if state.engine is not None else None
+    if refusal is None and state.draining:
+        refusal = EngineClosed.shutting_down()
+    return refusal
 
 
 def get_engine(request: Request):
-    """The running engine, or a 503 while the model loads or the server drains."""
+    """The running engine, or a 503 while the model loads, the server drains or the engine is dead."""
     state = request.app.state
-    if state.engine is not None and state.engine.dead is not None:
-        raise APIError(
-            503,
-            f"the engine has stopped ({state.engine.dead}); the server must be restarted",
-            code="engine_dead",
-        )
-    if state.draining:
-        raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down")
+    refusal = closed(state)
+    if refusal is not None:
+        raise engine_closed(refusal)
     engine = state.engine
     if engine is None:
         reason = (

@@ -30,20 +30,12 @@ from gpt import ContextLimits, Piece, RequestError, SamplingParams
 from .beams import BeamJob
 from .metrics import Metrics
 from .model_prep import prepare_model
-from .requests import Request, RequestHandle, deliver
+from .requests import EngineClosed, QueueFull, Request, RequestHandle, deliver
 from .scheduler import Scheduler
 
 __all__ = ["Engine", "EngineStats", "RequestHandle", "Piece", "QueueFull", "EngineClosed"]
 
 log = logging.getLogger("gpt-serve.engine")
-
-
-class QueueFull(Exception):
-    """The waiting queue is at capacity (HTTP 429 with Retry-After)."""
-
-
-class EngineClosed(Exception):
-    """The engine is draining or stopped and takes no new requests (HTTP 503)."""
 
 
 @dataclass(frozen=True)
@@ -146,37 +138,18 @@ class Engine:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
-        prompt_logprobs: int | None = None,
-        generate: bool = True,
     ) -> RequestHandle:
         """Queue a request (starting the engine if need be). Raises gpt.RequestError (a
         ValueError: bad prompt or params, or more than fits in the context; see
         `self.limits`), QueueFull or EngineClosed.
 
-        prompt_logprobs: also score the prompt, each token given the ones before it, with this
-        many most likely alternatives (0-20); the request's first piece carries them
-        (`Piece.prompt_logprobs`). A GPT only: an encoder-decoder's prompt is a source it does
-        not predict. generate=False: read (and score) the prompt but generate nothing; the
-        request ends with finish reason "length" and no tokens (params.max_new_tokens is ignored)."""
+        params.prompt_logprobs: also score the prompt, each token given the ones before it; the
+        request's first piece carries them (`Piece.prompt_logprobs`). params.max_new_tokens 0:
+        read (and score) the prompt, generate nothing: the request ends with finish reason
+        "length" and no tokens."""
         if isinstance(params, SamplingParams) and params.num_beams > 1:
-            raise RequestError("beam search (num_beams > 1) goes through submit_beams", "num_beams")
-        if prompt_logprobs is not None:
-            if self.limits.is_seq2seq:
-                raise RequestError(
-                    "prompt logprobs need a decoder-only model: an encoder-decoder's prompt is "
-                    "its source, which it does not predict",
-                    "prompt_logprobs",
-                )
-            if (
-                isinstance(prompt_logprobs, bool)
-                or not isinstance(prompt_logprobs, int)
-                or not 0 <= prompt_logprobs <= 20
-            ):
-                raise RequestError(
-                    f"prompt_logprobs must be an integer in [0, 20], got {prompt_logprobs!r}",
-                    "prompt_logprobs",
-                )
-        (handle,) = self._queue(prompt_ids, params, 1, timeout, request_id, prompt_logprobs, generate)
+            raise RequestError.of("num_beams", "beam search (num_beams > 1) goes through submit_beams")
+        (handle,) = self._queue(prompt_ids, params, 1, timeout, request_id)
         return handle
 
     def submit_beams(
@@ -194,12 +167,15 @@ class Engine:
         if not isinstance(params, SamplingParams) or params.num_beams < 2:
             raise TypeError("submit_beams takes SamplingParams with num_beams > 1")
         if not 1 <= n <= params.num_beams:
-            raise RequestError(f"n must be in [1, num_beams = {params.num_beams}], got {n}", "n")
+            k = params.num_beams
+            raise RequestError.of(
+                "n",
+                f"must be in [1, num_beams = {k}], got {n}: the choices are the best beams",
+                "invalid_combination",
+            )
         return self._queue(prompt_ids, params, n, timeout, request_id)
 
-    def _queue(
-        self, prompt_ids, params, n, timeout, request_id, prompt_logprobs=None, generate=True
-    ) -> list[RequestHandle]:
+    def _queue(self, prompt_ids, params, n, timeout, request_id) -> list[RequestHandle]:
         """What submit and submit_beams share: check, make `n` requests and their handles, queue."""
         loop = asyncio.get_running_loop()
         if not isinstance(params, SamplingParams):
@@ -214,11 +190,10 @@ class Engine:
                 id=f"{rid}-{i}" if n > 1 else rid,
                 prompt=prompt,
                 params=params,
-                max_new_tokens=budget if generate else 0,
+                max_new_tokens=budget,
                 loop=loop,
                 arrival=now,
                 deadline=None if timeout is None else now + timeout,
-                prompt_logprobs=prompt_logprobs,
             )
             for i in range(n)
         ]
@@ -229,17 +204,16 @@ class Engine:
                 self._beams.append(BeamJob(self.model, self.tokenizer, reqs))
             else:
                 self._waiting.extend(reqs)
-                self.metrics.requests_waiting.set(len(self._waiting))
+                self._queue_changed()
             self._cond.notify()
         self.start()
         return handles
 
     def _check_open(self) -> None:
         """Raise unless a new request may queue (called under the lock)."""
-        if self.dead is not None:
-            raise EngineClosed(f"the engine has stopped ({self.dead}); the server must be restarted")
-        if self._draining or self._stop:
-            raise EngineClosed("the server is shutting down and takes no new requests")
+        closed = self.closed()
+        if closed is not None:
+            raise closed
         if len(self._waiting) + len(self._beams) >= self.max_queue:
             raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
 
@@ -268,6 +242,15 @@ class Engine:
             max_queue=self.max_queue,
             draining=self.draining,
         )
+
+    def closed(self) -> EngineClosed | None:
+        """Why the engine takes no new requests (dead first: that outlasts a restart's drain),
+        or None while it takes them."""
+        if self.dead is not None:
+            return EngineClosed.dead(self.dead)
+        if self._draining or self._stop:
+            return EngineClosed.shutting_down()
+        return None
 
     @property
     def draining(self) -> bool:
@@ -300,8 +283,10 @@ class Engine:
                 {id(r): r for r in [*self._waiting, *self._admitting, *self._sched.running, *beams]}.values()
             )
             self._waiting.clear()
+            self._queue_changed()
             self._beams.clear()
         self._sched.running.clear()
+        self._sched.set_gauges()
         deliver([(r, Piece(finish_reason="error")) for r in left])
         if self.on_death is not None:
             self.on_death(reason)
@@ -347,14 +332,12 @@ class Engine:
         admit = []
         while self._waiting and len(admit) < self._sched.free_slots:
             admit.append(self._waiting.popleft())
-        self.metrics.requests_waiting.set(len(self._waiting))
+        self._queue_changed()
         return admit, gone
 
-    def _update_gauges(self) -> None:
-        m = self.metrics
-        m.requests_waiting.set(len(self._waiting))
-        m.requests_running.set(len(self._sched.running))
-        m.kv_slots_used.set(self._sched.slots_in_use)
+    def _queue_changed(self) -> None:
+        """The waiting gauge; the running and KV-slot gauges are the scheduler's (set_gauges)."""
+        self.metrics.requests_waiting.set(len(self._waiting))
 
     def _cancel_everything(self) -> None:
         with self._cond:
@@ -367,4 +350,6 @@ class Engine:
         for r in left:
             r.cancelled = True
         self._sched.step(admit=[], gone=left, cancel_all=True)
-        self._update_gauges()
+        with self._cond:
+            self._queue_changed()
+        self._sched.set_gauges()

@@ -69,11 +69,20 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
     return APIError(400, message, param=param, code=code)
 
 
-def from_request_error(e: RequestError) -> APIError:
-    """The library's verdict on a request (gpt.ContextLimits: an empty or too long prompt, a
-    token id outside the vocabulary, max_tokens beyond the context) as a 400 with its param
-    and code ("invalid_value" or "context_length_exceeded")."""
+def from_request_error(e: RequestError, names: Mapping[str, str] | None = None) -> APIError:
+    """The library's verdict on a request (gpt.ContextLimits: an empty or too long prompt, max_tokens
+    beyond the context; gpt.SamplingParams.validate: a field out of range or outside the
+    vocabulary) as a 400 with its param and code. `names`: the library's field names as the
+    API's ({"max_new_tokens": "max_tokens"})."""
+    if names:
+        e = e.renamed(names)
     return invalid(e.message, e.param, code=e.code)
+
+
+def engine_closed(e) -> APIError:
+    """The engine's refusal (`server.engine.EngineClosed`: dead or shutting down) as a 503 with
+    its own message and code, whichever route meets it."""
+    return APIError(503, e.message, code=e.code)
 
 
 def _param(loc: tuple) -> str | None:

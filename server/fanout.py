@@ -16,9 +16,9 @@ from fastapi import Request
 
 from gpt import Piece, RequestError
 
-from .engine import EngineClosed, QueueFull
-from .errors import APIError, from_request_error, invalid
+from .errors import APIError, engine_closed, from_request_error, invalid
 from .params import Job
+from .requests import EngineClosed, QueueFull
 
 # OpenAI knows "stop" and "length". A request cut short by --timeout or by shutdown did not
 # reach a stop either, so it reports "length": the output ended at a limit, not naturally.
@@ -32,18 +32,17 @@ def finish_reason(reason: str | None) -> str | None:
     return None if reason is None else FINISH_REASONS.get(reason, reason)
 
 
-def submit_all(engine, jobs: Sequence[Job], timeout: float | None, **options) -> list:
+def submit_all(engine, jobs: Sequence[Job], timeout: float | None) -> list:
     """Submit every job, or none: on a failure the ones already queued are cancelled. (A
     request with more choices than the queue holds was refused earlier: params.check_fanout.)
-    One handle per choice, in order; `options` go to every `engine.submit` (prompt_logprobs,
-    generate)."""
+    One handle per choice, in order."""
     handles = []
     try:
         for job in jobs:
             if job.params.num_beams > 1:
                 handles += engine.submit_beams(job.ids, job.params, job.n, timeout=timeout)
             else:
-                handles.append(engine.submit(job.ids, job.params, timeout=timeout, **options))
+                handles.append(engine.submit(job.ids, job.params, timeout=timeout))
     except BaseException as e:
         for h in handles:
             h.cancel()
@@ -52,7 +51,7 @@ def submit_all(engine, jobs: Sequence[Job], timeout: float | None, **options) ->
                 429, f"the server is busy: {e}; retry shortly", headers={"Retry-After": "1"}
             ) from None
         if isinstance(e, EngineClosed):
-            raise APIError(503, str(e) or "the server is shutting down", code="shutting_down") from None
+            raise engine_closed(e) from None
         if isinstance(e, RequestError):
             raise from_request_error(e) from None
         if isinstance(e, ValueError):

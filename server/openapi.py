@@ -20,6 +20,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from gpt.sampling import MAX_LOGPROBS
+
 from .unsupported import CHAT_UNSUPPORTED, UNSUPPORTED
 
 ERROR_SCHEMA = {
@@ -153,6 +155,8 @@ def _fill_limits(schema: dict, model_name: str, engine) -> None:
             props["n"]["maximum"] = min(props["n"].get("maximum", engine.max_queue), engine.max_queue)
         if "top_k" in props:
             props["top_k"]["maximum"] = vocab
+        for node in _walk(props.get("logprobs", {})) + _walk(props.get("top_logprobs", {})):
+            node["minimum"], node["maximum"] = 0, MAX_LOGPROBS  # gpt.SamplingParams.validate's limit
         for key in (
             _walk(props.get("prompt", {}))
             + _walk(props.get("stop_token_ids", {}))

@@ -2,18 +2,19 @@
 `SamplingParams` per choice.
 
 The context's rules (empty prompts, token ids outside the vocabulary, what fits, the operator's
-max_prompt_tokens) belong to the engine's `gpt.ContextLimits`; this module asks it, naming the
-request's fields, and turns its `gpt.RequestError`s into 400s. With a seed, choice i samples with
+max_prompt_tokens) belong to the engine's `gpt.ContextLimits`, the sampling rules (ranges, token
+ids within the vocabulary, logprobs) to `gpt.SamplingParams.validate`; this module asks them,
+naming the request's fields, and turns their `gpt.RequestError`s into 400s. With a seed, choice i samples with
 seed + i, so a request's choices differ yet reproduce.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from gpt import RequestError, SamplingParams
+from gpt import ContextLimits, RequestError, SamplingParams
 
 from .chat_template import ChatTemplate
 from .errors import from_request_error, invalid
@@ -79,20 +80,19 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
 
 def sampling_params(
     req: SamplingFields,
-    vocab_size: int,
+    limits: ContextLimits,
     max_tokens: int,
     choice: int,
     *,
     extra_stop: Sequence[str] = (),
     logprobs: int = 0,
+    prompt_logprobs: int | None = None,
+    names: Mapping[str, str] = {},
 ) -> SamplingParams:
-    """The SamplingParams of one choice of a request; token ids checked against `vocab_size`.
-    max_tokens 0 (an echo that generates nothing) is checked like the others, and the engine is
-    told not to generate (`Engine.submit(generate=False)`), since SamplingParams wants >= 1."""
-    bias = req.logit_bias or {}
-    bad = next((t for t in bias if t >= vocab_size), None)
-    if bad is not None:
-        raise invalid(f"logit_bias: token id {bad} is out of range [0, {vocab_size})", "logit_bias")
+    """The SamplingParams of one choice of a request, checked against the model (`limits`) by
+    the library (`gpt.SamplingParams.validate`: ranges, token ids within the vocabulary, prompt
+    logprobs on a model that predicts its prompt). Its errors are 400s naming the request's
+    fields: `names` maps the library's field names to this endpoint's."""
     if req.min_tokens > max_tokens:
         raise invalid(
             f"min_tokens is {req.min_tokens}, more than the {max_tokens} new tokens this request may "
@@ -100,17 +100,9 @@ def sampling_params(
             "min_tokens",
             code="invalid_combination",
         )
-    bad = next((i for i, t in enumerate(req.stop_token_ids or ()) if t >= vocab_size), None)
-    if bad is not None:
-        raise invalid(
-            f"stop_token_ids: token id {req.stop_token_ids[bad]} is out of range [0, {vocab_size})",
-            f"stop_token_ids.{bad}",
-        )
-    if req.top_k > vocab_size:
-        raise invalid(f"top_k is {req.top_k}, more than the vocabulary ({vocab_size})", "top_k")
     try:
-        return SamplingParams(
-            max_new_tokens=max(max_tokens, 1),
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
             temperature=req.temperature,
             top_k=max(req.top_k, 0),
             top_p=req.top_p,
@@ -118,18 +110,25 @@ def sampling_params(
             repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            logit_bias=bias or None,
+            logit_bias=req.logit_bias or None,
             seed=choice_seed(req.seed, choice),
-            stop=list(dict.fromkeys([*(req.stop or ()), *extra_stop])),
+            stop=[*(req.stop or ()), *extra_stop],
             stop_token_ids=req.stop_token_ids or (),
             min_tokens=req.min_tokens,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
             num_beams=req.num_beams,
             length_penalty=req.length_penalty,
+            prompt_logprobs=prompt_logprobs,
         )
-    except ValueError as e:
-        raise invalid(str(e)) from None
+        limits.check_params(params)
+    except RequestError as e:
+        raise from_request_error(e, {**LIBRARY_NAMES, **names}) from None
+    return params
+
+
+# the library's names of SamplingParams fields that both endpoints call otherwise
+LIBRARY_NAMES = {"max_new_tokens": "max_tokens"}
 
 
 class Job(NamedTuple):
@@ -150,12 +149,11 @@ def choices(
     *,
     extra_stop: Sequence[str] = (),
     logprobs: int = 0,
+    prompt_logprobs: int | None = None,
+    names: Mapping[str, str] = {},
 ) -> list[Job]:
     """The engine jobs for one prompt's `n` choices: one per choice, or one beam search for all."""
-    vocab = engine.limits.vocab_size
+    options = dict(extra_stop=extra_stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs, names=names)
     if req.num_beams > 1:
-        return [Job(ids, sampling_params(req, vocab, max_tokens, 0, extra_stop=extra_stop), req.n)]
-    return [
-        Job(ids, sampling_params(req, vocab, max_tokens, i, extra_stop=extra_stop, logprobs=logprobs))
-        for i in range(req.n)
-    ]
+        return [Job(ids, sampling_params(req, engine.limits, max_tokens, 0, **options), req.n)]
+    return [Job(ids, sampling_params(req, engine.limits, max_tokens, i, **options)) for i in range(req.n)]

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from gpt.sampling import MAX_LOGPROBS
+
 from .unsupported import CHAT_UNSUPPORTED, check_unsupported
 
 MAX_N = 128  # choices per request; each one takes a batch slot
@@ -26,9 +28,9 @@ MAX_PROMPTS = 1024  # prompts in one /v1/completions request (times n: at most t
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = int  # within the vocabulary: gpt.SamplingParams.validate checks
 TokenKey = Annotated[str, Field(pattern=r"^[0-9]+$", max_length=12)]
-Bias = Annotated[float, Field(ge=-100, le=100)]
+Bias = float  # in [-100, 100]: gpt.SamplingParams.validate checks
 
 
 def _integral(v):
@@ -165,11 +167,10 @@ class SamplingFields(_Strict):
 
     @field_validator("stop")
     @classmethod
-    def _stops(cls, v):
+    def _stops(cls, v):  # as a list (gpt.SamplingParams drops empty strings and repeats)
         if v is None:
             return []
-        stops = [v] if isinstance(v, str) else v
-        return [s for s in stops if s]
+        return [v] if isinstance(v, str) else v
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -197,12 +198,6 @@ class SamplingFields(_Strict):
         if self.num_beams > 1:
             if self.stream:
                 raise bad("stream", "beam search (num_beams > 1) is not streamed")
-            if self.n > self.num_beams:
-                raise bad(
-                    "n",
-                    f"n ({self.n}) must be at most num_beams ({self.num_beams}): the choices are "
-                    f"the best beams",
-                )
             if getattr(self, "logprobs", None) not in (None, False):
                 raise bad("logprobs", "logprobs are not reported for beam search (num_beams > 1)")
         elif self.length_penalty != 1.0:
@@ -246,10 +241,8 @@ class CompletionRequest(SamplingFields):
     )
     logprobs: int | None = Field(
         None,
-        ge=0,
-        le=20,
-        description="each token's logprob and this many likeliest "
-        "alternatives; with echo, the prompt's first (its first token's are null)",
+        description=f"each token's logprob and this many likeliest alternatives (0-{MAX_LOGPROBS}); "
+        "with echo, the prompt's first (its first token's are null)",
     )
     echo: bool | None = Field(
         False, description="prepend the prompt (ids as their text); streamed: a first chunk"
@@ -315,7 +308,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = Field(False, description="report each output token's logprob")
     top_logprobs: int | None = Field(
-        None, ge=0, le=20, description="and this many most likely alternatives (needs logprobs)"
+        None, description=f"and this many most likely alternatives (0-{MAX_LOGPROBS}; needs logprobs)"
     )
 
     @model_validator(mode="before")

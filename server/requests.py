@@ -1,5 +1,6 @@
-"""What the engine queues and what a caller holds: one `Request` per generation, and the
-`RequestHandle` that streams its pieces back to the caller's event loop.
+"""What the engine queues and what a caller holds: one `Request` per generation, the
+`RequestHandle` that streams its pieces back to the caller's event loop, and the engine's two
+refusals (`QueueFull`, `EngineClosed`).
 
 A `Request` is created on the event loop by `Engine.submit` and from then on changed only on
 the engine thread (`server/scheduler.py`, `server/beams.py`), except for `cancelled`, which any
@@ -17,6 +18,27 @@ from gpt import Piece, SamplingParams, SequenceDecoder
 from gpt.decoding import PromptLogprobs
 
 
+class QueueFull(Exception):
+    """The waiting queue is at capacity (HTTP 429 with Retry-After)."""
+
+
+class EngineClosed(Exception):
+    """The engine takes no new requests (HTTP 503): it has died (`code` "engine_dead") or is
+    shutting down ("shutting_down"). The one place that words either: `dead`, `shutting_down`."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+    @classmethod
+    def dead(cls, reason: str) -> EngineClosed:
+        return cls(f"the engine has stopped ({reason}); the server must be restarted", "engine_dead")
+
+    @classmethod
+    def shutting_down(cls) -> EngineClosed:
+        return cls("the server is shutting down and takes no new requests", "shutting_down")
+
+
 @dataclass(eq=False)
 class Request:
     id: str
@@ -26,7 +48,6 @@ class Request:
     loop: Any  # the asyncio loop the request's handle lives on
     arrival: float  # time.monotonic() at submit
     deadline: float | None = None
-    prompt_logprobs: int | None = None  # report the prompt's logprobs with this many alternatives
     handle: Any = None
     cancelled: bool = False  # set from any thread by RequestHandle.cancel
     # engine-thread state from admission on
@@ -39,6 +60,11 @@ class Request:
     scored: PromptLogprobs | None = None  # the prompt's logprobs so far, when asked
     first_token_at: float | None = None
     last_token_at: float = 0.0
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """Report the prompt's logprobs with this many alternatives; None: not."""
+        return self.params.prompt_logprobs
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

@@ -28,6 +28,9 @@ from .sse import EventStream, event_stream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
+# the library's names of the fields this endpoint calls otherwise (see params.sampling_params)
+NAMES = {"logprobs": "top_logprobs"}
+
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
@@ -47,7 +50,7 @@ async def create_chat_completion(
         budget(engine, len(ids), body.max_tokens, settings.default_max_tokens)
     max_tokens = budget(engine, len(ids), body.wanted_max_tokens, settings.default_max_tokens)
     top_n = body.top_logprobs or 0
-    jobs = choices(engine, body, ids, max_tokens, extra_stop=template.stop, logprobs=top_n)
+    jobs = choices(engine, body, ids, max_tokens, extra_stop=template.stop, logprobs=top_n, names=NAMES)
     handles = submit_all(engine, jobs, settings.timeout)
     rid, created = new_id("chatcmpl"), now()
 
@@ -67,13 +70,8 @@ async def create_chat_completion(
         )
         for i, c in enumerate(done)
     ]
-    completion_tokens = sum(c.completion_tokens for c in done)
     return ChatCompletionResponse(
-        id=rid,
-        created=created,
-        model=model_name,
-        choices=out,
-        usage=Usage.of(len(ids), completion_tokens, done[0].cached_tokens),
+        id=rid, created=created, model=model_name, choices=out, usage=Usage.of_choices(len(ids), done, body.n)
     )
 
 

@@ -33,6 +33,10 @@ from .sse import EventStream, event_stream
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
+# the library's names of the fields this endpoint calls otherwise (see params.sampling_params):
+# the prompt's logprobs are asked for by `echo` (with logprobs, whose range is checked first)
+NAMES = {"prompt_logprobs": "echo"}
+
 
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(
@@ -44,25 +48,11 @@ async def create_completion(
     model_name = check_model(settings, body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise invalid("best_of other than n is not supported", "best_of", code="invalid_combination")
-    echo, generate = bool(body.echo), body.max_tokens != 0
-    if not (generate or echo):
+    echo = bool(body.echo)
+    if body.max_tokens == 0 and not echo:
         raise invalid(
             "max_tokens: 0 (generate nothing) is only allowed with echo: true",
             "max_tokens",
-            code="invalid_combination",
-        )
-    if body.num_beams > 1 and not generate:
-        raise invalid(
-            "max_tokens: 0 generates nothing to search: beam search needs max_tokens >= 1",
-            "max_tokens",
-            code="invalid_combination",
-        )
-    score_prompt = echo and body.logprobs is not None
-    if score_prompt and engine.limits.is_seq2seq:
-        raise invalid(
-            "echo with logprobs needs a decoder-only model: this encoder-decoder's prompt is its source, "
-            "which it does not predict",
-            "echo",
             code="invalid_combination",
         )
     tok = engine.tokenizer
@@ -70,16 +60,19 @@ async def create_completion(
     prompts = await prompt_ids_off_loop(engine, body.prompt, "prompt")
     echoes = await asyncio.to_thread(lambda: [EchoedPrompt.of(tok, ids) for ids in prompts]) if echo else None
     jobs = []
+    prompt_logprobs = body.logprobs if echo else None  # with echo, the prompt's logprobs too
     for ids in prompts:
-        max_tokens = budget(engine, len(ids), body.max_tokens, settings.default_max_tokens) if generate else 0
-        jobs += choices(engine, body, ids, max_tokens, logprobs=body.logprobs or 0)
-    handles = submit_all(
-        engine,
-        jobs,
-        settings.timeout,
-        prompt_logprobs=body.logprobs if score_prompt else None,
-        generate=generate,
-    )
+        max_tokens = budget(engine, len(ids), body.max_tokens, settings.default_max_tokens)
+        jobs += choices(
+            engine,
+            body,
+            ids,
+            max_tokens,
+            logprobs=body.logprobs or 0,
+            prompt_logprobs=prompt_logprobs,
+            names=NAMES,
+        )
+    handles = submit_all(engine, jobs, settings.timeout)
     prompt_tokens = sum(len(ids) for ids in prompts)
     rid, created = new_id("cmpl"), now()
     # choice i echoes prompt i // n
@@ -112,14 +105,12 @@ async def create_completion(
                 finish_reason=finish_reason(c.finish_reason),
             )
         )
-    completion_tokens = sum(c.completion_tokens for c in done)
-    cached = sum(c.cached_tokens for c in done[:: body.n])  # each prompt counted once, like prompt_tokens
     return CompletionResponse(
         id=rid,
         created=created,
         model=model_name,
         choices=out,
-        usage=Usage.of(prompt_tokens, completion_tokens, cached),
+        usage=Usage.of_choices(prompt_tokens, done, body.n),
     )
 
 

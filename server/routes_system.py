@@ -14,8 +14,8 @@ from .api_responses import ModelCard, ModelList
 from .auth import require_api_key
 from .chat_template import ChatTemplate
 from .config import Settings
-from .deps import check_model, get_chat_template, get_engine, get_settings
-from .errors import APIError, invalid
+from .deps import check_model, closed, get_chat_template, get_engine, get_settings
+from .errors import APIError, engine_closed, invalid
 from .params import render_messages
 from .protocol import DetokenizeRequest, TokenizePrompt, TokenizeRequest
 
@@ -60,10 +60,9 @@ async def health():
 async def ready(request: Request):
     """200 once the model is loaded; 503 before that and while draining (take me out of rotation)."""
     state = request.app.state
-    if state.engine is not None and state.engine.dead is not None:
-        return APIError(503, f"the engine has stopped ({state.engine.dead})", code="engine_dead").response()
-    if state.draining or (state.engine is not None and state.engine.draining):
-        return APIError(503, "draining: the server is shutting down", code="shutting_down").response()
+    refusal = closed(state)
+    if refusal is not None:
+        return engine_closed(refusal).response()
     if state.engine is None:
         why = f"the model failed to load: {state.load_error}" if state.load_error else "the model is loading"
         return APIError(503, why, code="model_not_ready").response()

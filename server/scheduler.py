@@ -131,7 +131,7 @@ class Scheduler:
         if self.prefix is not None:
             self.prefix.claim(row, r.prompt)
         self.running.append(r)
-        self._set_gauges()
+        self.set_gauges()
         self.metrics.queue_wait_seconds.observe(now - r.arrival)
         self.metrics.prompt_tokens_total.inc(len(r.prompt))
 
@@ -195,8 +195,8 @@ class Scheduler:
     def _compact(self, decoding: list[Request]) -> None:
         """Move decoding rows into cache rows 0..d-1. Attention reads a contiguous range of rows
         as views; any other set of rows is gathered, a copy of every layer's keys and values at
-        every step (at batch 32 and 160 tokens that doubles a GPT-2-small decode step). A row
-        moves once, when a request below it finishes, and costs one copy of that row."""
+        every step, as many bytes as attention itself reads. A row moves once,
+        when a request below it finishes, and costs one copy of that row."""
         d = len(decoding)
         misplaced = [r for r in decoding if r.slot >= d]
         if not misplaced:
@@ -286,8 +286,8 @@ class Scheduler:
         """One token for each request from its logits row, through its decoder."""
         now = time.monotonic()
         m = self.metrics
-        # Every piece carries its chosen-token logprob: one log_softmax over (B, vocab), under 1%
-        # of a decode step even at batch 32 (the API may need it at top_n = 0).
+        # Every piece carries its chosen-token logprob (the API may need it at top_n = 0): one
+        # reduction over (B, vocab), small beside the forward that produced the logits.
         pieces = decode_tokens(logits, [r.decoder for r in reqs])
         m.generation_tokens_total.inc(len(reqs))
         for r, piece in zip(reqs, pieces):
@@ -326,10 +326,11 @@ class Scheduler:
             self._free.add(r.slot)
             r.slot = -1
             self.running.remove(r)
-            self._set_gauges()  # before the request's last piece is delivered
+            self.set_gauges()  # before the request's last piece is delivered
         self.metrics.request_finished_total.labels(finish_reason=reason).inc()
         self.metrics.e2e_request_latency_seconds.observe(now - r.arrival)
 
-    def _set_gauges(self) -> None:
+    def set_gauges(self) -> None:
+        """The running and KV-slot gauges: set here only, whenever a slot is taken or freed."""
         self.metrics.requests_running.set(len(self.running))
         self.metrics.kv_slots_used.set(self.slots_in_use)

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import StreamingResponse
 
+from gpt import Piece
+
 from .api_responses import Usage
 from .errors import APIError
 from .fanout import cancel_unfinished, finish_reason, merged
@@ -37,10 +39,8 @@ async def event_stream(
     """A chunk per piece of a choice (`choice_delta(i, piece, finish_reason)` gives the choice
     dict, a list of them for one chunk each, or None to skip the piece), with `include_usage` a
     last chunk with `choices: []` and the usage, then `[DONE]`. An engine error mid-stream becomes
-    an error event. Choices come `n` per prompt; a prompt's cached tokens are counted once, from
-    its first choice."""
-    completion_tokens = [0] * len(handles)
-    cached_tokens = [0] * len(handles)
+    an error event. Choices come `n` per prompt (see `Usage.of_choices`)."""
+    last = [Piece() for _ in handles]  # each choice's latest piece: its token counts so far
     pieces = merged(handles)
 
     def chunk(choices: list, usage=None) -> dict:
@@ -53,13 +53,12 @@ async def event_stream(
         for choice in opening:
             yield sse(chunk([choice]))
         async for i, piece in pieces:
-            completion_tokens[i] = piece.completion_tokens
-            cached_tokens[i] = piece.cached_tokens
+            last[i] = piece
             choice = choice_delta(i, piece, finish_reason(piece.finish_reason))
             for c in choice if isinstance(choice, list) else [] if choice is None else [choice]:
                 yield sse(chunk([c]))
         if include_usage:
-            usage = Usage.of(prompt_tokens, sum(completion_tokens), sum(cached_tokens[::n]))
+            usage = Usage.of_choices(prompt_tokens, last, n)
             yield sse(chunk([], usage.model_dump()))
     except APIError as e:
         yield sse_error(e)

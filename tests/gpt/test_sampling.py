@@ -141,7 +141,8 @@ def test_filters_keep_at_least_the_most_likely_token():
         dict(min_p=2),
         dict(repetition_penalty=0),
         dict(presence_penalty=3),
-        dict(max_new_tokens=0),
+        dict(max_new_tokens=-1),
+        dict(max_new_tokens=0, num_beams=2),  # 0 reads the prompt only: nothing to search
         dict(num_beams=0),
         dict(logit_bias={5: 500}),
         dict(logprobs=50),

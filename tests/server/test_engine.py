@@ -540,13 +540,10 @@ def test_prompt_logprobs_are_scored_in_chunks_beside_decoding_and_ride_on_the_fi
                 TOK.encode("busy"), SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
             )
             await busy.__anext__()  # decoding while the others prefill
-            score = engine.submit(
-                long_prompt, SamplingParams(max_new_tokens=1), prompt_logprobs=2, generate=False
-            )
+            score = engine.submit(long_prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=2))
             both = engine.submit(
                 long_prompt,
-                SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True),
-                prompt_logprobs=0,
+                SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=0),
             )
             results = await asyncio.gather(collect(score), collect(both), collect(busy))
             await settle(engine)
@@ -578,7 +575,7 @@ def test_nothing_to_generate_nor_score_ends_at_admission_without_a_slot(tiny_gpt
     async def main():
         engine = Engine(tiny_gpt, TOK, max_batch_size=1)
         try:
-            handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), generate=False)
+            handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=0))
             result = await collect(handle)
             return result, gauges(engine)
         finally:
@@ -599,7 +596,7 @@ def test_prompt_logprobs_are_refused_for_an_encoder_decoder_and_out_of_range(tin
             engine = Engine(model, TOK)
             try:
                 with pytest.raises(gpt.RequestError, match=message) as e:
-                    engine.submit([1, 2], SamplingParams(max_new_tokens=2), prompt_logprobs=value)
+                    engine.submit([1, 2], SamplingParams(max_new_tokens=2, prompt_logprobs=value))
                 assert e.value.param == "prompt_logprobs" and engine.stats().waiting == 0
             finally:
                 await engine.shutdown(1)
