@@ -67,3 +67,11 @@ class Block(nn.Module):
                 lambda h: self.cross_attn(h, mask=memory_mask, cache=cache, view=view, memory=memory),
             )
         return self._sublayer(x, self.ln_2, self.mlp)
+
+
+def final_layer_norm(config: ModelConfig) -> nn.Module:
+    """What ends a stack of blocks: post-LN blocks already end in a LayerNorm; pre-LN stacks
+    need a final one."""
+    if config.norm == "post":
+        return nn.Identity()
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)

@@ -19,17 +19,10 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
-from .layers import Block
+from .layers import Block, final_layer_norm
 from .linear import Linear
 from .positions import PositionEncoding
 from .tokenizer import get_tokenizer
-
-
-def _layer_norm(config: ModelConfig) -> nn.Module:
-    # Post-LN stacks already end in a LayerNorm; pre-LN stacks need a final one.
-    if config.norm == "post":
-        return nn.Identity()
-    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
 
 
 def _init_weights(model: nn.Module, config: ModelConfig, n_residual_layers: int) -> None:
@@ -203,7 +196,7 @@ class _Transformer(nn.Module):
                 wpe=PositionEncoding(c),
                 drop=nn.Dropout(c.dropout),
                 h=nn.ModuleList(Block(c, cross_attention=cross) for _ in range(n_layer)),
-                ln_f=_layer_norm(c),
+                ln_f=final_layer_norm(c),
             )
         )
 
