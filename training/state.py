@@ -14,6 +14,7 @@ place, and `recover` (run before a run starts) tidies up what the crash left.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -164,3 +165,20 @@ def recover(out: Path) -> list[str]:
 def has_run(out: Path) -> bool:
     """Whether OUT already holds checkpoints that starting afresh would overwrite."""
     return bool(step_checkpoints(out)) or (out / BEST).is_dir()
+
+
+def last_good_hint(out: Path) -> str:
+    """Where a failed run can be continued from, for its error message."""
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return "no checkpoint had been written yet"
+    hint = f"continue with --resume --out {out}, perhaps with a lower --lr"
+    return f"the last good checkpoint is {latest} ({hint})"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

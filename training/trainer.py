@@ -5,25 +5,23 @@ steps with a non-finite loss or gradient skipped rather than applied."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from gpt import lora
 
 from . import distributed as ddp
 from . import state as ckpt
 from .config import ConfigError, TrainConfig, get_lr
+from .loss import compute_loss, count_tokens
 from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, non_finite
-from .pairs import IGNORE, exact_match
+from .pairs import exact_match
 from .progress import Reporter
 from .samples import default_prompts, describe, sample
 from .setup import (
@@ -36,48 +34,10 @@ from .setup import (
     resolve_config,
     resume_adapters,
 )
+from .stop import StopFlag
 
 # Tests set this to a directory: every rank then writes a hash of its final weights there.
 DEBUG_DUMP_ENV = "GPT_TRAIN_DEBUG_WEIGHTS_DIR"
-
-
-def compute_loss(model, batch, kind: str) -> torch.Tensor:
-    if kind == "gpt":
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-    src, src_mask, tgt_in, tgt_out = batch
-    logits = model(src, tgt_in, src_mask)  # teacher forcing: the decoder reads the true prefix
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=IGNORE)
-
-
-def count_tokens(batch, kind: str) -> int:
-    return batch[0].numel() if kind == "gpt" else int((batch[3] != IGNORE).sum())
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to save and stop at the end of the current step; a second
-    signal falls through to Python's default handling."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
 
 
 def _threads(cfg: TrainConfig) -> int:
@@ -89,22 +49,6 @@ def _threads(cfg: TrainConfig) -> int:
 
 def _finite_or_none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
-
-
-def _last_good(out: Path) -> str:
-    latest = ckpt.latest_checkpoint(out)
-    if latest is None:
-        return "no checkpoint had been written yet"
-    hint = f"continue with --resume --out {out}, perhaps with a lower --lr"
-    return f"the last good checkpoint is {latest} ({hint})"
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def train(overrides: dict, resume: bool = False) -> dict:
@@ -235,7 +179,8 @@ def _train(
         if not finite_weights(raw):
             report.close()
             raise TrainingDiverged(
-                f"the weights are not finite at step {step}; nothing was saved, and {_last_good(out)}"
+                f"the weights are not finite at step {step}; nothing was saved, "
+                f"and {ckpt.last_good_hint(out)}"
             )
 
     def plain_model():
@@ -289,7 +234,8 @@ def _train(
             report.close()
             raise TrainingDiverged(
                 f"{bad.in_a_row} steps in a row, up to step {step}, had a non-finite loss or "
-                f"gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopped, and {_last_good(out)}"
+                f"gradient norm (--max-bad-steps {cfg.max_bad_steps}); stopped, "
+                f"and {ckpt.last_good_hint(out)}"
             )
 
     summary: dict = {"out": str(out), "best": str(out / ckpt.BEST), "start_step": step, "evals": []}
@@ -420,7 +366,7 @@ def _train(
     if os.environ.get(DEBUG_DUMP_ENV):
         dump = Path(os.environ[DEBUG_DUMP_ENV])
         dump.mkdir(parents=True, exist_ok=True)
-        (dump / f"rank{d.rank}.sha256").write_text(weights_digest(raw))
+        (dump / f"rank{d.rank}.sha256").write_text(ckpt.weights_digest(raw))
     # leave together: a rank tearing down its process group while rank 0 is still writing
     # checkpoints and plots aborts in gloo ("terminate called without an active exception")
     ddp.barrier(d)

@@ -12,7 +12,7 @@ import gpt
 from training import state as ckpt
 from training import trainer
 from training.config import ConfigError
-from training.trainer import weights_digest
+from training.state import weights_digest
 
 
 def _train_losses(out):

@@ -230,7 +230,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tm
     )
     digests = [(dump / f"rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]
-    from training.trainer import weights_digest
+    from training.state import weights_digest
 
     assert weights_digest(gpt.load(out / "ckpt-0000030")[0]) == digests[0]  # rank 0 saved what both hold
     losses = [r["loss"] for r in read_metrics(out) if r["kind"] == "train"]
