@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gpt", "server", "training", "client", "cli_args")
 MAX_LINES = 400
+MAX_WIDTH = 110
 
 
 # --- the import graph -----------------------------------------------------------------------
@@ -211,3 +212,23 @@ def test_no_python_source_file_in_gpt_server_training_is_longer_than_400_lines()
     assert len(lengths) > 10
     too_long = {str(f): n for f, n in sorted(lengths.items()) if n > MAX_LINES}
     assert not too_long, f"files longer than {MAX_LINES} lines: {too_long}"
+
+
+def test_no_line_of_source_tests_or_benchmarks_is_wider_than_110_characters():
+    """A size limit is not met by widening lines: the packages, tests and benchmarks, Python and C."""
+    files = [*find_modules(ROOT).values()]
+    for folder, patterns in (
+        ("tests", ("*.py",)),
+        ("benchmarks", ("*.py",)),
+        ("gpt", ("*.c", "*.cpp", "*.h")),
+    ):
+        for pattern in patterns:
+            files += sorted((ROOT / folder).rglob(pattern))
+    wide = [
+        f"{file.relative_to(ROOT)}:{n}"
+        for file in files
+        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
+        if len(line) > MAX_WIDTH
+    ]
+    assert len(files) > 50
+    assert not wide, f"lines wider than {MAX_WIDTH} characters: {wide}"

@@ -70,9 +70,10 @@ void attend_one(const float *q, const float *k_new, const float *v_new, float *k
 
 /* One (row, head) of `attend_one_f16`; inlined with D a constant where it is 64 (GPT-2's), so
  * that the compiler keeps the sums in registers. */
-static inline __attribute__((always_inline)) void attend_head_f16(
-        const float *qq, const float *k_new, const float *v_new, uint16_t *kc, uint16_t *vc, long s_pos, long p,
-        float *out, const long D, float scale) {
+static inline __attribute__((always_inline)) void attend_head_f16(const float *qq, const float *k_new,
+                                                                  const float *v_new, uint16_t *kc,
+                                                                  uint16_t *vc, long s_pos, long p,
+                                                                  float *out, const long D, float scale) {
     const long n = p + 1;
     for (long d = 0; d < D; d += 8) {
         _mm_storeu_si128((__m128i *)(kc + p * s_pos + d),
@@ -86,8 +87,8 @@ static inline __attribute__((always_inline)) void attend_head_f16(
         const uint16_t *kj = kc + j * s_pos;
         __m256 acc = _mm256_setzero_ps();
         for (long d = 0; d < D; d += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qq + d), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + d))),
-                                  acc);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(qq + d),
+                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kj + d))), acc);
         __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         r = _mm_add_ps(r, _mm_movehl_ps(r, r));
         r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -102,7 +103,8 @@ static inline __attribute__((always_inline)) void attend_head_f16(
         const uint16_t *vj = vc + j * s_pos;
         const __m256 w = _mm256_set1_ps(s[j]);
         for (long c = 0; c < D / 8; c++)
-            acc[c] = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vj + 8 * c))), acc[c]);
+            acc[c] =
+                _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vj + 8 * c))), acc[c]);
     }
     const __m256 inv = _mm256_set1_ps(1.0f / total);
     for (long c = 0; c < D / 8; c++)
@@ -113,19 +115,19 @@ static inline __attribute__((always_inline)) void attend_head_f16(
  * the bytes to read, and at a batch of rows the cache is what a step reads most after the
  * weights. The new key and value are rounded to half on the way in; products and sums are
  * float32. D must be a multiple of 8, at most 256 (gpt/attention.py checks). */
-void attend_one_f16(const float *q, const float *k_new, const float *v_new, uint16_t *k_cache, uint16_t *v_cache,
-                    long s_row, long s_head, long s_pos, const int64_t *rows, const int64_t *pos, float *out,
-                    long B, long H, long D, float scale) {
-    #pragma omp parallel for collapse(2) schedule(static)
+void attend_one_f16(const float *q, const float *k_new, const float *v_new, uint16_t *k_cache,
+                    uint16_t *v_cache, long s_row, long s_head, long s_pos, const int64_t *rows,
+                    const int64_t *pos, float *out, long B, long H, long D, float scale) {
+#pragma omp parallel for collapse(2) schedule(static)
     for (long b = 0; b < B; b++) {
         for (long h = 0; h < H; h++) {
             const long i = (b * H + h) * D, off = rows[b] * s_row + h * s_head;
             if (D == 64)
-                attend_head_f16(q + i, k_new + i, v_new + i, k_cache + off, v_cache + off, s_pos, pos[b], out + i,
-                                64, scale);
+                attend_head_f16(q + i, k_new + i, v_new + i, k_cache + off, v_cache + off, s_pos, pos[b],
+                                out + i, 64, scale);
             else
-                attend_head_f16(q + i, k_new + i, v_new + i, k_cache + off, v_cache + off, s_pos, pos[b], out + i,
-                                D, scale);
+                attend_head_f16(q + i, k_new + i, v_new + i, k_cache + off, v_cache + off, s_pos, pos[b],
+                                out + i, D, scale);
         }
     }
 }

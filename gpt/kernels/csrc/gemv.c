@@ -146,12 +146,14 @@ void gemv_f32(const float *x, const float *w, const float *bias, float *y, long 
             for (long m = 0; m < M; m++) { /* the block's rows are in L1 again for the next activation row */
                 float s[ROWS];
                 f32_rows4(x + m * K, w + b * ROWS * K, K, s);
-                for (long r = 0; r < ROWS; r++) y[m * N + b * ROWS + r] = bias ? s[r] + bias[b * ROWS + r] : s[r];
+                for (long r = 0; r < ROWS; r++)
+                    y[m * N + b * ROWS + r] = bias ? s[r] + bias[b * ROWS + r] : s[r];
             }
         }
     }
     for (long n = blocks * ROWS; n < N; n++)
-        for (long m = 0; m < M; m++) y[m * N + n] = f32_row(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
+        for (long m = 0; m < M; m++)
+            y[m * N + n] = f32_row(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
 }
 #endif
 
@@ -184,7 +186,8 @@ static inline void i8_rows4(const uint8_t *x, const int8_t *w, long K, int32_t o
     const int8_t *p = w;
     vi a0 = vi_zero(), a1 = a0, a2 = a0, a3 = a0;
     for (long k = 0; k < kv; k += I8_BYTES, p += ROWS * I8_BYTES) {
-        for (long o = 0; o < ROWS * I8_BYTES; o += 64) _mm_prefetch((const char *)p + PREFETCH_AHEAD + o, _MM_HINT_T0);
+        for (long o = 0; o < ROWS * I8_BYTES; o += 64)
+            _mm_prefetch((const char *)p + PREFETCH_AHEAD + o, _MM_HINT_T0);
         const vi xv = vi_x(vi_load(x + k));
         a0 = vi_dot(a0, xv, vi_load(p));
         a1 = vi_dot(a1, xv, vi_load(p + I8_BYTES));
@@ -265,7 +268,8 @@ static void quantize_row_u8(const float *x, uint8_t *q, float *scale, long K) {
     const long kv = K - K % 32;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mx = _mm256_setzero_ps();
-    for (long k = 0; k < K - K % 8; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    for (long k = 0; k < K - K % 8; k += 8)
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
@@ -277,9 +281,12 @@ static void quantize_row_u8(const float *x, uint8_t *q, float *scale, long K) {
     const __m256i shift = _mm256_set1_epi32(128), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (long k = 0; k < kv; k += 32) { /* cvtps rounds half to even, as torch.round does */
         __m256i a = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k), sv)), shift);
-        __m256i b = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 8), sv)), shift);
-        __m256i c = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 16), sv)), shift);
-        __m256i d = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 24), sv)), shift);
+        __m256i b =
+            _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 8), sv)), shift);
+        __m256i c =
+            _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 16), sv)), shift);
+        __m256i d =
+            _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + k + 24), sv)), shift);
         __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
         _mm256_storeu_si256((__m256i *)(q + k), _mm256_permutevar8x32_epi32(bytes, order));
     }
@@ -290,8 +297,8 @@ static void quantize_row_u8(const float *x, uint8_t *q, float *scale, long K) {
  * and x_scale (M), the caller's scratch), multiply by w (i8_interleave's layout, scales w_scale
  * per output channel), rescale and add the bias into y (M, N). One call instead of the dozen
  * small tensor operations of doing the same around gemv_u8s8. */
-void linear_u8s8(const float *x, const int8_t *w, const int32_t *w_sum, const float *w_scale, const float *bias,
-                 float *y, uint8_t *xq, float *x_scale, long M, long N, long K) {
+void linear_u8s8(const float *x, const int8_t *w, const int32_t *w_sum, const float *w_scale,
+                 const float *bias, float *y, uint8_t *xq, float *x_scale, long M, long N, long K) {
 #pragma omp parallel for schedule(static) if (M * K >= PARALLEL_MIN)
     for (long m = 0; m < M; m++) quantize_row_u8(x + m * K, xq + m * K, x_scale + m, K);
     const i8_out o = {.yf = y, .x_scale = x_scale, .w_scale = w_scale, .bias = bias, .w_sum = w_sum, .N = N};

@@ -16,13 +16,14 @@ extern "C" {
 // weak: a build for a CPU without the instruction set leaves a kernel out (gpt/kernels then
 // never routes calls to it)
 void gemv_f32(const float *, const float *, const float *, float *, long, long, long) __attribute__((weak));
-void gemv_u8s8(const uint8_t *, const int8_t *, const int32_t *, int32_t *, long, long, long) __attribute__((weak));
-void linear_u8s8(const float *, const int8_t *, const int32_t *, const float *, const float *, float *, uint8_t *,
-                 float *, long, long, long) __attribute__((weak));
+void gemv_u8s8(const uint8_t *, const int8_t *, const int32_t *, int32_t *, long, long, long)
+    __attribute__((weak));
+void linear_u8s8(const float *, const int8_t *, const int32_t *, const float *, const float *, float *,
+                 uint8_t *, float *, long, long, long) __attribute__((weak));
 void argmax_rows(const float *, int64_t *, long, long);
 void logsumexp_rows(const float *, float *, long, long);
-void attend_one(const float *, const float *, const float *, float *, float *, long, long, long, const int64_t *,
-                const int64_t *, float *, long, long, long, float);
+void attend_one(const float *, const float *, const float *, float *, float *, long, long, long,
+                const int64_t *, const int64_t *, float *, long, long, long, float);
 void attend_one_f16(const float *, const float *, const float *, uint16_t *, uint16_t *, long, long, long,
                     const int64_t *, const int64_t *, float *, long, long, long, float) __attribute__((weak));
 }
@@ -44,20 +45,21 @@ at::Tensor gemv_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Tens
     const at::Tensor xc = x.contiguous();
     const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
     at::Tensor y = at::empty({M, N}, xc.options().dtype(at::kInt));
-    gemv_u8s8(xc.data_ptr<uint8_t>(), w.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), y.data_ptr<int32_t>(), M, N, K);
+    gemv_u8s8(xc.data_ptr<uint8_t>(), w.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), y.data_ptr<int32_t>(),
+              M, N, K);
     return y;
 }
 
-at::Tensor linear_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum, const at::Tensor &w_scale,
-                          const std::optional<at::Tensor> &bias) {
+at::Tensor linear_u8s8_op(const at::Tensor &x, const at::Tensor &w, const at::Tensor &w_sum,
+                          const at::Tensor &w_scale, const std::optional<at::Tensor> &bias) {
     TORCH_CHECK(linear_u8s8, "gpt::linear_u8s8: this build has no int8 kernel");
     const at::Tensor xc = x.contiguous();
     const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0);
     at::Tensor y = at::empty({M, N}, xc.options());
     at::Tensor xq = at::empty({M, K}, xc.options().dtype(at::kByte)), xs = at::empty({M}, xc.options());
-    linear_u8s8(xc.data_ptr<float>(), w.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(), w_scale.data_ptr<float>(),
-                bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), xq.data_ptr<uint8_t>(),
-                xs.data_ptr<float>(), M, N, K);
+    linear_u8s8(xc.data_ptr<float>(), w.data_ptr<int8_t>(), w_sum.data_ptr<int32_t>(),
+                w_scale.data_ptr<float>(), bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                xq.data_ptr<uint8_t>(), xs.data_ptr<float>(), M, N, K);
     return y;
 }
 
