@@ -58,7 +58,7 @@ def _batches_compile(head: nn.Module) -> bool:
     eager step runs, int8 layers on a CPU without VNNI (their batches run on our kernel there,
     since oneDNN's int8 linear is inexact: gpt.quantization). Elsewhere eager batches run on
     oneDNN's prepacked weights, which a compiled graph does not reach (inductor picks its own
-    matmuls), and compiled they were slower (README, "A compiled decode step")."""
+    matmuls), and compiled they were slower (docs/internals/kernels.md, "The compiled decode step")."""
     return isinstance(head, Int8Linear) and head.weight_q.device.type == "cpu" and not qlinear_available()
 
 
@@ -67,7 +67,7 @@ class CompiledStep:
 
     def __init__(self, model: nn.Module):
         # On a CPU, inductor's C++ wrapper calls the step's kernels and ops with no Python between
-        # them, which measured faster (README, "A compiled decode step").
+        # them, which measured faster (docs/benchmarks.md, "Kernels and the decode step").
         self._options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
         self._method = model._run_stack
         self.guarded = torch.compile(self._method, dynamic=True, fullgraph=True, options=self._options)

@@ -152,8 +152,8 @@ class Int8Linear(nn.Module):
 
     def _native_ok(self, x2: Tensor) -> bool:
         """Our kernel (gpt.kernels) runs calls of one row; and calls of several where oneDNN's int8
-        linear is inexact (no VNNI), since torch._int_mm is far slower there (README, "8-bit
-        weights"). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
+        linear is inexact (no VNNI), since torch._int_mm is far slower there (docs/benchmarks.md,
+        kernels table). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
         if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not kernels.int8_available():
             return False
         if x2.shape[0] != 1 and qlinear_available():
