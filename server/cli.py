@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(
         p,
         "--chat-template",
-        "JSON chat template (see the README); default: System:/User:/Assistant: lines. "
+        "JSON chat template (docs/chat-template.md); default: System:/User:/Assistant: lines. "
         "Given, it marks the model a chat model: /v1/models suggests chat mode, the web page opens in it",
         metavar="FILE",
     )
