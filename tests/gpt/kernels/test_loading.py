@@ -74,7 +74,7 @@ def test_without_a_cpp_compiler_the_ops_reach_our_kernels_through_ctypes(tmp_pat
 
 
 @needs_kernels
-def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
+def test_both_ways_of_calling_our_kernels_give_the_same_numbers():
     """The C++ registration (ops.cpp) and the ctypes one, on the same int8 and float32 inputs."""
     code = (
         "import torch, gpt.kernels as n; n.f32_available(); g = torch.Generator().manual_seed(5); "
@@ -91,7 +91,8 @@ def test_both_ways_of_calling_our_kernels_give_the_same_numbers(tmp_path):
     )
     outs = {}
     for how in ("C++", "ctypes"):
-        env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path)}
+        # the build cache every process shares: building is tested above, the numbers here
+        env = dict(os.environ)
         if how == "ctypes":
             env["GPT_NATIVE_OPS"] = "ctypes"
         run = subprocess.run(
