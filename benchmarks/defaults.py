@@ -6,13 +6,15 @@ choice is the fast one: for float32 and for int8 weights it starts one server wi
 one per combination of `--compile/--no-compile` and `--kv-cache-dtype float32/float16`, all on
 the same GPT-2-small-shaped checkpoint (random weights, 124M), and measures each at 1 and at 32
 concurrent streaming clients (greedy, `ignore_eos`, so every request decodes exactly
-`--max-tokens`). The servers of one weight type run side by side, and the rounds go over them in
-turn, so a slow spell of the machine falls on all of them alike; each figure is the best round.
+`--max-tokens`): all clients' tokens per second, and for one client one over the median gap
+between its tokens. The servers of one weight type run side by side, and the rounds go over them in
+turn, each round starting one server later, so a slow spell of the machine falls on all of them
+alike; each figure is the median of the rounds (a single round on a shared VM varies by 10-15%).
 
 It prints the CPU, what each default server logged it chose, a table of tok/s, and the default's
 rate as a share of the best combination's, and writes the figures to --out (JSON).
 
-    python benchmarks/defaults.py                          # 2 rounds, 128 tokens per client
+    python benchmarks/defaults.py                          # 5 rounds, 128 tokens per client
     python benchmarks/defaults.py --rounds 1 --max-tokens 32 --weights float32   # a quick look
 """
 
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -60,6 +63,8 @@ def chosen(log) -> str:
 
 
 async def measure(url: str, prompt: list[int], max_tokens: int, clients: int) -> float:
+    """Tokens per second: of all clients together; for one client, one over the median gap
+    between its tokens, which a moment's stall of the machine does not move."""
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         name = (await client.get(f"{url}/v1/models")).json()["data"][0]["id"]
@@ -67,7 +72,7 @@ async def measure(url: str, prompt: list[int], max_tokens: int, clients: int) ->
             lambda: serve.http_client(client, url, name, prompt, max_tokens),
             clients,
         )
-    return r["rate"]
+    return 1 / r["itl50"] if clients == 1 else r["rate"]
 
 
 def bench(model_dir: str, weights: str, prompt: list[int], args) -> dict:
@@ -81,17 +86,19 @@ def bench(model_dir: str, weights: str, prompt: list[int], args) -> dict:
             print(f"  {weights} {label:<22} ready in {time.perf_counter() - t0:5.1f} s", flush=True)
         for _, url, _ in servers.values():  # first-call costs stay out of the figures
             asyncio.run(measure(url, prompt, 8, 1))
-        rates = {label: {c: 0.0 for c in args.clients} for label in servers}
+        rates = {label: {c: [] for c in args.clients} for label in servers}
+        order = list(servers)
         for n in range(args.rounds):
             for clients in args.clients:
-                for label, (_, url, _) in servers.items():
-                    rate = asyncio.run(measure(url, prompt, args.max_tokens, clients))
-                    rates[label][clients] = max(rates[label][clients], rate)
+                for label in order:
+                    rate = asyncio.run(measure(servers[label][1], prompt, args.max_tokens, clients))
+                    rates[label][clients].append(rate)
                     print(
                         f"  round {n + 1}/{args.rounds} {weights} {label:<22} {clients:>2} clients: "
                         f"{rate:7.1f} tok/s",
                         flush=True,
                     )
+            order = order[1:] + order[:1]  # each server takes each place in the order in turn
         return {"chosen": chosen(servers["no flags"][2]), "rates": rates}
     finally:
         for proc, _, log in servers.values():
@@ -104,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="float32,int8", help="comma-separated: float32, int8")
     ap.add_argument("--clients", default="1,32", help="comma-separated concurrent client counts")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds over all servers (best is kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over all servers (the median is kept)")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128, help="tokens each client decodes")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
@@ -127,18 +134,20 @@ def main() -> None:
 
     print()
     head = " | ".join(f"{c} clients" for c in args.clients)
-    print(f"| weights | flags | {head} |")
+    print(f"| weights | flags | {head} |  (tok/s, median of {args.rounds} rounds)")
     print("|---|---|" + "---|" * len(args.clients))
     for weights, r in results["weights"].items():
-        for label, by_clients in r["rates"].items():
-            cells = " | ".join(f"{by_clients[c]:.1f} tok/s" for c in args.clients)
+        r["median"] = {k: {c: statistics.median(v[c]) for c in args.clients} for k, v in r["rates"].items()}
+        for label, by_clients in r["median"].items():
+            cells = " | ".join(f"{by_clients[c]:.1f}" for c in args.clients)
             print(f"| {weights} | {label} | {cells} |")
     print()
     for weights, r in results["weights"].items():
         print(f"{weights}, no flags chose: {r['chosen']}")
+        med = r["median"]
         for c in args.clients:
-            best_label = max((k for k in r["rates"] if k != "no flags"), key=lambda k: r["rates"][k][c])
-            share = r["rates"]["no flags"][c] / r["rates"][best_label][c]
+            best_label = max((k for k in med if k != "no flags"), key=lambda k: med[k][c])
+            share = med["no flags"][c] / med[best_label][c]
             r.setdefault("default_vs_best", {})[c] = share
             print(f"  {c:>2} clients: no flags {share:.3f}x of the best combination ({best_label})")
     if args.out:
