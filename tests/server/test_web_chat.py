@@ -7,6 +7,7 @@ import pytest
 from selenium.webdriver.common.by import By  # noqa: E402 (webpage skips this module without chromium)
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
 # browser: a fixture, named as a parameter
 from webpage import WAIT, browser, open_page, set_field, text_of, wait_for_models  # noqa: F401
 
