@@ -247,6 +247,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tm
     _torchrun(
         ["--out", str(again), "--resume"], dict(env, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(tmp_path / "dump2"))
     )
+
     def losses(d):
         return [(r["kind"], r["step"], r.get("loss", r.get("val_loss"))) for r in read_metrics(d)]
 
