@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 
 # A one-shot run compiles only when it decodes at least this many tokens: below it the compile
-# time (even from inductor's disk cache) is more than the faster steps save.
-COMPILE_PAYS_AFTER_TOKENS = 1024
+# time, even from inductor's disk cache, is more than the faster steps save (docs/benchmarks.md,
+# "Default settings", has the times this was set from).
+COMPILE_PAYS_AFTER_TOKENS = 4096
 
 
 @dataclass(frozen=True)
