@@ -216,6 +216,7 @@ def _fresh_copy(dest: Path) -> None:
             (dest / entry.name).symlink_to(entry)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", RUN_PAGES)
 def test_examples_run_as_written(page, tmp_path):
     to_run = [b for b in page_blocks(page) if b.lang in SHELL | PYTHON and b.not_run is None]

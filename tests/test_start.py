@@ -68,6 +68,7 @@ def _post(url: str, body: dict) -> dict:
         return json.load(r)
 
 
+@pytest.mark.slow
 def test_start_trains_the_default_model_once_then_serves_it_with_the_chat_page(tmp_path):
     run = tmp_path / "default"
     port = _free_port()

@@ -13,10 +13,13 @@ from gpt.compile import is_compiled, warm_up
 BYTES = gpt.get_tokenizer("byte")
 PROMPTS = ["Once upon a time", "x", "A longer prompt, to move the lengths around a little more"]
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("g++") is None and shutil.which("c++") is None,
-    reason="torch.compile (inductor) needs a C++ compiler on CPU",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("g++") is None and shutil.which("c++") is None,
+        reason="torch.compile (inductor) needs a C++ compiler on CPU",
+    ),
+    pytest.mark.slow,  # each new graph compiles for seconds
+]
 
 
 def _twin(model):

@@ -157,6 +157,7 @@ def _train_tiny(data: torch.Tensor, steps: int = 250, block: int = 48) -> gpt.GP
     return model.eval()
 
 
+@pytest.mark.slow
 def test_int8_keeps_a_trained_models_validation_loss_within_one_percent():
     data = torch.tensor(list(_corpus()), dtype=torch.long)
     split = int(0.9 * len(data))

@@ -81,6 +81,7 @@ def test_bad_arguments_print_one_line_and_exit_2(monkeypatch, capsys, tiny_check
     assert err.count("\n") == 1 and err.startswith("gpt-serve: error: ") and fragment in err
 
 
+@pytest.mark.slow
 def test_sigterm_drains_running_streams_then_exits_0(long_checkpoint, tmp_path):
     env = {**os.environ, "GPT_SERVE_LOG_LEVEL": "warning", "GPT_SERVE_DRAIN_GRACE": "60"}
     log = open(tmp_path / "server.log", "w")

@@ -617,6 +617,7 @@ def serve_one_compiled(model, prompt: str, params: SamplingParams, limit: float 
     return run(main(), limit=limit)[:3]
 
 
+@pytest.mark.slow
 def test_a_compiled_engine_warms_up_at_start_and_streams_the_eager_text(tiny_gpt):
     twin = gpt.GPT(tiny_gpt.config).eval()
     twin.load_state_dict(tiny_gpt.state_dict())

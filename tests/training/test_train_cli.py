@@ -219,6 +219,7 @@ def _torchrun(args, env):
     assert p.returncode == 0, p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tmp_path):
     import shutil
 

@@ -161,6 +161,7 @@ def test_train_state_stores_no_best_loss_yet_as_null_not_infinity(run, tmp_path,
     assert ckpt.load_state(saved)["best_val_loss"] == float("inf")
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_skip_together_when_only_one_sees_a_nan_loss(tmp_path, corpus):
     """Rank 1's loss is NaN at step 3 in its first micro-batch, yet every gradient stays finite:
     only the agreed flag stops rank 0 from stepping alone and the two copies parting ways."""

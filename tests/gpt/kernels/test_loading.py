@@ -74,6 +74,7 @@ def test_without_a_cpp_compiler_the_ops_reach_our_kernels_through_ctypes(tmp_pat
 
 
 @needs_kernels
+@pytest.mark.slow
 def test_both_ways_of_calling_our_kernels_give_the_same_numbers():
     """The C++ registration (ops.cpp) and the ctypes one, on the same int8 and float32 inputs."""
     code = (
