@@ -7,7 +7,10 @@ import gpt
 from gpt import fast_defaults
 
 # Tests run tiny models: one thread avoids OpenMP start-up costs and contention on small machines.
+# Servers and commands the tests start as subprocesses take one thread too: two test workers each
+# running a two-thread subprocess on two cores leave OpenMP's threads spinning for each other.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tests decode tiny models for a few tokens, and compare servers with the library: by default
 # they run as the library does, uncompiled on the model's own cache dtype, not with what
