@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .constraints import ConstraintState, allowed_tokens
 from .sampling import RowState, SamplingParams, sample, token_logprobs
 from .streaming import TextStream
 from .tokenizer import Tokenizer
@@ -73,8 +74,9 @@ class Piece:
     token_ids: list[int] = field(default_factory=list)  # the tokens this piece consumed
     logprobs: list[float] = field(default_factory=list)  # chosen-token log-probability, one per token id
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # most likely alternatives, when asked
-    # None until the sequence's last piece. The library ends with "stop" (end-of-text or a stop
-    # string) or "length" (the token budget); the server adds "timeout", "cancelled" and "error".
+    # None until the sequence's last piece. The library ends with "stop" (end-of-text, a stop
+    # string or a complete constraint), "length" (the token budget) or "error" (the constraint's
+    # matcher gave up); the server adds "timeout", "cancelled" and its own "error".
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated up to and including this piece
@@ -104,8 +106,9 @@ class Piece:
 
 class SequenceDecoder:
     """The decoding state of one sequence: its sampler state (parameters, random generator,
-    history for penalties), its text stream (incremental detokenizer and stop strings), its
-    token budget and, once it ends, its finish reason."""
+    history for penalties), its constraint's state when it has one, its text stream
+    (incremental detokenizer and stop strings), its token budget and, once it ends, its finish
+    reason."""
 
     def __init__(
         self,
@@ -117,6 +120,10 @@ class SequenceDecoder:
     ):
         self.params = params
         self.sampler = RowState.new(params, prompt_ids, device)
+        self.sampler.bad_words_ids = bad_words_ids(tokenizer, params.bad_words)
+        self.constraint: ConstraintState | None = (
+            params.constraint.start(tokenizer) if params.constraint is not None else None
+        )
         self.stream = TextStream(tokenizer, params.stop)
         self.eot = tokenizer.eot_token
         self.vocab_size = tokenizer.vocab_size
@@ -159,8 +166,16 @@ class SequenceDecoder:
         if (token == self.eot and not self.params.ignore_eos) or token in self.params.stop_token_ids:
             piece.text, self.finish_reason = self.stream.flush(), "stop"
         else:
+            if self.constraint is not None:
+                self.constraint.advance(token)
             piece.text, stopped = self.stream.push(token)
             if stopped:
+                self.finish_reason = "stop"
+            elif self.constraint is not None and self.constraint.failed:
+                piece.text += self.stream.flush()
+                self.finish_reason = "error"
+            elif self.constraint is not None and self.constraint.complete:
+                piece.text += self.stream.flush()
                 self.finish_reason = "stop"
             elif len(self.output_ids) >= self.budget:
                 piece.text += self.stream.flush()  # a stop string may still complete in the tail
@@ -195,6 +210,8 @@ class SequenceDecoder:
         )
         twin.logprobs = list(self.logprobs)
         twin.stream = self.stream.fork()
+        twin.constraint = self.constraint.fork() if self.constraint is not None else None
+        twin.sampler.bad_words_ids = self.sampler.bad_words_ids
         return twin
 
     def completion(self) -> Piece:
@@ -209,13 +226,37 @@ class SequenceDecoder:
         )
 
 
+def bad_words_ids(tokenizer: Tokenizer, words: Sequence[str]) -> list[list[int]]:
+    """Each bad word's tokens, as it would appear alone and after a space (vLLM's rule)."""
+    out = []
+    for w in words:
+        for variant in (w, " " + w):
+            ids = tokenizer.encode(variant)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
+def constrain(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> Tensor:
+    """The logits to sample from: the constrained rows' disallowed tokens at -inf (a copy when
+    any row has a constraint; `logits` itself otherwise)."""
+    rows = [j for j, d in enumerate(decoders) if d.constraint is not None]
+    if not rows:
+        return logits
+    allowed = allowed_tokens([decoders[j].constraint for j in rows], logits.shape[-1]).to(logits.device)
+    out = logits.clone()
+    idx = torch.tensor(rows, device=logits.device)
+    out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
+    return out
+
+
 def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[Piece]:
     """Choose the next token of each sequence from its row of `logits` (B, V) and accept it:
     one piece per sequence. The chosen token's log-probability (and the top alternatives when a
     sequence asks) come from the model's unprocessed distribution, as OpenAI reports them, over
-    the tokenizer's ids only (`in_vocabulary`)."""
+    the tokenizer's ids only (`in_vocabulary`): before penalties, filters and constraints."""
     logits = in_vocabulary(logits, min(d.vocab_size for d in decoders))
-    tokens = sample(logits, [d.sampler for d in decoders], decoders[0].eot)
+    tokens = sample(constrain(logits, decoders), [d.sampler for d in decoders], decoders[0].eot)
     top_n = max(d.params.logprobs for d in decoders)
     chosen, top_v, top_i = token_logprobs(logits, tokens, top_n)
     toks, lps = tokens.tolist(), chosen.tolist()

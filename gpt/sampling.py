@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import kernels
 from .limits import RequestError
+
+if TYPE_CHECKING:
+    from .constraints import Constraint
 
 MAX_LOGPROBS = 20  # alternatives reported per token at most (OpenAI's limit)
 
@@ -44,12 +48,22 @@ class SamplingParams:
     length_penalty: float = 1.0  # beam search: score = logprob / length ** length_penalty
     logprobs: int = 0  # also report this many most likely alternatives per token
     prompt_logprobs: int | None = None  # also score the prompt, with this many alternatives (a server's)
+    # Structured output: the output must match this JSON schema, regex, choice or grammar
+    # (gpt.constraints). The sequence ends with "stop" once the match is complete.
+    constraint: Constraint | None = None
+    allowed_token_ids: Sequence[int] | None = None  # only these tokens may be chosen (vLLM's)
+    bad_words: Sequence[str] = ()  # never output these words, with or without a leading space (vLLM's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(dict.fromkeys(s for s in (self.stop or ()) if s))
         self.stop_token_ids = tuple(self.stop_token_ids or ())
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = tuple(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = tuple(self.bad_words or ())
         self.validate()
 
     def validate(self, vocab_size: int | None = None, *, seq2seq: bool = False) -> None:
@@ -123,6 +137,32 @@ class SamplingParams:
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
         )
+        if self.allowed_token_ids is not None:
+            need(len(self.allowed_token_ids) > 0, "allowed_token_ids", "must not be empty")
+            for i, tok in enumerate(self.allowed_token_ids):
+                need(token(tok), f"allowed_token_ids.{i}", f"token id {tok!r} is out of range {vocab}")
+        for i, word in enumerate(self.bad_words):
+            need(isinstance(word, str) and word != "", f"bad_words.{i}", "must be a non-empty string")
+        if self.constraint is not None:
+            from .constraints import Constraint
+
+            need(
+                isinstance(self.constraint, Constraint),
+                "constraint",
+                "must be a gpt.constraints.Constraint (Constraint.json_schema, .regex, .choice, .grammar)",
+            )
+            need(
+                self.num_beams == 1,
+                self.constraint.param,
+                "beam search (num_beams > 1) cannot be constrained; sample or decode greedily",
+                "invalid_combination",
+            )
+            need(
+                not self.ignore_eos,
+                "ignore_eos",
+                "a constrained output ends where its constraint does; ignore_eos cannot apply",
+                "invalid_combination",
+            )
         if self.prompt_logprobs is not None:
             need(
                 not seq2seq,
@@ -157,6 +197,7 @@ class RowState:
     prompt_ids: list[int]
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized
 
     @classmethod
     def new(cls, params: SamplingParams, prompt_ids: Sequence[int], device="cpu") -> RowState:
@@ -167,11 +208,39 @@ class RowState:
         p = self.params
         return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
+    @property
+    def adjusted(self) -> bool:
+        """Whether apply_penalties changes this row's logits at this step."""
+        p = self.params
+        return bool(
+            self.needs_history
+            or p.logit_bias
+            or len(self.output_ids) < p.min_tokens
+            or p.allowed_token_ids is not None
+            or self.bad_words_ids
+        )
+
+    def banned(self) -> list[int]:
+        """Tokens that would complete a bad word now: a one-token word always, a longer one when
+        the output ends with all of it but its last token."""
+        out = self.output_ids
+        n = len(out)
+        return [w[-1] for w in self.bad_words_ids if n >= len(w) - 1 and out[n - len(w) + 1 :] == w[:-1]]
+
 
 def apply_penalties(logits: Tensor, row: RowState, eot: int | None = None) -> Tensor:
-    """Repetition, presence and frequency penalties, logit bias and min_tokens (end-of-text `eot`
-    and the stop tokens masked while the output is shorter) on one row's logits (V,)."""
+    """Repetition, presence and frequency penalties, logit bias, min_tokens (end-of-text `eot`
+    and the stop tokens masked while the output is shorter), allowed_token_ids and bad words on
+    one row's logits (V,)."""
     p = row.params
+    if p.allowed_token_ids is not None:
+        keep = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=logits.device)
+        kept = logits[keep]
+        logits.fill_(float("-inf"))
+        logits[keep] = kept
+    banned = row.banned() if row.bad_words_ids else []
+    if banned:
+        logits[torch.tensor(banned, dtype=torch.long, device=logits.device)] = float("-inf")
     if len(row.output_ids) < p.min_tokens:
         ends = [t for t in p.stop_token_ids if t < logits.shape[-1]]
         if eot is not None and not p.ignore_eos and eot < logits.shape[-1]:
@@ -224,9 +293,7 @@ def sample(logits: Tensor, rows: Sequence[RowState], eot: int | None = None) -> 
     not updated here (the caller appends the chosen tokens once it accepts them). `eot`: the
     end-of-text token, which min_tokens holds back."""
     logits = logits.float()
-    adjusted = [
-        r.needs_history or r.params.logit_bias or len(r.output_ids) < r.params.min_tokens for r in rows
-    ]
+    adjusted = [r.adjusted for r in rows]
     if any(adjusted):
         logits = logits.clone()
         for i, r in enumerate(rows):
