@@ -9,6 +9,7 @@ from .bpe import BPETokenizer, train_bpe
 from .checkpoint import CheckpointError, load, load_checkpoint, save
 from .compile import compile_decode
 from .config import PRESETS, ModelConfig, preset
+from .constraints import Constraint
 from .cuda_graphs import cuda_graph_decode
 from .decoding import Piece, SequenceDecoder, decode_tokens
 from .evaluate import Score, score_pairs, score_texts
@@ -45,6 +46,7 @@ __all__ = [
     "Completion",
     "Piece",
     "SamplingParams",
+    "Constraint",
     "SequenceDecoder",
     "decode_tokens",
     "ContextLimits",

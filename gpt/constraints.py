@@ -9,10 +9,10 @@ takes regexes and Lark/GBNF grammars directly.
     c = Constraint.json_schema({"type": "object", ...})
     gpt.generate(model, tokenizer, prompt, constraint=c)
 
-Compiling has two steps: `to_grammar` turns the constraint into llguidance's grammar text (pure
-text work, but some schemas take exponential time: a server runs it in a process it can kill,
-see gpt/grammar_worker.py), and `Constraint.compile` builds the matcher over a tokenizer. Every
-sequence then holds a `ConstraintState`: a copy of the compiled matcher, advanced by each token.
+`Constraint.compile` builds the matcher over a tokenizer (llguidance releases the GIL meanwhile,
+and its parser limits bound the work; a server still compiles off its engine thread, with a
+deadline). Every sequence then holds a `ConstraintState`: a copy of the compiled matcher,
+advanced by each token.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class Constraint:
 
 def to_grammar(kind: str, text: str) -> str:
     """llguidance's grammar text for a constraint; ValueError with the library's reason when it
-    cannot be converted. Plain text work, but a few schemas take exponential time."""
+    cannot be converted."""
     import llguidance
 
     if kind == "json_schema":
