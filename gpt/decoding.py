@@ -150,9 +150,17 @@ class SequenceDecoder:
     def accept(self, token: int, logprob: float, top: dict[int, float] | None = None) -> Piece:
         """Append a chosen token; return the piece of output it makes (text may be "" while a
         character or a possible stop string is incomplete), with a finish reason if it ended
-        the sequence: end-of-text (unless ignore_eos), a stop string, or the budget."""
+        the sequence: end-of-text (unless ignore_eos), a stop string, a complete constraint, or
+        the budget. A token the constraint refuses is not taken: a token-less "error" piece."""
         if self.finished:
             raise RuntimeError("this sequence has finished")
+        ends = (token == self.eot and not self.params.ignore_eos) or token in self.params.stop_token_ids
+        if self.constraint is not None and not ends:
+            self.constraint.advance(token)
+            if self.constraint.failed:
+                # the token leaves the constraint (its matcher gave up, or allowed_token_ids and
+                # bad_words left nothing it allows to choose): not output, the sequence ends
+                return self.end("error", flush=True)
         self.sampler.output_ids.append(token)
         self.logprobs.append(logprob)
         piece = Piece(
@@ -163,17 +171,12 @@ class SequenceDecoder:
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
         )
-        if (token == self.eot and not self.params.ignore_eos) or token in self.params.stop_token_ids:
+        if ends:
             piece.text, self.finish_reason = self.stream.flush(), "stop"
         else:
-            if self.constraint is not None:
-                self.constraint.advance(token)
             piece.text, stopped = self.stream.push(token)
             if stopped:
                 self.finish_reason = "stop"
-            elif self.constraint is not None and self.constraint.failed:
-                piece.text += self.stream.flush()
-                self.finish_reason = "error"
             elif self.constraint is not None and self.constraint.complete:
                 piece.text += self.stream.flush()
                 self.finish_reason = "stop"
