@@ -53,9 +53,9 @@ class Constraint:
             try:
                 schema = json.loads(schema)
             except ValueError as e:
-                raise RequestError.of(param, f"is not valid JSON: {e}") from None
+                raise _invalid(param, f"is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
-            raise RequestError.of(param, f"a JSON schema is an object, got {type(schema).__name__}")
+            raise _invalid(param, f"a JSON schema is an object, got {type(schema).__name__}")
         return cls._sized("json_schema", json.dumps(schema, sort_keys=True), param)
 
     @classmethod
@@ -67,14 +67,14 @@ class Constraint:
     def regex(cls, pattern: str, param: str = "constraint") -> Constraint:
         """Output matches `pattern` in full (Rust regex syntax, close to Python's)."""
         if not isinstance(pattern, str) or not pattern:
-            raise RequestError.of(param, "a regex is a non-empty string")
+            raise _invalid(param, "a regex is a non-empty string")
         return cls._sized("regex", pattern, param)
 
     @classmethod
     def choice(cls, options: Sequence[str], param: str = "constraint") -> Constraint:
         """Output is exactly one of `options`."""
         if isinstance(options, str) or not options or not all(isinstance(o, str) and o for o in options):
-            raise RequestError.of(param, "choices are a non-empty list of non-empty strings")
+            raise _invalid(param, "choices are a non-empty list of non-empty strings")
         return cls._sized("choice", json.dumps(list(dict.fromkeys(options))), param)
 
     @classmethod
@@ -82,13 +82,13 @@ class Constraint:
         """Output is a sentence of a context-free grammar: Lark (llguidance's dialect, start
         rule `start`) or llama.cpp's GBNF (start rule `root`)."""
         if not isinstance(text, str) or not text.strip():
-            raise RequestError.of(param, "a grammar is a non-empty string")
+            raise _invalid(param, "a grammar is a non-empty string")
         return cls._sized("grammar", text, param)
 
     @classmethod
     def _sized(cls, kind: str, text: str, param: str) -> Constraint:
         if len(text) > MAX_CONSTRAINT_CHARS:
-            raise RequestError.of(param, f"is {len(text)} characters; the limit is {MAX_CONSTRAINT_CHARS}")
+            raise _invalid(param, f"is {len(text)} characters; the limit is {MAX_CONSTRAINT_CHARS}")
         return cls(kind, text, param)
 
     @property
@@ -191,15 +191,21 @@ class CompiledConstraint:
         try:
             grammar = to_grammar(c.kind, c.text) if grammar is None else grammar
         except ValueError as e:
-            raise RequestError.of(c.param, _reason(e)) from None
+            raise _invalid(c.param, _reason(e)) from None
         if len(grammar) > MAX_GRAMMAR_CHARS:
-            raise RequestError.of(c.param, f"expands to a grammar over {MAX_GRAMMAR_CHARS} characters")
+            raise _invalid(c.param, f"expands to a grammar over {MAX_GRAMMAR_CHARS} characters")
         m = llguidance.LLMatcher(ll_tokenizer(tokenizer), grammar, log_level=0, limits=_limits())
         if not m.is_error():
             m.compute_bitmask()
         if m.is_error():
-            raise RequestError.of(c.param, _reason(m.get_error()))
+            raise _invalid(c.param, _reason(m.get_error()))
         return cls(c, m, time.perf_counter() - t0)
+
+
+def _invalid(param: str, reason: str) -> RequestError:
+    """A constraint the library cannot honour: its own code, as a JSON schema cannot say which
+    schemas, regexes and grammars are valid ones."""
+    return RequestError.of(param, reason, "invalid_constraint")
 
 
 def _reason(error) -> str:

@@ -84,9 +84,23 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] = []
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text, valid against the function's parameters")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None = Field(description="the reply; null when it is tool calls")
+    tool_calls: list[ToolCall] | None = Field(
+        None, description='with tool_choice "required" or a named function: the calls'
+    )
 
 
 class ChatChoice(BaseModel):

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--body-timeout", "seconds a request body may take to arrive; then 408", type=float, metavar="S")
     _opt(
         p,
+        "--constraint-timeout",
+        "seconds a structured-output constraint (schema, regex, grammar) may take to compile; then 400",
+        type=float,
+        metavar="S",
+    )
+    _opt(
+        p,
         "--max-connections",
         "open connections at most; beyond that new ones get 503",
         type=int,

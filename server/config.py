@@ -46,6 +46,7 @@ class Settings:
     eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
+    constraint_timeout: float = 10.0  # seconds a structured-output constraint may take to compile (400 after)
     max_connections: int = 1024  # open connections at most; beyond that, new ones get 503
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     allowed_origins: str | None = None  # comma-separated origins allowed by CORS; default: none
@@ -71,6 +72,7 @@ class Settings:
         need(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout}")
         need(self.max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         need(self.body_timeout > 0, f"body_timeout must be > 0 seconds, got {self.body_timeout}")
+        need(self.constraint_timeout > 0, f"constraint_timeout must be > 0 s, got {self.constraint_timeout}")
         need(self.max_connections >= 1, f"max_connections must be >= 1, got {self.max_connections}")
         need(
             self.keep_alive_timeout > 0,
@@ -128,7 +130,7 @@ _INT_FIELDS = {
     "max_body_bytes",
     "max_connections",
 }
-_FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "keep_alive_timeout"}
+_FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "constraint_timeout", "keep_alive_timeout"}
 _CHOICES = {
     "log_level": LOG_LEVELS,
     "quantize": QUANTIZATIONS,

@@ -97,6 +97,18 @@ class Metrics:
         self.generation_tokens_total = Counter(
             "gptserve_generation_tokens_total", "Tokens generated", registry=r
         )
+        self.constrained_requests_total = Counter(
+            "gptserve_constrained_requests_total",
+            "Requests whose output is constrained, by kind (json_schema, regex, choice, grammar)",
+            ["kind"],
+            registry=r,
+        )
+        self.constraint_compile_seconds = Histogram(
+            "gptserve_constraint_compile_seconds",
+            "Compiling a constraint that was not cached",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.batch_size = Histogram(
             "gptserve_batch_size", "Rows in each batched decode step", buckets=_BATCH_BUCKETS, registry=r
         )

@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 
 from gpt.sampling import MAX_LOGPROBS
 
-from .unsupported import CHAT_UNSUPPORTED, UNSUPPORTED
+from .unsupported import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED, UNSUPPORTED
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -109,7 +109,7 @@ def _document_errors(schema: dict) -> None:
 def _document_unsupported(schema: dict) -> None:
     models = schema["components"]["schemas"]
     for name, table in (
-        ("CompletionRequest", UNSUPPORTED),
+        ("CompletionRequest", {**UNSUPPORTED, **COMPLETION_UNSUPPORTED}),
         ("ChatCompletionRequest", {**UNSUPPORTED, **CHAT_UNSUPPORTED}),
     ):
         props = models.get(name, {}).get("properties")
@@ -160,6 +160,7 @@ def _fill_limits(schema: dict, model_name: str, engine) -> None:
         for key in (
             _walk(props.get("prompt", {}))
             + _walk(props.get("stop_token_ids", {}))
+            + _walk(props.get("allowed_token_ids", {}))
             + _walk(props.get("tokens", {}))
         ):
             key["minimum"], key["maximum"] = 0, vocab - 1

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from gpt import ContextLimits, RequestError, SamplingParams
+from gpt import Constraint, ContextLimits, RequestError, SamplingParams
 
 from .chat_template import ChatTemplate
 from .errors import from_request_error, invalid
@@ -88,6 +88,7 @@ def sampling_params(
     logprobs: int = 0,
     prompt_logprobs: int | None = None,
     names: Mapping[str, str] = {},
+    constraint: Constraint | None = None,
 ) -> SamplingParams:
     """The SamplingParams of one choice of a request, checked against the model (`limits`) by
     the library (`gpt.SamplingParams.validate`: ranges, token ids within the vocabulary, prompt
@@ -120,6 +121,9 @@ def sampling_params(
             num_beams=req.num_beams,
             length_penalty=req.length_penalty,
             prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
+            allowed_token_ids=req.allowed_token_ids,
+            bad_words=req.bad_words or (),
         )
         limits.check_params(params)
     except RequestError as e:
@@ -151,9 +155,17 @@ def choices(
     logprobs: int = 0,
     prompt_logprobs: int | None = None,
     names: Mapping[str, str] = {},
+    constraint: Constraint | None = None,
 ) -> list[Job]:
-    """The engine jobs for one prompt's `n` choices: one per choice, or one beam search for all."""
-    options = dict(extra_stop=extra_stop, logprobs=logprobs, prompt_logprobs=prompt_logprobs, names=names)
+    """The engine jobs for one prompt's `n` choices: one per choice, or one beam search for all.
+    The choices share the request's `constraint` (each sequence keeps its own state in it)."""
+    options = dict(
+        extra_stop=extra_stop,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        names=names,
+        constraint=constraint,
+    )
     if req.num_beams > 1:
         return [Job(ids, sampling_params(req, engine.limits, max_tokens, 0, **options), req.n)]
     return [Job(ids, sampling_params(req, engine.limits, max_tokens, i, **options)) for i in range(req.n)]

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from gpt.sampling import MAX_LOGPROBS
 
-from .unsupported import CHAT_UNSUPPORTED, check_unsupported
+from .strict import _Strict
+from .structured import ChatToolFields, StructuredFields
+from .unsupported import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED, check_unsupported
 
 MAX_N = 128  # choices per request; each one takes a batch slot
 MAX_STOP = 16  # stop strings per request
@@ -33,36 +35,11 @@ TokenKey = Annotated[str, Field(pattern=r"^[0-9]+$", max_length=12)]
 Bias = float  # in [-100, 100]: gpt.SamplingParams.validate checks
 
 
-def _integral(v):
-    """JSON Schema counts 1.0 as an integer, and some clients send whole numbers so: take them as
-    ints (in lists too: token ids). Strict float fields still accept the int."""
-    if type(v) is float and v.is_integer():
-        return int(v)
-    if isinstance(v, list):
-        return [_integral(x) for x in v]
-    return v
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _whole_numbers(cls, data):
-        if isinstance(data, dict):
-            return {k: _integral(v) for k, v in data.items()}
-        return data
-
-
 class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="end the stream with a chunk carrying the usage")
 
 
-class TextFormat(_Strict):
-    type: Literal["text"]
-
-
-class SamplingFields(_Strict):
+class SamplingFields(StructuredFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(None, description="the served model's name (optional: this server serves one)")
@@ -250,6 +227,11 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = Field(None, ge=1, description="only equal to n")
     suffix: Literal[""] | None = Field(None, description="insertion is not supported")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _completion_unsupported(cls, data):
+        return check_unsupported(data, COMPLETION_UNSUPPORTED)
+
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v):
@@ -303,7 +285,7 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ChatToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool = Field(False, description="report each output token's logprob")

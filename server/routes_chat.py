@@ -25,6 +25,8 @@ from .protocol import (
     ChatCompletionRequest,
 )
 from .sse import EventStream, event_stream
+from .structured import constraint_of, prepare
+from .tool_calls import ToolCallStream, ToolMode, tool_constraint
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -45,31 +47,50 @@ async def create_chat_completion(
         raise invalid("top_logprobs needs logprobs: true", "top_logprobs", code="invalid_combination")
     tok = engine.tokenizer
     check_fanout(engine, 1, body.n)
+    constraint = constraint_of(body)
+    for_tools, tool_mode = tool_constraint(body)
+    if for_tools is not None and constraint is not None:
+        raise invalid(
+            f"tools and {constraint.param.split('.')[0]} both constrain the output; use one",
+            "tool_choice",
+            code="invalid_combination",
+        )
+    constraint = constraint or for_tools
+    await prepare(engine, constraint, settings.constraint_timeout)
     (ids,) = await prompt_ids_off_loop(engine, [render_messages(template, body.messages)], "messages")
     if body.max_completion_tokens is not None and body.max_tokens is not None:  # both must hold
         budget(engine, len(ids), body.max_tokens, settings.default_max_tokens)
     max_tokens = budget(engine, len(ids), body.wanted_max_tokens, settings.default_max_tokens)
     top_n = body.top_logprobs or 0
-    jobs = choices(engine, body, ids, max_tokens, extra_stop=template.stop, logprobs=top_n, names=NAMES)
+    jobs = choices(
+        engine,
+        body,
+        ids,
+        max_tokens,
+        extra_stop=template.stop,
+        logprobs=top_n,
+        names=NAMES,
+        constraint=constraint,
+    )
     handles = submit_all(engine, jobs, settings.timeout)
     rid, created = new_id("chatcmpl"), now()
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(
-            _stream(handles, tok, body, rid, created, model_name, len(ids), include_usage), handles
+            _stream(handles, tok, body, rid, created, model_name, len(ids), include_usage, tool_mode),
+            handles,
         )
 
     done = await collect(request, handles)
-    out = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=c.text),
-            logprobs=ChatLogprobs(**chat_logprobs(tok, c, top_n)) if body.logprobs else None,
-            finish_reason=finish_reason(c.finish_reason),
-        )
-        for i, c in enumerate(done)
-    ]
+    out = []
+    for i, c in enumerate(done):
+        message, reason = AssistantMessage(content=c.text), finish_reason(c.finish_reason)
+        if tool_mode is not None:
+            message, reason = tool_mode.message(c)
+            reason = finish_reason(reason)
+        logprobs = ChatLogprobs(**chat_logprobs(tok, c, top_n)) if body.logprobs else None
+        out.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason))
     return ChatCompletionResponse(
         id=rid, created=created, model=model_name, choices=out, usage=Usage.of_choices(len(ids), done, body.n)
     )
@@ -84,19 +105,20 @@ def _stream(
     model_name: str,
     prompt_tokens: int,
     include_usage: bool,
+    tool_mode: ToolMode | None,
 ):
     top_n = body.top_logprobs or 0
+    calls = [ToolCallStream(tool_mode) for _ in handles] if tool_mode is not None else None
 
     def delta(i, piece, reason):
         logprobs = chat_logprobs(tok, piece, top_n) if body.logprobs and piece.token_ids else None
-        if not (piece.text or reason or logprobs):
+        if calls is not None:
+            content, reason = calls[i].delta(piece, reason)
+        else:
+            content = {"content": piece.text} if piece.text else {}
+        if not (content or reason or logprobs):
             return None
-        return {
-            "index": i,
-            "delta": {"content": piece.text} if piece.text else {},
-            "logprobs": logprobs,
-            "finish_reason": reason,
-        }
+        return {"index": i, "delta": content, "logprobs": logprobs, "finish_reason": reason}
 
     # OpenAI opens each choice with the role and empty content
     opening = [

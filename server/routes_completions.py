@@ -30,6 +30,7 @@ from .protocol import (
     CompletionRequest,
 )
 from .sse import EventStream, event_stream
+from .structured import constraint_of, prepare
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -57,6 +58,8 @@ async def create_completion(
         )
     tok = engine.tokenizer
     check_fanout(engine, len(body.prompt), body.n)
+    constraint = constraint_of(body)
+    await prepare(engine, constraint, settings.constraint_timeout)
     prompts = await prompt_ids_off_loop(engine, body.prompt, "prompt")
     echoes = await asyncio.to_thread(lambda: [EchoedPrompt.of(tok, ids) for ids in prompts]) if echo else None
     jobs = []
@@ -71,6 +74,7 @@ async def create_completion(
             logprobs=body.logprobs or 0,
             prompt_logprobs=prompt_logprobs,
             names=NAMES,
+            constraint=constraint,
         )
     handles = submit_all(engine, jobs, settings.timeout)
     prompt_tokens = sum(len(ids) for ids in prompts)

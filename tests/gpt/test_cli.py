@@ -1,13 +1,17 @@
 """gpt-generate: streams text, documents its options, and fails with one line and exit code 2."""
 
 import io
+import json
+import re
 import subprocess
 import sys
 
+import jsonschema
 import pytest
 import torch
 
 import gpt
+import gpt.cli
 from gpt.cli import main
 
 
@@ -16,6 +20,26 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     gpt.save(gpt.GPT(gpt.preset("gpt-tiny")), path)
     return path
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+    "required": ["n", "ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Constraint files for the structured-output flags, good and bad."""
+    d = tmp_path_factory.mktemp("constraints")
+    (d / "schema.json").write_text(json.dumps(SCHEMA))
+    (d / "bad.json").write_text('{"type": ')
+    (d / "frob.json").write_text('{"type": "frob"}')
+    (d / "digits.gbnf").write_text('root ::= [0-9] [0-9] "-" [a-z]\n')
+    (d / "bad.lark").write_text("start: greeting\n")
+    return d
 
 
 def test_generates_the_same_text_as_the_library(ckpt, capsys):
@@ -51,6 +75,10 @@ def test_help_documents_every_option():
         "--ignore-eos",
         "--device",
         "--dtype",
+        "--json-schema",
+        "--regex",
+        "--choice",
+        "--grammar",
     ):
         assert opt in out.stdout
 
@@ -69,13 +97,22 @@ def test_help_documents_every_option():
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
         ),
         (["hi"], "--model"),
+        (["--model", "{ckpt}", "--json-schema", "/nonexistent/s.json", "hi"], "/nonexistent/s.json"),
+        (["--model", "{ckpt}", "--json-schema", "{files}/bad.json", "hi"], "bad.json: is not valid JSON"),
+        (["--model", "{ckpt}", "--json-schema", "{files}/frob.json", "hi"], "frob.json: Invalid type: frob"),
+        (["--model", "{ckpt}", "--grammar", "{files}", "hi"], "cannot read"),
+        (["--model", "{ckpt}", "--grammar", "{files}/bad.lark", "hi"], "unknown name"),
+        (["--model", "{ckpt}", "--regex", "a(b", "hi"], "--regex: "),
+        (["--model", "{ckpt}", "--choice", "", "hi"], "--choice: "),
+        (["--model", "{ckpt}", "--regex", "[0-9]+", "--num-beams", "2", "hi"], "beam search"),
+        (["--model", "{ckpt}", "--regex", "[0-9]+", "--choice", "1", "hi"], "not allowed with"),
     ],
 )
-def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, args, needle, capsys, monkeypatch):
+def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, files, args, needle, capsys, monkeypatch):
     # in this process: the entry point itself is run as a command by the --help test above
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     with pytest.raises(SystemExit) as exc:
-        main([a.format(ckpt=ckpt) for a in args])
+        main([a.format(ckpt=ckpt, files=files) for a in args])
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
     lines = err.strip().splitlines()
@@ -88,3 +125,28 @@ def test_a_directory_that_is_not_a_model_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(tmp_path), "hi"])
     assert exc.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "flags,valid",
+    [
+        (
+            ["--json-schema", "{files}/schema.json"],
+            lambda t: jsonschema.validate(json.loads(t), SCHEMA) is None,
+        ),
+        (["--regex", "[a-z]{2,4}@[0-9]{2}"], lambda t: re.fullmatch("[a-z]{2,4}@[0-9]{2}", t)),
+        (["--choice", "yes", "--choice", "no", "--choice", "no way"], lambda t: t in ("yes", "no", "no way")),
+        (["--grammar", "{files}/digits.gbnf"], lambda t: re.fullmatch("[0-9][0-9]-[a-z]", t)),
+    ],
+)
+def test_structured_output_flags_constrain_the_text_as_the_library_does(ckpt, files, flags, valid, capsys):
+    flags = [f.replace("{files}", str(files)) for f in flags]
+    assert main(["--model", str(ckpt), "-t", "0", "-n", "40", *flags, "Hello"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and valid(out[:-1]), out
+    model, tok = gpt.load(ckpt)
+    parser = gpt.cli.build_parser()  # the same Constraint the flags built, for the library
+    constraint = gpt.cli._constraint(parser.parse_args(["--model", "m", *flags]), parser)
+    assert out[:-1] == gpt.generate(
+        model, tok, "Hello", max_new_tokens=40, temperature=0, constraint=constraint
+    )

@@ -91,7 +91,7 @@ BAD_BODIES = [
     ),
     (CHAT, {"messages": OK_CHAT, "max_completion_tokens": -1}, "max_completion_tokens"),
     (CHAT, {"messages": OK_CHAT, "top_logprobs": 3}, "top_logprobs"),
-    (CHAT, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT, {"messages": OK_CHAT, "tools": [{"type": "function"}]}, "tools.0.function"),
     (CHAT, {"messages": [{"role": "user", "content": "x" * TINY_CONTEXT}]}, "messages"),
 ]
 

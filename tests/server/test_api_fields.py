@@ -23,14 +23,8 @@ def _post(server, path, body):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("response_format", {"type": "json_object"}),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
         ("functions", [{"name": "f"}]),
-        ("guided_json", {"type": "object"}),
-        ("guided_regex", "a+"),
-        ("guided_choice", ["a", "b"]),
+        ("function_call", "auto"),
         ("typical_p", 0.5),
         ("use_beam_search", True),
         ("prompt_logprobs", 1),
@@ -63,6 +57,14 @@ def test_unimplemented_output_changing_fields_are_400_naming_the_field(live_serv
         {"num_beams": 1, "length_penalty": 1.0, "modalities": ["text"]},
     ],
 )
+def test_tools_on_the_completions_endpoint_are_400s(live_server):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for field, value in (("tools", tools), ("tool_choice", "required")):
+        body = {"prompt": "x", "max_tokens": 1, field: value}
+        err = assert_error(_post(live_server, COMPLETIONS, body), 400, param=field)
+        assert "chat" in err["message"]
+
+
 def test_the_off_values_of_those_fields_and_output_neutral_fields_are_accepted(live_server, extra):
     for endpoint in (COMPLETIONS, CHAT):
         r = _post(live_server, endpoint, {"prompt": "x", "messages": OK_CHAT, "max_tokens": 1, **extra})
