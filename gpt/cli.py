@@ -47,6 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-text")
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument(
+        "--json-schema", metavar="FILE", help="the output is JSON valid against the JSON schema in FILE"
+    )
+    structured.add_argument(
+        "--regex", metavar="R", help="the output matches the regular expression R in full"
+    )
+    structured.add_argument(
+        "--choice",
+        action="append",
+        metavar="TEXT",
+        help="the output is exactly one of the choices (repeatable: one --choice per choice)",
+    )
+    structured.add_argument(
+        "--grammar",
+        metavar="FILE",
+        help="the output is a sentence of the grammar in FILE: Lark (start rule 'start') or GBNF "
+        "('root ::= ...')",
+    )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (cpu)")
     p.add_argument(
         "--dtype",
@@ -94,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .quantization import quantize
     from .sampling import SamplingParams
 
+    constraint = _constraint(args, parser)
     try:
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -109,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_beams=args.num_beams,
             length_penalty=args.length_penalty,
             ignore_eos=args.ignore_eos,
+            constraint=constraint,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -120,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = checkpoint.load(args.model, device=device, dtype=getattr(torch, args.dtype))
     except (OSError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}")
+    if constraint is not None:
+        try:  # an invalid schema, regex or grammar is found here, before any output
+            constraint.compile(tokenizer)
+        except ValueError as e:
+            parser.error(str(e))
     if args.quantize != "none":
         quantize(model, args.quantize)
     fast = fast_defaults.choose(model, compile=args.compile, kv_cache_dtype=None, tokens=args.max_new_tokens)
@@ -141,6 +167,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sys.stdout.write("\n")
     return 0
+
+
+def _constraint(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The gpt.constraints.Constraint that --json-schema, --regex, --choice or --grammar asks for,
+    or None. A file that cannot be read, or text that is no schema, is a parser error; what only
+    compiling finds (an invalid regex, a grammar's unknown rule) is found once the model is loaded."""
+    from .constraints import Constraint
+
+    def read(flag: str, path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})")
+
+    try:
+        if args.json_schema is not None:
+            flag = f"--json-schema {args.json_schema}"
+            return Constraint.json_schema(read("--json-schema", args.json_schema), flag)
+        if args.grammar is not None:
+            return Constraint.grammar(read("--grammar", args.grammar), f"--grammar {args.grammar}")
+        if args.regex is not None:
+            return Constraint.regex(args.regex, "--regex")
+        if args.choice is not None:
+            return Constraint.choice(args.choice, "--choice")
+    except ValueError as e:
+        parser.error(str(e))
+    return None
 
 
 if __name__ == "__main__":

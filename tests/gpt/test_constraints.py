@@ -304,7 +304,7 @@ def test_an_invalid_constraint_names_its_param_and_quotes_the_reason_when_compil
     c = make()  # building is cheap text work; compiling is where the library reads it
     with pytest.raises(gpt.RequestError) as e:
         c.compile(BYTE)
-    assert e.value.param == param  # its code is the server's concern
+    assert e.value.param == param and e.value.code == "invalid_constraint"
     assert str(e.value).startswith(f"{param}: ") and needle in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(gpt.RequestError):  # generating with it: the same error, no output
         gpt.complete(tiny("gpt", BYTE), BYTE, ["x"], SamplingParams(max_new_tokens=2, constraint=c))
@@ -320,7 +320,8 @@ def test_malformed_and_oversized_constraints_are_refused_when_built():
     ]:
         with pytest.raises(gpt.RequestError) as e:
             make()
-        assert e.value.param == "response_format" and needle in str(e.value)
+        assert e.value.param == "response_format" and e.value.code == "invalid_constraint"
+        assert needle in str(e.value)
 
 
 @pytest.mark.parametrize(
