@@ -267,17 +267,21 @@ class ConstraintState:
         return _reason(self.matcher.get_error()) if self.matcher.is_error() else None
 
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# bias of byte b's 8 tokens: 0 where bit k of b is set (token 8b + k allowed), else -inf
+_BYTE_BIAS = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 1, 0.0, float("-inf")).to(
+    torch.float32
+)
 
 
-def allowed_tokens(states: Sequence[ConstraintState], vocab_size: int) -> Tensor:
-    """(len(states), vocab_size) bool: which tokens each state allows next. A failed state
-    allows nothing (its sequence ends with "error" rather than leave the constraint)."""
+def mask_bias(states: Sequence[ConstraintState], vocab_size: int) -> Tensor:
+    """(len(states), vocab_size) float32: 0 for the tokens each state allows next, -inf for the
+    rest (added to logits). A failed state allows nothing (its sequence ends with "error"
+    rather than leave the constraint)."""
     words = (vocab_size + 31) // 32
     bits = torch.zeros((len(states), words), dtype=torch.int32)
     for i, s in enumerate(states):
         if s.failed is None:
             s.matcher.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
-    # little-endian words: bit k of byte b is token 8b + k
-    unpacked = (bits.view(torch.uint8)[:, :, None] >> _SHIFTS) & 1
-    return unpacked.view(len(states), -1)[:, :vocab_size].bool()
+    # little-endian words: bit k of byte b is token 8b + k; one table lookup per byte
+    bias = _BYTE_BIAS[bits.view(torch.uint8).long()]
+    return bias.view(len(states), -1)[:, :vocab_size]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .constraints import ConstraintState, allowed_tokens
+from .constraints import ConstraintState, mask_bias
 from .sampling import RowState, SamplingParams, sample, token_logprobs
 from .streaming import TextStream
 from .tokenizer import Tokenizer
@@ -246,11 +246,12 @@ def constrain(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> Tensor:
     rows = [j for j, d in enumerate(decoders) if d.constraint is not None]
     if not rows:
         return logits
-    allowed = allowed_tokens([decoders[j].constraint for j in rows], logits.shape[-1]).to(logits.device)
+    bias = mask_bias([decoders[j].constraint for j in rows], logits.shape[-1])
+    bias = bias.to(device=logits.device, dtype=logits.dtype)
+    if len(rows) == len(decoders):
+        return logits + bias
     out = logits.clone()
-    idx = torch.tensor(rows, device=logits.device)
-    out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
-    return out
+    return out.index_add_(0, torch.tensor(rows, device=logits.device), bias)
 
 
 def decode_tokens(logits: Tensor, decoders: Sequence[SequenceDecoder]) -> list[Piece]:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class ChatTemplate:
             "system": RoleFormat("System: ", "\n"),
             "user": RoleFormat("User: ", "\n"),
             "assistant": RoleFormat("Assistant: ", "\n"),
+            "tool": RoleFormat("Tool: ", "\n"),
         }
     )
     # No trailing space: GPT-2's BPE puts the space in front of the next word (" Hello"), so

@@ -9,6 +9,7 @@ options we cannot honour (`best_of` > n, `suffix`, tools, `echo` on chat) are re
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -17,7 +18,7 @@ from pydantic_core import PydanticCustomError
 from gpt.sampling import MAX_LOGPROBS
 
 from .strict import _Strict
-from .structured import ChatToolFields, StructuredFields
+from .structured import ChatToolFields, StructuredFields, ToolCallIn
 from .unsupported import CHAT_UNSUPPORTED, COMPLETION_UNSUPPORTED, check_unsupported
 
 MAX_N = 128  # choices per request; each one takes a batch slot
@@ -272,17 +273,39 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="\"tool\": a tool call's result (the chat template's tool role)"
+    )
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(
+        None,
+        description="an assistant message's calls, rendered as the JSON list a required tool call writes",
+    )
+    tool_call_id: str | None = Field(None, description="a tool message's call; accepted, not rendered")
 
     @property
     def text(self) -> str:
         if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+            text = ""
+        elif isinstance(self.content, str):
+            text = self.content
+        else:
+            text = "".join(p.text for p in self.content)
+        if self.tool_calls:
+            calls = [
+                {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                for c in self.tool_calls
+            ]
+            text += json.dumps(calls, separators=(",", ":"), ensure_ascii=False)
+        return text
+
+
+def _json_or_text(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class ChatCompletionRequest(SamplingFields, ChatToolFields):

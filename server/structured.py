@@ -93,6 +93,19 @@ class NamedToolChoice(_Strict):
     function: FunctionName
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str = Field(description="JSON text")
+
+
+class ToolCallIn(_Strict):
+    """An earlier reply's tool call, sent back in the conversation."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class StructuredFields(_Strict):
     """The fields both endpoints take."""
 

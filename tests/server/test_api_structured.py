@@ -321,3 +321,49 @@ def test_metrics_count_constrained_requests_and_compile_time(live_server):
     text = httpx.get(live_server.url + "/metrics").text
     assert re.search(r'gptserve_constrained_requests_total\{kind="regex"\} [1-9]', text)
     assert re.search(r"gptserve_constraint_compile_seconds_count [1-9]", text)
+
+
+def test_a_conversation_carrying_tool_calls_and_results_is_rendered(live_server):
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    r = post(live_server, "/tokenize", {"messages": messages})
+    assert r.status_code == 200, r.text
+    text = live_server.engine.tokenizer.decode(r.json()["tokens"])
+    assert 'Assistant: [{"name":"get_weather","arguments":{"city":"Oslo","days":1}}]\nTool: sunny\n' in text
+    client = make_client(live_server)
+    out = client.chat.completions.create(
+        model=live_server.model,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=16,
+    )
+    assert out.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+def test_an_encoder_decoder_server_constrains_its_decoder(server_factory, tiny_s2s_checkpoint):
+    server = server_factory(tiny_settings(tiny_s2s_checkpoint, max_batch_size=4))
+    free = {"prompt": "x", "max_tokens": 8, "temperature": 0}
+    alone = post(server, "/v1/completions", free).json()["choices"][0]["text"]
+    r = post(
+        server, "/v1/completions", {"prompt": ["x", "y"], "n": 2, "max_tokens": 40, "guided_json": SCHEMA}
+    )
+    for c in r.json()["choices"]:
+        if c["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(c["text"]), SCHEMA)
+        else:
+            assert c["text"].startswith("{")
+    assert post(server, "/v1/completions", free).json()["choices"][0]["text"] == alone
