@@ -273,15 +273,32 @@ _BYTE_BIAS = torch.where((torch.arange(256)[:, None] >> torch.arange(8)) & 1 == 
 )
 
 
+_EXECUTOR = None
+
+
+def _executor():
+    """llguidance's thread pool for the masks of several sequences at once, as many threads
+    as PyTorch uses (the forward that would use them has finished when masks are computed)."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        import llguidance
+
+        _EXECUTOR = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
+    return _EXECUTOR
+
+
 def mask_bias(states: Sequence[ConstraintState], vocab_size: int) -> Tensor:
     """(len(states), vocab_size) float32: 0 for the tokens each state allows next, -inf for the
     rest (added to logits). A failed state allows nothing (its sequence ends with "error"
     rather than leave the constraint)."""
     words = (vocab_size + 31) // 32
     bits = torch.zeros((len(states), words), dtype=torch.int32)
-    for i, s in enumerate(states):
-        if s.failed is None:
-            s.matcher.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
-    # little-endian words: bit k of byte b is token 8b + k; one table lookup per byte
-    bias = _BYTE_BIAS[bits.view(torch.uint8).long()]
+    live = [(s.matcher, i) for i, s in enumerate(states) if s.failed is None]
+    if len(live) == 1:
+        live[0][0].unsafe_compute_mask_ptr(bits[live[0][1]].data_ptr(), words * 4)
+    elif live:
+        _executor().unsafe_compute_mask_ptr(live, bits.data_ptr(), words * 4, len(states))
+    # little-endian words: bit k of byte b is token 8b + k; an embedding lookup per byte (PyTorch's
+    # fastest gather of small rows)
+    bias = torch.nn.functional.embedding(bits.view(torch.uint8).long(), _BYTE_BIAS)
     return bias.view(len(states), -1)[:, :vocab_size]
