@@ -56,7 +56,7 @@ class Constraint:
                 raise _invalid(param, f"is not valid JSON: {e}") from None
         if not isinstance(schema, (dict, bool)):
             raise _invalid(param, f"a JSON schema is an object, got {type(schema).__name__}")
-        return cls._sized("json_schema", json.dumps(schema, sort_keys=True), param)
+        return cls._sized("json_schema", json.dumps(_canonical(schema)), param)
 
     @classmethod
     def json_object(cls, param: str = "constraint") -> Constraint:
@@ -108,6 +108,23 @@ class Constraint:
     def start(self, tokenizer: Tokenizer) -> ConstraintState:
         """A fresh state for one sequence."""
         return ConstraintState(self.compile(tokenizer).matcher.deep_copy())
+
+
+def _canonical(node):
+    """A JSON schema with its object keys sorted, except the properties' own order, which is the
+    order the output writes them in."""
+    if isinstance(node, dict):
+        out = {}
+        for k in sorted(node, key=str):
+            v = node[k]
+            if k == "properties" and isinstance(v, dict):
+                out[k] = {name: _canonical(sub) for name, sub in v.items()}
+            else:
+                out[k] = _canonical(v)
+        return out
+    if isinstance(node, list):
+        return [_canonical(x) for x in node]
+    return node
 
 
 def to_grammar(kind: str, text: str) -> str:

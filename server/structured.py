@@ -240,7 +240,7 @@ async def prepare(engine, constraint: Constraint | None, timeout: float) -> None
     except asyncio.TimeoutError:
         # the compile thread finishes on its own (llguidance's limits bound it); the result is cached
         raise invalid(
-            f"took longer than {timeout:g} s to compile; simplify it",
+            f"did not compile within {timeout:g} s; simplify it (or retry, if the server is busy)",
             constraint.param,
             code="constraint_too_complex",
         ) from None

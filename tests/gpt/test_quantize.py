@@ -205,3 +205,29 @@ def test_gpt_generate_quantize_int8_prints_what_the_library_generates(tmp_path, 
     model, tok = gpt.load(tmp_path / "m")
     expected = gpt.generate(gpt.quantize(model), tok, "Hi", max_new_tokens=10, temperature=0, ignore_eos=True)
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_a_quantized_models_constrained_output_follows_its_schema():
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    model = gpt.quantize(gpt.GPT(gpt.preset("gpt-tiny")).eval())
+    tok = gpt.get_tokenizer("byte")
+    outs = gpt.complete(
+        model,
+        tok,
+        ["a", "b", "c"],
+        [
+            gpt.SamplingParams(
+                max_new_tokens=40, temperature=1.0, seed=s, constraint=gpt.Constraint.json_schema(schema)
+            )
+            for s in range(3)
+        ],
+    )
+    assert all(o.finish_reason == "stop" for o in outs)
+    for o in outs:
+        value = json.loads(o.text)
+        assert set(value) == {"n", "ok"} and 0 <= value["n"] <= 99 and isinstance(value["ok"], bool)
