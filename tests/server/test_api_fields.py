@@ -40,6 +40,14 @@ def test_unimplemented_output_changing_fields_are_400_naming_the_field(live_serv
     assert "not" in err["message"] and err["code"] in ("unsupported_parameter", "invalid_value")
 
 
+def test_tools_on_the_completions_endpoint_are_400s(live_server):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for field, value in (("tools", tools), ("tool_choice", "required")):
+        body = {"prompt": "x", "max_tokens": 1, field: value}
+        err = assert_error(_post(live_server, COMPLETIONS, body), 400, param=field)
+        assert "chat" in err["message"]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -57,14 +65,6 @@ def test_unimplemented_output_changing_fields_are_400_naming_the_field(live_serv
         {"num_beams": 1, "length_penalty": 1.0, "modalities": ["text"]},
     ],
 )
-def test_tools_on_the_completions_endpoint_are_400s(live_server):
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    for field, value in (("tools", tools), ("tool_choice", "required")):
-        body = {"prompt": "x", "max_tokens": 1, field: value}
-        err = assert_error(_post(live_server, COMPLETIONS, body), 400, param=field)
-        assert "chat" in err["message"]
-
-
 def test_the_off_values_of_those_fields_and_output_neutral_fields_are_accepted(live_server, extra):
     for endpoint in (COMPLETIONS, CHAT):
         r = _post(live_server, endpoint, {"prompt": "x", "messages": OK_CHAT, "max_tokens": 1, **extra})
