@@ -18,7 +18,7 @@ EPILOG = """\
 data:
   GPT: --data takes UTF-8 text files, directories (searched recursively; binary files skipped)
   and globs. Without --data the corpus is this Python's standard library sources (the first
-  8 MB in sorted order, tests excluded). Tokens are cached in OUT/tokens/ and reused.
+  12 MB in sorted order, tests excluded). Tokens are cached in OUT/tokens/ and reused.
   seq2seq: --data takes JSONL ({"source": ..., "target": ...} per line) or two-column TSV.
   Without --data it trains on the built-in date-normalisation task ("3rd of March, 2021" ->
   "2021-03-03"), generated on the fly, and reports exact match on held-out pairs.

@@ -71,10 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(f"--device {e}")
     try:
-        files = find_files(args.data)
         model, tok = gpt.load(args.model, device=device, dtype=getattr(torch, args.dtype))
         if args.quantize != "none":
             gpt.quantize(model, args.quantize)
+    except (CheckpointError, OSError, ValueError) as e:  # the prefix the other CLIs give model errors
+        parser.error(f"--model {args.model}: {e}")
+    try:
+        files = find_files(args.data)
         progress = sys.stderr.isatty()
         if model.config.is_seq2seq:
             pairs = [p for f in files for p in read_pairs(f)]
@@ -97,12 +100,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        what = "pairs" if model.config.is_seq2seq else "documents"
-        print(f"{args.model}: {score.documents:,} {what}, {score.tokens:,} tokens, {score.bytes:,} bytes")
+        what = "pair" if model.config.is_seq2seq else "document"
+        print(
+            f"{args.model}: {_count(score.documents, what)}, {_count(score.tokens, 'token')}, "
+            f"{_count(score.bytes, 'byte')}"
+        )
         print(f"  loss        {score.loss:.4f} nats/token")
         print(f"  perplexity  {score.perplexity:.2f}")
         print(f"  per byte    {score.nats_per_byte:.4f} nats, {score.bits_per_byte:.4f} bits")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 if __name__ == "__main__":

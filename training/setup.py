@@ -57,6 +57,8 @@ def resolve_config(overrides: dict, resume: bool) -> tuple[TrainConfig, Path | N
 
 
 def check_writable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from gpt import lora
+from gpt.files import CheckpointError
 
 from . import distributed as ddp
 from . import state as ckpt
+from .cleanup import Created
 from .config import ConfigError, TrainConfig, get_lr
 from .loss import compute_loss, count_tokens
 from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, non_finite
@@ -56,15 +58,25 @@ def train(overrides: dict, resume: bool = False) -> dict:
 
     overrides: TrainConfig fields set explicitly (with resume, on top of the saved run's)."""
     cfg, resume_path, saved = resolve_config(overrides, resume)
+    created = Created(Path(cfg.out))
     d, device = ddp.setup(cfg.device)
     try:
-        return _train(cfg, resume_path, saved, d, device)
+        return _train(cfg, resume_path, saved, d, device, created)
+    except (ConfigError, CheckpointError):
+        if d.is_main:  # a failed check leaves nothing behind (disarmed once training starts)
+            created.undo()
+        raise
     finally:
         ddp.cleanup()
 
 
 def _train(
-    cfg: TrainConfig, resume_path: Path | None, saved: dict | None, d: ddp.Dist, device: torch.device
+    cfg: TrainConfig,
+    resume_path: Path | None,
+    saved: dict | None,
+    d: ddp.Dist,
+    device: torch.device,
+    created: Created,
 ) -> dict:
     out = Path(cfg.out)
     repairs: list[str] = []
@@ -244,6 +256,7 @@ def _train(
     window_t, window_steps, window_tokens, window_good = time.perf_counter(), 0, 0, 0
     loss_sum = torch.zeros((), device=device)
     raw.train()
+    created.disarm()
     with StopFlag() as stop:
         while step < cfg.max_iters:
             lr = get_lr(step, cfg)

@@ -33,6 +33,7 @@ def test_table_names_the_figures(checkpoint, tmp_path, capsys):
     out = capsys.readouterr().out
     for word in ("loss", "perplexity", "bits", "12 bytes"):
         assert word in out
+    assert ": 1 document, " in out  # not "1 documents"
 
 
 def test_seq2seq_scores_pair_files(tmp_path, tiny_s2s, capsys):
@@ -73,4 +74,5 @@ def test_a_missing_model_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / "nope"), "--data", str(f)])
     assert e.value.code == 2
-    assert "nope" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt-eval: error: --model {tmp_path / 'nope'}: ") and err.count("\n") == 1

@@ -116,7 +116,7 @@ def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys, extra, message):
     err = _fails(capsys, _args(tmp_path / "run", corpus) + extra)
     assert message in err
-    assert not (tmp_path / "run" / "best").exists()
+    assert not (tmp_path / "run").exists()  # a failed check leaves no --out behind
 
 
 def test_bad_corpora_are_one_line_errors(tmp_path, capsys):
@@ -135,12 +135,24 @@ def test_bad_corpora_are_one_line_errors(tmp_path, capsys):
     for i, (data, message) in enumerate(cases):
         err = _fails(capsys, _args(tmp_path / f"run{i}", data))
         assert message in err, (data, err)
+        assert not (tmp_path / f"run{i}").exists(), data
+    # an --out that existed keeps what it held, and gains nothing (no token cache, no tokenizer)
+    kept = tmp_path / "kept" / "run"
+    kept.mkdir(parents=True)
+    (kept / "notes.txt").write_text("mine")
+    for extra in ([], ["--tokenizer", "bpe"]):
+        _fails(capsys, _args(kept, tmp_path / "short.txt") + extra)
+        assert sorted(p.name for p in kept.rglob("*")) == ["notes.txt"]
+    _fails(capsys, _args(tmp_path / "new" / "deep" / "run", tmp_path / "empty.txt"))
+    assert not (tmp_path / "new").exists()  # nor the parents it made
 
 
 def test_unwritable_out_is_a_one_line_error(tmp_path, corpus, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert "not writable" in _fails(capsys, _args(blocker / "run", corpus))
+    assert f"--out {blocker}: is a file, not a directory" in _fails(capsys, _args(blocker, corpus))
+    assert blocker.read_text() == "x"
 
 
 def test_existing_run_is_never_overwritten(tmp_path, corpus, capsys):
