@@ -44,3 +44,22 @@ def float_in(lo: float, hi: float, lo_open: bool = False) -> Callable[[str], flo
         return v
 
     return check
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A stop string as typed: \\n, \\t, \\r and \\\\ become a newline, a tab, a carriage return and
+    a backslash (what the web page's stop field does too); any other backslash stays as it is.
+    Prompts are taken literally."""
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)

@@ -191,16 +191,39 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from e
 
 
+RUN_CHECKPOINTS = ("best", "latest")  # what gpt-train writes inside its --out directory
+
+
+def find_checkpoint(path: PathLike) -> Path:
+    """`path`, or the checkpoint a training run keeps inside it: given a run directory (no
+    config.json of its own; gpt-train's --out), its best/ checkpoint, else its latest/."""
+    p = Path(path)
+    if p.is_dir() and not (p / CONFIG_FILE).exists():
+        for name in RUN_CHECKPOINTS:
+            if (p / name / CONFIG_FILE).is_file():
+                return p / name
+    return p
+
+
+def run_name(path: PathLike) -> str:
+    """A name a person recognises for a checkpoint: its run's (`default` for runs/default/best
+    or runs/default), else its directory's."""
+    p = find_checkpoint(path).resolve()
+    if p.name in RUN_CHECKPOINTS and p.parent.name:
+        return p.parent.name
+    return p.name or str(path)
+
+
 def load(path: PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Tokenizer]:
     """Load a model and its tokenizer from any supported source:
 
-    - a checkpoint directory written by `save`;
+    - a checkpoint directory written by `save`, or a training run's directory (its best/);
     - a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin);
     - a Hugging Face hub name such as "gpt2" or "openai-community/gpt2", when no such local path
       exists (downloads: needs network and `pip install huggingface_hub`).
 
     The model comes back in eval mode on `device`; dtype None keeps the stored dtype."""
-    p = Path(path)
+    p = find_checkpoint(path)
     if not p.exists() and _looks_like_hub_name(str(path)):
         p = _download_from_hub(str(path))
     if p.exists() and not p.is_dir():

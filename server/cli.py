@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
             "/v1/models) with streaming, continuous batching, Prometheus /metrics and a web page at / "
             "(completion and chat). "
-            "PATH is a checkpoint directory (gpt-train / gpt.save) or a Hugging Face GPT-2 directory. "
+            "PATH is a checkpoint directory (gpt-train / gpt.save; a run directory serves its best/) or a "
+            "Hugging Face GPT-2 directory. "
             "Every option can be given as an environment variable instead; the command line wins."
         ),
         epilog="SIGTERM drains: /ready turns 503, running requests finish within --drain-grace, exit 0.",
@@ -50,9 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(p, "--host", "address to listen on; 0.0.0.0 for every interface")
     _opt(p, "--port", "TCP port", type=int)
     _opt(
-        p, "--served-model-name", "the model name clients use; default: the directory's name", metavar="NAME"
+        p,
+        "--served-model-name",
+        "the model name clients use; default: the run's name (default for runs/default/best), else "
+        "the directory's",
+        metavar="NAME",
     )
-    _opt(p, "--api-key", "require 'Authorization: Bearer KEY' on /v1/* and /tokenize", metavar="KEY")
+    _opt(
+        p,
+        "--api-key",
+        "require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize",
+        metavar="KEY",
+    )
     _opt(p, "--max-batch-size", "requests decoded together (KV-cache slots)", type=int, metavar="N")
     _opt(p, "--max-queue", "requests that may wait for a slot; beyond that, 429", type=int, metavar="N")
     _opt(
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(
         p,
         "--quantize",
-        "int8: 8-bit weights (and activations) in every linear layer; default: none",
+        "int8: 8-bit weights (and activations) in every linear layer",
         choices=QUANTIZATIONS,
     )
     p.add_argument(
@@ -215,13 +225,23 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _as_flags(message: str) -> str:
+    """A settings error as the user named the setting: `max_batch_size must be >= 1` reads
+    `--max-batch-size (GPT_SERVE_MAX_BATCH_SIZE) must be >= 1`."""
+    field = message.split(" ", 1)[0]
+    if field in Settings.__dataclass_fields__:
+        flag = "--" + field.replace("_", "-")
+        return f"{flag} ({ENV_PREFIX}{field.upper()}){message[len(field) :]}"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env(**vars(args))
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(_as_flags(str(e)))
     if not settings.model:
         parser.error(f"--model PATH is required (or set {ENV_PREFIX}MODEL)")
 

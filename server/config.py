@@ -10,7 +10,6 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 ENV_PREFIX = "GPT_SERVE_"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,7 +21,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 @dataclass
 class Settings:
     model: str | None = None  # checkpoint directory or Hugging Face GPT-2 directory
-    served_model_name: str | None = None  # the `model` clients send; default: the directory's name
+    # the `model` clients send; default: the run's name (`default` for runs/default/best), else the
+    # directory's
+    served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # when set, /v1/* and /tokenize need `Authorization: Bearer <key>`
@@ -101,7 +102,9 @@ class Settings:
         if self.served_model_name:
             return self.served_model_name
         if self.model:
-            return Path(self.model).resolve().name or str(self.model)
+            from gpt.checkpoint import run_name
+
+            return run_name(self.model)
         return "gpt"
 
     @classmethod

@@ -317,3 +317,17 @@ def test_a_hub_name_is_handed_to_the_downloader(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, _ = load("openai-community/gpt2")
     assert asked == ["openai-community/gpt2"] and model.config.n_layer == 2
+
+
+def test_a_run_directory_finds_its_best_then_latest_checkpoint_and_names_itself(tmp_path):
+    import gpt
+    from gpt.checkpoint import find_checkpoint, run_name
+
+    run = tmp_path / "default"
+    gpt.save(gpt.GPT(gpt.preset("gpt-tiny")), run / "latest")
+    assert find_checkpoint(run) == run / "latest"
+    gpt.save(gpt.GPT(gpt.preset("gpt-tiny")), run / "best")
+    assert find_checkpoint(run) == run / "best"
+    assert run_name(run) == run_name(run / "best") == run_name(run / "latest") == "default"
+    assert find_checkpoint(run / "best") == run / "best"
+    assert run_name(tmp_path / "elsewhere") == "elsewhere"

@@ -150,3 +150,36 @@ def test_structured_output_flags_constrain_the_text_as_the_library_does(ckpt, fi
     assert out[:-1] == gpt.generate(
         model, tok, "Hello", max_new_tokens=40, temperature=0, constraint=constraint
     )
+
+
+def test_top_k_minus_one_means_off_as_the_server_reads_it(ckpt, capsys):
+    assert main(["--model", str(ckpt), "-t", "0", "-n", "6", "--ignore-eos", "--top-k", "-1", "Hi"]) == 0
+    off = capsys.readouterr().out
+    assert main(["--model", str(ckpt), "-t", "0", "-n", "6", "--ignore-eos", "--top-k", "0", "Hi"]) == 0
+    assert capsys.readouterr().out == off
+
+
+def test_a_budget_beyond_the_context_is_said_not_silently_cut(ckpt, capsys):
+    assert main(["--model", str(ckpt), "-t", "0", "-n", "500", "--ignore-eos", "Hello"]) == 0
+    err = capsys.readouterr().err
+    assert "context holds 64 tokens" in err and "at most 59 of the 500" in err
+
+
+def test_a_run_directory_serves_its_best_checkpoint(tmp_path, capsys):
+    gpt.save(gpt.GPT(gpt.preset("gpt-tiny")), tmp_path / "run" / "best")
+    assert main(["--model", str(tmp_path / "run"), "-t", "0", "-n", "4", "--ignore-eos", "Hi"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_stop_strings_on_the_command_line_read_escapes(ckpt, capsys, monkeypatch):
+    module = sys.modules["gpt.generate"]  # the module (gpt.generate is the function)
+    seen = {}
+    real = module.generate
+
+    def spy(*a, **k):
+        seen["stop"] = k["stop"]
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, "generate", spy)
+    assert main(["--model", str(ckpt), "-n", "2", "--stop", "\\n\\n", "--stop", "a\\tb", "Hi"]) == 0
+    assert seen["stop"] == ["\n\n", "a\tb"]

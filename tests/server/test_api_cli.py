@@ -56,8 +56,12 @@ def test_help_documents_every_option_and_its_environment_variable():
         ([], {}, "--model PATH is required"),
         (["--model", "/no/such/dir"], {}, "no such checkpoint directory"),
         (["--model", "x", "--port", "abc"], {}, "invalid int value"),
-        (["--model", "x", "--port", "70000"], {}, "port must be in"),
-        (["--model", "x", "--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
+        (["--model", "x", "--port", "70000"], {}, "--port (GPT_SERVE_PORT) must be in"),
+        (
+            ["--model", "x", "--max-batch-size", "0"],
+            {},
+            "--max-batch-size (GPT_SERVE_MAX_BATCH_SIZE) must be >= 1",
+        ),
         (["--model", "x", "--dtype", "int8"], {}, "invalid choice"),
         (["--model", "x", "--quantize", "int4"], {}, "invalid choice"),
         (["--model", "x", "--kv-cache-dtype", "int8"], {}, "invalid choice"),
@@ -196,3 +200,17 @@ def test_a_dead_engine_makes_ready_503(tiny_checkpoint, server_factory):
     assert ready.status_code == 503 and ready.json()["error"]["code"] == "engine_dead"
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+
+
+def test_the_served_name_is_the_runs_and_settings_errors_name_flags(tmp_path):
+    import gpt
+    from server.cli import _as_flags
+    from server.config import Settings
+
+    gpt.save(gpt.GPT(gpt.preset("gpt-tiny")), tmp_path / "default" / "best")
+    assert Settings(model=str(tmp_path / "default" / "best")).model_name == "default"
+    assert Settings(model=str(tmp_path / "default")).model_name == "default"
+    assert Settings(model=str(tmp_path / "default"), served_model_name="mine").model_name == "mine"
+    assert _as_flags("max_batch_size must be >= 1, got 0") == (
+        "--max-batch-size (GPT_SERVE_MAX_BATCH_SIZE) must be >= 1, got 0"
+    )
