@@ -4,7 +4,10 @@
 // - body[data-mode]: "completion" or "chat"; #model[data-loaded] once the model list arrived;
 //   #mode-hint[data-suggested-mode]: the served model's suggested_mode;
 // - chat: each .msg.assistant reply carries data-chunks (content chunks so far), data-done="true"
-//   once finished, data-finish-reason ("stopped" when the user stopped it), data-error on failure;
+//   once finished, data-finish-reason ("stopped" when the user stopped it), data-error on failure,
+//   data-sent-messages (how many messages the request carried, the system message included) and
+//   data-max-tokens (the max_tokens sent, if any); turns dropped to fit the model's context are
+//   .msg.dropped; notes in the conversation are .note (.dropped-note, .cut-note);
 // - completion: #output[data-runs] counts generations; #continuation (remade by each one, with
 //   data-run) carries data-chunks, data-done, data-finish-reason, data-error, and from the usage
 //   chunk data-prompt-tokens and data-completion-tokens, and data-tokens-per-second.
@@ -12,7 +15,9 @@
 const $ = (id) => document.getElementById(id);
 const MODES = ["completion", "chat"];
 const STORED = ["temperature", "top-p", "top-k", "max-tokens", "seed", "stop", "api-key", "system"];
-const chat = { messages: [], controller: null, epoch: 0 };  // epoch: bumped by reset
+// chat: the conversation (elements: each message's bubble; start: the first one still sent, the
+// older ones dropped to fit the model's context, chat-context.js), epoch: bumped by reset
+const chat = { messages: [], elements: [], start: 0, droppedNoted: false, controller: null, epoch: 0 };
 const completion = { controller: null, runs: 0, last: null };  // last: {prompt, text} to continue from
 const cards = new Map();  // model id -> its /v1/models card
 
@@ -74,6 +79,11 @@ async function errorFrom(resp) {
   return `HTTP ${resp.status} ${resp.statusText}`.trim();
 }
 
+// A stop string as typed: \n, \t, \r and \\ become a newline, a tab, a carriage return and a
+// backslash; any other backslash stays as it is (as the CLIs' --stop reads it).
+const ESCAPES = { n: "\n", t: "\t", r: "\r", "\\": "\\" };
+function unescapeStop(text) { return text.replace(/\\([ntr\\])/g, (_, c) => ESCAPES[c]); }
+
 // Sampling settings as request fields; a blank field leaves the server's default.
 function readParams() {
   const fields = [["temperature", "temperature", parseFloat], ["top-p", "top_p", parseFloat],
@@ -89,9 +99,8 @@ function readParams() {
     }
     params[name] = v;
   }
-  // stop sequences: one a line, with \n, \t and \\ escapes (a stop string may hold a newline)
-  const stops = $("stop").value.split("\n").filter((line) => line !== "")
-    .map((line) => line.replace(/\\([nt\\])/g, (_, c) => (c === "n" ? "\n" : c === "t" ? "\t" : "\\")));
+  // stop sequences: one a line, with escapes (a stop string may hold a newline); prompts are literal
+  const stops = $("stop").value.split("\n").filter((line) => line !== "").map(unescapeStop);
   if (stops.length) params.stop = stops;
   return params;
 }
@@ -238,7 +247,8 @@ async function generate(prompt) {
     const rate = seconds > 0 ? usage.completion_tokens / seconds : 0;
     el.dataset.tokensPerSecond = rate.toFixed(1);
     stats.push(`${usage.prompt_tokens} prompt tokens`, `${usage.completion_tokens} completion tokens`);
-    stats.push(`finish: ${finish}`, `${rate.toFixed(1)} tokens/s (${seconds.toFixed(2)} s in all)`);
+    stats.push(`finish: ${finish === "length" ? "length (cut short)" : finish}`,
+      `${rate.toFixed(1)} tokens/s (${seconds.toFixed(2)} s in all)`);
   } else if (finish) {
     stats.push(`finish: ${finish}`);
   }
@@ -272,7 +282,7 @@ function addMessage(role, text) {
 
 function setSending(busy) {
   $("send").disabled = busy;
-  $("stop").disabled = !busy;
+  $("chat-stop").disabled = !busy;
 }
 
 async function send() {
@@ -286,18 +296,22 @@ async function send() {
 
   chat.messages.push({ role: "user", content: text });
   const userEl = addMessage("user", text);
+  chat.elements.push(userEl);
   const el = addMessage("assistant", "");
   el.dataset.chunks = "0";
   el.dataset.done = "false";
   const system = $("system").value.trim();
-  const messages = (system ? [{ role: "system", content: system }] : []).concat(chat.messages);
+  const head = system ? [{ role: "system", content: system }] : [];
   const controller = new AbortController();
   const epoch = chat.epoch;
   chat.controller = controller;
   setSending(true);
   let reply = "", finish = null, usage = null, error = null;
   try {
-    ({ finish, usage } = await streamPieces("v1/chat/completions", { ...base, messages }, controller.signal,
+    const request = await fitTurn(base, head, controller.signal);  // chat-context.js
+    el.dataset.sentMessages = String(request.messages.length);
+    if (request.max_tokens) el.dataset.maxTokens = String(request.max_tokens);
+    ({ finish, usage } = await streamPieces("v1/chat/completions", request, controller.signal,
       (choice) => choice.delta && choice.delta.content, (piece) => {
         el.append(piece);  // a text node: model output is never parsed as HTML
         reply += piece;
@@ -317,6 +331,7 @@ async function send() {
   } else if (error !== null && reply === "") {
     // Nothing came back: forget the turn, and give the text back to edit and resend.
     chat.messages.pop();
+    chat.elements.pop();
     userEl.classList.add("failed");
     el.classList.add("failed");
     el.textContent = error;
@@ -325,7 +340,13 @@ async function send() {
   } else {
     // A stopped or broken-off reply stays: the user saw it, so it is context for the next turn.
     chat.messages.push({ role: "assistant", content: reply });
+    chat.elements.push(el);
     if (error !== null) { showError(error); el.classList.add("failed"); }
+    if (finish === "length") {
+      const n = usage ? `${usage.completion_tokens} tokens` : "its limit";
+      addNote(`reply cut short at ${n}: the max tokens setting or the room left in the model's context`,
+        "cut-note", el);
+    }
     if (!usage) setStatus(`finish: ${finish}`);
     else setStatus(`${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens, finish: ${finish}`);
   }
@@ -339,6 +360,9 @@ function reset() {
   if (chat.controller) chat.controller.abort();
   chat.epoch += 1;
   chat.messages = [];
+  chat.elements = [];
+  chat.start = 0;
+  chat.droppedNoted = false;
   $("messages").replaceChildren();
   showError("");
   setStatus("");
@@ -365,7 +389,7 @@ $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); })
 $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
 });
-$("stop").addEventListener("click", () => { if (chat.controller) chat.controller.abort(); });
+$("chat-stop").addEventListener("click", () => { if (chat.controller) chat.controller.abort(); });
 $("reset").addEventListener("click", reset);
 $("settings-toggle").addEventListener("click", () => { $("settings").hidden = !$("settings").hidden; });
 $("api-key").addEventListener("change", loadModels);
