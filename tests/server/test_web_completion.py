@@ -14,6 +14,7 @@ from selenium.webdriver.common.by import By  # noqa: E402 (webpage skips this mo
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from webpage import WAIT, browser, mode_of, open_page, set_field, text_of, wait_for_models  # noqa: F401
 
+from cli_args import unescape  # noqa: E402
 from server.app import load_engine  # noqa: E402
 
 
@@ -120,6 +121,49 @@ def test_continue_and_stop_sequences(page, openai_client, live_server):
     api = openai_client.completions.create(model=live_server.model, prompt="The", stop=[stop], **sampling)
     assert text_of(page, el) == api.choices[0].text == first[: first.index(stop)]
     assert el.get_attribute("data-finish-reason") == api.choices[0].finish_reason == "stop"
+
+
+def with_a_newline(openai_client, model, prompt, **sampling):
+    """(seed, text): the first seed whose sampled continuation has a newline after some text."""
+    for seed in range(50):
+        text = (
+            openai_client.completions.create(model=model, prompt=prompt, seed=seed, **sampling)
+            .choices[0]
+            .text
+        )
+        if text.find("\n") > 0:
+            return seed, text
+    raise AssertionError("no sampled continuation had a newline")
+
+
+def test_stop_field_reads_escapes_and_the_prompt_is_taken_literally(page, openai_client, live_server):
+    """The project's rule, the CLIs' --stop alike (cli_args.unescape): stop strings read \\n, \\t,
+    \\r and \\\\ as escapes and any other backslash as itself; prompts are literal."""
+    typed = ["\\n", "\\t", "\\r", "\\\\", "\\\\n", "a\\x\\", "\\n\\t", "tab\\tend"]
+    read = page.execute_script("return arguments[0].map(unescapeStop)", typed)
+    assert read == ["\n", "\t", "\r", "\\", "\\n", "a\\x\\", "\n\t", "tab\tend"]
+    assert read == [unescape(t) for t in typed]
+
+    # a stop field of \n (backslash, n) ends a generation at its first newline
+    sampling = dict(temperature=1.5, top_p=1.0, max_tokens=100)
+    seed, text = with_a_newline(openai_client, live_server.model, "Once", **sampling)
+    for field, value in dict(sampling, seed=seed, stop="\\n").items():
+        set_field(page, field.replace("_", "-"), value)
+    el = generate(page, "Once")
+    assert text_of(page, el) == text[: text.index("\n")] and el.get_attribute("data-finish-reason") == "stop"
+
+    # the prompt goes as typed: backslash-n stays two characters; Enter in the box is a newline
+    set_field(page, "stop", "")
+    set_field(page, "temperature", 0)
+    set_field(page, "max-tokens", 8)
+    prompt = "x\\ny\nz"  # typed: x, backslash, n, y, Enter, z
+    el = generate(page, prompt)
+    assert page.find_element(By.ID, "prompt").get_attribute("value") == prompt
+    assert el.get_attribute("data-prompt-tokens") == str(len(prompt)) == "6"  # one token a byte
+    api = openai_client.completions.create(
+        model=live_server.model, prompt=prompt, temperature=0, max_tokens=8
+    )
+    assert text_of(page, el) == api.choices[0].text
 
 
 def test_page_opens_in_the_suggested_mode_until_the_user_chooses_one(
