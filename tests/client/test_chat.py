@@ -75,9 +75,10 @@ def test_gpt_chat_streams_replies_equal_to_the_api_keeping_history_until_reset(
     ]
     second, second_prompt = api_reply(openai_client, model, history)
     assert first and second
-    # stdout holds exactly the replies, one per turn; after /reset the conversation starts over,
-    # and /quit ends the session before the last line
-    assert r.stdout == f"{first}\n{second}\n{first}\n"
+    # stdout holds exactly the replies, one per turn, a blank line between them (piped output has
+    # no prompt to separate them); after /reset the conversation starts over, and /quit ends the
+    # session before the last line
+    assert r.stdout == f"{first}\n\n{second}\n\n{first}\n"
     usages = [(int(p), int(c)) for p, c, _ in USAGE.findall(r.stderr)]
     assert [p for p, _ in usages] == [first_prompt, second_prompt, first_prompt]
     assert second_prompt > first_prompt + usages[0][1]  # the second turn carried the first
@@ -89,7 +90,7 @@ def test_gpt_chat_system_message_opens_the_conversation_and_survives_reset(live_
     r = gpt_chat(live_server.url, "hi\n/reset\nhi\n", *sampling_args(), "--system", system["content"])
     assert r.returncode == 0, r.stderr
     reply, prompt = api_reply(openai_client, model, [system, {"role": "user", "content": "hi"}])
-    assert r.stdout == f"{reply}\n{reply}\n"
+    assert r.stdout == f"{reply}\n\n{reply}\n"
     assert [int(p) for p, _, _ in USAGE.findall(r.stderr)] == [prompt, prompt]
 
 
@@ -108,24 +109,21 @@ def test_stream_chat_yields_the_reply_in_several_pieces(paced_live_server, opena
     assert reply.usage["prompt_tokens"] == prompt_tokens
 
 
-def test_gpt_chat_failed_turn_prints_the_server_error_and_the_session_goes_on(
+def test_gpt_chat_turn_the_server_refuses_prints_its_error_and_the_session_goes_on(
     live_server, openai_client, model
 ):
-    too_long = "word " * 5000  # far beyond the tiny model's context
-    r = gpt_chat(live_server.url, f"{too_long}\nhi\n", *sampling_args())
+    bad_seed = str(2**64)  # beyond what the server takes: every turn is refused
+    r = gpt_chat(live_server.url, "hi\n/reset\nhi\n", "--seed", bad_seed, "--max-tokens", "4")
     assert r.returncode == 1  # a turn failed
     errors = [line for line in r.stderr.splitlines() if line.startswith("gpt-chat: error:")]
-    assert len(errors) == 1 and "(HTTP 400)" in errors[0]
+    assert len(errors) == 2 and all("(HTTP 400)" in e for e in errors), r.stderr
     with pytest.raises(Exception) as api_error:  # the same message the API gives for it
         openai_client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": too_long}], **SAMPLING
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, seed=int(bad_seed)
         )
     assert api_error.value.body["message"] in errors[0]
-    # the failed message did not stay in the conversation
-    reply, prompt = api_reply(openai_client, model, [{"role": "user", "content": "hi"}])
-    assert r.stdout == f"{reply}\n"
-    assert [int(p) for p, _, _ in USAGE.findall(r.stderr)] == [prompt]
-    assert "Traceback" not in r.stderr
+    assert "(conversation reset)" in r.stderr  # the session went on after the failure
+    assert r.stdout == "" and "Traceback" not in r.stderr
 
 
 def _free_port() -> int:
@@ -170,6 +168,8 @@ def test_gpt_chat_sends_the_api_key_and_reports_a_rejected_one(tiny_checkpoint, 
     for r in (missing, wrong):
         assert r.returncode == 2 and r.stdout == ""
         assert "(HTTP 401)" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "pass --api-key KEY or set OPENAI_API_KEY" in r.stderr  # what a gpt-chat user can do
+    assert "wants an API key" in missing.stderr and "rejected the API key" in wrong.stderr
     by_option = gpt_chat(server.url, "hi\n", "--api-key", "sekret", *sampling_args())
     by_env = gpt_chat(server.url, "hi\n", *sampling_args(), env={"OPENAI_API_KEY": "sekret"})
     assert by_option.returncode == by_env.returncode == 0, by_option.stderr + by_env.stderr
@@ -225,7 +225,8 @@ def test_gpt_chat_on_a_terminal_prompts_and_shows_control_characters_as_escapes(
         os.close(master)
     text = output.decode("utf-8", errors="replace")
     assert shown.replace("\n", "\r\n") in text  # the terminal turns "\n" into "\r\n"
-    assert not any(ord(c) in _CONTROLS for c in text.replace("\r", "").replace("\a", ""))
+    own = text.replace("\r", "").replace("\a", "").replace("\x1b[2m", "").replace("\x1b[0m", "")  # dim notes
+    assert not any(ord(c) in _CONTROLS for c in own)
     assert "finish_reason=" in text and "/reset" in text  # usage line, and the greeting names the commands
 
 
