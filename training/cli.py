@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import gpt
 from cli_args import Parser
 
-from .config import DEFAULT_PRESET, DTYPES, MODEL_KINDS, ConfigError, TrainConfig
+from .config import DEFAULT_PRESET, DTYPES, EVAL_ITERS, MODEL_KINDS, ConfigError, TrainConfig
 
 D = TrainConfig()  # the defaults, quoted in --help
 
@@ -151,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"evaluate and checkpoint every N steps ({D.eval_interval})",
     )
     g.add_argument(
-        "--eval-iters", type=int, metavar="N", help=f"validation batches per evaluation ({D.eval_iters})"
+        "--eval-iters",
+        type=int,
+        metavar="N",
+        help=f"validation batches per evaluation (at most {EVAL_ITERS}, and no more than the "
+        "training micro-batches between two evaluations)",
     )
     g.add_argument(
         "--eval-pairs",
@@ -226,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = train(args, resume=resume)
     except (ConfigError, CheckpointError) as e:
         parser.error(str(e))
-    except KeyboardInterrupt:  # before training started (the loop itself saves and stops cleanly)
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C (the first saves and stops)
+        print(f"{parser.prog}: interrupted; stopped without saving", file=sys.stderr)
         return 130
     except (OSError, TrainingDiverged) as e:  # e.g. the disk filled up: the last complete checkpoint survives
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

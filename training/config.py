@@ -12,6 +12,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 MODEL_KINDS = ("gpt", "seq2seq")
 DEFAULT_PRESET = {"gpt": "gpt-mini", "seq2seq": "seq2seq-mini"}
 # Model-shape fields the command line can override; None keeps the preset's (or checkpoint's) value.
+EVAL_ITERS = 100  # validation batches per evaluation, at most, unless --eval-iters says otherwise
 MODEL_FIELDS = ("n_layer", "n_encoder_layer", "n_head", "n_embd", "block_size", "dropout")
 
 
@@ -56,7 +57,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
     # evaluation, logging, checkpoints
     eval_interval: int = 250
-    eval_iters: int = 100
+    eval_iters: int | None = None  # None: eval_batches() picks, by the training between evaluations
     eval_pairs: int = 200  # seq2seq: held-out pairs for exact-match accuracy
     num_beams: int = 4  # seq2seq: beam width for the beam-search accuracy
     sample_prompts: list[str] | None = None  # continued at each evaluation; None: a default per model kind
@@ -99,7 +100,6 @@ class TrainConfig:
             "grad_accum",
             "max_iters",
             "eval_interval",
-            "eval_iters",
             "log_interval",
             "keep_last",
             "eval_pairs",
@@ -108,6 +108,10 @@ class TrainConfig:
         ):
             v = getattr(self, name)
             need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        need(
+            self.eval_iters is None or self.eval_iters >= 1,
+            f"--eval-iters must be >= 1, got {self.eval_iters}",
+        )
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
         need(self.warmup >= 0, f"--warmup must be >= 0, got {self.warmup}")
@@ -132,6 +136,27 @@ class TrainConfig:
             self.sample_tokens >= 0,
             f"--sample-tokens must be >= 0 (0 = no samples), got {self.sample_tokens}",
         )
+
+    def eval_batches(self) -> int:
+        """Validation batches per evaluation: --eval-iters, or by default EVAL_ITERS but never
+        more than the training micro-batches between two evaluations. A validation batch is one
+        forward pass, about a third of a training micro-batch's forward and backward, so a short
+        run (--max-iters 2) spends at most about a third as long evaluating as training."""
+        if self.eval_iters is not None:
+            return self.eval_iters
+        return max(1, min(EVAL_ITERS, min(self.eval_interval, self.max_iters) * self.grad_accum))
+
+    def warnings(self) -> list[str]:
+        """Settings that are legal but probably not what was meant."""
+        out = []
+        if self.warmup >= self.max_iters:
+            peak = get_lr(self.max_iters - 1, self)
+            out.append(
+                f"warning: --warmup {self.warmup} is not shorter than --max-iters {self.max_iters}: "
+                f"the learning rate only climbs to {peak:.2g} (--lr {self.lr:g}) and never decays; "
+                f"pass a smaller --warmup, e.g. {self.max_iters // 10}"
+            )
+        return out
 
     def model_config(self, vocab_size: int, tokenizer: str, eot: int | None = None) -> gpt.ModelConfig:
         """The model to build: the preset with the command line's overrides. eot: the

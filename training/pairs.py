@@ -177,9 +177,15 @@ def held_out(make: Callable[[random.Random], tuple[str, str]], n: int, seed: int
 
 
 def exact_match(
-    model, tokenizer: Tokenizer, pairs: list[tuple[str, str]], num_beams: int = 1, batch_size: int = 64
-) -> float:
-    """Fraction of sources whose decoded output equals the target exactly (greedy, or beam search)."""
+    model,
+    tokenizer: Tokenizer,
+    pairs: list[tuple[str, str]],
+    num_beams: int = 1,
+    batch_size: int = 64,
+    stopping=lambda: False,
+) -> float | None:
+    """Fraction of sources whose decoded output equals the target exactly (greedy, or beam
+    search); None if `stopping()` turned true before every batch was decoded."""
     import gpt
 
     if not pairs:
@@ -188,6 +194,8 @@ def exact_match(
     params = gpt.SamplingParams(max_new_tokens=max_new, temperature=0.0, num_beams=num_beams)
     hits = 0
     for i in range(0, len(pairs), batch_size):
+        if stopping():
+            return None
         chunk = pairs[i : i + batch_size]
         outs = gpt.complete(model, tokenizer, [s for s, _ in chunk], params)
         hits += sum(o.text == t for o, (_, t) in zip(outs, chunk))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from gpt.files import atomic_write_bytes
@@ -102,6 +103,30 @@ class Reporter:
                 f"{rec['tokens_per_s']:,.0f} tokens/s",
                 flush=True,
             )
+
+    @contextmanager
+    def evaluating(self, step: int, batches: int):
+        """Evaluation's own progress: a second bar under the training bar on a terminal, one line
+        elsewhere. Yields a function to call with the batches done."""
+        bar = None
+        if self.enabled and not self.quiet:
+            if self.bar is not None:
+                from tqdm import tqdm
+
+                bar = tqdm(
+                    total=batches,
+                    unit="batch",
+                    dynamic_ncols=True,
+                    leave=False,
+                    desc=f"evaluating at step {step}",
+                )
+            else:
+                print(f"step {step}: evaluating on {batches} validation batches", flush=True)
+        try:
+            yield bar.update if bar is not None else lambda n=1: None
+        finally:
+            if bar is not None:
+                bar.close()
 
     def say(self, msg: str) -> None:
         if not self.enabled or self.quiet:

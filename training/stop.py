@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to save and stop at the end of the current step; a second
-    signal falls through to Python's default handling."""
+    """SIGINT/SIGTERM ask the loop to save and stop at the next safe point: the end of the
+    current step, or the next batch of an evaluation. The first signal is answered at once
+    with `message` (on stderr); a second falls through to Python's default handling (Ctrl-C:
+    KeyboardInterrupt, so the run stops without saving)."""
 
-    def __init__(self):
+    def __init__(self, message: str = ""):
         self.signum: int | None = None
+        self.message = message
         self._previous = {}
 
     def __enter__(self):
@@ -20,11 +24,21 @@ class StopFlag:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
+    def __call__(self) -> bool:
+        """Whether a stop was asked for."""
+        return self.signum is not None
+
     def _handle(self, signum, frame):
         if self.signum is not None:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
+            return
         self.signum = signum
+        if self.message:
+            try:  # os.write, not print: a handler may interrupt a print to the same stream
+                os.write(2, f"\n{self.message}\n".encode())
+            except OSError:
+                pass
 
     def __exit__(self, *exc):
         for s, h in self._previous.items():

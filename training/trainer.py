@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,7 @@ from . import distributed as ddp
 from . import state as ckpt
 from .cleanup import Created
 from .config import ConfigError, TrainConfig, get_lr
+from .evaluation import final_accuracy, validation_loss
 from .loss import compute_loss, count_tokens
 from .nonfinite import BadSteps, TrainingDiverged, finite_weights, grad_norm, non_finite
 from .pairs import exact_match
@@ -37,6 +39,7 @@ from .setup import (
     resume_adapters,
 )
 from .stop import StopFlag
+from .summary import closing_lines
 
 # Tests set this to a directory: every rank then writes a hash of its final weights there.
 DEBUG_DUMP_ENV = "GPT_TRAIN_DEBUG_WEIGHTS_DIR"
@@ -62,7 +65,7 @@ def train(overrides: dict, resume: bool = False) -> dict:
     d, device = ddp.setup(cfg.device)
     try:
         return _train(cfg, resume_path, saved, d, device, created)
-    except (ConfigError, CheckpointError):
+    except (ConfigError, CheckpointError, KeyboardInterrupt):
         if d.is_main:  # a failed check leaves nothing behind (disarmed once training starts)
             created.undo()
         raise
@@ -124,6 +127,9 @@ def _train(
 
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
+    if d.is_main:
+        for warning in cfg.warnings():
+            print(f"gpt-train: {warning}", file=sys.stderr, flush=True)
     title = f"{mcfg.arch} {mcfg.n_layer}L/{mcfg.n_head}H/{mcfg.n_embd}, block {mcfg.block_size}, {tok.name}"
     report = Reporter(
         out,
@@ -156,22 +162,10 @@ def _train(
             return batch
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        raw.eval()
-        sampler = data.make_val(cfg.seed + 7919 * (d.rank + 1))
-        n = max(1, math.ceil(cfg.eval_iters / d.world_size))
-        total = torch.zeros((), device=device)
-        for _ in range(n):
-            with autocast:
-                total += compute_loss(raw, to_device(sampler.next_batch()), cfg.model).float()
-        raw.train()
-        return ddp.mean(float(total) / n, d)
-
-    def accuracy(num_beams: int) -> float:
+    def accuracy(num_beams: int, stopping=lambda: False) -> float | None:
         raw.eval()
         try:  # decoding runs in the weights' own dtype: its KV cache is allocated in it
-            return exact_match(raw, tok, data.accuracy_pairs, num_beams=num_beams)
+            return exact_match(raw, tok, data.accuracy_pairs, num_beams=num_beams, stopping=stopping)
         finally:
             raw.train()
 
@@ -251,13 +245,14 @@ def _train(
             )
 
     summary: dict = {"out": str(out), "best": str(out / ckpt.BEST), "start_step": step, "evals": []}
-    interrupted, started = None, time.perf_counter()
+    interrupted, started, saved_at = None, time.perf_counter(), step
     train_time, timed_steps = 0.0, 0
     window_t, window_steps, window_tokens, window_good = time.perf_counter(), 0, 0, 0
     loss_sum = torch.zeros((), device=device)
     raw.train()
     created.disarm()
-    with StopFlag() as stop:
+    notice = "gpt-train: stopping at the next safe point to save a checkpoint; press Ctrl-C again to quit"
+    with StopFlag(f"{notice} without saving" if d.is_main else "") as stop:
         while step < cfg.max_iters:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
@@ -311,9 +306,22 @@ def _train(
                 window_t, window_steps, window_tokens, window_good = time.perf_counter(), 0, 0, 0
             report.step(step, rec)
 
+            val_loss = None
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 paused = time.perf_counter()
-                val_loss = evaluate()
+                val_loss = validation_loss(
+                    raw,
+                    data.make_val,
+                    cfg,
+                    d,
+                    step,
+                    loss=compute_loss,  # looked up now: tests replace it
+                    autocast=autocast,
+                    to_device=to_device,
+                    stopping=stop,
+                    report=report,
+                )
+            if val_loss is not None:
                 ev = {
                     "kind": "eval",
                     "step": step,
@@ -321,15 +329,16 @@ def _train(
                     "val_ppl": math.exp(min(val_loss, 50.0)),
                     "elapsed_s": time.perf_counter() - started,
                 }
-                if data.accuracy_pairs and d.is_main:
-                    ev["exact_match_greedy"] = accuracy(1)
+                if data.accuracy_pairs and d.is_main and (greedy := accuracy(1, stop)) is not None:
+                    ev["exact_match_greedy"] = greedy
                 report.log(ev)
                 summary["evals"].append(ev)
                 msg = f"step {step}: val loss {val_loss:.4f}, perplexity {ev['val_ppl']:.2f}"
                 if "exact_match_greedy" in ev:
                     msg += f", exact match (greedy) {100 * ev['exact_match_greedy']:.1f}%"
                 report.say(msg)
-                show_samples(step)
+                if not stop():
+                    show_samples(step)
                 if val_loss < best_val:  # never true for NaN
                     best_val = val_loss
                     require_finite_weights(step)
@@ -341,11 +350,12 @@ def _train(
                             tokenizer=tok,
                         )
                 save(step, val_loss)
+                saved_at = step
                 report.plot()
                 window_t += time.perf_counter() - paused  # evaluation time is not training time
 
-            if ddp.any_rank(stop.signum is not None, d):
-                if step % cfg.eval_interval and step != cfg.max_iters:
+            if ddp.any_rank(stop(), d):
+                if saved_at != step:  # mid-interval, or the evaluation was cut short
                     save(step, None)
                 interrupted = stop.signum if stop.signum is not None else signal.SIGTERM
                 report.say(
@@ -355,27 +365,11 @@ def _train(
                 break
 
     if interrupted is None and data.accuracy_pairs and d.is_main:
-        last = summary["evals"][-1] if summary["evals"] else {}
-        summary["exact_match_greedy"] = (
-            last["exact_match_greedy"] if last.get("step") == step else accuracy(1)
-        )
-        summary["exact_match_beam"] = accuracy(cfg.num_beams)
-        rec = {
-            "kind": "accuracy",
-            "step": step,
-            "pairs": len(data.accuracy_pairs),
-            "exact_match_greedy": summary["exact_match_greedy"],
-            "exact_match_beam": summary["exact_match_beam"],
-            "num_beams": cfg.num_beams,
-        }
-        report.log(rec)
-        report.say(
-            f"exact match on {len(data.accuracy_pairs)} held-out pairs: greedy "
-            f"{100 * rec['exact_match_greedy']:.1f}%, beam search ({cfg.num_beams} beams) "
-            f"{100 * rec['exact_match_beam']:.1f}%"
-        )
+        final_accuracy(summary, step, len(data.accuracy_pairs), cfg.num_beams, accuracy, report)
     plot = report.plot()
     report.close()
+    for line in closing_lines(out, best_val, cfg.tensorboard, interrupted is not None):
+        report.say(line)
     if os.environ.get(DEBUG_DUMP_ENV):
         dump = Path(os.environ[DEBUG_DUMP_ENV])
         dump.mkdir(parents=True, exist_ok=True)
