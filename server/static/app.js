@@ -344,8 +344,7 @@ async function send() {
     if (error !== null) { showError(error); el.classList.add("failed"); }
     if (finish === "length") {
       const n = usage ? `${usage.completion_tokens} tokens` : "its limit";
-      addNote(`reply cut short at ${n}: the max tokens setting or the room left in the model's context`,
-        "cut-note", el);
+      addNote(`reply cut short at ${n} (max tokens, or the room left in the context)`, "cut-note", el);
     }
     if (!usage) setStatus(`finish: ${finish}`);
     else setStatus(`${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens, finish: ${finish}`);
