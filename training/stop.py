@@ -10,8 +10,9 @@ import threading
 class StopFlag:
     """SIGINT/SIGTERM ask the loop to save and stop at the next safe point: the end of the
     current step, or the next batch of an evaluation. The first signal is answered at once
-    with `message` (on stderr); a second falls through to Python's default handling (Ctrl-C:
-    KeyboardInterrupt, so the run stops without saving)."""
+    on stderr, with `message` and what a second one does (when `message` is not empty); a
+    second falls through to Python's default handling (Ctrl-C: KeyboardInterrupt, so the run
+    stops without saving)."""
 
     def __init__(self, message: str = ""):
         self.signum: int | None = None
@@ -35,8 +36,9 @@ class StopFlag:
             return
         self.signum = signum
         if self.message:
+            again = "press Ctrl-C" if signum == signal.SIGINT else f"send {signal.Signals(signum).name}"
             try:  # os.write, not print: a handler may interrupt a print to the same stream
-                os.write(2, f"\n{self.message}\n".encode())
+                os.write(2, f"\n{self.message}; {again} again to quit without saving\n".encode())
             except OSError:
                 pass
 

@@ -251,8 +251,8 @@ def _train(
     loss_sum = torch.zeros((), device=device)
     raw.train()
     created.disarm()
-    notice = "gpt-train: stopping at the next safe point to save a checkpoint; press Ctrl-C again to quit"
-    with StopFlag(f"{notice} without saving" if d.is_main else "") as stop:
+    notice = "gpt-train: stopping at the next safe point to save a checkpoint"
+    with StopFlag(notice if d.is_main else "") as stop:
         while step < cfg.max_iters:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:

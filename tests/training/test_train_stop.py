@@ -77,7 +77,7 @@ def test_a_second_signal_quits_without_saving(capfd):
             stop._previous[signal.SIGINT] = signal.default_int_handler  # Python's, as in gpt-train
             os.kill(os.getpid(), signal.SIGINT)
             assert stop() and stop.signum == signal.SIGINT  # the first: noted, the loop saves and stops
-            assert capfd.readouterr().err == "\nnotice\n"  # and answered at once
+            assert capfd.readouterr().err == "\nnotice; press Ctrl-C again to quit without saving\n"
             with pytest.raises(KeyboardInterrupt):  # the second: out at once; the CLI exits 130
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)
