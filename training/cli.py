@@ -30,6 +30,13 @@ output (OUT = --out):
   OUT/latest           names the newest checkpoint; --resume continues from it
   OUT/metrics.jsonl    one JSON object per log line, evaluation and set of samples
   OUT/loss.png         training and validation loss against step
+  The run ends with a summary: the best checkpoint and its validation loss, where these files
+  and the TensorBoard logs are, and the command to serve the model (gpt-serve --model OUT/best).
+  A run that fails its checks leaves nothing behind (an --out it created is removed).
+
+evaluation: without --eval-iters, 100 validation batches, but no more than the training
+  micro-batches between two evaluations, so a short run does not spend longer evaluating than
+  training. A --warmup not shorter than --max-iters is warned about (the rate never peaks).
 
 failures: a step whose loss or gradient norm is NaN or infinite is skipped (no update) and
   counted ("skipped_steps" in metrics.jsonl); --max-bad-steps in a row stop the run with exit
@@ -37,7 +44,11 @@ failures: a step whose loss or gradient norm is NaN or infinite is skipped (no u
   from the last complete checkpoint and removes what the interrupted writes left behind.
 
 distributed: torchrun --nproc_per_node N -m training ...   (each rank draws its own batches;
-  the effective batch is batch-size x grad-accum x N). SIGINT/SIGTERM save a checkpoint and stop.
+  the effective batch is batch-size x grad-accum x N).
+
+stopping: the first Ctrl-C (SIGINT) or SIGTERM stops at the next safe point (the end of the
+  step, or the next batch of an evaluation), saves a checkpoint and exits 128 + the signal
+  (130, 143); a second one stops at once without saving.
 """
 
 
