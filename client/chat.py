@@ -172,7 +172,7 @@ class Session:
             print(f"gpt-chat: {where}; commands: {COMMANDS}", file=self.stderr)
         while True:
             try:
-                line = input("you> ") if self.interactive else self.stdin.readline()
+                line = self._read_line()
             except EOFError:  # Ctrl-D
                 print(file=self.stderr)
                 return 0
@@ -193,6 +193,16 @@ class Session:
                 print(f"unknown command {command}; commands: {COMMANDS}", file=self.stderr)
             else:
                 self.turn(text)
+
+    def _read_line(self) -> str:
+        if not self.interactive:
+            return self.stdin.readline()
+        if self.stdout.isatty():
+            return input("you> ")
+        # stdout is a file or a pipe (`gpt-chat > replies.txt`): the prompt goes to the terminal
+        self.stderr.write("you> ")
+        self.stderr.flush()
+        return input()
 
     def turn(self, text: str) -> None:
         self.messages.append({"role": "user", "content": text})

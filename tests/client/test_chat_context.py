@@ -126,7 +126,7 @@ def test_reset_clears_the_conversation_and_the_dropped_note_comes_again(live_ser
 class Terminal:
     """gpt-chat on a pseudo-terminal: what a person at a terminal sees and does."""
 
-    def __init__(self, url: str, *options: str):
+    def __init__(self, url: str, *options: str, stdout=None):
         import pty
 
         master, slave = pty.openpty()
@@ -136,7 +136,7 @@ class Terminal:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "client.chat", "--url", url, *options],
             stdin=slave,
-            stdout=slave,
+            stdout=slave if stdout is None else stdout,
             stderr=slave,
             env=env,
         )
@@ -181,6 +181,23 @@ def test_gpt_chat_on_a_terminal_keeps_going_for_twenty_turns_and_ctrl_d_exits_0(
     assert "error" not in text and "Traceback" not in text
     assert text.count(f"\x1b[2m{DROPPED}\x1b[0m") == 1  # dim, once
     assert "\x1b[2m(conversation reset)\x1b[0m" in text
+
+
+def test_replies_typed_at_a_terminal_into_a_file_are_the_replies_alone_a_blank_line_apart(
+    live_server, tmp_path
+):
+    path = tmp_path / "replies.txt"
+    with open(path, "wb") as out:
+        term = Terminal(live_server.url, "--seed", "5", "--max-tokens", "6", stdout=out)
+        term.read_until(b"you> ")
+        term.say("hi")
+        term.say("and then?")
+        os.write(term.master, b"/quit\n")
+        status, text = term.finish()
+    assert status == 0, text
+    replies = path.read_bytes().decode("utf-8", errors="replace")
+    assert "you> " not in replies and text.count("you> ") == 3  # the prompt stays on the terminal
+    assert replies.count("\n\n") >= 1 and replies.endswith("\n")
 
 
 def test_ctrl_c_at_the_prompt_exits_130_with_one_line(live_server):
