@@ -212,6 +212,20 @@ def test_ctrl_c_at_the_prompt_exits_130_with_one_line(live_server):
     assert "Traceback" not in text and text.rstrip().endswith("gpt-chat: interrupted")
 
 
+def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(paced_live_server):
+    term = Terminal(paced_live_server.url, "--max-tokens", "100")  # 20 ms a token: 2 s a reply
+    term.read_until(b"you> ")
+    os.write(term.master, b"hi\n")
+    term.read_until(b"hi\r\n")
+    time.sleep(0.5)  # the reply is streaming
+    term.proc.send_signal(signal.SIGINT)
+    term.read_until(b"(reply stopped)")
+    term.read_until(b"you> ", 2)
+    os.write(term.master, b"/quit\n")
+    status, text = term.finish()
+    assert status == 0 and "(reply stopped)" in text and "Traceback" not in text, text
+
+
 def test_ctrl_c_while_connecting_exits_130_with_one_line():
     import socket
 
