@@ -232,10 +232,12 @@ def test_ctrl_c_while_connecting_exits_130_with_one_line():
     with socket.socket() as s:  # a server that accepts the connection and never answers
         s.bind(("127.0.0.1", 0))
         s.listen()
+        s.settimeout(30)
         term = Terminal(f"http://127.0.0.1:{s.getsockname()[1]}")
-        time.sleep(1.0)
+        conn, _ = s.accept()  # gpt-chat is waiting for GET /v1/models
         term.proc.send_signal(signal.SIGINT)
         status, text = term.finish()
+        conn.close()
     assert status == 130 and text.strip() == "gpt-chat: interrupted", text
 
 
