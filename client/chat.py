@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from cli_args import Parser, float_in, positive_int
+from cli_args import Parser, float_in, positive_int, unescape
 
 from .api import ChatClient, ChatError, Reply
 from .context import DoesNotFit, Fit, cut_note, fit
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="TEXT",
-        help="end a reply when this text appears (repeatable)",
+        help="end a reply when this text appears (repeatable); \\n, \\t, \\r and \\\\ are read as escapes",
     )
     p.add_argument(
         "--usage",
@@ -145,7 +145,12 @@ class Session:
         self.opening = [{"role": "system", "content": args.system}] if args.system else []
         self.messages = list(self.opening)
         self.context: int | None = getattr(args, "context", None)
-        self.params = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop)
+        self.params = dict(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=[unescape(x) for x in args.stop] if args.stop else None,
+        )
         self.failed = self.replies = 0
         self.noted_drop = False
 

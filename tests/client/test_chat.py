@@ -314,3 +314,13 @@ def test_gpt_chat_imports_neither_torch_nor_the_server_nor_the_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_stop_strings_read_escapes_as_gpt_generate_and_the_page_do():
+    import io
+
+    from client.chat import Session, build_parser
+
+    args = build_parser().parse_args(["--stop", "\\n\\n", "--stop", "A:"])
+    session = Session(None, "m", args, io.StringIO(), io.StringIO(), io.StringIO())
+    assert session.params["stop"] == ["\n\n", "A:"]
