@@ -185,7 +185,7 @@ def test_container_commands_are_declared_entry_points(services, pyproject):
     scripts = pyproject["project"]["scripts"]
     (cmd,) = dockerfile("CMD")
     argv = exec_form(cmd)
-    assert argv[0] == "gpt-serve" and scripts["gpt-serve"] == "server.cli:main"
+    assert argv[0] == "gpt-serve" and scripts["gpt-serve"] == "cli_args.launch:serve"
     assert "--host" in argv and argv[argv.index("--host") + 1] == "0.0.0.0"  # reachable from outside
     assert services["train"]["command"][0] in scripts
     # CMD, not ENTRYPOINT: otherwise compose's `command:` for train would be appended to gpt-serve
