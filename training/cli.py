@@ -73,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-encoder-layer", type=int, metavar="N", help="seq2seq encoder layers (preset's)")
     g.add_argument("--n-head", type=int, metavar="N", help="attention heads (preset's)")
     g.add_argument("--n-embd", type=int, metavar="N", help="model width, divisible by --n-head (preset's)")
-    g.add_argument("--block-size", type=int, metavar="N", help="context length in tokens (preset's)")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="context length in tokens (preset's); with --init-from, the training sequence length, "
+        "at most the model's context, which stays",
+    )
     g.add_argument("--dropout", type=float, metavar="X", help="dropout probability (preset's)")
     g.add_argument(
         "--tokenizer",

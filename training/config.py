@@ -13,6 +13,8 @@ MODEL_KINDS = ("gpt", "seq2seq")
 DEFAULT_PRESET = {"gpt": "gpt-mini", "seq2seq": "seq2seq-mini"}
 # Model-shape fields the command line can override; None keeps the preset's (or checkpoint's) value.
 EVAL_ITERS = 100  # validation batches per evaluation, at most, unless --eval-iters says otherwise
+# With --init-from the loaded model's shape is fixed: block_size is then the training sequence
+# length (at most the model's context), dropout may change, the others must match.
 MODEL_FIELDS = ("n_layer", "n_encoder_layer", "n_head", "n_embd", "block_size", "dropout")
 
 
@@ -136,6 +138,13 @@ class TrainConfig:
             self.sample_tokens >= 0,
             f"--sample-tokens must be >= 0 (0 = no samples), got {self.sample_tokens}",
         )
+
+    def train_length(self, context: int) -> int:
+        """Tokens per training and validation sequence for a model with `context` positions (the
+        seq2seq source and target limit too): --block-size with --init-from, else the context."""
+        if self.init_from and self.block_size is not None:
+            return self.block_size
+        return context
 
     def eval_batches(self) -> int:
         """Validation batches per evaluation: --eval-iters, or by default EVAL_ITERS but never

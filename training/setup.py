@@ -92,12 +92,20 @@ def model_and_tokenizer(
         changed = [
             f
             for f in MODEL_FIELDS
-            if getattr(cfg, f) is not None and f != "dropout" and getattr(cfg, f) != getattr(model.config, f)
+            if getattr(cfg, f) is not None
+            and f not in ("dropout", "block_size")
+            and getattr(cfg, f) != getattr(model.config, f)
         ]
         if changed:
             raise ConfigError(
                 f"--{changed[0].replace('_', '-')}: cannot change the shape of the model "
-                f"loaded by --init-from (only --dropout)"
+                f"loaded by --init-from (only --dropout, and --block-size as the training length)"
+            )
+        context = model.config.block_size
+        if cfg.block_size is not None and cfg.block_size > context:
+            raise ConfigError(
+                f"--block-size {cfg.block_size}: longer than the {context}-token context of the "
+                f"model loaded by --init-from; pass at most {context} (the training sequence length)"
             )
         if cfg.dropout is not None:
             fresh = gpt.build_model(model.config.replace(dropout=cfg.dropout))
@@ -162,10 +170,20 @@ class Data:
     description: str
 
 
-def build_data(
-    cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, rank: int, is_main: bool, barrier
-) -> Data:
+def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, context: int, rank: int, is_main: bool, barrier) -> Data:
+    """The training and validation data for a model with `context` positions, in sequences of
+    cfg.train_length(context) tokens (seq2seq: sources and targets at most that long)."""
     seed = cfg.seed + rank  # each rank draws its own batches
+    block_size = cfg.train_length(context)
+    data = _build_data(cfg, tok, block_size, seed, is_main, barrier)
+    if block_size != context:
+        data.description += f"; {block_size}-token training sequences (the model's context: {context})"
+    return data
+
+
+def _build_data(
+    cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, seed: int, is_main: bool, barrier
+) -> Data:
     if cfg.model == "gpt":
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
         if not files:
