@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from .chunked_loss import lm_cross_entropy
 from .tokenizer import Tokenizer
 
 IGNORE = -100  # cross_entropy's ignore_index: padded target positions add no loss
@@ -113,11 +113,9 @@ def score_texts(
         for r, (inp, tgt, n_new) in enumerate(pending):
             x[r, : len(inp)] = torch.tensor(inp)
             y[r, len(tgt) - n_new : len(tgt)] = torch.tensor(tgt[len(tgt) - n_new :])
-        logits = model(x.to(device)).float()
+        hidden = model(x.to(device), hidden=True)
         pending.clear()
-        return F.cross_entropy(
-            logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE, reduction="sum"
-        ).item()
+        return lm_cross_entropy(model, hidden, y.to(device), ignore_index=IGNORE, reduction="sum").item()
 
     with bar:
         for text in texts:
@@ -181,9 +179,9 @@ def score_pairs(
                     f"at most {limit - 1} (it has {len(s)} and {len(t)})"
                 )
         src, mask, tgt_in, tgt_out = collate_pairs(enc, model.start_token, tokenizer.eot_token)
-        logits = model(src.to(device), tgt_in.to(device), mask.to(device)).float()
-        nll += F.cross_entropy(
-            logits.flatten(0, 1), tgt_out.to(device).flatten(), ignore_index=IGNORE, reduction="sum"
+        hidden = model(src.to(device), tgt_in.to(device), mask.to(device), hidden=True)
+        nll += lm_cross_entropy(
+            model, hidden, tgt_out.to(device), ignore_index=IGNORE, reduction="sum"
         ).item()
         n_tokens += int((tgt_out != IGNORE).sum())
         n_bytes += sum(len(t.encode("utf-8")) for _, t in chunk)

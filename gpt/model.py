@@ -264,10 +264,11 @@ class GPT(_Transformer):
         rows: Rows | None = None,
         n_tokens=None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> Tensor:
         """Logits (B, T, vocab) for token ids (B, T); (B, vocab) for each row's last real token
-        when `last_only`. With a cache, the tokens are appended to `rows` of the cache (default
-        the first B); row b brings `n_tokens[b]` real tokens, the rest of it is padding."""
+        when `last_only`; with `hidden`, the final hidden states (gpt.chunked_loss). With a cache,
+        the tokens go to `rows` of the cache (default the first B); row b brings `n_tokens[b]`."""
         self._check_ids(idx, "input_ids")
         return self._run(
             self.transformer,
@@ -277,7 +278,7 @@ class GPT(_Transformer):
             rows=rows,
             n_tokens=n_tokens,
             causal=True,
-            head=self.lm_head,
+            head=None if hidden else self.lm_head,
             last_only=last_only,
         )
 
@@ -339,8 +340,11 @@ class EncoderDecoder(_Transformer):
             mask=self._key_mask(src_mask),
         )
 
-    def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (B, T, vocab) for target inputs `tgt` given source `src`."""
+    def forward(
+        self, src: Tensor, tgt: Tensor, src_mask: Tensor | None = None, hidden: bool = False
+    ) -> Tensor:
+        """Teacher-forced logits (B, T, vocab) for target inputs `tgt` given source `src`; with
+        `hidden`, the decoder's final hidden states (B, T, C) (gpt.chunked_loss)."""
         self._check_ids(tgt, "tgt_ids")
         memory = self.encode(src, src_mask)
         return self._run(
@@ -353,7 +357,7 @@ class EncoderDecoder(_Transformer):
             causal=True,
             memory=memory,
             memory_mask=self._key_mask(src_mask),
-            head=self.lm_head,
+            head=None if hidden else self.lm_head,
         )
 
     def start(self, sources: Sequence[Sequence[int]], cache: KVCache, rows: Rows | None = None) -> Tensor:

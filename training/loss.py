@@ -1,9 +1,13 @@
-"""The training loss of each model kind, and the tokens a batch trains on."""
+"""The training loss of each model kind, and the tokens a batch trains on.
+
+The output head and the cross-entropy run a slice of rows at a time (gpt.chunked_loss): the
+loss is F.cross_entropy's on the model's logits, without every position's logits in memory."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from gpt.chunked_loss import lm_cross_entropy
 
 from .pairs import IGNORE
 
@@ -11,11 +15,10 @@ from .pairs import IGNORE
 def compute_loss(model, batch, kind: str) -> torch.Tensor:
     if kind == "gpt":
         x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        return lm_cross_entropy(model, model(x, hidden=True), y)
     src, src_mask, tgt_in, tgt_out = batch
-    logits = model(src, tgt_in, src_mask)  # teacher forcing: the decoder reads the true prefix
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), tgt_out.reshape(-1), ignore_index=IGNORE)
+    hidden = model(src, tgt_in, src_mask, hidden=True)  # teacher forcing: the decoder reads the true prefix
+    return lm_cross_entropy(model, hidden, tgt_out, ignore_index=IGNORE)
 
 
 def count_tokens(batch, kind: str) -> int:
