@@ -4,8 +4,10 @@ and LayerNorm."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
 from .config import ModelConfig
@@ -29,7 +31,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Self-attention, optional cross-attention, feed-forward; each with a residual and a
-    LayerNorm placed before the sublayer (pre-LN, GPT-2) or after the residual (post-LN, original)."""
+    LayerNorm placed before the sublayer (pre-LN, GPT-2) or after the residual (post-LN, original).
+    With `checkpointing` (gpt.checkpointing.enable), a forward pass in training mode with gradients
+    keeps only the block's input and recomputes the rest in the backward pass."""
+
+    checkpointing = False
 
     def __init__(self, config: ModelConfig, cross_attention: bool = False):
         super().__init__()
@@ -54,6 +60,22 @@ class Block(nn.Module):
         view: CacheView | None = None,
         memory: Tensor | None = None,
         memory_mask: Tensor | None = None,
+    ) -> Tensor:
+        args = (x, mask, is_causal, rope, cache, view, memory, memory_mask)
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        rope,
+        cache: LayerCache | None,
+        view: CacheView | None,
+        memory: Tensor | None,
+        memory_mask: Tensor | None,
     ) -> Tensor:
         x = self._sublayer(
             x,

@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--dtype", choices=DTYPES, help=f"autocast dtype; float16 uses a GradScaler ({D.dtype})")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input and recompute its activations in the backward pass: "
+        "less memory for about one more forward pass per step (kept by --resume)",
+    )
     g.add_argument("--seed", type=int, metavar="N", help=f"random seed ({D.seed})")
     g.add_argument("--device", help="cpu, cuda, cuda:N, or auto = cuda when available (auto)")
     g.add_argument(

@@ -71,6 +71,7 @@ class TrainConfig:
     # runtime
     dtype: str = "float32"
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward (gpt.checkpointing)
     seed: int = 1337
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int = 0  # CPU threads per process; 0 = the cores this process may use / ranks

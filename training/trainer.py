@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gpt import lora
+from gpt import checkpointing, lora
 from gpt.files import CheckpointError
 
 from . import distributed as ddp
@@ -39,7 +39,7 @@ from .setup import (
     resume_adapters,
 )
 from .stop import StopFlag
-from .summary import closing_lines
+from .summary import closing_lines, peak_memory
 
 # Tests set this to a directory: every rank then writes a hash of its final weights there.
 DEBUG_DUMP_ENV = "GPT_TRAIN_DEBUG_WEIGHTS_DIR"
@@ -94,6 +94,7 @@ def _train(
 
     raw, tok = model_and_tokenizer(cfg, resume_path, d.is_main, lambda: ddp.barrier(d))
     adapted = add_lora(raw, cfg)
+    checkpointing.enable(raw, cfg.activation_checkpointing)  # per block, in training with grad
     if resume_path is not None and adapted:  # a LoRA run's base weights are --init-from's, unchanged
         resume_adapters(raw, saved, resume_path)
     elif resume_path is not None:
@@ -368,7 +369,8 @@ def _train(
         final_accuracy(summary, step, len(data.accuracy_pairs), cfg.num_beams, accuracy, report)
     plot = report.plot()
     report.close()
-    for line in closing_lines(out, best_val, cfg.tensorboard, interrupted is not None):
+    summary["peak_memory"] = peak = peak_memory(device)
+    for line in closing_lines(out, best_val, cfg.tensorboard, interrupted is not None, peak):
         report.say(line)
     if os.environ.get(DEBUG_DUMP_ENV):
         dump = Path(os.environ[DEBUG_DUMP_ENV])

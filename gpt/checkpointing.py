@@ -1,0 +1,23 @@
+"""Activation checkpointing: each transformer block keeps only its input during the forward
+pass and recomputes its activations in the backward pass (torch.utils.checkpoint, the
+non-reentrant kind, per block: gpt.layers.Block), trading about one more forward pass for the
+memory of every block's intermediate tensors. The losses and gradients are the plain model's.
+
+    gpt.checkpointing.enable(model)   # both model kinds, with or without LoRA adapters
+
+It applies only in training mode with gradients enabled: evaluation, generation and cached
+decoding run the blocks as usual."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import Block
+
+
+def enable(model: nn.Module, on: bool = True) -> int:
+    """Turn activation checkpointing on (or off) for every Block of `model`; how many."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.checkpointing = on
+    return len(blocks)
