@@ -23,6 +23,16 @@ data:
   Without --data it trains on the built-in date-normalisation task ("3rd of March, 2021" ->
   "2021-03-03"), generated on the fly, and reports exact match on held-out pairs.
 
+chat fine-tuning (GPT): --data chats.jsonl, OpenAI's format: {"messages": [{"role": "user",
+  "content": ...}, {"role": "assistant", "content": ...}]} per line. Each conversation is
+  rendered with gpt-serve's chat template (or --chat-template FILE, then serve with the same
+  flag) and trained with the loss on the assistant's tokens only, the turn's end included.
+  Conversations are not packed: each is one row, padded to the longest in the batch (padding
+  has no loss; causal attention keeps it from the tokens before it), which keeps the model's
+  API unchanged at the cost of some compute. Bad lines (not JSON, no messages, an unknown
+  role, no assistant turn, longer than --block-size) are skipped and listed by line number;
+  more than 10% bad stops the run (exit 2).
+
 output (OUT = --out):
   OUT/best/            the model with the lowest validation loss: pass it to gpt-generate
                        --model, gpt-serve, or gpt.load (with LoRA: the adapters merged in)
@@ -125,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="validate on these files (like --data) instead of holding out a fraction: then all "
         "of --data trains",
+    )
+    g.add_argument(
+        "--format",
+        choices=("auto", "text", "chat"),
+        help='text, or chat: conversations, one {"messages": [...]} per line (auto: chat for .jsonl '
+        'files whose first line has "messages"; see chat fine-tuning below)',
+    )
+    g.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="chat: render conversations with this JSON template, as gpt-serve's --chat-template",
     )
     g = p.add_argument_group("optimisation")
     g.add_argument(

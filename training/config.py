@@ -10,6 +10,7 @@ import gpt
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_KINDS = ("gpt", "seq2seq")
+DATA_FORMATS = ("auto", "text", "chat")
 DEFAULT_PRESET = {"gpt": "gpt-mini", "seq2seq": "seq2seq-mini"}
 # Model-shape fields the command line can override; None keeps the preset's (or checkpoint's) value.
 EVAL_ITERS = 100  # validation batches per evaluation, at most, unless --eval-iters says otherwise
@@ -45,6 +46,8 @@ class TrainConfig:
     data: list[str] = field(default_factory=list)  # empty: stdlib sources (gpt) / date task (seq2seq)
     val_fraction: float = 0.1
     val_data: list[str] = field(default_factory=list)  # validation from these files instead of a split
+    format: str = "auto"  # auto | text | chat (conversations, training.chats); auto: chat .jsonl -> chat
+    chat_template: str | None = None  # chat: a JSON template file as gpt-serve's; None: the default
     # optimisation
     batch_size: int = 12
     grad_accum: int = 1
@@ -97,6 +100,11 @@ class TrainConfig:
             self.dropout is None or 0.0 <= self.dropout < 1.0,
             f"--dropout must be in [0, 1), got {self.dropout}",
         )
+        need(
+            self.format in DATA_FORMATS,
+            f"--format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}",
+        )
+        need(self.format != "chat" or self.model == "gpt", "--format chat trains a GPT: pass --model gpt")
         need(0.0 < self.val_fraction < 1.0, f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         for name in (
             "batch_size",

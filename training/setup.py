@@ -17,6 +17,7 @@ from gpt import lora
 from gpt.bpe import TOKENIZER_FILE, BPETokenizer, train_bpe
 from gpt.files import CheckpointError, atomic_write_bytes
 
+from . import chats
 from . import data as corpus
 from . import pairs as pairdata
 from . import state as ckpt
@@ -145,7 +146,9 @@ def trained_tokenizer(cfg: TrainConfig, resume_path: Path | None, is_main: bool,
 
 
 def _tokenizer_texts(cfg: TrainConfig):
-    if cfg.model == "gpt":
+    if chats.is_chat_run(cfg):
+        yield from chats.chat_texts(cfg)
+    elif cfg.model == "gpt":
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
         if not files:
             raise ConfigError("no --data given and no standard library sources found; pass --data")
@@ -184,6 +187,9 @@ def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, context: int, rank: int, is
 def _build_data(
     cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, seed: int, is_main: bool, barrier
 ) -> Data:
+    if chats.is_chat_run(cfg):  # conversations: each one a padded row, the loss on the assistant's tokens
+        train, make_val, what = chats.build_chat_data(cfg, tok, block_size, seed, is_main)
+        return Data(train=train, make_val=make_val, accuracy_pairs=[], description=what)
     if cfg.model == "gpt":
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
         if not files:
