@@ -46,8 +46,15 @@ def _size(n: int) -> str:
 
 
 def closing_lines(
-    out: Path, best_val: float, tensorboard: str | None, interrupted: bool, peak: dict | None = None
+    out: Path,
+    best_val: float,
+    tensorboard: str | None,
+    interrupted: bool,
+    peak: dict | None = None,
+    chat_template: str | None = None,
 ) -> list[str]:
+    """`chat_template`: the template a chat fine-tune rendered its data with, which the server
+    must render its prompts with too."""
     best = out / ckpt.BEST
     has_best = math.isfinite(best_val) and (best / CONFIG_FILE).is_file()
     lines = ["summary:"]
@@ -65,7 +72,8 @@ def closing_lines(
     if peak is not None:
         lines.append(f"  peak memory      {_size(peak['bytes'])} ({peak['what']})")
     if has_best:
-        lines.append(f"  serve it         gpt-serve --model {best}")
+        template = f" --chat-template {chat_template}" if chat_template else ""
+        lines.append(f"  serve it         gpt-serve --model {best}{template}")
     if interrupted:
         lines.append(f"  continue         gpt-train --resume --out {out}")
     return lines

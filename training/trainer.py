@@ -370,7 +370,9 @@ def _train(
     plot = report.plot()
     report.close()
     summary["peak_memory"] = peak = peak_memory(device)
-    for line in closing_lines(out, best_val, cfg.tensorboard, interrupted is not None, peak):
+    for line in closing_lines(
+        out, best_val, cfg.tensorboard, interrupted is not None, peak, cfg.chat_template
+    ):
         report.say(line)
     if os.environ.get(DEBUG_DUMP_ENV):
         dump = Path(os.environ[DEBUG_DUMP_ENV])

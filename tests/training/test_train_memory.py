@@ -73,3 +73,11 @@ def test_peak_memory_reads_the_process_peak_rss_on_cpu_and_the_summary_names_it(
     lines = closing_lines(tmp_path, float("inf"), None, False, {"bytes": 3 * 2**30, "what": "x"})
     assert "  peak memory      3.00 GiB (x)" in lines
     assert not any("peak memory" in x for x in closing_lines(tmp_path, float("inf"), None, False))
+
+
+def test_the_summary_serves_a_chat_model_with_its_template(tmp_path):
+    import gpt
+
+    gpt.save(gpt.GPT(gpt.preset("gpt-tiny")), tmp_path / "best")
+    lines = closing_lines(tmp_path, 1.5, None, False, None, "tmpl.json")
+    assert f"  serve it         gpt-serve --model {tmp_path / 'best'} --chat-template tmpl.json" in lines
