@@ -2,6 +2,7 @@
 loss mask, bad lines, a tiny run whose best checkpoint generates with gpt-serve's template."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -142,7 +143,26 @@ def test_chat_run_trains_and_its_best_checkpoint_chats(tmp_path):
     model, tok = gpt.load(out / "best")
     prompt = ChatTemplate().render([("user", "Say 3.")])
     piece = gpt.complete(model, tok, [prompt], gpt.SamplingParams(max_new_tokens=4, temperature=0.0))[0]
-    assert isinstance(piece.text, str)
+    # gpt-serve answers through /v1/chat/completions with the same template, and the same text
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import Settings
+
+    with TestClient(create_app(Settings(model=str(out), compile=False))) as client:
+        for _ in range(300):  # the app loads its model in the background
+            if client.get("/ready").status_code == 200:
+                break
+            time.sleep(0.1)
+        r = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "Say 3."}], "max_tokens": 4, "temperature": 0},
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (
+        body["model"] == "run" and body["choices"][0]["message"]["content"] == piece.text.split("\nUser:")[0]
+    )
 
 
 def test_format_flag_and_custom_template_note(tmp_path):
