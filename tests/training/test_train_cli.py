@@ -9,24 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import TINY, make_corpus, read_metrics
+from train_helpers import make_corpus, read_metrics, train_argv
 
 import gpt
 from training.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _args(out, data, **kw):
-    args = dict(TINY, **kw)
-    argv = ["--out", str(out), "--data", *([str(d) for d in data] if isinstance(data, list) else [str(data)])]
-    for k, v in args.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            argv.append(flag)
-        elif v is not None and v is not False:
-            argv += [flag, str(v)]
-    return argv
 
 
 def _fails(capsys, argv) -> str:
@@ -86,7 +74,7 @@ def test_help_documents_every_option(capsys):
 
 
 def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
-    assert main(_args(tmp_path / "run", corpus, max_iters=4)) == 0
+    assert main(train_argv(tmp_path / "run", corpus, max_iters=4)) == 0
     gpt.load(tmp_path / "run" / "best")
 
 
@@ -114,7 +102,7 @@ def test_cli_trains_and_returns_zero(tmp_path, corpus, capsys):
     ],
 )
 def test_bad_settings_are_one_line_errors(tmp_path, corpus, capsys, extra, message):
-    err = _fails(capsys, _args(tmp_path / "run", corpus) + extra)
+    err = _fails(capsys, train_argv(tmp_path / "run", corpus) + extra)
     assert message in err
     assert not (tmp_path / "run").exists()  # a failed check leaves no --out behind
 
@@ -133,7 +121,7 @@ def test_bad_corpora_are_one_line_errors(tmp_path, capsys):
         (tmp_path / "*.nomatch", "matches no files"),
     ]
     for i, (data, message) in enumerate(cases):
-        err = _fails(capsys, _args(tmp_path / f"run{i}", data))
+        err = _fails(capsys, train_argv(tmp_path / f"run{i}", data))
         assert message in err, (data, err)
         assert not (tmp_path / f"run{i}").exists(), data
     # an --out that existed keeps what it held, and gains nothing (no token cache, no tokenizer)
@@ -141,26 +129,26 @@ def test_bad_corpora_are_one_line_errors(tmp_path, capsys):
     kept.mkdir(parents=True)
     (kept / "notes.txt").write_text("mine")
     for extra in ([], ["--tokenizer", "bpe"]):
-        _fails(capsys, _args(kept, tmp_path / "short.txt") + extra)
+        _fails(capsys, train_argv(kept, tmp_path / "short.txt") + extra)
         assert sorted(p.name for p in kept.rglob("*")) == ["notes.txt"]
-    _fails(capsys, _args(tmp_path / "new" / "deep" / "run", tmp_path / "empty.txt"))
+    _fails(capsys, train_argv(tmp_path / "new" / "deep" / "run", tmp_path / "empty.txt"))
     assert not (tmp_path / "new").exists()  # nor the parents it made
 
 
 def test_unwritable_out_is_a_one_line_error(tmp_path, corpus, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert "not writable" in _fails(capsys, _args(blocker / "run", corpus))
-    assert f"--out {blocker}: is a file, not a directory" in _fails(capsys, _args(blocker, corpus))
+    assert "not writable" in _fails(capsys, train_argv(blocker / "run", corpus))
+    assert f"--out {blocker}: is a file, not a directory" in _fails(capsys, train_argv(blocker, corpus))
     assert blocker.read_text() == "x"
 
 
 def test_existing_run_is_never_overwritten(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    assert main(_args(out, corpus, max_iters=5)) == 0
+    assert main(train_argv(out, corpus, max_iters=5)) == 0
     before = _tree_digest(out)
     # a fresh start into a used directory, and a resume asking for another model: refused
-    assert "already holds a training run" in _fails(capsys, _args(out, corpus, max_iters=5))
+    assert "already holds a training run" in _fails(capsys, train_argv(out, corpus, max_iters=5))
     err = _fails(capsys, ["--out", str(out), "--resume", "--n-embd", "64", "--max-iters", "9"])
     assert "n_embd=32" in err and "n_embd=64" in err
     assert _tree_digest(out) == before
@@ -184,7 +172,9 @@ def test_subprocess_bad_argument_prints_one_line_and_exits_2(tmp_path):
 def test_sigterm_saves_a_loadable_checkpoint_and_resume_finishes(tmp_path):
     corpus = make_corpus(tmp_path / "c.txt")
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "training"] + _args(out, corpus, max_iters=100000, eval_interval=100000)
+    argv = [sys.executable, "-m", "training"] + train_argv(
+        out, corpus, max_iters=100000, eval_interval=100000
+    )
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
@@ -239,7 +229,8 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights_and_resume_exactly(tm
     out, dump = tmp_path / "run", tmp_path / "dump"
     env = dict(os.environ, GPT_TRAIN_DEBUG_WEIGHTS_DIR=str(dump), OMP_NUM_THREADS="1")
     _torchrun(
-        _args(out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5), env
+        train_argv(out, corpus, max_iters=30, eval_interval=15, grad_accum=2, dropout=0.1, log_interval=5),
+        env,
     )
     digests = [(dump / f"rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import TINY
+from train_helpers import train_argv
 
 import gpt
 from gpt.files import recover_interrupted_writes, remove_directory
@@ -32,13 +32,6 @@ def strict_metrics(out) -> list[dict]:
     """metrics.jsonl read as strict JSON: json.loads alone accepts NaN and Infinity."""
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line, parse_constant=_reject) for line in lines]
-
-
-def _argv(out, corpus, **kw):
-    argv = ["--out", str(out), "--data", str(corpus)]
-    for k, v in dict(TINY, **kw).items():
-        argv += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
-    return argv
 
 
 def _poison_training_steps(monkeypatch, steps, how="loss"):
@@ -102,7 +95,7 @@ def test_bad_steps_in_a_row_stop_with_one_line_error_and_keep_good_checkpoints(
 ):
     out = tmp_path / "run"
     _poison_training_steps(monkeypatch, set(range(7, 100)))
-    assert main(_argv(out, corpus, max_iters=20, eval_interval=5, max_bad_steps=3)) == 1
+    assert main(train_argv(out, corpus, max_iters=20, eval_interval=5, max_bad_steps=3)) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
         "gpt-train: error: 3 steps in a row, up to step 9, had a non-finite loss"
@@ -183,7 +176,7 @@ def test_torchrun_ranks_skip_together_when_only_one_sees_a_nan_loss(tmp_path, co
         "--master_port",
         str(port),
         str(DRIVER),
-        *_argv(out, corpus, max_iters=5, eval_interval=5, grad_accum=2),
+        *train_argv(out, corpus, max_iters=5, eval_interval=5, grad_accum=2),
     ]
     p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -209,7 +202,7 @@ def _kill_when_paused(tmp_path, corpus, fault, **settings) -> Path:
     out, marker = tmp_path / "run", tmp_path / "paused"
     env = dict(os.environ, FAULT=fault, MARKER=str(marker))
     proc = subprocess.Popen(
-        [sys.executable, str(DRIVER), *_argv(out, corpus, **settings)],
+        [sys.executable, str(DRIVER), *train_argv(out, corpus, **settings)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

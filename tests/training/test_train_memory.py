@@ -2,23 +2,13 @@
 (both model kinds) and --resume keeps it; the closing summary shows the run's peak memory."""
 
 import pytest
-from train_helpers import TINY
+from train_helpers import TINY, train_argv
 
 import gpt.layers
 from training.cli import main
 from training.state import latest_checkpoint, load_state
 from training.summary import closing_lines, peak_memory
 from training.trainer import train
-
-
-def _argv(out, data, **kw):
-    argv = ["--out", str(out)] + (["--data", str(data)] if data else [])
-    for k, v in dict(TINY, **kw).items():
-        if v is True:
-            argv.append("--" + k.replace("_", "-"))
-        elif v is not None and v is not False:
-            argv += ["--" + k.replace("_", "-"), str(v)]
-    return argv
 
 
 @pytest.fixture
@@ -33,7 +23,7 @@ def test_activation_checkpointing_trains_is_kept_by_resume_and_the_summary_shows
     tmp_path, corpus, capsys, checkpoint_calls
 ):
     out = tmp_path / "run"
-    argv = _argv(out, corpus, max_iters=2, eval_interval=2, quiet=False, activation_checkpointing=True)
+    argv = train_argv(out, corpus, max_iters=2, eval_interval=2, quiet=False, activation_checkpointing=True)
     assert main(argv) == 0
     assert len(checkpoint_calls) == 2 * 2  # 2 steps x 2 blocks: evaluation is not checkpointed
     assert load_state(latest_checkpoint(out))["config"]["activation_checkpointing"] is True

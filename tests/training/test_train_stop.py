@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import TINY, make_corpus, read_metrics
+from train_helpers import make_corpus, read_metrics, train_argv
 
 import gpt
 from training.cli import main
@@ -21,21 +21,11 @@ from training.stop import StopFlag
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _args(out, data, **kw):
-    argv = ["--out", str(out), "--data", str(data)]
-    for k, v in dict(TINY, **kw).items():
-        if v is True:
-            argv.append("--" + k.replace("_", "-"))
-        elif v is not None and v is not False:
-            argv += ["--" + k.replace("_", "-"), str(v)]
-    return argv
-
-
 def test_sigint_during_evaluation_stops_within_a_second_and_saves(tmp_path):
     corpus = make_corpus(tmp_path / "c.txt")
     out = tmp_path / "run"
     # an evaluation far too long to finish: only the signal can end it
-    args = _args(out, corpus, max_iters=4, eval_interval=2, eval_iters=10**8, quiet=False)
+    args = train_argv(out, corpus, max_iters=4, eval_interval=2, eval_iters=10**8, quiet=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "training", *args],
         cwd=ROOT,
@@ -97,7 +87,7 @@ def test_evaluation_scales_down_with_a_short_run():
 
 def test_warmup_warning_evaluation_line_and_closing_summary(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    assert main(_args(out, corpus, max_iters=3, warmup=20, eval_iters=None, quiet=False)) == 0
+    assert main(train_argv(out, corpus, max_iters=3, warmup=20, eval_iters=None, quiet=False)) == 0
     std = capsys.readouterr()
     warnings = [line for line in std.err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "--warmup 20 is not shorter than --max-iters 3" in warnings[0]
@@ -107,5 +97,5 @@ def test_warmup_warning_evaluation_line_and_closing_summary(tmp_path, corpus, ca
     assert f"best checkpoint  {out / 'best'} (validation loss {best:.4f} at step 3)" in summary
     assert str(out / "metrics.jsonl") in summary and str(out / "loss.png") in summary
     assert f"gpt-serve --model {out / 'best'}" in summary
-    assert main(_args(tmp_path / "quiet", corpus, max_iters=3, warmup=1)) == 0
+    assert main(train_argv(tmp_path / "quiet", corpus, max_iters=3, warmup=1)) == 0
     assert "warning" not in capsys.readouterr().err

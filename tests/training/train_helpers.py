@@ -30,3 +30,18 @@ def make_corpus(path, n_words=6000, seed=0):
 
 def read_metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_argv(out, data, **kw):
+    """gpt-train's command line for TINY's settings overridden by `kw` (True: a bare flag; None
+    or False: left out); `data`: a path, a list of them, or None for the default corpus."""
+    argv = ["--out", str(out)]
+    if data is not None:
+        argv += ["--data", *([str(d) for d in data] if isinstance(data, list) else [str(data)])]
+    for k, v in dict(TINY, **kw).items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            argv.append(flag)
+        elif v is not None and v is not False:
+            argv += [flag, str(v)]
+    return argv
