@@ -14,6 +14,8 @@ import pydantic
 import pytest
 from conftest import make_client, tiny_settings
 
+from server.app import load_engine
+
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -286,7 +288,8 @@ def test_tool_choice_none_ignores_the_tools(live_server):
 
 
 def test_health_answers_while_a_slow_constraint_compiles_and_it_times_out(server_factory, tiny_checkpoint):
-    server = server_factory(tiny_settings(tiny_checkpoint, constraint_timeout=0.05))
+    settings = tiny_settings(tiny_checkpoint, constraint_timeout=0.05)
+    server = server_factory(settings, engine=load_engine(settings))
     # thousands of properties with their own patterns: a schema that takes long to compile
     slow = {
         "type": "object",
@@ -354,7 +357,8 @@ def test_a_conversation_carrying_tool_calls_and_results_is_rendered(live_server)
 
 
 def test_an_encoder_decoder_server_constrains_its_decoder(server_factory, tiny_s2s_checkpoint):
-    server = server_factory(tiny_settings(tiny_s2s_checkpoint, max_batch_size=4))
+    settings = tiny_settings(tiny_s2s_checkpoint, max_batch_size=4)
+    server = server_factory(settings, engine=load_engine(settings))
     free = {"prompt": "x", "max_tokens": 8, "temperature": 0}
     alone = post(server, "/v1/completions", free).json()["choices"][0]["text"]
     r = post(
