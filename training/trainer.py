@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from gpt import checkpointing, lora
+from gpt import allocator, checkpointing, lora
 from gpt.files import CheckpointError
 
 from . import distributed as ddp
@@ -88,6 +88,7 @@ def _train(
         repairs = ckpt.recover(out)  # a run killed mid-write left these; nothing else writes here now
     if device.type == "cpu":
         torch.set_num_threads(_threads(cfg))
+        allocator.keep_freed_memory()  # each step's activations, not faulted in afresh every step
     dtype = getattr(torch, cfg.dtype)
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--dtype bfloat16: this GPU does not support it; use float16")
