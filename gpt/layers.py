@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .activations import GELUTanh
 from .attention import Attention
 from .config import ModelConfig
 from .kv_cache import CacheView, LayerCache
@@ -21,7 +22,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.d_ff, bias=config.bias)
-        self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else nn.ReLU()
+        self.act = GELUTanh() if config.activation == "gelu" else nn.ReLU()
         self.c_proj = Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

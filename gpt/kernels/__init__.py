@@ -1,6 +1,7 @@
 """Our own CPU kernels for the decode step: matrix-vector products for one stream
 (`csrc/gemv.c`), one-query attention for any batch (`csrc/attention.c`) and the row-wise argmax
-and logsumexp of sampling (`csrc/rows.c`). This module is what callers use: whether each kernel
+and logsumexp of sampling (`csrc/rows.c`); and for training, GPT-2's GELU and its derivative
+(`csrc/gelu.c`, used by gpt.activations). This module is what callers use: whether each kernel
 runs here, and `argmax`/`logsumexp`, which pick ours or PyTorch's.
 
 A one-stream decode step multiplies one activation row by every weight matrix: its time is the
@@ -74,6 +75,12 @@ def int8_available() -> bool:
 @torch.compiler.assume_constant_result
 def rows_available() -> bool:
     """Whether `torch.ops.gpt.argmax_rows` and `logsumexp_rows` run our kernels here."""
+    return _isa() != 0
+
+
+@torch.compiler.assume_constant_result
+def gelu_available() -> bool:
+    """Whether `torch.ops.gpt.gelu_tanh` and its backward run our kernels here."""
     return _isa() != 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "rows.c")]
+SOURCES = [CSRC / name for name in ("gemv.c", "attention.c", "rows.c", "gelu.c")]
 HEADERS = [CSRC / "exp_nonpos.h"]
 OPS_SOURCE = CSRC / "ops.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]

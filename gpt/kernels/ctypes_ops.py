@@ -21,6 +21,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.gemv_isa.restype = ctypes.c_int
     lib.argmax_rows.argtypes = lib.logsumexp_rows.argtypes = [ptr, ptr, n, n]
     lib.argmax_rows.restype = lib.logsumexp_rows.restype = None
+    lib.gelu_tanh_fwd.argtypes, lib.gelu_tanh_bwd.argtypes = [ptr, ptr, n], [ptr, ptr, ptr, n]
+    lib.gelu_tanh_fwd.restype = lib.gelu_tanh_bwd.restype = None
     if hasattr(lib, "linear_u8s8"):
         lib.linear_u8s8.argtypes = [ptr] * 8 + [n, n, n]
         lib.linear_u8s8.restype = None
@@ -48,6 +50,8 @@ def ops(lib: ctypes.CDLL) -> tuple:
         functools.partial(_attend, lib),
         functools.partial(_argmax_rows, lib),
         functools.partial(_logsumexp_rows, lib),
+        functools.partial(_gelu_tanh, lib),
+        functools.partial(_gelu_tanh_backward, lib),
     )
 
 
@@ -104,6 +108,22 @@ def _logsumexp_rows(lib: ctypes.CDLL, x: Tensor) -> Tensor:
     x = x.contiguous()
     out = x.new_empty(x.shape[0])
     lib.logsumexp_rows(x.data_ptr(), out.data_ptr(), *x.shape)
+    return out
+
+
+def _gelu_tanh(lib: ctypes.CDLL, x: Tensor) -> Tensor:
+    """x float32 -> F.gelu(x, approximate="tanh") within float32 rounding (csrc/gelu.c)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.gelu_tanh_fwd(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+def _gelu_tanh_backward(lib: ctypes.CDLL, grad: Tensor, x: Tensor) -> Tensor:
+    """The gradient of _gelu_tanh at x times `grad` (csrc/gelu.c)."""
+    x, grad = x.contiguous(), grad.contiguous()
+    out = torch.empty_like(x)
+    lib.gelu_tanh_bwd(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
 

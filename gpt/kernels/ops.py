@@ -14,12 +14,23 @@ LIBRARY.define("gemv_u8s8(Tensor x, Tensor w, Tensor w_sum) -> Tensor")
 LIBRARY.define("linear_u8s8(Tensor x, Tensor w, Tensor w_sum, Tensor w_scale, Tensor? bias) -> Tensor")
 LIBRARY.define("argmax_rows(Tensor x) -> Tensor")
 LIBRARY.define("logsumexp_rows(Tensor x) -> Tensor")
+LIBRARY.define("gelu_tanh(Tensor x) -> Tensor")
+LIBRARY.define("gelu_tanh_backward(Tensor grad, Tensor x) -> Tensor")
 LIBRARY.define(
     "attend_one(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor rows, "
     "Tensor pos) -> Tensor"
 )
 # the order in which gpt.kernels.ctypes_ops and gpt.kernels.reference.self_check take them
-NAMES = ("gemv_f32", "gemv_u8s8", "linear_u8s8", "attend_one", "argmax_rows", "logsumexp_rows")
+NAMES = (
+    "gemv_f32",
+    "gemv_u8s8",
+    "linear_u8s8",
+    "attend_one",
+    "argmax_rows",
+    "logsumexp_rows",
+    "gelu_tanh",
+    "gelu_tanh_backward",
+)
 
 
 @torch.library.register_fake("gpt::gemv_f32")
@@ -45,6 +56,16 @@ def _(x: Tensor) -> Tensor:
 @torch.library.register_fake("gpt::logsumexp_rows")
 def _(x: Tensor) -> Tensor:
     return x.new_empty(x.shape[0])
+
+
+@torch.library.register_fake("gpt::gelu_tanh")
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("gpt::gelu_tanh_backward")
+def _(grad: Tensor, x: Tensor) -> Tensor:
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("gpt::attend_one")

@@ -58,6 +58,8 @@ def self_check(
     attend,
     argmax_rows,
     logsumexp_rows,
+    gelu_tanh,
+    gelu_tanh_backward,
 ) -> None:
     """A library's kernels, reached through the given callables (its ctypes wrappers, or the
     registered torch ops), against the definitions above and PyTorch on awkward shapes: a short
@@ -89,6 +91,16 @@ def self_check(
         logsumexp_rows(logits), torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-6, equal_nan=True
     ):
         raise RuntimeError("logsumexp kernel disagrees with torch")
+    x = torch.cat([torch.randn(1000, generator=g) * 4, torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-30])])
+    x.requires_grad_()
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    grad = torch.randn(x.shape, generator=g)
+    (want_dx,) = torch.autograd.grad(want, x, grad)
+    x = x.detach()
+    if not torch.allclose(gelu_tanh(x), want.detach(), rtol=1e-5, atol=1e-6):
+        raise RuntimeError("GELU kernel disagrees with torch")
+    if not torch.allclose(gelu_tanh_backward(grad, x), want_dx, rtol=1e-5, atol=1e-5):
+        raise RuntimeError("GELU backward kernel disagrees with torch")
     for M, N, K in [(1, 7, 5), (1, 37, 200), (3, 9, 130)]:
         if isa & 1:
             x, w, b = (

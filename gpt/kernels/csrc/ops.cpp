@@ -1,4 +1,4 @@
-// The C kernels (gemv.c, attention.c, rows.c) as PyTorch's CPU implementations of the gpt:: ops
+// The C kernels (gemv.c, attention.c, rows.c, gelu.c) as PyTorch's CPU implementations of the gpt:: ops
 // that gpt/kernels/ops.py declares. Called through the dispatcher directly, a kernel pays no
 // Python call and no argument conversion, which the Python implementations that gpt/kernels
 // falls back to (ctypes_ops.py) pay on every call, and a decode step makes one call per layer's
@@ -22,6 +22,8 @@ void linear_u8s8(const float *, const int8_t *, const int32_t *, const float *, 
                  uint8_t *, float *, long, long, long) __attribute__((weak));
 void argmax_rows(const float *, int64_t *, long, long);
 void logsumexp_rows(const float *, float *, long, long);
+void gelu_tanh_fwd(const float *, float *, long);
+void gelu_tanh_bwd(const float *, const float *, float *, long);
 void attend_one(const float *, const float *, const float *, float *, float *, long, long, long,
                 const int64_t *, const int64_t *, float *, long, long, long, float);
 void attend_one_f16(const float *, const float *, const float *, uint16_t *, uint16_t *, long, long, long,
@@ -77,6 +79,24 @@ at::Tensor logsumexp_rows_op(const at::Tensor &x) {
     return out;
 }
 
+at::Tensor gelu_tanh_op(const at::Tensor &x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "gpt::gelu_tanh: float32 only");
+    const at::Tensor xc = x.contiguous();
+    at::Tensor out = at::empty(xc.sizes(), xc.options());
+    gelu_tanh_fwd(xc.data_ptr<float>(), out.data_ptr<float>(), xc.numel());
+    return out;
+}
+
+at::Tensor gelu_tanh_backward_op(const at::Tensor &grad, const at::Tensor &x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat &&
+                    grad.sizes() == x.sizes(),
+                "gpt::gelu_tanh_backward: float32 tensors of one shape only");
+    const at::Tensor xc = x.contiguous(), gc = grad.contiguous();
+    at::Tensor out = at::empty(xc.sizes(), xc.options());
+    gelu_tanh_bwd(gc.data_ptr<float>(), xc.data_ptr<float>(), out.data_ptr<float>(), xc.numel());
+    return out;
+}
+
 at::Tensor attend_one_op(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, at::Tensor &k_cache,
                          at::Tensor &v_cache, const at::Tensor &rows, const at::Tensor &pos) {
     TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.strides() == v_cache.strides(),
@@ -111,4 +131,6 @@ TORCH_LIBRARY_IMPL(gpt, CPU, m) {
     m.impl("argmax_rows", argmax_rows_op);
     m.impl("logsumexp_rows", logsumexp_rows_op);
     m.impl("attend_one", attend_one_op);
+    m.impl("gelu_tanh", gelu_tanh_op);
+    m.impl("gelu_tanh_backward", gelu_tanh_backward_op);
 }

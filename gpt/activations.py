@@ -1,0 +1,62 @@
+"""GPT-2's GELU, the tanh approximation, on our CPU kernel where it runs.
+
+    gelu(x) = 0.5 x (1 + tanh(z)),  z = sqrt(2/pi) (x + 0.044715 x^3)
+
+PyTorch's CPU kernel evaluates tanh, whose vectorised form costs several times an exponential;
+`torch.ops.gpt.gelu_tanh` (gpt/kernels/csrc/gelu.c) computes the same function as x sigmoid(2z)
+with one exponential, in one pass forward and one backward, within float32 rounding of
+PyTorch's. A training step runs it over every position's feed-forward activations, forward and
+backward; benchmarks/train.py times the step (docs/benchmarks.md has the figures). Small inputs
+(a decode step's few rows), other dtypes and devices, torch.compile (which fuses GELU into its
+own kernels) and a machine where our kernels do not build keep PyTorch's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+
+KERNEL_FROM = 1 << 14  # elements: below this, the call's overhead outweighs the faster loop
+
+
+class _GeluTanh(torch.autograd.Function):
+    """Saves only x, as PyTorch's GELU does: the backward recomputes the sigmoid."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.ops.gpt.gelu_tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.ops.gpt.gelu_tanh_backward(grad, x)
+
+
+def _kernel_fits(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() >= KERNEL_FROM
+        and not torch.compiler.is_compiling()
+        and kernels.gelu_available()
+    )
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh")."""
+    if not _kernel_fits(x):
+        return F.gelu(x, approximate="tanh")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GeluTanh.apply(x)
+    return torch.ops.gpt.gelu_tanh(x)
+
+
+class GELUTanh(nn.Module):
+    """nn.GELU(approximate="tanh"), on our kernel for large float32 CPU inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh(x)
