@@ -49,6 +49,14 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out.float()
 
 
+def _dlogits(logits: Tensor, lse: Tensor, t: Tensor, keep: Tensor) -> Tensor:
+    """d loss / d logits of one slice, in place of its float32 logits: softmax - one-hot, zero
+    on the ignored rows."""
+    g = logits.sub_(lse[:, None]).exp_()
+    g.scatter_add_(1, torch.where(keep, t, 0).unsqueeze(1), -keep.float().unsqueeze(1))
+    return g.mul_(keep.float().unsqueeze(1))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum of -log softmax(h W^T + b)[target] over the rows whose target is not ignored."""
 
@@ -60,6 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = h.shape[0]
             lse = torch.empty(n, device=h.device, dtype=torch.float32)
             total = torch.zeros((), device=h.device, dtype=torch.float32)
+            ctx.dlogits = None
             for lo in range(0, n, chunk_rows):
                 hi = min(n, lo + chunk_rows)
                 logits = _logits(h[lo:hi], w, b)
@@ -68,6 +77,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 keep = t != ignore_index
                 picked = logits.gather(1, torch.where(keep, t, 0).unsqueeze(1)).squeeze(1)
                 total += torch.where(keep, lse[lo:hi] - picked, 0.0).sum()
+                if hi - lo == n and any(ctx.needs_input_grad[:3]):
+                    # one slice holds every row: keep its gradient rather than compute its
+                    # logits again in the backward (no more memory than the slice itself)
+                    ctx.dlogits = _dlogits(logits, lse, t, keep)
                 del logits
         ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.dt, ctx.ignore_index, ctx.chunk_rows = dt, ignore_index, chunk_rows
@@ -90,10 +103,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hc = h[lo:hi].to(dt)
                 t = targets[lo:hi]
                 keep = t != ctx.ignore_index
-                # d loss / d logits = (softmax - one-hot) * grad, zero on ignored rows
-                g = _logits(hc, w, b).sub_(lse[lo:hi, None]).exp_()
-                g.scatter_add_(1, torch.where(keep, t, 0).unsqueeze(1), -keep.float().unsqueeze(1))
-                g.mul_((keep.float() * grad_total.float()).unsqueeze(1))
+                g = ctx.dlogits
+                if g is None:
+                    g = _dlogits(_logits(hc, w, b), lse[lo:hi], t, keep)
+                g.mul_(grad_total.float())
                 if grad_b is not None:
                     grad_b += g.sum(0)
                 g = g.to(dt)
@@ -102,6 +115,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_w is not None:
                     grad_w += (g.t() @ hc).float()
                 del g
+        ctx.dlogits = None
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None
