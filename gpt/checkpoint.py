@@ -60,13 +60,16 @@ def save(
     tokenizer: str | Tokenizer | None = None,
     metadata: dict | None = None,
     extra_files: dict[str, bytes] | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save `model` as a checkpoint directory at `path`, atomically replacing any previous one.
 
     tokenizer: the tokenizer, or its name, to record (default: model.config.tokenizer); one
         trained with the model (gpt/bpe.py) must be passed itself, as it is stored here.
     metadata: JSON-serialisable facts to keep with it (step, loss, data, ...).
-    extra_files: {file name: bytes} written into the same directory, e.g. trainer state."""
+    extra_files: {file name: bytes} written into the same directory, e.g. trainer state.
+    extra_tensors: {file name: {key: tensor}} written there as safetensors files, straight from
+        the tensors' memory (an optimizer's state is as large as the model, twice over)."""
     config: ModelConfig = model.config
     tokenizer_json = tokenizer.to_json() if isinstance(tokenizer, Tokenizer) else None
     tokenizer = (tokenizer.name if isinstance(tokenizer, Tokenizer) else tokenizer) or config.tokenizer
@@ -88,8 +91,8 @@ def save(
         header["quantization"] = "int8"
     # Serialise before touching the disk, so bad metadata fails without leaving anything behind.
     config_bytes = (json.dumps(header, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    extra_files = dict(extra_files or {})
-    for name in extra_files:
+    extra_files, extra_tensors = dict(extra_files or {}), dict(extra_tensors or {})
+    for name in [*extra_files, *extra_tensors]:
         if (
             name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
             or not name
@@ -112,6 +115,8 @@ def save(
         (tmp / CONFIG_FILE).write_bytes(config_bytes)
         for name, data in extra_files.items():
             (tmp / name).write_bytes(data)
+        for name, named in extra_tensors.items():
+            safetensors.torch.save_file(named, str(tmp / name))
     return path
 
 

@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 import gpt
@@ -100,12 +99,16 @@ def save_step(
     # no best loss yet is stored as null: JSON has no Infinity
     best = state["best_val_loss"]
     as_json = split_tensors({**state, "best_val_loss": best if math.isfinite(best) else None}, tensors)
-    files = {
-        STATE_JSON: (json.dumps(as_json, allow_nan=False) + "\n").encode(),
-        STATE_TENSORS: safetensors.torch.save(tensors),
-    }
+    files = {STATE_JSON: (json.dumps(as_json, allow_nan=False) + "\n").encode()}
     name = ckpt_name(state["step"])
-    path = gpt.save(model, out / name, tokenizer=tokenizer, metadata=metadata, extra_files=files)
+    path = gpt.save(
+        model,
+        out / name,
+        tokenizer=tokenizer,
+        metadata=metadata,
+        extra_files=files,
+        extra_tensors={STATE_TENSORS: tensors},
+    )
     atomic_write_bytes(out / LATEST, (name + "\n").encode())
     for old in step_checkpoints(out)[:-keep_last]:
         if old.name != name:
@@ -180,5 +183,5 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashed in place, not copied
     return h.hexdigest()
