@@ -22,20 +22,6 @@ from . import kernels
 KERNEL_FROM = 1 << 14  # elements: below this, the call's overhead outweighs the faster loop
 
 
-class _GeluTanh(torch.autograd.Function):
-    """Saves only x, as PyTorch's GELU does: the backward recomputes the sigmoid."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return torch.ops.gpt.gelu_tanh(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.gpt.gelu_tanh_backward(grad, x)
-
-
 def _kernel_fits(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
@@ -46,17 +32,18 @@ def _kernel_fits(x: torch.Tensor) -> bool:
     )
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """F.gelu(x, approximate="tanh")."""
-    if not _kernel_fits(x):
+def gelu_tanh(x: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+    """F.gelu(x, approximate="tanh"); on our kernel where it fits, unless `kernel` is False."""
+    if not (kernel and _kernel_fits(x)):
         return F.gelu(x, approximate="tanh")
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanh.apply(x)
-    return torch.ops.gpt.gelu_tanh(x)
+    return torch.ops.gpt.gelu_tanh(x)  # its backward: gpt.kernels.ops registers it
 
 
 class GELUTanh(nn.Module):
-    """nn.GELU(approximate="tanh"), on our kernel for large float32 CPU inputs."""
+    """nn.GELU(approximate="tanh"), on our kernel for large float32 CPU inputs (`kernel`: False
+    keeps PyTorch's, which gpt.checkpointing does for the blocks it checkpoints)."""
+
+    kernel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu_tanh(x)
+        return gelu_tanh(x, self.kernel)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .activations import GELUTanh
 from .layers import Block
 
 
@@ -20,4 +21,9 @@ def enable(model: nn.Module, on: bool = True) -> int:
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.checkpointing = on
+        for act in block.modules():
+            if isinstance(act, GELUTanh):
+                # torch.utils.checkpoint counts a different number of saved tensors for our
+                # kernel's op in the forward and in the recomputation, and refuses to go on
+                act.kernel = not on
     return len(blocks)

@@ -173,8 +173,9 @@ def load_chat_files(specs: list[str], option: str, template, tok, block_size: in
     return examples, notes
 
 
-def collate(rows: list[Example], pad: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad the rows to the longest (rounded up to PAD_MULTIPLE, at most block_size)."""
+def collate(rows: list[Example], pad: int, block_size: int) -> tuple[torch.Tensor, ...]:
+    """(x, y, lengths): the rows right-padded to the longest (rounded up to PAD_MULTIPLE, at most
+    block_size), and each row's own length, so that throughput counts tokens, not padding."""
     longest = max(len(x) for x, _ in rows)
     width = min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
     x = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -182,7 +183,7 @@ def collate(rows: list[Example], pad: int, block_size: int) -> tuple[torch.Tenso
     for i, (ids, targets) in enumerate(rows):
         x[i, : len(ids)] = torch.tensor(ids)
         y[i, : len(targets)] = torch.tensor(targets)
-    return x, y
+    return x, y, torch.tensor([len(ids) for ids, _ in rows])
 
 
 class ChatSampler:
@@ -192,7 +193,7 @@ class ChatSampler:
         self.examples, self.block_size, self.batch_size, self.pad = examples, block_size, batch_size, pad
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         ix = torch.randint(len(self.examples), (self.batch_size,), generator=self.generator).tolist()
         return collate([self.examples[i] for i in ix], self.pad, self.block_size)
 

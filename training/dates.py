@@ -64,3 +64,55 @@ def date_pair(rng: random.Random) -> tuple[str, str]:
     elif case < 0.15:
         src = src.upper()
     return src, d.isoformat()
+
+
+ASKS = (
+    "Write {} in ISO 8601.",
+    "What is {} as an ISO date?",
+    "Normalise this date: {}",
+    "{} in YYYY-MM-DD, please.",
+)
+
+
+def date_chat(rng: random.Random) -> dict:
+    """The task as one conversation in OpenAI's fine-tuning format (gpt-train --data *.jsonl):
+    a user asks for a date in ISO form, in one of a few phrasings, and the assistant answers with
+    the date alone; a third of them open with a system message."""
+    src, iso = date_pair(rng)
+    messages = [
+        {"role": "user", "content": rng.choice(ASKS).format(src)},
+        {"role": "assistant", "content": iso},
+    ]
+    if rng.random() < 1 / 3:
+        messages.insert(0, {"role": "system", "content": "You convert dates to ISO 8601."})
+    return {"messages": messages}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m training.dates --chats N --out FILE: N date conversations, one JSON line each."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m training.dates", description=main.__doc__)
+    p.add_argument("--chats", type=int, required=True, metavar="N", help="how many conversations")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .jsonl file to write")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.chats < 1:
+        print("python -m training.dates: --chats must be at least 1", file=sys.stderr)
+        return 2
+    rng = random.Random(args.seed)
+    lines = "".join(json.dumps(date_chat(rng)) + "\n" for _ in range(args.chats))
+    try:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(lines)
+    except OSError as e:
+        print(f"python -m training.dates: cannot write {args.out}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.chats} conversations to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from .pairs import IGNORE
 
 def compute_loss(model, batch, kind: str) -> torch.Tensor:
     if kind == "gpt":
-        x, y = batch
+        x, y = batch[:2]  # conversations carry their rows' lengths third
         return lm_cross_entropy(model, model(x, hidden=True), y)
     src, src_mask, tgt_in, tgt_out = batch
     hidden = model(src, tgt_in, src_mask, hidden=True)  # teacher forcing: the decoder reads the true prefix
@@ -22,4 +22,8 @@ def compute_loss(model, batch, kind: str) -> torch.Tensor:
 
 
 def count_tokens(batch, kind: str) -> int:
-    return batch[0].numel() if kind == "gpt" else int((batch[3] != IGNORE).sum())
+    """The tokens a batch trains on: every position of a block of text; the conversations' own
+    tokens, without their padding; the target tokens of source/target pairs."""
+    if kind != "gpt":
+        return int((batch[3] != IGNORE).sum())
+    return int(batch[2].sum()) if len(batch) == 3 else batch[0].numel()

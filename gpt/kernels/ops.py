@@ -68,6 +68,18 @@ def _(grad: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+def _gelu_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(inputs[0])  # only x, as PyTorch's GELU: the backward recomputes the rest
+
+
+def _gelu_backward(ctx, grad: Tensor) -> Tensor:
+    (x,) = ctx.saved_tensors
+    return torch.ops.gpt.gelu_tanh_backward(grad, x)
+
+
+torch.library.register_autograd("gpt::gelu_tanh", _gelu_backward, setup_context=_gelu_setup)
+
+
 @torch.library.register_fake("gpt::attend_one")
 def _(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, pos: Tensor) -> Tensor:
     return torch.empty_like(q)

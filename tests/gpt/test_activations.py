@@ -25,7 +25,7 @@ def test_the_kernel_gives_torchs_tanh_gelu_and_its_gradient_within_rounding():
     ref = x.detach().clone().requires_grad_()
     grad = torch.randn(x.shape)
     y = gelu_tanh(x)
-    assert type(y.grad_fn).__name__ == "_GeluTanhBackward"  # the kernel ran, not the fallback
+    assert "GeluBackward" not in type(y.grad_fn).__name__  # the kernel ran, not the fallback
     y.backward(grad)
     want = F.gelu(ref, approximate="tanh")
     want.backward(grad)

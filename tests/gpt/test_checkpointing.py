@@ -81,3 +81,18 @@ def test_evaluation_and_no_grad_run_the_blocks_as_usual(monkeypatch):
     assert len(calls) == 2
     model.eval().start([[1, 2, 3]], model.new_cache(1))  # cached decoding
     assert len(calls) == 2
+
+
+def test_blocks_whose_activations_are_large_enough_for_our_gelu_kernel_checkpoint_too():
+    """The kernel's op and torch.utils.checkpoint disagree on the tensors it saves; checkpointed
+    blocks keep PyTorch's GELU (gpt.activations), and the gradients stay the plain model's."""
+    torch.manual_seed(0)
+    model = gpt.build_model(gpt.ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=2, n_embd=64))
+    x = torch.randint(0, 300, (8, 64))  # 8 x 64 x 256 GELU inputs: the kernel's size (where it runs)
+    loss_fn = lambda m: F.cross_entropy(m(x).flatten(0, 1), x.flatten())  # noqa: E731
+    loss, grads, _ = _loss_grads_saved(model.train(), loss_fn)
+    checkpointing.enable(model)
+    loss_ckpt, grads_ckpt, _ = _loss_grads_saved(model, loss_fn)
+    torch.testing.assert_close(loss_ckpt, loss, atol=1e-5, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -14,6 +14,7 @@ from server.chat_template import ChatTemplate
 from training import chats
 from training.cli import main
 from training.config import TrainConfig
+from training.loss import count_tokens
 from training.trainer import train
 
 CHAT = dict(TINY, tokenizer="byte", block_size=64, max_iters=3, eval_interval=3, sample_tokens=0)
@@ -78,8 +79,10 @@ def test_mask_custom_template_and_weight_zero():
 def test_sampler_pads_with_ignored_targets_and_resumes_exactly():
     rows = [([1, 2, 3], [IGNORE, 3, 4]), ([5] * 20, [6] * 20)]
     a = chats.ChatSampler(rows, 64, 3, seed=0, pad=0)
-    x, y = a.next_batch()
+    x, y, lengths = a.next_batch()
     assert x.shape == y.shape and x.shape[1] in (16, 32)
+    assert sorted(set(lengths.tolist())) <= [3, 20]  # its tokens/s counts these, not the padding
+    assert count_tokens((x, y, lengths), "gpt") == int(lengths.sum()) < x.numel()
     for row_x, row_y in zip(x, y):
         n = 3 if row_x[0] == 1 else 20
         assert (row_y[n:] == IGNORE).all() and (row_x[n:] == 0).all()
@@ -190,3 +193,13 @@ def test_resume_continues_the_same_batches(tmp_path):
     train(dict(settings, out=str(tmp_path / "part"), max_iters=2))
     train({"out": str(tmp_path / "part"), "max_iters": 4}, resume=True)
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_the_date_conversations_of_the_docs_example_are_all_good_chat_lines(tmp_path):
+    from training import dates
+
+    out = tmp_path / "dates-chat.jsonl"
+    assert dates.main(["--chats", "50", "--out", str(out)]) == 0
+    got = chats.read_chats(out, ChatTemplate(), gpt.get_tokenizer("byte"), 128)
+    assert not got.bad and len(got.examples) == 50
+    assert dates.main(["--chats", "0", "--out", str(out)]) == 2
