@@ -15,14 +15,17 @@ def default_prompts(kind: str, accuracy_pairs: list) -> list[str]:
     return [accuracy_pairs[0][0]] if accuracy_pairs else []
 
 
-def sample(model, tokenizer: gpt.Tokenizer, prompts: list[str], max_new_tokens: int, kind: str) -> list[dict]:
+def sample(
+    model, tokenizer: gpt.Tokenizer, prompts: list[str], max_new_tokens: int, kind: str, stop=None
+) -> list[dict]:
     """One continuation per prompt, in eval mode (the caller restores train mode). A GPT samples
     (temperature 0.8, top-p 0.95, a fixed seed); an encoder-decoder decodes greedily, as its
     exact-match accuracy does. A GPT's prompt is cut to its last tokens if it leaves no room for
-    max_new_tokens (an encoder-decoder's, to its source context)."""
+    max_new_tokens (an encoder-decoder's, to its source context). `stop`: strings that end a
+    sample (a chat run's: the end of the assistant's turn)."""
     if kind == "gpt":
         params = gpt.SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=SAMPLE_SEED
+            max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=SAMPLE_SEED, stop=stop or []
         )
     else:
         params = gpt.SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

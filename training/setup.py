@@ -171,6 +171,8 @@ class Data:
     make_val: Any  # seed -> a fresh validation sampler (the same batches at every evaluation)
     accuracy_pairs: list  # seq2seq: held-out (source, target) texts for exact match
     description: str
+    sample_prompts: list[str] | None = None  # what samples continue, where not the model kind's default
+    sample_stop: list[str] | None = None  # chat: a sample ends with the assistant's turn
 
 
 def build_data(cfg: TrainConfig, tok: gpt.Tokenizer, context: int, rank: int, is_main: bool, barrier) -> Data:
@@ -188,8 +190,8 @@ def _build_data(
     cfg: TrainConfig, tok: gpt.Tokenizer, block_size: int, seed: int, is_main: bool, barrier
 ) -> Data:
     if chats.is_chat_run(cfg):  # conversations: each one a padded row, the loss on the assistant's tokens
-        train, make_val, what = chats.build_chat_data(cfg, tok, block_size, seed, is_main)
-        return Data(train=train, make_val=make_val, accuracy_pairs=[], description=what)
+        train, make_val, what, (prompt, stops) = chats.build_chat_data(cfg, tok, block_size, seed, is_main)
+        return Data(train, make_val, [], what, sample_prompts=[prompt], sample_stop=stops)
     if cfg.model == "gpt":
         files = corpus.find_files(cfg.data) if cfg.data else corpus.stdlib_files()
         if not files:

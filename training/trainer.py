@@ -145,7 +145,7 @@ def _train(
     prompts = (
         cfg.sample_prompts
         if cfg.sample_prompts is not None
-        else default_prompts(cfg.model, data.accuracy_pairs)
+        else data.sample_prompts or default_prompts(cfg.model, data.accuracy_pairs)
     )
     report.say(f"data: {data.description}")
     if adapted:
@@ -176,7 +176,7 @@ def _train(
             return
         raw.eval()
         try:
-            samples = sample(raw, tok, prompts, cfg.sample_tokens, cfg.model)
+            samples = sample(raw, tok, prompts, cfg.sample_tokens, cfg.model, data.sample_stop)
         finally:
             raw.train()
         report.log({"kind": "sample", "step": step, "samples": samples})

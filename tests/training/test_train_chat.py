@@ -141,8 +141,13 @@ def test_chat_run_trains_and_its_best_checkpoint_chats(tmp_path):
     data = write_chats(tmp_path / "chats.jsonl")
     val = write_chats(tmp_path / "val.jsonl", 4)
     out = tmp_path / "run"
-    s = train(dict(CHAT, data=[str(data)], val_data=[str(val)], out=str(out)))
+    s = train(dict(CHAT, data=[str(data)], val_data=[str(val)], out=str(out), sample_tokens=12))
     assert s["evals"] and all(torch.isfinite(torch.tensor(e["val_loss"])) for e in s["evals"])
+    # its samples continue the first validation conversation as gpt-serve would prompt it, and
+    # end with the assistant's turn
+    (shown,) = [r for r in read_metrics(out) if r["kind"] == "sample"][-1]["samples"]
+    want = ChatTemplate().render([(m["role"], m["content"]) for m in conversation(0)["messages"][:-1]])
+    assert shown["prompt"] == want and "\n" not in shown["text"]
     model, tok = gpt.load(out / "best")
     prompt = ChatTemplate().render([("user", "Say 3.")])
     piece = gpt.complete(model, tok, [prompt], gpt.SamplingParams(max_new_tokens=4, temperature=0.0))[0]
@@ -177,8 +182,9 @@ def test_format_flag_and_custom_template_note(tmp_path):
         json.dumps({"roles": {"system": {}, "user": {"prefix": "Q: "}, "assistant": {"prefix": "A: "}}})
     )
     cfg = cfg.replace(format="chat", chat_template=str(tpl))
-    train_s, make_val, what = chats.build_chat_data(cfg, gpt.get_tokenizer("byte"), 64, 0)
+    train_s, make_val, what, (prompt, stops) = chats.build_chat_data(cfg, gpt.get_tokenizer("byte"), 64, 0)
     assert f"gpt-serve --chat-template {tpl}" in what
+    assert prompt.startswith("Be brief.Q: Say 2.") and stops == []  # this template ends turns with nothing
     assert len(train_s.examples) == 9 and len(make_val(0).examples) == 1
 
 
