@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ModelConfig
@@ -23,10 +22,6 @@ from .positions import apply_rotary
 # (which PyTorch may pick on a GPU) builds a new plan for each new shape, which costs far more than
 # the step itself (benchmarks/gpu.py measures it). Cached attention keeps to the others.
 _CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, dropout_p: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
 
 
 def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool) -> bool:
@@ -63,10 +58,6 @@ class Attention(nn.Module):
     Self-attention projects Q, K and V with one fused matmul (GPT-2's `c_attn`); cross-attention
     projects Q from the decoder and a fused K/V from the encoder output.
     """
-
-    # training with attention dropout on a CPU: recompute the attention probabilities in the
-    # backward rather than keep them (False keeps them, as PyTorch's math path does)
-    recompute_dropout = True
 
     def __init__(self, config: ModelConfig, cross: bool = False):
         super().__init__()
@@ -131,19 +122,18 @@ class Attention(nn.Module):
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
                 k, v = (t.to(q.dtype) for t in cache.update(view, k, v))  # a cache may store another dtype
-        dropout_p = self.dropout if self.training else 0.0
         with (
             sdpa_kernel(_CACHED_SDPA_BACKENDS)
             if cache is not None and q.is_cuda
             else contextlib.nullcontext()
         ):
-            if dropout_p > 0 and not q.is_cuda and self.recompute_dropout and torch.is_grad_enabled():
-                # no fused CPU kernel takes dropout: the math path would keep every head's scores,
-                # probabilities and mask for the backward; recompute them there instead (the same
-                # mask: checkpoint restores the random state)
-                causal = is_causal and mask is None
-                y = checkpoint(_sdpa, q, k, v, mask, causal, dropout_p, use_reentrant=False)
-            else:
-                y = _sdpa(q, k, v, mask, is_causal and mask is None, dropout_p)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))

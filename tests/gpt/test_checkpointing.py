@@ -96,26 +96,3 @@ def test_blocks_whose_activations_are_large_enough_for_our_gelu_kernel_checkpoin
     torch.testing.assert_close(loss_ckpt, loss, atol=1e-5, rtol=0)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
-@pytest.mark.parametrize("preset", ["gpt-tiny", "seq2seq-tiny"])
-def test_attention_dropout_recomputed_in_the_backward_gives_the_kept_ones_gradients(preset, monkeypatch):
-    """With dropout, CPU attention keeps no scores or masks for the backward (it recomputes them
-    under the same random state): the same loss and gradients, far fewer bytes kept."""
-    from gpt.attention import Attention
-
-    loss_fn = _batch(preset)
-
-    def run(recompute: bool):
-        monkeypatch.setattr(Attention, "recompute_dropout", recompute)
-        torch.manual_seed(0)
-        model = gpt.build_model(gpt.preset(preset, dropout=0.1)).train()
-        torch.manual_seed(1)  # the dropout masks' draws
-        return _loss_grads_saved(model, loss_fn)
-
-    loss, grads, kept = run(False)
-    loss_r, grads_r, kept_r = run(True)
-    assert torch.equal(loss, loss_r)
-    for name in grads:
-        assert torch.equal(grads[name], grads_r[name]), name
-    assert kept_r < kept
