@@ -212,17 +212,12 @@ def sample_prompt(example: Example, tok: Tokenizer) -> str:
     return tok.decode(ids[: first + 1])
 
 
-def turn_stops(template: ChatTemplate) -> list[str]:
-    """Where an assistant turn ends: its suffix (a newline, by default) and the template's stops."""
-    suffix = template.format_for("assistant").suffix
-    return ([suffix] if suffix else []) + list(template.stop)
-
-
 def build_chat_data(cfg, tok: Tokenizer, block_size: int, seed: int, is_main: bool = True):
     """A chat run's training sampler, validation sampler maker (seed -> sampler), description,
     and the prompt and stop strings of its samples (the first validation conversation, rendered
-    as the server renders it): the conversations of --data, validated on --val-data's or on the
-    last --val-fraction of them. Bad lines are warned about on stderr (and in the description)."""
+    and stopped as gpt-serve's /v1/chat/completions would): the conversations of --data,
+    validated on --val-data's or on the last --val-fraction of them. Bad lines are warned about
+    on stderr (and in the description)."""
     if cfg.model != "gpt":
         raise ConfigError("--format chat trains a GPT: pass --model gpt")
     if not cfg.data:
@@ -256,7 +251,7 @@ def build_chat_data(cfg, tok: Tokenizer, block_size: int, seed: int, is_main: bo
             print(f"gpt-train: warning: {note}", file=sys.stderr, flush=True)
     sampler = ChatSampler(train, block_size, cfg.batch_size, seed, pad)
     make_val = lambda s: ChatSampler(val, block_size, cfg.batch_size, s, pad)  # noqa: E731
-    return sampler, make_val, what, (sample_prompt(val[0], tok), turn_stops(template))
+    return sampler, make_val, what, (sample_prompt(val[0], tok), list(template.stop))
 
 
 def chat_texts(cfg):

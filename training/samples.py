@@ -22,7 +22,7 @@ def sample(
     (temperature 0.8, top-p 0.95, a fixed seed); an encoder-decoder decodes greedily, as its
     exact-match accuracy does. A GPT's prompt is cut to its last tokens if it leaves no room for
     max_new_tokens (an encoder-decoder's, to its source context). `stop`: strings that end a
-    sample (a chat run's: the end of the assistant's turn)."""
+    sample (a chat run's: the chat template's, as gpt-serve stops a reply)."""
     if kind == "gpt":
         params = gpt.SamplingParams(
             max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=SAMPLE_SEED, stop=stop or []
