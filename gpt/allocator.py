@@ -3,9 +3,8 @@ kernel and faulting it in again.
 
 A training step allocates and frees the same large activations every step. glibc's malloc serves
 blocks above its mmap threshold with fresh mmap()s and gives the top of its heap back once more
-than its trim threshold is free, so each step starts by page-faulting its activations in again:
-over a thousand faults a step on the small char-level model, counted as kernel time, and a step
-several per cent slower than the same arithmetic with its memory kept (benchmarks/train.py). This
+than its trim threshold is free, so each step starts by page-faulting its activations in again,
+in kernel time (docs/benchmarks.md, "Against nanoGPT", has what it cost there). This
 is what tcmalloc or jemalloc, which PyTorch's CPU performance guide recommends preloading, do by
 design; glibc does it with two settings, made here through mallopt(3) for the process.
 
