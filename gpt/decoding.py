@@ -83,6 +83,10 @@ class Piece:
     cached_tokens: int = 0  # prompt tokens a server took from its prefix cache instead of computing
     # the prompt's own logprobs, when a server was asked for them: on the sequence's first piece
     prompt_logprobs: PromptLogprobs | None = None
+    # tokens drafted from the request's prediction (gpt.speculative) that were kept / were not,
+    # up to and including this piece (OpenAI's usage.completion_tokens_details)
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     def merge(self, later: Piece) -> Piece:
         """This piece followed by a later one of the same sequence, as one piece."""
@@ -96,6 +100,8 @@ class Piece:
             later.completion_tokens,
             later.cached_tokens or self.cached_tokens,
             self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            max(self.accepted_prediction_tokens, later.accepted_prediction_tokens),
+            max(self.rejected_prediction_tokens, later.rejected_prediction_tokens),
         )
 
     @property
@@ -130,6 +136,9 @@ class SequenceDecoder:
         self.budget = params.max_new_tokens if budget is None else budget
         self.logprobs: list[float] = []  # of each output token
         self.finish_reason: str | None = None
+        pred = params.prediction
+        self.prediction_ids: list[int] = tokenizer.encode(pred) if isinstance(pred, str) else list(pred or ())
+        self.prediction_tokens = [0, 0]  # drafted from the prediction: kept, not kept (gpt.speculative)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -170,6 +179,8 @@ class SequenceDecoder:
             [top] if top is not None else [],
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
+            accepted_prediction_tokens=self.prediction_tokens[0],
+            rejected_prediction_tokens=self.prediction_tokens[1],
         )
         if ends:
             piece.text, self.finish_reason = self.stream.flush(), "stop"
@@ -196,6 +207,8 @@ class SequenceDecoder:
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
+            accepted_prediction_tokens=self.prediction_tokens[0],
+            rejected_prediction_tokens=self.prediction_tokens[1],
         )
 
     def fork(self) -> SequenceDecoder:
@@ -208,6 +221,7 @@ class SequenceDecoder:
             self.finish_reason,
         )
         twin.vocab_size = self.vocab_size
+        twin.prediction_ids, twin.prediction_tokens = self.prediction_ids, list(self.prediction_tokens)
         twin.sampler = RowState(
             self.params, self.sampler.prompt_ids, self.sampler.generator, list(self.sampler.output_ids)
         )
@@ -226,6 +240,8 @@ class SequenceDecoder:
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
+            accepted_prediction_tokens=self.prediction_tokens[0],
+            rejected_prediction_tokens=self.prediction_tokens[1],
         )
 
 

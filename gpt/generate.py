@@ -16,6 +16,7 @@ from .compile import is_compiled
 from .decoding import Piece, SequenceDecoder, decode_tokens
 from .limits import ContextLimits
 from .sampling import SamplingParams
+from .speculative import SpeculativeConfig, Timer, speculative_step, speculator_for
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -29,11 +30,16 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
 
 @torch.inference_mode()
 def generate_batch(
-    model, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]
+    model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    speculative: SpeculativeConfig | str | None = "auto",
 ) -> Iterator[tuple[int, Piece]]:
     """Decode every prompt (token ids) together in one batch; yield (row, piece) as text becomes
     safe to show. Each row stops at end-of-text, a stop string, or its token budget (shrunk to
-    what fits in the context). Finished rows leave the batch."""
+    what fits in the context). Finished rows leave the batch. `speculative`: a mode of
+    gpt.speculative ("auto", "ngram", "off") or its config; it never changes the output."""
     if not prompts:
         return
     limits = ContextLimits.of(model, tokenizer)
@@ -58,24 +64,38 @@ def generate_batch(
             yield i, d.end("length")
     if not active:
         return
+    spec = speculator_for(model, speculative)
+    drafters = [spec.drafter(d) if spec else None for d in decoders]
     logits = model.start([d.prompt_ids for d in decoders], cache)[active]
-
+    pieces = decode_tokens(logits, [decoders[i] for i in active])
     while True:
-        pieces = decode_tokens(logits, [decoders[i] for i in active])
         yield from zip(active, pieces)
-        still = [j for j, i in enumerate(active) if not decoders[i].finished]
-        if not still:
+        active = [i for i in active if not decoders[i].finished]
+        if not active:
             return
-        active = [active[j] for j in still]
-        tokens = torch.tensor([[decoders[i].last_token] for i in active], device=logits.device)
-        logits = model.step(tokens, cache, rows=torch.tensor(active))
+        decs, rows = [decoders[i] for i in active], torch.tensor(active)
+        drafts = spec.plan(decs, [drafters[i] for i in active]) if spec else []
+        with Timer() as t:
+            if any(drafts):
+                verified = speculative_step(model, cache, rows, decs, drafts)
+                spec.record(decs, [drafters[i] for i in active], verified)
+                pieces = verified.pieces
+            else:
+                tokens = torch.tensor([[d.last_token] for d in decs], device=model.device)
+                pieces = decode_tokens(model.step(tokens, cache, rows=rows), decs)
+        if spec:
+            spec.costs.record(len(decs), 1 + max(map(len, drafts), default=0), t.seconds)
 
 
 def complete(
-    model, tokenizer: Tokenizer, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+    model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Prompt],
+    params: SamplingParams | Sequence[SamplingParams],
+    speculative: SpeculativeConfig | str | None = "auto",
 ) -> list[Piece]:
     """Generate for several prompts at once (greedy, sampled or beam search); one whole
-    completion per prompt."""
+    completion per prompt. `speculative`: as in `generate_batch`."""
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     plist = [params] * len(ids) if isinstance(params, SamplingParams) else list(params)
     if len(plist) != len(ids):
@@ -84,7 +104,7 @@ def complete(
     plain = [i for i, p in enumerate(plist) if p.num_beams == 1]
     if plain:
         for row, piece in generate_batch(
-            model, tokenizer, [ids[i] for i in plain], [plist[i] for i in plain]
+            model, tokenizer, [ids[i] for i in plain], [plist[i] for i in plain], speculative
         ):
             i = plain[row]
             out[i] = piece if out[i] is None else out[i].merge(piece)
@@ -95,7 +115,13 @@ def complete(
 
 
 def generate(
-    model, tokenizer: Tokenizer, prompt: Prompt | Sequence[str], *, stream: bool = False, **sampling
+    model,
+    tokenizer: Tokenizer,
+    prompt: Prompt | Sequence[str],
+    *,
+    stream: bool = False,
+    speculative: SpeculativeConfig | str | None = "auto",
+    **sampling,
 ) -> str | list[str] | Iterator[str]:
     """Generate text.
 
@@ -105,22 +131,31 @@ def generate(
     its best sequence as one piece).
     sampling: any SamplingParams field: max_new_tokens=64, temperature=1.0 (0 = greedy), top_k,
     top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias, seed,
-    stop (a string or list), ignore_eos, num_beams, length_penalty.
+    stop (a string or list), ignore_eos, num_beams, length_penalty, prediction (text the output
+    is expected to repeat: drafts for speculative decoding).
+    speculative: "auto" (default), "ngram" or "off", or a gpt.speculative.SpeculativeConfig:
+    speculative decoding, which makes no difference to the output, only to its speed.
     """
     params = SamplingParams(**sampling)
     many = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and isinstance(prompt[0], str)
     if stream:
         if many:
             raise ValueError("stream=True takes a single prompt")
-        return _stream(model, tokenizer, prompt, params)
+        return _stream(model, tokenizer, prompt, params, speculative)
     if many:
-        return [c.text for c in complete(model, tokenizer, prompt, params)]
-    return complete(model, tokenizer, [prompt], params)[0].text
+        return [c.text for c in complete(model, tokenizer, prompt, params, speculative)]
+    return complete(model, tokenizer, [prompt], params, speculative)[0].text
 
 
-def _stream(model, tokenizer: Tokenizer, prompt: Prompt, params: SamplingParams) -> Iterator[str]:
+def _stream(
+    model, tokenizer: Tokenizer, prompt: Prompt, params: SamplingParams, speculative
+) -> Iterator[str]:
     ids = encode_prompt(tokenizer, prompt)
     ContextLimits.of(model, tokenizer).check(ids, params, clamp=True)  # errors now, not at first next()
     if params.num_beams > 1:
         return iter([beam_search(model, tokenizer, ids, params)[0].text])
-    return (piece.text for _, piece in generate_batch(model, tokenizer, [ids], [params]) if piece.text)
+    return (
+        piece.text
+        for _, piece in generate_batch(model, tokenizer, [ids], [params], speculative)
+        if piece.text
+    )

@@ -200,6 +200,12 @@ class KVCache(nn.Module):
         self.lengths[rows] = 0
         self.src_lengths[rows] = 0
 
+    def rewind(self, rows: Rows, n: Tensor) -> None:
+        """Forget the last n[i] positions of each of `rows` (drafted tokens that were not kept):
+        like any stale key, they are written over before they are read again."""
+        rows_t, _ = self.resolve_rows(rows, len(n))
+        self.lengths[rows_t] -= torch.as_tensor(n, dtype=torch.long).cpu()
+
     def reorder(self, src_rows: Tensor, dst_rows: Tensor | None = None, positions: int | None = None) -> None:
         """Copy rows `src_rows` into `dst_rows` (default 0..len-1), e.g. to follow beam parents.
         All sources are read before any destination is written, so rows can swap places.

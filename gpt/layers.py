@@ -4,6 +4,8 @@ and LayerNorm."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -98,3 +100,17 @@ def final_layer_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "post":
         return nn.Identity()
     return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def init_weights(model: nn.Module, config: ModelConfig, n_residual_layers: int) -> None:
+    """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down by
+    1/sqrt(2 * layers) so the residual stream's variance does not grow with depth."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.dim() == 1:  # LayerNorm gains
+            nn.init.ones_(p)
+        elif name.endswith("c_proj.weight"):
+            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_residual_layers))
+        else:
+            nn.init.normal_(p, mean=0.0, std=0.01 if name.endswith("wpe.weight") else 0.02)

@@ -19,24 +19,10 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
-from .layers import Block, final_layer_norm
+from .layers import Block, final_layer_norm, init_weights
 from .linear import Linear
 from .positions import PositionEncoding
 from .tokenizer import get_tokenizer
-
-
-def _init_weights(model: nn.Module, config: ModelConfig, n_residual_layers: int) -> None:
-    """GPT-2's initialisation: N(0, 0.02), zero biases, residual projections scaled down by
-    1/sqrt(2 * layers) so the residual stream's variance does not grow with depth."""
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            nn.init.zeros_(p)
-        elif p.dim() == 1:  # LayerNorm gains
-            nn.init.ones_(p)
-        elif name.endswith("c_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_residual_layers))
-        else:
-            nn.init.normal_(p, mean=0.0, std=0.01 if name.endswith("wpe.weight") else 0.02)
 
 
 def _pad(seqs: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
@@ -254,7 +240,7 @@ class GPT(_Transformer):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
-        _init_weights(self, config, config.n_layer)
+        init_weights(self, config, config.n_layer)
 
     def forward(
         self,
@@ -292,9 +278,12 @@ class GPT(_Transformer):
         cache.reset(rows if rows is not None else slice(0, len(prompts)))
         return self(ids, cache=cache, rows=rows, n_tokens=lens, last_only=True)
 
-    def step(self, tokens: Tensor, cache: KVCache, rows: Rows | None = None, n_tokens=None) -> Tensor:
-        """Append tokens (B, T) to the cache rows; next-token logits (B, V)."""
-        return self(tokens, cache=cache, rows=rows, n_tokens=n_tokens, last_only=True)
+    def step(
+        self, tokens: Tensor, cache: KVCache, rows: Rows | None = None, n_tokens=None, every: bool = False
+    ) -> Tensor:
+        """Append tokens (B, T) to the cache rows; next-token logits (B, V), or with `every` the
+        logits at every position (B, T, V) (gpt.speculative verifies drafts with them)."""
+        return self(tokens, cache=cache, rows=rows, n_tokens=n_tokens, last_only=not every)
 
 
 class EncoderDecoder(_Transformer):
@@ -316,7 +305,7 @@ class EncoderDecoder(_Transformer):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        _init_weights(self, config, config.n_layer + config.n_encoder_layer)
+        init_weights(self, config, config.n_layer + config.n_encoder_layer)
         start = config.decoder_start_token
         self.start_token = get_tokenizer(config.tokenizer).eot_token if start is None else start
 
@@ -377,8 +366,10 @@ class EncoderDecoder(_Transformer):
         bos = torch.full((len(sources), 1), self.start_token, dtype=torch.long, device=self.device)
         return self.step(bos, cache, rows=rows)
 
-    def step(self, tokens: Tensor, cache: KVCache, rows: Rows | None = None, n_tokens=None) -> Tensor:
-        """Append target tokens (B, T) to the cache rows; next-token logits (B, V)."""
+    def step(
+        self, tokens: Tensor, cache: KVCache, rows: Rows | None = None, n_tokens=None, every: bool = False
+    ) -> Tensor:
+        """Append target tokens (B, T) to the cache rows; next-token logits (B, V), or (B, T, V)."""
         self._check_ids(tokens, "tgt_ids")
         return self._run(
             self.decoder,
@@ -389,7 +380,7 @@ class EncoderDecoder(_Transformer):
             n_tokens=n_tokens,
             causal=True,
             head=self.lm_head,
-            last_only=True,
+            last_only=not every,
         )
 
 

@@ -53,6 +53,10 @@ class SamplingParams:
     constraint: Constraint | None = None
     allowed_token_ids: Sequence[int] | None = None  # only these tokens may be chosen (vLLM's)
     bad_words: Sequence[str] = ()  # never output these words, with or without a leading space (vLLM's)
+    # Predicted output (OpenAI's `prediction`): text, or token ids, that the output is expected to
+    # repeat for the most part (a file rewritten with a few changes). Speculative decoding drafts
+    # from it (gpt.speculative); it never changes which tokens are chosen, only how fast.
+    prediction: str | Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -64,6 +68,8 @@ class SamplingParams:
         if isinstance(self.bad_words, str):
             self.bad_words = [self.bad_words]
         self.bad_words = tuple(self.bad_words or ())
+        if self.prediction is not None and not isinstance(self.prediction, str):
+            self.prediction = tuple(self.prediction)
         self.validate()
 
     def validate(self, vocab_size: int | None = None, *, seq2seq: bool = False) -> None:
@@ -141,6 +147,19 @@ class SamplingParams:
             need(len(self.allowed_token_ids) > 0, "allowed_token_ids", "must not be empty")
             for i, tok in enumerate(self.allowed_token_ids):
                 need(token(tok), f"allowed_token_ids.{i}", f"token id {tok!r} is out of range {vocab}")
+        if self.prediction is not None:
+            pred = self.prediction
+            need(
+                isinstance(pred, str) or all(token(t) for t in pred),
+                "prediction",
+                f"must be text or a list of token ids in {vocab}",
+            )
+            need(
+                self.num_beams == 1,
+                "prediction",
+                "beam search (num_beams > 1) does not speculate; a prediction cannot apply",
+                "invalid_combination",
+            )
         for i, word in enumerate(self.bad_words):
             need(isinstance(word, str) and word != "", f"bad_words.{i}", "must be a non-empty string")
         if self.constraint is not None:

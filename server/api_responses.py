@@ -24,27 +24,55 @@ class PromptTokensDetails(BaseModel):
     )
 
 
+class CompletionTokensDetails(BaseModel):
+    accepted_prediction_tokens: int = Field(
+        0, description="tokens of the request's `prediction` that the output took (drafted and kept)"
+    )
+    rejected_prediction_tokens: int = Field(
+        0,
+        description="tokens of the `prediction` that were drafted and not kept (OpenAI bills them as "
+        "completion tokens; completion_tokens here counts the output's tokens only)",
+    )
+    reasoning_tokens: int = Field(0, description="always 0: this model does not reason")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
+    completion_tokens_details: CompletionTokensDetails = CompletionTokensDetails()
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+    def of(
+        cls,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+        accepted: int = 0,
+        rejected: int = 0,
+    ) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            completion_tokens_details=CompletionTokensDetails(
+                accepted_prediction_tokens=accepted, rejected_prediction_tokens=rejected
+            ),
         )
 
     @classmethod
     def of_choices(cls, prompt_tokens: int, choices, n: int) -> Usage:
         """The usage of a request's choices (each choice's last or merged `gpt.Piece`), `n` per
         prompt: a prompt's cached tokens counted once, from its first choice, like its tokens."""
-        completion_tokens = sum(c.completion_tokens for c in choices)
-        return cls.of(prompt_tokens, completion_tokens, sum(c.cached_tokens for c in choices[::n]))
+        return cls.of(
+            prompt_tokens,
+            sum(c.completion_tokens for c in choices),
+            sum(c.cached_tokens for c in choices[::n]),
+            sum(c.accepted_prediction_tokens for c in choices),
+            sum(c.rejected_prediction_tokens for c in choices),
+        )
 
 
 class CompletionLogprobs(BaseModel):

@@ -38,6 +38,7 @@ def load_engine(settings: Settings, metrics=None, threads: int | None = None):
 
     import gpt
     from gpt import fast_defaults
+    from gpt.speculative import SpeculativeConfig
 
     from .engine import Engine
     from .hardware import batched_slowdown
@@ -91,6 +92,7 @@ def load_engine(settings: Settings, metrics=None, threads: int | None = None):
         compile_decode=fast.compile,
         cuda_graphs=not settings.eager,
         kv_cache_dtype=kv_dtype,
+        speculative=SpeculativeConfig(settings.speculative, settings.num_speculative_tokens),
     )
 
 

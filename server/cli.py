@@ -20,7 +20,15 @@ import uvicorn
 
 from cli_args import Parser
 
-from .config import DTYPES, ENV_PREFIX, KV_CACHE_DTYPES, LOG_LEVELS, QUANTIZATIONS, Settings
+from .config import (
+    DTYPES,
+    ENV_PREFIX,
+    KV_CACHE_DTYPES,
+    LOG_LEVELS,
+    QUANTIZATIONS,
+    SPECULATIVE_MODES,
+    Settings,
+)
 
 log = logging.getLogger("server")
 
@@ -104,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"torch.compile the decode step at start-up (tens of seconds the first time); default: "
         f"on a CPU where a C++ compiler is found (env {ENV_PREFIX}COMPILE=1/0)",
+    )
+    _opt(
+        p,
+        "--speculative",
+        "speculative decoding, which never changes the output: auto (default) drafts from prompt "
+        "lookup and requests' predictions where measured faster; ngram always; off never",
+        choices=SPECULATIVE_MODES,
+    )
+    _opt(
+        p,
+        "--num-speculative-tokens",
+        "the longest draft verified in one forward (default 8)",
+        type=int,
+        metavar="N",
     )
     p.add_argument(
         "--eager",

@@ -15,6 +15,7 @@ ENV_PREFIX = "GPT_SERVE_"
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", *DTYPES)
 QUANTIZATIONS = ("none", "int8")
+SPECULATIVE_MODES = ("auto", "ngram", "off")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -44,6 +45,11 @@ class Settings:
     # torch.compile the decode step (gpt.compile_decode) at start-up; None: where a C++ compiler
     # is present on a CPU (gpt.fast_defaults)
     compile: bool | None = None
+    # speculative decoding (gpt.speculative): "auto" drafts from prompt lookup and requests'
+    # predictions where the measured step costs say it is faster, "ngram" always, "off" never
+    # (predictions are then ignored); the output is the same in every mode
+    speculative: str = "auto"
+    num_speculative_tokens: int = 8  # the longest draft verified in one forward
     eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
@@ -87,6 +93,14 @@ class Settings:
         )
         need(
             self.quantize in QUANTIZATIONS, f"quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}"
+        )
+        need(
+            self.speculative in SPECULATIVE_MODES,
+            f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}",
+        )
+        need(
+            1 <= self.num_speculative_tokens <= 64,
+            f"num_speculative_tokens must be in [1, 64], got {self.num_speculative_tokens}",
         )
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
@@ -132,6 +146,7 @@ _INT_FIELDS = {
     "default_max_tokens",
     "max_body_bytes",
     "max_connections",
+    "num_speculative_tokens",
 }
 _FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "constraint_timeout", "keep_alive_timeout"}
 _CHOICES = {
@@ -139,6 +154,7 @@ _CHOICES = {
     "quantize": QUANTIZATIONS,
     "dtype": DTYPES,
     "kv_cache_dtype": KV_CACHE_DTYPES,
+    "speculative": SPECULATIVE_MODES,
 }
 _BOOL_FIELDS = {"prefix_cache", "docs", "compile", "eager"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

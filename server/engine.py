@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt import ContextLimits, Piece, RequestError, SamplingParams
+from gpt.speculative import SpeculativeConfig
 
 from .beams import BeamJob
 from .metrics import Metrics
@@ -61,6 +62,8 @@ class Engine:
     start token included; its source always gets the full block). Default: the block size.
     max_prompt_tokens: refuse longer prompts (default: whatever fits).
     pack_weights, compile_decode, cuda_graphs: see `server.model_prep.prepare_model`.
+    speculative: speculative decoding's mode ("auto", "ngram", "off") or config
+    (gpt.speculative); it never changes the output.
     kv_cache_dtype: the KV cache's dtype (default: the model's; see `gpt.GPT.new_cache`).
     prefix_cache: keep finished requests' keys and values in their rows and start new requests
     from the longest cached prompt prefix (see server/prefix_cache.py); a GPT only.
@@ -86,6 +89,7 @@ class Engine:
         compile_decode: bool = False,
         cuda_graphs: bool = True,
         kv_cache_dtype=None,
+        speculative: SpeculativeConfig | str | None = "auto",
     ):
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1 and max_queue >= 0")
@@ -104,6 +108,7 @@ class Engine:
             deliver,
             prefix_cache=prefix_cache,
             cache_dtype=kv_cache_dtype,
+            speculative=SpeculativeConfig.of(speculative),
         )
         prepare_model(
             model,

@@ -22,6 +22,7 @@ _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600)
+_ACCEPTED_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
@@ -111,6 +112,24 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "gptserve_batch_size", "Rows in each batched decode step", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.spec_draft_tokens_total = Counter(
+            "gptserve_spec_draft_tokens_total",
+            "Tokens drafted for speculative decoding and verified, by source (ngram, prediction)",
+            ["source"],
+            registry=r,
+        )
+        self.spec_accepted_tokens_total = Counter(
+            "gptserve_spec_accepted_tokens_total",
+            "Drafted tokens that were kept (the model chose them), by source",
+            ["source"],
+            registry=r,
+        )
+        self.spec_accepted_length = Histogram(
+            "gptserve_spec_accepted_length",
+            "Drafted tokens kept per verified draft",
+            buckets=_ACCEPTED_BUCKETS,
+            registry=r,
         )
 
     def value(self, name: str, **labels: str) -> float:

@@ -52,6 +52,22 @@ def prompt_ids(engine, prompt: str | list[int], param: str) -> list[int]:
         raise from_request_error(e) from None
 
 
+async def prediction_ids(engine, prediction) -> list[int] | None:
+    """A request's `prediction` as token ids (tokenized off the event loop), or None for none;
+    a 400 if it is longer than the model's context: no output could repeat all of it."""
+    if prediction is None or not prediction.text:
+        return None
+    ids = await asyncio.to_thread(engine.tokenizer.encode, prediction.text)
+    limit = engine.limits.max_len
+    if len(ids) > limit:
+        raise invalid(
+            f"the prediction has {len(ids)} tokens, more than the model's context of {limit}",
+            "prediction",
+            code="context_length_exceeded",
+        )
+    return ids
+
+
 def render_messages(template: ChatTemplate, messages) -> str:
     """A chat's messages as one prompt, through the chat template; a 400 naming a role it lacks."""
     try:
@@ -89,6 +105,7 @@ def sampling_params(
     prompt_logprobs: int | None = None,
     names: Mapping[str, str] = {},
     constraint: Constraint | None = None,
+    prediction: list[int] | None = None,
 ) -> SamplingParams:
     """The SamplingParams of one choice of a request, checked against the model (`limits`) by
     the library (`gpt.SamplingParams.validate`: ranges, token ids within the vocabulary, prompt
@@ -124,6 +141,7 @@ def sampling_params(
             constraint=constraint,
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words or (),
+            prediction=prediction,
         )
         limits.check_params(params)
     except RequestError as e:
@@ -156,6 +174,7 @@ def choices(
     prompt_logprobs: int | None = None,
     names: Mapping[str, str] = {},
     constraint: Constraint | None = None,
+    prediction: list[int] | None = None,
 ) -> list[Job]:
     """The engine jobs for one prompt's `n` choices: one per choice, or one beam search for all.
     The choices share the request's `constraint` (each sequence keeps its own state in it)."""
@@ -165,6 +184,7 @@ def choices(
         prompt_logprobs=prompt_logprobs,
         names=names,
         constraint=constraint,
+        prediction=prediction,
     )
     if req.num_beams > 1:
         return [Job(ids, sampling_params(req, engine.limits, max_tokens, 0, **options), req.n)]

@@ -40,6 +40,24 @@ class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="end the stream with a chunk carrying the usage")
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Prediction(_Strict):
+    """OpenAI's Predicted Outputs: text the output is expected to repeat for the most part."""
+
+    type: Literal["content"] = Field(description="the only kind of prediction")
+    content: str | list[TextPart] = Field(
+        description="the predicted output; its tokens are drafts for speculative decoding"
+    )
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class SamplingFields(StructuredFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -109,6 +127,13 @@ class SamplingFields(StructuredFields):
         "this many tokens (stop strings still can); extension",
     )
     ignore_eos: bool = Field(False, description="keep generating past end-of-text; extension")
+    prediction: Prediction | None = Field(
+        None,
+        description="text the output is expected to repeat (a file rewritten with a few changes): "
+        "speculative decoding drafts from it, which is faster where it matches and never changes the "
+        "output; at most the model's context in tokens; ignored when the server runs with "
+        "--speculative off; not with num_beams > 1",
+    )
     num_beams: int = Field(
         1,
         ge=1,
@@ -265,11 +290,6 @@ def parse_prompt(v) -> list[str | list[int]]:
         if len(p) == 0:
             raise ValueError("the prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
     return prompts
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
 
 
 class ChatMessage(_Strict):

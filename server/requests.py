@@ -16,6 +16,7 @@ from typing import Any
 
 from gpt import Piece, SamplingParams, SequenceDecoder
 from gpt.decoding import PromptLogprobs
+from gpt.speculative import Drafter
 
 
 class QueueFull(Exception):
@@ -53,6 +54,7 @@ class Request:
     # engine-thread state from admission on
     slot: int = -1
     decoder: SequenceDecoder | None = None
+    drafter: Drafter | None = None  # its draft sources, where the engine speculates (gpt.speculative)
     prefilled: int = 0  # prompt tokens already in the cache
     cached_tokens: int = 0  # of those, tokens whose keys and values came from the prefix cache
     share_from: Request | None = None  # until it has prefilled share_len tokens, wait, then copy them

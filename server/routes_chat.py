@@ -20,7 +20,7 @@ from .deps import check_model, get_chat_template, get_engine, get_settings
 from .errors import invalid
 from .fanout import collect, finish_reason, submit_all
 from .logprobs import chat_logprobs
-from .params import budget, check_fanout, choices, prompt_ids_off_loop, render_messages
+from .params import budget, check_fanout, choices, prediction_ids, prompt_ids_off_loop, render_messages
 from .protocol import (
     ChatCompletionRequest,
 )
@@ -58,6 +58,7 @@ async def create_chat_completion(
     constraint = constraint or for_tools
     await prepare(engine, constraint, settings.constraint_timeout)
     (ids,) = await prompt_ids_off_loop(engine, [render_messages(template, body.messages)], "messages")
+    predicted = await prediction_ids(engine, body.prediction)
     if body.max_completion_tokens is not None and body.max_tokens is not None:  # both must hold
         budget(engine, len(ids), body.max_tokens, settings.default_max_tokens)
     max_tokens = budget(engine, len(ids), body.wanted_max_tokens, settings.default_max_tokens)
@@ -71,6 +72,7 @@ async def create_chat_completion(
         logprobs=top_n,
         names=NAMES,
         constraint=constraint,
+        prediction=predicted,
     )
     handles = submit_all(engine, jobs, settings.timeout)
     rid, created = new_id("chatcmpl"), now()

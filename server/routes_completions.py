@@ -25,7 +25,7 @@ from .deps import check_model, get_engine, get_settings
 from .errors import invalid
 from .fanout import collect, finish_reason, submit_all
 from .logprobs import CompletionLogprobBuilder, EchoedPrompt, join_logprobs
-from .params import budget, check_fanout, choices, prompt_ids_off_loop
+from .params import budget, check_fanout, choices, prediction_ids, prompt_ids_off_loop
 from .protocol import (
     CompletionRequest,
 )
@@ -61,6 +61,7 @@ async def create_completion(
     constraint = constraint_of(body)
     await prepare(engine, constraint, settings.constraint_timeout)
     prompts = await prompt_ids_off_loop(engine, body.prompt, "prompt")
+    predicted = await prediction_ids(engine, body.prediction)
     echoes = await asyncio.to_thread(lambda: [EchoedPrompt.of(tok, ids) for ids in prompts]) if echo else None
     jobs = []
     prompt_logprobs = body.logprobs if echo else None  # with echo, the prompt's logprobs too
@@ -75,6 +76,7 @@ async def create_completion(
             prompt_logprobs=prompt_logprobs,
             names=NAMES,
             constraint=constraint,
+            prediction=predicted,
         )
     handles = submit_all(engine, jobs, settings.timeout)
     prompt_tokens = sum(len(ids) for ids in prompts)

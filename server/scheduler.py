@@ -38,6 +38,7 @@ import torch
 
 from gpt import Piece, SequenceDecoder, decode_tokens
 from gpt.decoding import PromptLogprobs
+from gpt.speculative import SpeculativeConfig, Timer, speculative_step, speculator_for
 
 from .metrics import Metrics
 from .prefix_cache import PrefixIndex
@@ -58,8 +59,10 @@ class Scheduler:
         deliver: Deliver,
         prefix_cache: bool = True,
         cache_dtype: torch.dtype | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.model, self.tokenizer, self.metrics, self.deliver = model, tokenizer, metrics, deliver
+        self.spec = speculator_for(model, speculative)
         self.prefill_chunk = prefill_chunk
         self.cache = model.new_cache(max_batch_size, max_len=max_len, dtype=cache_dtype)
         self.batch = max_batch_size
@@ -120,6 +123,7 @@ class Scheduler:
 
     def _admit(self, r: Request, now: float) -> None:
         r.decoder = SequenceDecoder(self.tokenizer, r.prompt, r.params, r.max_new_tokens)  # may raise: first
+        r.drafter = self.spec.drafter(r.decoder) if self.spec is not None else None
         row, reuse = self._place(r)
         self._free.remove(row)
         r.slot = row
@@ -185,12 +189,31 @@ class Scheduler:
             return
         self._compact(reqs)  # now in rows 0..n-1: the cache reads them as views, not copies
         reqs.sort(key=lambda r: r.slot)
-        tokens = torch.tensor(
-            [[r.decoder.last_token] for r in reqs], dtype=torch.long, device=self.model.device
-        )
-        logits = self.model.step(tokens, self.cache, rows=slice(0, len(reqs)))
+        decs, rows = [r.decoder for r in reqs], slice(0, len(reqs))
         self.metrics.batch_size.observe(len(reqs))
-        self._sample(reqs, logits, outs)
+        drafts = self.spec.plan(decs, [r.drafter for r in reqs]) if self.spec is not None else []
+        with Timer() as t:
+            if any(drafts):
+                verified = speculative_step(self.model, self.cache, rows, decs, drafts)
+                self.spec.record(decs, [r.drafter for r in reqs], verified)
+                self._speculated(reqs, verified)
+                self._emit(reqs, verified.pieces, outs)
+            else:
+                tokens = torch.tensor(
+                    [[d.last_token] for d in decs], dtype=torch.long, device=self.model.device
+                )
+                self._sample(reqs, self.model.step(tokens, self.cache, rows=rows), outs)
+        if self.spec is not None:
+            self.spec.costs.record(len(reqs), 1 + max(map(len, drafts), default=0), t.seconds)
+
+    def _speculated(self, reqs: list[Request], verified) -> None:
+        m = self.metrics
+        for r, n, k in zip(reqs, verified.drafted, verified.matched):
+            if n:
+                source = r.drafter.source
+                m.spec_draft_tokens_total.labels(source=source).inc(n)
+                m.spec_accepted_tokens_total.labels(source=source).inc(k)
+                m.spec_accepted_length.observe(k)
 
     def _compact(self, decoding: list[Request]) -> None:
         """Move decoding rows into cache rows 0..d-1. Attention reads a contiguous range of rows
@@ -284,19 +307,24 @@ class Scheduler:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, outs) -> None:
         """One token for each request from its logits row, through its decoder."""
-        now = time.monotonic()
-        m = self.metrics
         # Every piece carries its chosen-token logprob (the API may need it at top_n = 0): one
         # reduction over (B, vocab), small beside the forward that produced the logits.
-        pieces = decode_tokens(logits, [r.decoder for r in reqs])
-        m.generation_tokens_total.inc(len(reqs))
+        self._emit(reqs, decode_tokens(logits, [r.decoder for r in reqs]), outs)
+
+    def _emit(self, reqs: list[Request], pieces: list[Piece], outs) -> None:
+        """Hand each request its piece of this step (one token, or a verified draft's several)."""
+        now = time.monotonic()
+        m = self.metrics
+        m.generation_tokens_total.inc(sum(len(p.token_ids) for p in pieces))
         for r, piece in zip(reqs, pieces):
             if r.first_token_at is None:
                 r.first_token_at = now
                 m.time_to_first_token_seconds.observe(now - r.arrival)
                 piece.prompt_logprobs = r.scored
-            else:
-                m.inter_token_latency_seconds.observe(now - r.last_token_at)
+            else:  # a verified draft's tokens arrive together: each counts its share of the wait
+                k = max(1, len(piece.token_ids))
+                for _ in range(k):
+                    m.inter_token_latency_seconds.observe((now - r.last_token_at) / k)
             r.last_token_at = now
             piece.cached_tokens = r.cached_tokens
             outs.append((r, piece))

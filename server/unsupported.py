@@ -19,7 +19,6 @@ UNSUPPORTED = {
     "truncate_prompt_tokens": ((), "prompts are never truncated: a prompt that does not fit is a 400"),
     "modalities": ((["text"],), "only text output is supported"),
     "audio": ((), "audio output is not supported"),
-    "prediction": ((), "predicted outputs are not supported"),
     "reasoning_effort": ((), "this model does not reason"),
     "web_search_options": ((), "web search is not supported"),
 }

@@ -84,9 +84,9 @@ def test_advance_one_checks_the_cache_length_before_moving_anything():
 def test_on_a_cpu_the_step_stays_eager():
     model = gpt.cuda_graph_decode(_model())
     params = gpt.SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
-    got = gpt.complete(model, BYTES, ["abc", "de"], [params, params])
+    got = gpt.complete(model, BYTES, ["abc", "de"], [params, params], speculative="off")
     model._decode_graphs = None
-    assert got == gpt.complete(model, BYTES, ["abc", "de"], [params, params])
+    assert got == gpt.complete(model, BYTES, ["abc", "de"], [params, params], speculative="off")
     assert not DecodeGraphs().accepts(torch.zeros(1, 1, dtype=torch.long), model.new_cache(1), None, True)
 
 

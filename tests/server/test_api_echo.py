@@ -208,6 +208,11 @@ def test_max_tokens_0_with_echo_and_no_logprobs_returns_the_prompt(server):
         "completion_tokens": 0,
         "total_tokens": 6,
         "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+            "reasoning_tokens": 0,
+        },
     }
     assert server.engine.stats().slots_in_use == 0
 

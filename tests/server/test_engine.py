@@ -70,10 +70,10 @@ def test_more_requests_than_slots_all_complete_with_the_text_of_gpt_complete(tin
     decode_rows = []
     step = tiny_gpt.step
 
-    def record(tokens, cache, rows=None, n_tokens=None):
+    def record(tokens, cache, rows=None, n_tokens=None, every=False):
         if tokens.shape[1] == 1:
             decode_rows.append(rows)
-        return step(tokens, cache, rows=rows, n_tokens=n_tokens)
+        return step(tokens, cache, rows=rows, n_tokens=n_tokens, every=every)
 
     tiny_gpt.step = record
 
@@ -141,9 +141,9 @@ def test_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding(ti
     calls = []  # (batch rows, tokens per row) of every forward, in order
     step = tiny_gpt.step
 
-    def record(tokens, cache, rows=None, n_tokens=None):
+    def record(tokens, cache, rows=None, n_tokens=None, every=False):
         calls.append(tuple(tokens.shape))
-        return step(tokens, cache, rows=rows, n_tokens=n_tokens)
+        return step(tokens, cache, rows=rows, n_tokens=n_tokens, every=every)
 
     tiny_gpt.step = record
     long_prompt = list(range(65, 65 + 50))  # 50 tokens in chunks of 8: 7 prefill forwards
@@ -151,7 +151,8 @@ def test_long_prompt_prefills_in_chunks_while_a_running_stream_keeps_decoding(ti
     want = gpt.complete(tiny_gpt, TOK, [long_prompt], params)[0]
 
     async def main():
-        engine = Engine(tiny_gpt, TOK, max_batch_size=4, prefill_chunk=8)
+        # speculative steps would be wider forwards too: off, to count the prefills
+        engine = Engine(tiny_gpt, TOK, max_batch_size=4, prefill_chunk=8, speculative="off")
         try:
             streaming = engine.submit(
                 TOK.encode("hi"), SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)

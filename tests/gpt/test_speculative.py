@@ -1,0 +1,211 @@
+"""Speculative decoding (gpt.speculative): drafts are verified through each sequence's own
+decoder, so the output is the one decoding a token at a time gives. The many-request random
+differential test is tests/server/test_engine_matches_library.py (the Engine speculating, the
+library not); these are the library's own paths and the pieces they are built from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import gpt
+from gpt import Constraint, SamplingParams
+from gpt.speculative import (
+    NgramIndex,
+    SpeculativeConfig,
+    Speculator,
+    StepCosts,
+    expected_tokens,
+    speculative_step,
+)
+
+BYTES = gpt.get_tokenizer("byte")
+ALWAYS = SpeculativeConfig("ngram", num_tokens=5, ngram_min=1)  # speculate whenever there is a draft
+
+
+def tiny(kind: str = "gpt", int8: bool = False):
+    torch.manual_seed(7)
+    model = gpt.build_model(gpt.preset("gpt-tiny" if kind == "gpt" else "seq2seq-tiny", tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)  # peaked distributions, like a trained model's
+    if int8:
+        gpt.quantize(model)
+    return model.eval()
+
+
+def same(a: gpt.Completion, b: gpt.Completion) -> None:
+    assert (a.token_ids, a.text, a.finish_reason, a.completion_tokens) == (
+        b.token_ids,
+        b.text,
+        b.finish_reason,
+        b.completion_tokens,
+    )
+    assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert [set(t) for t in a.top_logprobs] == [set(t) for t in b.top_logprobs]
+
+
+@pytest.mark.parametrize("kind,int8", [("gpt", False), ("gpt", True), ("seq2seq", False)])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_prediction_always_right_or_always_wrong_gives_the_output_without_one(kind, int8, temperature):
+    model = tiny(kind, int8)
+    base = SamplingParams(max_new_tokens=40, temperature=temperature, seed=5, ignore_eos=True, logprobs=2)
+    prompts = ["the cat sat on the mat; the cat", "abcabcabcabc"]
+    want = gpt.complete(model, BYTES, prompts, base, speculative="off")
+    right = [dataclasses.replace(base, prediction=w.token_ids) for w in want]
+    wrong = [dataclasses.replace(base, prediction=[(t + 1) % 256 for t in w.token_ids]) for w in want]
+    for params, kept in ((right, True), (wrong, False)):
+        got = gpt.complete(model, BYTES, prompts, params, speculative=ALWAYS)
+        for g, w in zip(got, want):
+            same(g, w)
+            if kept:  # every drafted token is the output's; each step also gives one of its own
+                assert g.rejected_prediction_tokens == 0
+                assert g.accepted_prediction_tokens >= len(w.token_ids) * 5 // 6 - 1
+            else:
+                assert g.accepted_prediction_tokens == 0 and g.rejected_prediction_tokens > 0
+
+
+def test_prompt_lookup_keeps_drafts_where_the_output_repeats_the_prompt_and_changes_nothing():
+    model = tiny()
+    # a greedy random model falls into a loop: its own output is what prompt lookup finds
+    params = SamplingParams(max_new_tokens=48, temperature=0, ignore_eos=True)
+    want = gpt.complete(model, BYTES, ["xyz"], params, speculative="off")[0]
+    calls = []
+    step = model.step
+    model.step = lambda *a, **k: calls.append(k.get("every", False)) or step(*a, **k)
+    got = gpt.complete(model, BYTES, ["xyz"], params, speculative=ALWAYS)[0]
+    same(got, want)
+    assert any(calls) and len(calls) < 47  # verified drafts, fewer forwards than tokens
+
+
+def test_stop_strings_that_straddle_a_kept_draft_end_the_output_where_they_would_have():
+    model = tiny()
+    base = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    full = gpt.complete(model, BYTES, ["hello"], base, speculative="off")[0]
+    stop = full.text[10:13]  # several tokens, met inside one verified draft
+    params = dataclasses.replace(base, stop=[stop], prediction=full.token_ids)
+    want = gpt.complete(
+        model, BYTES, ["hello"], dataclasses.replace(params, prediction=None), speculative="off"
+    )[0]
+    got = gpt.complete(model, BYTES, ["hello"], params, speculative=ALWAYS)[0]
+    same(got, want)
+    assert stop not in got.text and got.finish_reason == "stop"
+
+
+def test_budget_and_end_of_text_inside_a_draft_end_the_output_where_they_would_have():
+    model = tiny()
+    for params in (
+        SamplingParams(max_new_tokens=7, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=30, temperature=0.8, seed=1, logit_bias={BYTES.eot_token: 3.0}),
+    ):
+        want = gpt.complete(model, BYTES, ["ab"], params, speculative="off")[0]
+        long = want.token_ids + [65] * 20  # the prediction runs past the output's end
+        got = gpt.complete(
+            model, BYTES, ["ab"], dataclasses.replace(params, prediction=long), speculative=ALWAYS
+        )[0]
+        same(got, want)
+
+
+def test_a_constrained_output_is_verified_through_its_constraint():
+    model = tiny()
+    c = Constraint.regex(r"(yes|no|maybe) [0-9]{2,4}")
+    params = SamplingParams(max_new_tokens=20, temperature=0.7, seed=3, constraint=c)
+    want = gpt.complete(model, BYTES, ["Q"], params, speculative="off")[0]
+    # drafts that break the constraint are never taken: the constraint chooses as before
+    for pred in (want.token_ids, BYTES.encode("nope 9x9x9x"), BYTES.encode("maybe 12345678")):
+        got = gpt.complete(
+            model, BYTES, ["Q"], dataclasses.replace(params, prediction=pred), speculative=ALWAYS
+        )
+        same(got[0], want)
+
+
+def test_penalties_see_the_kept_tokens_of_the_draft_before_the_next_position_is_chosen():
+    model = tiny()
+    params = SamplingParams(
+        max_new_tokens=30,
+        temperature=0.6,
+        seed=9,
+        repetition_penalty=1.5,
+        frequency_penalty=0.8,
+        min_tokens=10,
+    )
+    want = gpt.complete(model, BYTES, ["aaaa"], params, speculative="off")[0]
+    got = gpt.complete(
+        model, BYTES, ["aaaa"], dataclasses.replace(params, prediction=want.token_ids), speculative=ALWAYS
+    )
+    same(got[0], want)
+    assert got[0].accepted_prediction_tokens > 0
+
+
+def test_rows_without_drafts_share_the_wide_forward_and_keep_their_output():
+    model = tiny()
+    params = [
+        SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True),
+        SamplingParams(max_new_tokens=25, temperature=1.0, seed=2, ignore_eos=True),
+        SamplingParams(max_new_tokens=25, temperature=0.5, seed=4, top_p=0.9, logprobs=3),
+    ]
+    prompts = ["first", "second one", "3"]
+    want = gpt.complete(model, BYTES, prompts, params, speculative="off")
+    params[0] = dataclasses.replace(params[0], prediction=want[0].token_ids)  # only row 0 has a prediction
+    got = gpt.complete(model, BYTES, prompts, params, speculative=SpeculativeConfig("ngram", ngram_min=4))
+    for g, w in zip(got, want):
+        same(g, w)
+    assert got[0].accepted_prediction_tokens > 0
+
+
+def test_the_cache_keeps_only_the_kept_tokens_after_a_verified_step():
+    model = tiny()
+    cache = model.new_cache(2)
+    decs = [
+        gpt.SequenceDecoder(BYTES, p, SamplingParams(max_new_tokens=20, temperature=0)) for p in ([1, 2], [3])
+    ]
+    gpt.decode_tokens(model.start([d.prompt_ids for d in decs], cache), decs)
+    drafts = [[decs[0].last_token] * 4, []]  # row 1 brings no draft: one real token, padding after
+    verified = speculative_step(model, cache, slice(0, 2), decs, drafts)
+    # every kept token but the newest is in the cache (the newest is fed on the next step)
+    for b, d in enumerate(decs):
+        assert int(cache.lengths[b]) == len(d.prompt_ids) + len(d.output_ids) - 1
+    assert verified.drafted == [4, 0] and verified.matched[1] == 0
+
+
+def test_ngram_index_finds_the_latest_occurrence_or_the_first_after_a_position():
+    idx = NgramIndex(1, 3, [1, 2, 3, 9, 1, 2, 3, 7, 1, 2])
+    assert idx.find([1, 2]) == 6  # "1 2" was followed by 3 at positions 2 and 6; latest wins
+    assert idx.find([1, 2], after=3) == 6 and idx.find([1, 2], after=0) == 2
+    assert idx.find([5, 5]) is None
+    assert idx.find([9, 3, 7]) == 8  # the longest n-gram that occurs decides ("3 7" then "7")
+    idx.extend([3, 4])
+    assert idx.find([2, 3]) == 11
+
+
+def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
+    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50)) for _ in range(4)]
+    for d in decs:
+        d.sampler.output_ids.append(3)
+    costs = StepCosts()
+    spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), costs)
+    drafters = [spec.drafter(d) for d in decs]
+    assert all(spec.plan(decs, drafters))  # nothing measured yet: wider forwards are tried
+    costs.record(4, 1, 0.010)
+    for width in range(2, 6):
+        costs.record(4, width, 0.010 * width)  # bound by arithmetic: a wider forward costs what it computes
+    assert not any(spec.plan(decs, drafters))
+    for width in range(2, 6):
+        costs.ratio[(4, width)] = 1.05  # bound by reading weights: nearly free
+    assert all(spec.plan(decs, drafters))
+    assert spec.drafter(decs[0]) is not None and Speculator(SpeculativeConfig("off")).drafter(decs[0]) is None
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 4) == 5
+
+
+def test_bad_options_and_predictions_are_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="speculative mode"):
+        SpeculativeConfig("sometimes")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig("auto", num_tokens=0)
+    with pytest.raises(gpt.RequestError, match="beam search") as e:
+        SamplingParams(num_beams=2, prediction="x")
+    assert e.value.param == "prediction"
+    with pytest.raises(gpt.RequestError) as e:
+        SamplingParams(prediction=[1, -1])
+    assert e.value.param == "prediction"
