@@ -134,4 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on a GPU, run each decode step eagerly instead of replaying a CUDA graph of it",
     )
+    r.add_argument(
+        "--speculative",
+        choices=["auto", "ngram", "off"],
+        default="auto",
+        help="speculative decoding, which never changes the output: auto drafts from prompt lookup "
+        "and --prediction where measured faster; ngram always; off never (auto)",
+    )
+    r.add_argument(
+        "--prediction",
+        metavar="FILE",
+        help="text the output is expected to repeat for the most part (a file rewritten with a few "
+        "changes): speculative decoding drafts from it",
+    )
     return p

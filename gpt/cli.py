@@ -30,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .sampling import SamplingParams
 
     constraint = _constraint(args, parser)
+    prediction = _read(parser, "--prediction", args.prediction) if args.prediction is not None else None
     try:
         params = SamplingParams(
             max_new_tokens=args.max_new_tokens,
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             length_penalty=args.length_penalty,
             ignore_eos=args.ignore_eos,
             constraint=constraint,
+            prediction=prediction,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -71,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cuda_graph_decode(model)
     _say_if_the_context_is_short(model, tokenizer, prompt, args.max_new_tokens)
     try:
-        pieces = generate(model, tokenizer, prompt, stream=True, **vars(params))
+        pieces = generate(model, tokenizer, prompt, stream=True, speculative=args.speculative, **vars(params))
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -101,6 +103,15 @@ def _say_if_the_context_is_short(model, tokenizer, prompt: str, wanted: int) -> 
         )
 
 
+def _read(parser: argparse.ArgumentParser, flag: str, path: str) -> str:
+    """A text file an option names; a parser error (exit 2) when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})")
+
+
 def _constraint(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """The gpt.constraints.Constraint that --json-schema, --regex, --choice or --grammar asks for,
     or None. A file that cannot be read, or text that is no schema, is a parser error; what only
@@ -108,11 +119,7 @@ def _constraint(args: argparse.Namespace, parser: argparse.ArgumentParser):
     from .constraints import Constraint
 
     def read(flag: str, path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            parser.error(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})")
+        return _read(parser, flag, path)
 
     try:
         if args.json_schema is not None:

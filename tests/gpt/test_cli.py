@@ -49,6 +49,16 @@ def test_generates_the_same_text_as_the_library(ckpt, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_a_prediction_file_and_every_speculative_mode_give_the_same_text(ckpt, files, tmp_path, capsys):
+    args = ["--model", str(ckpt), "-t", "0.8", "--seed", "4", "-n", "24", "--ignore-eos", "Hello"]
+    assert main([*args, "--speculative", "off"]) == 0
+    want = capsys.readouterr().out
+    (tmp_path / "p.txt").write_text(want[:-1])
+    for mode in ("auto", "ngram"):
+        assert main([*args, "--speculative", mode, "--prediction", str(tmp_path / "p.txt")]) == 0
+        assert capsys.readouterr().out == want
+
+
 def test_reads_the_prompt_from_stdin(ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello"))
     assert main(["--model", str(ckpt), "-t", "0", "-n", "5", "--ignore-eos"]) == 0
@@ -79,6 +89,8 @@ def test_help_documents_every_option():
         "--regex",
         "--choice",
         "--grammar",
+        "--speculative",
+        "--prediction",
     ):
         assert opt in out.stdout
 
@@ -106,6 +118,12 @@ def test_help_documents_every_option():
         (["--model", "{ckpt}", "--choice", "", "hi"], "--choice: "),
         (["--model", "{ckpt}", "--regex", "[0-9]+", "--num-beams", "2", "hi"], "beam search"),
         (["--model", "{ckpt}", "--regex", "[0-9]+", "--choice", "1", "hi"], "not allowed with"),
+        (["--model", "{ckpt}", "--prediction", "/nonexistent/p.txt", "hi"], "/nonexistent/p.txt"),
+        (
+            ["--model", "{ckpt}", "--prediction", "{files}/schema.json", "--num-beams", "2", "hi"],
+            "beam search",
+        ),
+        (["--model", "{ckpt}", "--speculative", "maybe", "hi"], "--speculative"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, files, args, needle, capsys, monkeypatch):
