@@ -1,0 +1,314 @@
+"""What speculative decoding buys: gpt-serve with `--speculative auto` against `--speculative
+off`, and llama-server's n-gram speculation, on a model that has learned something.
+
+The model: a GPT-2-architecture model (4 layers, 256 wide, GPT-2's tokenizer, context 256)
+trained by `gpt-train` on the Python standard library inside this script, about half an hour on
+2 cores, cached under `--cache-dir` (`models/spec-stdlib`). llama-server gets the same weights
+(exported as a Hugging Face GPT-2 directory and converted to GGUF f32 with llama.cpp's
+converter; `benchmarks/llamacpp.py` builds llama.cpp). Both serve float32 weights.
+
+Three workloads, each of `--prompts` prompts cut from standard-library modules at a line start
+(`--prompt-tokens` tokens each; the continuation uses the names the prompt defined), each
+request streaming `--max-tokens` tokens (ignore_eos):
+  1. edit: greedy, with OpenAI's `prediction` set to the model's own earlier greedy reply (made
+     once, in process, without speculation) with about 5% of its lines changed;
+  2. grounded: greedy, no prediction: what prompt lookup finds in the prompt and output;
+  3. open: sampling at temperature 0.8, one seed per prompt.
+At 1 client the first 8 prompts go one after another (tokens over the summed times); at 32,
+32 requests at once (tokens over the wall time). Each (server, workload, clients) cell runs
+`--rounds` times, rounds interleaved; figures are medians over rounds, and each ratio is the
+median of the rounds' own ratios. The outputs of `off` and `auto` must be identical (greedy and
+seeded alike); the script counts and prints any request where they differ.
+
+    python benchmarks/llamacpp.py --only decode     # once: builds llama.cpp
+    python benchmarks/speculative.py [--rounds 2] [--out benchmarks/results/speculative.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serve  # noqa: E402
+from llamacpp import (  # noqa: E402
+    DEFAULT_CACHE,
+    bin_path,
+    built,
+    check_tokenizer,
+    cpu_info,
+    ensure_gguf_package,
+    llama_dir,
+    sha256_file,
+    write_gpt2_tokenizer,
+)
+
+import gpt  # noqa: E402
+
+TRAIN = [
+    "--preset", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
+    "--tokenizer", "gpt2", "--batch-size", "8", "--max-iters", "500", "--lr", "3e-3", "--min-lr", "3e-4",
+    "--warmup", "50", "--eval-interval", "250", "--eval-iters", "10", "--sample-tokens", "0",
+]  # fmt: skip
+WORKLOADS = ("edit", "grounded", "open")
+LLAMA_SPEC = {  # llama-server's n-gram speculation, each tried; the best is the yardstick
+    "ngram-simple": ["--spec-type", "ngram-simple"],
+    "ngram-simple-3-8": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                         "--spec-ngram-simple-size-m", "8"],
+    "ngram-map-k": ["--spec-type", "ngram-map-k"],
+}  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def ensure_model(cache: str) -> str:
+    """The trained checkpoint (`best`), training it first when it is not cached."""
+    run = os.path.join(cache, "models", "spec-stdlib")
+    best = os.path.join(run, "best")
+    if not os.path.exists(os.path.join(run, "DONE")):
+        log(f"training the benchmark's model into {run} (about half an hour on 2 cores)")
+        resume = ["--resume"] if os.path.exists(os.path.join(run, "latest")) else []
+        train = os.path.join(os.path.dirname(sys.executable), "gpt-train")
+        subprocess.run([train, "--out", run, *TRAIN, *resume], check=True)
+        open(os.path.join(run, "DONE"), "w").close()
+    return best
+
+
+def ensure_gguf(cache: str, ckpt: str) -> str:
+    """The checkpoint as GGUF f32 for llama-server, remade when the weights change."""
+    models = os.path.join(cache, "models")
+    hf_dir, out = os.path.join(models, "spec-stdlib-hf"), os.path.join(models, "spec-stdlib-f32.gguf")
+    model, _ = gpt.load(ckpt)
+    gpt.export_hf_gpt2(model, hf_dir)
+    cfg_path = os.path.join(hf_dir, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["n_ctx"] = cfg["n_positions"]  # the converter's GPT-2 class reads n_ctx
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    write_gpt2_tokenizer(hf_dir)
+    check_tokenizer(hf_dir)
+    stamp = out + ".sha256"
+    sha = sha256_file(os.path.join(hf_dir, "model.safetensors"))
+    if os.path.exists(out) and os.path.exists(stamp) and open(stamp).read().strip() == sha:
+        return out
+    src = llama_dir(cache)
+    ensure_gguf_package(src)
+    cmd = [
+        sys.executable,
+        os.path.join(src, "convert_hf_to_gguf.py"),
+        hf_dir,
+        "--outtype",
+        "f32",
+        "--outfile",
+        out,
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    open(stamp, "w").write(sha + "\n")
+    return out
+
+
+def source_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """`n` prompts of `length` tokens, each from its own standard-library module (not a test),
+    starting at a line start a third of the way in, where the module's names are in use."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    rng = random.Random(0)
+    rng.shuffle(files)
+    out = []
+    for path in files:
+        text = open(path, encoding="utf-8", errors="replace").read()
+        start = text.find("\n", len(text) // 3) + 1
+        ids = tokenizer.encode(text[start:])
+        if len(ids) >= length * 2:
+            out.append(ids[:length])
+        if len(out) == n:
+            return out
+    raise SystemExit("not enough standard-library modules for the prompts")
+
+
+def edited(text: str, rng: random.Random, share: float = 0.05) -> str:
+    """`text` with about `share` of its lines changed (at least one)."""
+    lines = text.split("\n")
+    for i in rng.sample(range(len(lines)), max(1, round(share * len(lines)))):
+        lines[i] = lines[i] + "  # changed" if lines[i].strip() else "# added line"
+    return "\n".join(lines)
+
+
+def requests(ckpt: str, prompts: list[list[int]], max_tokens: int) -> dict[str, list[dict]]:
+    """Each workload's request bodies (the fields beyond prompt and max_tokens)."""
+    model, tok = gpt.load(ckpt)
+    params = gpt.SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
+    replies = gpt.complete(model, tok, prompts, params, speculative="off")
+    rng = random.Random(1)
+    out = {w: [] for w in WORKLOADS}
+    for i, (p, r) in enumerate(zip(prompts, replies)):
+        base = {"prompt": p, "max_tokens": max_tokens, "ignore_eos": True}
+        prediction = {"type": "content", "content": edited(r.text, rng)}
+        out["edit"].append({**base, "temperature": 0, "prediction": prediction})
+        out["grounded"].append({**base, "temperature": 0})
+        out["open"].append({**base, "temperature": 0.8, "seed": 1000 + i})
+    return out
+
+
+async def stream_one(client, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    text, usage = "", {}
+    async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True,
+                             "stream_options": {"include_usage": True}}) as resp:  # fmt: skip
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}")
+        async for line in resp.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                text += "".join(c.get("text") or "" for c in chunk.get("choices", []))
+    return dict(text=text, usage=usage, seconds=time.perf_counter() - t0)
+
+
+async def load(url: str, bodies: list[dict], clients: int, extra: dict) -> dict:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        t0 = time.perf_counter()
+        if clients == 1:
+            outs = [await stream_one(client, url, {**b, **extra}) for b in bodies[:8]]
+            seconds = sum(o["seconds"] for o in outs)
+        else:
+            outs = await asyncio.gather(*(stream_one(client, url, {**b, **extra}) for b in bodies[:clients]))
+            seconds = time.perf_counter() - t0
+    tokens = sum(o["usage"].get("completion_tokens", 0) for o in outs)
+    kept = sum(
+        (o["usage"].get("completion_tokens_details") or {}).get("accepted_prediction_tokens", 0) for o in outs
+    )
+    return dict(rate=tokens / seconds, tokens=tokens, kept=kept, texts=[o["text"] for o in outs])
+
+
+def start_ours(ckpt: str, mode: str, clients: int, logf):
+    port = serve.free_port()
+    proc = serve.start_server(ckpt, port, clients, logf, ("--speculative", mode))
+    return proc, f"http://127.0.0.1:{port}", "/ready"
+
+
+def start_llama(cache: str, gguf: str, spec: list[str], clients: int, logf):
+    port = serve.free_port()
+    cmd = [bin_path(cache, "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", "2", "-tb", "2", "--parallel", str(clients), "-c", str(clients * 256), "--no-webui", *spec]
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}", "/health"
+
+
+def run_cells(servers: dict, cells: list[tuple[str, str, int]], bodies: dict, rounds: int) -> dict:
+    """Start every server once, then go over the cells `rounds` times, one cell later each round."""
+    results = {f"{s}|{w}|{c}": [] for s, w, c in cells}
+    running, logs = {}, []
+    try:
+        for name, start in servers.items():
+            logf = tempfile.TemporaryFile("w+")
+            logs.append(logf)
+            t0 = time.perf_counter()
+            proc, url, health = start(logf)
+            running[name] = (proc, url)
+            asyncio.run(serve.wait_ready(url, proc, logf, path=health, limit=900))
+            extra = {"cache_prompt": False} if name.startswith("llama") else {}
+            asyncio.run(load(url, bodies["open"], 1, extra))  # warm-up
+            log(f"{name} ready in {time.perf_counter() - t0:.0f} s")
+        for r in range(rounds):
+            for s, w, c in cells:
+                extra = {"cache_prompt": False} if s.startswith("llama") else {}
+                out = asyncio.run(load(running[s][1], bodies[w], c, extra))
+                results[f"{s}|{w}|{c}"].append(out)
+                log(f"round {r + 1}/{rounds} {s:<22} {w:<9} {c:>2} clients: {out['rate']:7.1f} tok/s")
+            cells = cells[1:] + cells[:1]
+    finally:
+        for proc, _ in running.values():
+            serve.stop_server(proc)
+        for f in logs:
+            f.close()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=96)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--clients", default="1,32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    cpu = cpu_info()
+    log(f"CPU: {cpu}")
+    ckpt = ensure_model(args.cache_dir)
+    tok = gpt.load(ckpt)[1]
+    prompts = source_prompts(tok, args.prompts, args.prompt_tokens)
+    bodies = requests(ckpt, prompts, args.max_tokens)
+    servers = {m: (lambda logf, m=m: start_ours(ckpt, m, max(clients), logf)) for m in ("off", "auto")}
+    cells = [(s, w, c) for s in servers for w in WORKLOADS for c in clients]
+    llama = not args.no_llama and built(args.cache_dir)
+    if llama:
+        gguf = ensure_gguf(args.cache_dir, ckpt)
+        for name, spec in {"none": [], **LLAMA_SPEC}.items():
+            servers[f"llama-{name}"] = lambda logf, spec=spec: start_llama(
+                args.cache_dir, gguf, spec, max(clients), logf
+            )
+            cells += [(f"llama-{name}", "grounded", c) for c in clients]
+    results = run_cells(servers, cells, bodies, args.rounds)
+
+    def median_rate(key: str) -> float:
+        return statistics.median(o["rate"] for o in results[key])
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x["rate"] / y["rate"] for x, y in zip(results[a], results[b]))
+
+    summary = {}
+    print(f"\nCPU: {cpu}\n{'workload':<10}{'clients':>8}{'off tok/s':>11}{'auto tok/s':>12}{'auto/off':>10}")
+    for w in WORKLOADS:
+        for c in clients:
+            off, auto = f"off|{w}|{c}", f"auto|{w}|{c}"
+            differ = sum(
+                a != b for x, y in zip(results[off], results[auto]) for a, b in zip(x["texts"], y["texts"])
+            )
+            summary[f"{w}|{c}"] = dict(
+                off=median_rate(off), auto=median_rate(auto), ratio=ratio(auto, off), outputs_differ=differ,
+                kept_prediction_tokens=results[auto][0]["kept"],
+            )  # fmt: skip
+            s = summary[f"{w}|{c}"]
+            print(
+                f"{w:<10}{c:>8}{s['off']:>11.1f}{s['auto']:>12.1f}{s['ratio']:>9.2f}x"
+                f"  outputs differing: {differ}"
+            )
+    if llama:
+        print("\nllama-server, grounded workload (f32 GGUF of the same weights)")
+        for c in clients:
+            names = ["none", *LLAMA_SPEC]
+            rates = {n: median_rate(f"llama-{n}|grounded|{c}") for n in names}
+            best = max(LLAMA_SPEC, key=lambda n: rates[n])
+            summary[f"llama|grounded|{c}"] = dict(rates=rates, best=best, ours_auto_over_best=ratio(
+                f"auto|grounded|{c}", f"llama-{best}|grounded|{c}"))  # fmt: skip
+            line = ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
+            print(f"  {c} clients: {line} tok/s; ours auto / llama {best}: "
+                  f"{summary[f'llama|grounded|{c}']['ours_auto_over_best']:.2f}x")  # fmt: skip
+    if args.out:
+        for v in results.values():
+            for o in v:
+                o.pop("texts")
+        with open(args.out, "w") as f:
+            json.dump(dict(cpu=cpu, args=vars(args), summary=summary, rounds=results), f, indent=1)
+        log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
