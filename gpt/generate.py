@@ -64,7 +64,7 @@ def generate_batch(
             yield i, d.end("length")
     if not active:
         return
-    spec = speculator_for(model, speculative)
+    spec = speculator_for(model, speculative, B, cache.max_len, tokenizer.vocab_size)
     drafters = [spec.drafter(d) if spec else None for d in decoders]
     logits = model.start([d.prompt_ids for d in decoders], cache)[active]
     pieces = decode_tokens(logits, [decoders[i] for i in active])

@@ -28,22 +28,25 @@ import torch
 
 from .decoding import Piece, SequenceDecoder, decode_tokens
 
-MODES = ("auto", "ngram", "off")
+MODES = ("auto", "ngram", "draft", "off")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """How to speculate. `mode`:
-    - "auto" (default): prompt lookup and predictions, on the steps where the measured costs say
-      it is faster;
-    - "ngram": always draft from prompt lookup and predictions when they have a guess;
+    - "auto" (default): predictions, and the draft model when there is one, else prompt lookup,
+      on the steps where the measured costs say it is faster;
+    - "ngram": always draft from predictions and prompt lookup when they have a guess;
+    - "draft": always draft from predictions and the draft model;
     - "off": never (a request's `prediction` is then ignored).
+    `draft_model`: a smaller GPT with the same tokenizer (gpt.draft_model), or None.
     """
 
     mode: str = "auto"
     num_tokens: int = 8  # the longest draft verified in one forward
     ngram_min: int = 2  # prompt lookup matches the sequence's last n tokens, n from ngram_max down
     ngram_max: int = 4
+    draft_model: object = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,6 +55,8 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_tokens!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.mode == "draft" and self.draft_model is None:
+            raise ValueError("speculative mode 'draft' needs a draft model")
 
     @classmethod
     def of(cls, value: SpeculativeConfig | str | None) -> SpeculativeConfig:
@@ -125,6 +130,7 @@ class Drafter:
     seen: int = 0  # output tokens indexed so far
     acceptance: dict[str, Acceptance] = field(default_factory=dict)
     source: str = ""  # of the last draft
+    draft_row: int | None = None  # its row in the draft model's cache, when it has one
 
     @classmethod
     def new(cls, config: SpeculativeConfig, prompt_ids: Sequence[int], prediction: Sequence[int] = ()):
@@ -133,12 +139,16 @@ class Drafter:
             config,
             NgramIndex(config.ngram_min, config.ngram_max, prompt_ids),
             pred,
-            acceptance={"ngram": Acceptance(1.0, 2.0), "prediction": Acceptance(3.0, 4.0)},
+            acceptance={
+                "ngram": Acceptance(1.0, 2.0),
+                "prediction": Acceptance(3.0, 4.0),
+                "draft": Acceptance(2.0, 3.0),
+            },
         )
 
     def propose(self, output_ids: Sequence[int], limit: int) -> list[int]:
         """Up to `limit` tokens guessed to follow `output_ids` (the prediction first, then the
-        sequence's own text); [] when neither has a guess."""
+        sequence's own text unless a draft model drafts for it); [] when there is no guess."""
         self.lookup.extend(output_ids[self.seen :])
         self.seen = len(output_ids)
         self.source = ""
@@ -150,6 +160,8 @@ class Drafter:
             if at is not None and at < len(pred):
                 self.predicted_at, self.source = at, "prediction"
                 return pred[at : at + limit]
+        if self.draft_row is not None:
+            return []  # the draft model's proposal comes from Speculator.plan, batched
         toks = self.lookup.tokens
         at = self.lookup.find(toks)
         if at is None:
@@ -215,39 +227,72 @@ class StepCosts:
 class Speculator:
     """The batch-level decision: which rows get drafts, and how long, at each step."""
 
-    def __init__(self, config: SpeculativeConfig, costs: StepCosts | None = None):
+    def __init__(self, config: SpeculativeConfig, costs: StepCosts | None = None, draft=None):
         self.config = config
         self.costs = costs if costs is not None else StepCosts()
+        self.draft = draft if config.mode != "ngram" else None  # a gpt.draft_model.DraftModel
+        self.draft_seconds: float | None = None  # one step of the draft model, running average
 
     def drafter(self, decoder: SequenceDecoder) -> Drafter | None:
         """A sequence's draft sources, or None where speculation is off or cannot apply."""
         if not self.config.on or decoder.params.num_beams > 1:
             return None
-        return Drafter.new(self.config, decoder.prompt_ids, decoder.prediction_ids)
+        dr = Drafter.new(self.config, decoder.prompt_ids, decoder.prediction_ids)
+        if self.draft is not None:
+            dr.draft_row = self.draft.claim()
+        return dr
+
+    def release(self, drafter: Drafter | None) -> None:
+        """A finished sequence gives its draft-model row back."""
+        if drafter is not None and drafter.draft_row is not None:
+            self.draft.release(drafter.draft_row)
+            drafter.draft_row = None
 
     def plan(
         self, decoders: Sequence[SequenceDecoder], drafters: Sequence[Drafter | None]
     ) -> list[list[int]]:
         """Each row's draft for this step ([] for none). A row drafts at most what its budget
         can still use (the step gives one token beyond the draft)."""
-        guesses = []
+        guesses, rooms = [], []
         for d, dr in zip(decoders, drafters):
             room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
+            rooms.append(room)
             guesses.append(dr.propose(d.output_ids, room) if dr is not None else [])
-        longest = max((len(g) for g in guesses), default=0)
+        # rows the draft model would draft for: no prediction guess, a row of its cache
+        drafting = [
+            i
+            for i, (g, dr) in enumerate(zip(guesses, drafters))
+            if not g and dr is not None and dr.draft_row is not None and rooms[i] > 0
+        ]
+        for i in drafting:
+            drafters[i].source = "draft"
+        lengths = [rooms[i] if i in drafting else len(g) for i, g in enumerate(guesses)]
+        longest = max(lengths, default=0)
         if longest == 0:
             return guesses
         rates = [dr.rate() if dr is not None else 0.0 for dr in drafters]
         B = len(decoders)
-        if self.config.mode == "ngram":
+        if self.config.mode in ("ngram", "draft"):
             best = longest
         else:  # the draft length that gives the most tokens per unit of time; 0 = do not speculate
             best, best_speed = 0, float(B)
+            step = self.costs.step.get(_bucket(B))
+            per_draft = (self.draft_seconds or 0.0) / step if drafting and step else 0.0
             for D in range(1, longest + 1):
-                tokens = sum(expected_tokens(r, min(len(g), D)) for r, g in zip(rates, guesses))
-                speed = tokens / self.costs.relative(B, D + 1)
+                tokens = sum(expected_tokens(r, min(n, D)) for r, n in zip(rates, lengths))
+                speed = tokens / (self.costs.relative(B, D + 1) + per_draft * D)
                 if speed > best_speed:
                     best, best_speed = D, speed
+        if drafting and best:
+            with Timer() as t:
+                seqs = [decoders[i].prompt_ids + decoders[i].output_ids for i in drafting]
+                proposed = self.draft.propose([drafters[i].draft_row for i in drafting], seqs, best)
+            seconds = t.seconds / best
+            self.draft_seconds = (
+                seconds if self.draft_seconds is None else 0.7 * self.draft_seconds + 0.3 * seconds
+            )
+            for i, g in zip(drafting, proposed):
+                guesses[i] = g[: rooms[i]]
         return [g[:best] for g in guesses]
 
     def record(self, decoders, drafters, result: Verified) -> None:
@@ -327,13 +372,25 @@ class Timer:
 _costs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its StepCosts
 
 
-def speculator_for(model, speculative: SpeculativeConfig | str | None) -> Speculator | None:
+def speculator_for(
+    model, speculative: SpeculativeConfig | str | None, rows: int = 1, max_len: int = 0, vocab_size: int = 0
+) -> Speculator | None:
     """A Speculator for `model` in the given mode (None when off); the measured step costs are
-    kept with the model, so that later generations start from them."""
+    kept with the model, so that later generations start from them. With a draft model, its
+    cache has `rows` rows of `max_len` tokens; `vocab_size`: the tokenizer's."""
     config = SpeculativeConfig.of(speculative)
     if not config.on:
         return None
     costs = _costs.get(model)
     if costs is None:
         costs = _costs[model] = StepCosts()
-    return Speculator(config, costs)
+    draft = None
+    if config.draft_model is not None and config.mode != "ngram":
+        from .draft_model import DraftModel
+
+        if model.config.is_seq2seq:
+            raise ValueError("a draft model drafts for a GPT, not an encoder-decoder")
+        if config.draft_model.config.vocab_size != model.config.vocab_size:
+            raise ValueError("the draft model's vocabulary is not the model's: it must share the tokenizer")
+        draft = DraftModel(config.draft_model, rows, max_len, vocab_size)
+    return Speculator(config, costs, draft)

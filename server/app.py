@@ -92,8 +92,38 @@ def load_engine(settings: Settings, metrics=None, threads: int | None = None):
         compile_decode=fast.compile,
         cuda_graphs=not settings.eager,
         kv_cache_dtype=kv_dtype,
-        speculative=SpeculativeConfig(settings.speculative, settings.num_speculative_tokens),
+        speculative=SpeculativeConfig(
+            settings.speculative,
+            settings.num_speculative_tokens,
+            draft_model=_draft_model(settings, model, tokenizer),
+        ),
     )
+
+
+def _draft_model(settings: Settings, model, tokenizer):
+    """The --draft-model, loaded like the model (device, dtype, quantization); a
+    gpt.draft_model.DraftModelError when it cannot be loaded or draft for the model."""
+    if not settings.draft_model:
+        return None
+    import torch
+
+    import gpt
+    from gpt.draft_model import DraftModelError, check_tokenizers
+
+    dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    try:
+        draft, draft_tokenizer = gpt.load(
+            settings.draft_model, device=torch.device(settings.device), dtype=dtype
+        )
+    except (OSError, ValueError) as e:
+        raise DraftModelError(str(e)) from None
+    if model.config.is_seq2seq or draft.config.is_seq2seq:
+        raise DraftModelError("draft models draft for decoder-only GPTs, and are GPTs themselves")
+    check_tokenizers(draft_tokenizer, tokenizer)
+    if settings.quantize != "none":
+        gpt.quantize(draft, settings.quantize)
+    log.info("draft model: %s (%.1fM parameters)", settings.draft_model, draft.num_params() / 1e6)
+    return draft
 
 
 async def _load_in_background(app: FastAPI) -> None:

@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _opt(
         p,
+        "--draft-model",
+        "a smaller GPT with the same tokenizer (checkpoint or Hugging Face GPT-2 directory) that "
+        "drafts for --model; auto and draft use it",
+        metavar="PATH",
+    )
+    _opt(
+        p,
         "--num-speculative-tokens",
         "the longest draft verified in one forward (default 8)",
         type=int,
@@ -273,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from gpt.device import resolve_device
+    from gpt.draft_model import DraftModelError
 
     from .app import create_app, load_engine
     from .chat_template import load_chat_template
@@ -298,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         engine = load_engine(settings, threads=threads)
+    except DraftModelError as e:
+        sock.close()
+        parser.error(f"--draft-model {settings.draft_model}: {e}")
     except (OSError, ValueError) as e:
         sock.close()
         parser.error(f"--model {settings.model}: {e}")

@@ -15,7 +15,7 @@ ENV_PREFIX = "GPT_SERVE_"
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", *DTYPES)
 QUANTIZATIONS = ("none", "int8")
-SPECULATIVE_MODES = ("auto", "ngram", "off")
+SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -45,11 +45,13 @@ class Settings:
     # torch.compile the decode step (gpt.compile_decode) at start-up; None: where a C++ compiler
     # is present on a CPU (gpt.fast_defaults)
     compile: bool | None = None
-    # speculative decoding (gpt.speculative): "auto" drafts from prompt lookup and requests'
-    # predictions where the measured step costs say it is faster, "ngram" always, "off" never
-    # (predictions are then ignored); the output is the same in every mode
+    # speculative decoding (gpt.speculative): "auto" drafts from requests' predictions and the
+    # draft model (else prompt lookup) where the measured step costs say it is faster, "ngram"
+    # and "draft" always, "off" never (predictions are then ignored); the output is the same in
+    # every mode
     speculative: str = "auto"
     num_speculative_tokens: int = 8  # the longest draft verified in one forward
+    draft_model: str | None = None  # a smaller GPT with the same tokenizer, drafting for the model
     eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
     body_timeout: float = 30.0  # seconds a request body may take to arrive (408 after)
@@ -97,6 +99,10 @@ class Settings:
         need(
             self.speculative in SPECULATIVE_MODES,
             f"speculative must be one of {SPECULATIVE_MODES}, got {self.speculative!r}",
+        )
+        need(
+            self.speculative != "draft" or self.draft_model is not None,
+            "speculative 'draft' needs a draft model (--draft-model DIR)",
         )
         need(
             1 <= self.num_speculative_tokens <= 64,

@@ -62,7 +62,7 @@ class Scheduler:
         speculative: SpeculativeConfig | None = None,
     ):
         self.model, self.tokenizer, self.metrics, self.deliver = model, tokenizer, metrics, deliver
-        self.spec = speculator_for(model, speculative)
+        self.spec = speculator_for(model, speculative, max_batch_size, max_len, tokenizer.vocab_size)
         self.prefill_chunk = prefill_chunk
         self.cache = model.new_cache(max_batch_size, max_len=max_len, dtype=cache_dtype)
         self.batch = max_batch_size
@@ -344,6 +344,8 @@ class Scheduler:
         self._release(r, reason, now)
 
     def _release(self, r: Request, reason: str, now: float) -> None:
+        if self.spec is not None:
+            self.spec.release(r.drafter)
         if r.slot >= 0:
             if self.prefix is not None:
                 if reason == "error":  # a forward failed part-way: the row's keys are not to be trusted

@@ -154,6 +154,56 @@ def test_rows_without_drafts_share_the_wide_forward_and_keep_their_output():
     assert got[0].accepted_prediction_tokens > 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_draft_model_always_right_or_mostly_wrong_gives_the_output_without_one(temperature):
+    model = tiny()
+    twin = tiny()  # the same weights: every greedy proposal is the target's own greedy choice
+    torch.manual_seed(8)
+    stranger = gpt.build_model(gpt.preset("gpt-tiny", n_layer=1)).eval()
+    params = [
+        SamplingParams(max_new_tokens=30, temperature=temperature, seed=s, ignore_eos=True, logprobs=1)
+        for s in (1, 2, 3)
+    ]
+    prompts = ["hello world", "abcabc", "x"]
+    want = gpt.complete(model, BYTES, prompts, params, speculative="off")
+    for draft in (twin, stranger):
+        for mode in ("draft", "auto"):
+            config = SpeculativeConfig(mode, num_tokens=4, draft_model=draft)
+            for g, w in zip(gpt.complete(model, BYTES, prompts, params, speculative=config), want):
+                same(g, w)
+    calls = []
+    step = model.step
+    model.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    gpt.complete(
+        model, BYTES, ["hello world"], params[0], speculative=SpeculativeConfig("draft", 4, draft_model=twin)
+    )
+    if temperature == 0:
+        assert len(calls) <= 8  # 29 tokens after the prompt's: 5 a forward with every draft kept
+
+
+def test_a_draft_model_must_suit_the_model():
+    with pytest.raises(ValueError, match="needs a draft model"):
+        SpeculativeConfig("draft")
+    s2s = tiny("seq2seq")
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        gpt.complete(
+            s2s,
+            BYTES,
+            ["x"],
+            SamplingParams(max_new_tokens=2),
+            SpeculativeConfig("draft", draft_model=tiny()),
+        )
+    wide = gpt.build_model(gpt.preset("gpt-tiny", vocab_size=300)).eval()
+    with pytest.raises(ValueError, match="vocabulary"):
+        gpt.complete(
+            tiny(),
+            BYTES,
+            ["x"],
+            SamplingParams(max_new_tokens=2),
+            SpeculativeConfig("draft", draft_model=wide),
+        )
+
+
 def test_the_cache_keeps_only_the_kept_tokens_after_a_verified_step():
     model = tiny()
     cache = model.new_cache(2)

@@ -9,13 +9,16 @@ import time
 
 import httpx
 import pytest
-from conftest import tiny_settings
+from conftest import save_tiny, tiny_settings
 
 from server.app import load_engine
 from server.cli import build_parser, main
 
 OPTIONS = [
     "--model",
+    "--speculative",
+    "--num-speculative-tokens",
+    "--draft-model",
     "--host",
     "--port",
     "--served-model-name",
@@ -40,6 +43,12 @@ OPTIONS = [
     "--allowed-origins",
     "--no-docs",
 ]
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_checkpoint(tmp_path_factory) -> str:
+    """A tiny GPT with GPT-2's tokenizer: the tiny model's (byte-level) is another."""
+    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-gpt2-tok", tokenizer="gpt2", vocab_size=50257)
 
 
 def test_help_documents_every_option_and_its_environment_variable():
@@ -70,14 +79,31 @@ def test_help_documents_every_option_and_its_environment_variable():
         (["--model", "x"], {"GPT_SERVE_MAX_QUEUE": "lots"}, "GPT_SERVE_MAX_QUEUE"),
         (["--model", "x", "--chat-template", "/no/template.json"], {}, "cannot read the chat template"),
         (["--model", "x", "--device", "nonsense"], {}, "--device"),
+        (["--model", "x", "--speculative", "maybe"], {}, "invalid choice"),
+        (["--model", "x", "--speculative", "draft"], {}, "needs a draft model"),
+        (["--model", "x", "--num-speculative-tokens", "0"], {}, "--num-speculative-tokens"),
+        (
+            ["--model", "x", "--draft-model", "/no/such/dir"],
+            {},
+            "--draft-model /no/such/dir: /no/such/dir: no such checkpoint",
+        ),
+        (["--model", "x", "--draft-model", "s2s"], {}, "decoder-only"),
+        (
+            ["--model", "x", "--draft-model", "gpt2-tokenizer"],
+            {},
+            "a draft model must share the model's tokenizer",
+        ),
     ],
 )
-def test_bad_arguments_print_one_line_and_exit_2(monkeypatch, capsys, tiny_checkpoint, argv, env, fragment):
+def test_bad_arguments_print_one_line_and_exit_2(
+    monkeypatch, capsys, tiny_checkpoint, tiny_s2s_checkpoint, other_tokenizer_checkpoint, argv, env, fragment
+):
     for key in [k for k in os.environ if k.startswith("GPT_SERVE_")]:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    argv = [tiny_checkpoint if a == "x" else a for a in argv]
+    paths = {"x": tiny_checkpoint, "s2s": tiny_s2s_checkpoint, "gpt2-tokenizer": other_tokenizer_checkpoint}
+    argv = [paths.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2

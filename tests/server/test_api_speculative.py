@@ -5,7 +5,7 @@ import asyncio
 
 import httpx
 import pytest
-from conftest import TINY_CONTEXT, make_client, start_live_server, tiny_settings
+from conftest import TINY_CONTEXT, make_client, save_tiny, start_live_server, tiny_settings
 
 import gpt
 from gpt import SamplingParams
@@ -17,11 +17,15 @@ NO_EOS = {"ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_checkpoint):
-    """The tiny model served twice: speculating wherever there is a draft, and never."""
+def servers(tiny_checkpoint, tmp_path_factory):
+    """The tiny model served three times: speculating wherever there is a draft from prompt
+    lookup or a prediction, with a draft model (another tiny model, one layer), and never."""
+    draft = save_tiny(tmp_path_factory.mktemp("draft") / "draft", seed=5, n_layer=1, block_size=TINY_CONTEXT)
     out = {}
-    for mode in ("ngram", "off"):
-        settings = tiny_settings(tiny_checkpoint, speculative=mode)
+    for mode in ("ngram", "draft", "off"):
+        settings = tiny_settings(
+            tiny_checkpoint, speculative=mode, draft_model=draft if mode == "draft" else None
+        )
         out[mode] = start_live_server(settings, engine=load_engine(settings))
     yield out
     for s in out.values():
@@ -82,11 +86,21 @@ def test_a_prediction_changes_nothing_but_the_usage_in_completions_and_chat(serv
         assert usage.completion_tokens_details.accepted_prediction_tokens > 0
 
 
-def test_n_choices_and_prefix_cache_hits_give_what_the_server_without_speculation_gives(servers):
+def test_n_choices_prefix_cache_hits_and_a_draft_model_give_what_the_server_without_speculation_gives(
+    servers,
+):
     prompt = "abcabcabc abcabc " * 3  # prompt lookup finds drafts; the second request hits the cache
     body = dict(prompt=[prompt, prompt + "x"], n=3, max_tokens=24, temperature=1.0, seed=3, **NO_EOS)
-    got = [httpx.post(servers[m].url + COMPLETIONS, json=body, timeout=60).json() for m in ("ngram", "off")]
-    assert [c["text"] for c in got[0]["choices"]] == [c["text"] for c in got[1]["choices"]]
+    got = [
+        httpx.post(servers[m].url + COMPLETIONS, json=body, timeout=60).json()
+        for m in ("ngram", "draft", "off")
+    ]
+    for g in got[:2]:
+        assert [c["text"] for c in g["choices"]] == [c["text"] for c in got[2]["choices"]]
+    draft = servers["draft"].engine._sched.spec.draft
+    assert (
+        sorted(draft.free) == list(range(len(draft.free))) == list(range(draft.cache.batch_size))
+    )  # rows back
     again = httpx.post(servers["ngram"].url + COMPLETIONS, json=body, timeout=60).json()
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in got[1]["choices"]]
