@@ -24,9 +24,8 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from .decoding import Piece, SequenceDecoder, decode_tokens
+from .decoding import SequenceDecoder
+from .verification import Verified, speculative_step, verify  # noqa: F401  (re-exported)
 
 MODES = ("auto", "ngram", "draft", "off")
 
@@ -306,55 +305,6 @@ class Speculator:
                 dec.prediction_tokens[1] += n - m
                 piece.accepted_prediction_tokens, piece.rejected_prediction_tokens = dec.prediction_tokens
             dr.record(n, m)
-
-
-@dataclass
-class Verified:
-    """What one speculative step did to each row."""
-
-    pieces: list[Piece]
-    drafted: list[int]
-    matched: list[int]  # drafted tokens kept
-
-
-def verify(logits: torch.Tensor, decoders: Sequence[SequenceDecoder], drafts: Sequence[Sequence[int]]):
-    """Decode each row's logits (B, T, V) position by position through its decoder while the
-    tokens chosen are the drafted ones: row b's position i predicts what follows its draft's
-    first i tokens. One piece per row (its tokens merged), and how many drafted tokens it kept."""
-    B = len(decoders)
-    pieces: list[Piece | None] = [None] * B
-    matched = [0] * B
-    live = list(range(B))
-    for i in range(logits.shape[1]):
-        if not live:
-            break
-        out = decode_tokens(logits[live, i] if len(live) < B else logits[:, i], [decoders[b] for b in live])
-        still = []
-        for b, piece in zip(live, out):
-            pieces[b] = piece if pieces[b] is None else pieces[b].merge(piece)
-            draft = drafts[b]
-            if piece.finish_reason is None and i < len(draft) and piece.token_ids == [draft[i]]:
-                matched[b] += 1
-                still.append(b)
-        live = still
-    return Verified(pieces, [len(d) for d in drafts], matched)  # type: ignore[arg-type]
-
-
-@torch.inference_mode()
-def speculative_step(model, cache, rows, decoders: Sequence[SequenceDecoder], drafts) -> Verified:
-    """Feed each row's last token and its draft to the cache `rows` in one forward, verify the
-    drafts, and forget the cache positions of the drafted tokens that were not kept."""
-    width = 1 + max(len(d) for d in drafts)
-    ids = torch.zeros(len(drafts), width, dtype=torch.long)
-    for b, (dec, draft) in enumerate(zip(decoders, drafts)):
-        ids[b, 0] = dec.last_token
-        ids[b, 1 : 1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
-    n_tokens = torch.tensor([1 + len(d) for d in drafts])
-    logits = model.step(ids.to(model.device), cache, rows=rows, n_tokens=n_tokens, every=True)
-    result = verify(logits, decoders, drafts)
-    unused = torch.tensor([d - m for d, m in zip(result.drafted, result.matched)])
-    cache.rewind(rows, unused)
-    return result
 
 
 class Timer:
