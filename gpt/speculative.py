@@ -192,16 +192,22 @@ class StepCosts:
     """Measured time of forwards of B rows by T tokens, relative to T = 1 at the same batch
     size (batch sizes in powers-of-two buckets), as running averages. What has not been
     measured is guessed from what has (a wider forward costs at least what the widest measured
-    one did per extra token), or, with nothing measured, taken to be cheap, so it gets tried."""
+    one did per extra token), or, with nothing measured, taken to be cheap, so it gets tried.
+    The first forward of each shape is not counted: it pays for warming up (buffers, kernels'
+    plans), and one slow first sample would keep a cheap shape from ever being tried again."""
 
     untried_ratio_per_token = 0.1
 
     def __init__(self):
         self.step: dict[int, float] = {}  # bucket -> seconds of a T = 1 step
         self.ratio: dict[tuple[int, int], float] = {}  # (bucket, T) -> seconds / step seconds
+        self.seen: set[tuple[int, int]] = set()  # shapes whose warm-up forward has run
 
     def record(self, batch: int, width: int, seconds: float, weight: float = 0.3) -> None:
         b = _bucket(batch)
+        if (batch, width) not in self.seen:
+            self.seen.add((batch, width))
+            return
         if width == 1:
             old = self.step.get(b)
             self.step[b] = seconds if old is None else (1 - weight) * old + weight * seconds
@@ -226,11 +232,15 @@ class StepCosts:
 class Speculator:
     """The batch-level decision: which rows get drafts, and how long, at each step."""
 
+    margin = 1.05  # auto speculates where it expects at least this many times plain decoding's speed
+    retry_every = 64  # steps between re-measurements of a draft length judged too slow
+
     def __init__(self, config: SpeculativeConfig, costs: StepCosts | None = None, draft=None):
         self.config = config
         self.costs = costs if costs is not None else StepCosts()
         self.draft = draft if config.mode != "ngram" else None  # a gpt.draft_model.DraftModel
         self.draft_seconds: float | None = None  # one step of the draft model, running average
+        self.declined = 0  # steps with drafts on which auto did not speculate
 
     def drafter(self, decoder: SequenceDecoder) -> Drafter | None:
         """A sequence's draft sources, or None where speculation is off or cannot apply."""
@@ -274,14 +284,22 @@ class Speculator:
         if self.config.mode in ("ngram", "draft"):
             best = longest
         else:  # the draft length that gives the most tokens per unit of time; 0 = do not speculate
-            best, best_speed = 0, float(B)
+            # plain decoding wins unless a draft promises clearly more: the estimates are noisy
+            best, best_speed = 0, B * self.margin
             step = self.costs.step.get(_bucket(B))
             per_draft = (self.draft_seconds or 0.0) / step if drafting and step else 0.0
+            runner_up, runner_up_speed = 0, 0.0
             for D in range(1, longest + 1):
                 tokens = sum(expected_tokens(r, min(n, D)) for r, n in zip(rates, lengths))
                 speed = tokens / (self.costs.relative(B, D + 1) + per_draft * D)
                 if speed > best_speed:
                     best, best_speed = D, speed
+                if speed > runner_up_speed:
+                    runner_up, runner_up_speed = D, speed
+            if not best:  # now and then measure the likeliest draft length again: costs drift
+                self.declined += 1
+                if self.declined % self.retry_every == 0:
+                    best = runner_up
         if drafting and best:
             with Timer() as t:
                 seqs = [decoders[i].prompt_ids + decoders[i].output_ids for i in drafting]

@@ -237,10 +237,17 @@ def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
     spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), costs)
     drafters = [spec.drafter(d) for d in decs]
     assert all(spec.plan(decs, drafters))  # nothing measured yet: wider forwards are tried
-    costs.record(4, 1, 0.010)
-    for width in range(2, 6):
-        costs.record(4, width, 0.010 * width)  # bound by arithmetic: a wider forward costs what it computes
+    costs.record(4, 5, 10.0)  # the first forward of a shape warms up: not counted
+    assert all(spec.plan(decs, drafters))
+    for _ in range(2):  # the first of each shape warms up and is not counted
+        costs.record(4, 1, 0.010)
+        for width in range(2, 6):
+            costs.record(
+                4, width, 0.010 * width
+            )  # bound by arithmetic: a wider forward costs what it computes
     assert not any(spec.plan(decs, drafters))
+    tried = sum(any(spec.plan(decs, drafters)) for _ in range(spec.retry_every * 2))
+    assert tried == 2  # declined drafts are measured again now and then
     for width in range(2, 6):
         costs.ratio[(4, width)] = 1.05  # bound by reading weights: nearly free
     assert all(spec.plan(decs, drafters))
