@@ -19,6 +19,7 @@ bound by arithmetic, not by reading weights, and there a wider forward costs wha
 from __future__ import annotations
 
 import bisect
+import math
 import time
 import weakref
 from collections.abc import Sequence
@@ -189,42 +190,43 @@ def _bucket(batch: int) -> int:
 
 
 class StepCosts:
-    """Measured time of forwards of B rows by T tokens, relative to T = 1 at the same batch
-    size (batch sizes in powers-of-two buckets), as running averages. What has not been
-    measured is guessed from what has (a wider forward costs at least what the widest measured
-    one did per extra token), or, with nothing measured, taken to be cheap, so it gets tried.
-    The first forward of each shape is not counted: it pays for warming up (buffers, kernels'
-    plans), and one slow first sample would keep a cheap shape from ever being tried again."""
+    """Measured time of forwards of B rows by T tokens (batch sizes in powers-of-two buckets),
+    as running averages, and from them what a wider forward costs relative to T = 1. Plain
+    steps are measured first: until they are, speculation counts as too dear. A width not yet
+    measured is guessed from those that are (it costs at least what the cheapest measured one
+    did per extra token), or, with none, taken to be cheap, so it gets tried. The first forward
+    of each shape is not counted: it pays for warming up (buffers, kernels' plans), and one slow
+    first sample would keep a cheap shape from being tried again for a long time."""
 
     untried_ratio_per_token = 0.1
 
     def __init__(self):
-        self.step: dict[int, float] = {}  # bucket -> seconds of a T = 1 step
-        self.ratio: dict[tuple[int, int], float] = {}  # (bucket, T) -> seconds / step seconds
+        self.seconds: dict[tuple[int, int], float] = {}  # (bucket, T) -> seconds of a forward
         self.seen: set[tuple[int, int]] = set()  # shapes whose warm-up forward has run
 
     def record(self, batch: int, width: int, seconds: float, weight: float = 0.3) -> None:
-        b = _bucket(batch)
         if (batch, width) not in self.seen:
             self.seen.add((batch, width))
             return
-        if width == 1:
-            old = self.step.get(b)
-            self.step[b] = seconds if old is None else (1 - weight) * old + weight * seconds
-        elif b in self.step:
-            r = seconds / self.step[b]
-            old = self.ratio.get((b, width))
-            self.ratio[(b, width)] = r if old is None else (1 - weight) * old + weight * r
+        key = (_bucket(batch), width)
+        old = self.seconds.get(key)
+        self.seconds[key] = seconds if old is None else (1 - weight) * old + weight * seconds
+
+    def step(self, batch: int) -> float | None:
+        """Seconds of a plain (T = 1) step of this many rows, once measured."""
+        return self.seconds.get((_bucket(batch), 1))
 
     def relative(self, batch: int, width: int) -> float:
         """How many T = 1 steps a forward of `width` tokens per row costs."""
         if width == 1:
             return 1.0
-        b = _bucket(batch)
-        known = self.ratio.get((b, width))
+        b, base = _bucket(batch), self.step(batch)
+        if base is None:
+            return math.inf
+        known = self.seconds.get((b, width))
         if known is not None:
-            return known
-        slopes = [(r - 1) / (t - 1) for (bb, t), r in self.ratio.items() if bb == b]
+            return known / base
+        slopes = [(s / base - 1) / (t - 1) for (bb, t), s in self.seconds.items() if bb == b and t > 1]
         slope = min(slopes) if slopes else self.untried_ratio_per_token
         return 1 + slope * (width - 1)
 
@@ -286,7 +288,7 @@ class Speculator:
         else:  # the draft length that gives the most tokens per unit of time; 0 = do not speculate
             # plain decoding wins unless a draft promises clearly more: the estimates are noisy
             best, best_speed = 0, B * self.margin
-            step = self.costs.step.get(_bucket(B))
+            step = self.costs.step(B)
             per_draft = (self.draft_seconds or 0.0) / step if drafting and step else 0.0
             runner_up, runner_up_speed = 0, 0.0
             for D in range(1, longest + 1):

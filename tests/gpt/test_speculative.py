@@ -236,11 +236,11 @@ def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
     costs = StepCosts()
     spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), costs)
     drafters = [spec.drafter(d) for d in decs]
-    assert all(spec.plan(decs, drafters))  # nothing measured yet: wider forwards are tried
-    costs.record(4, 5, 10.0)  # the first forward of a shape warms up: not counted
-    assert all(spec.plan(decs, drafters))
-    for _ in range(2):  # the first of each shape warms up and is not counted
+    assert not any(spec.plan(decs, drafters))  # plain steps are measured first
+    for _ in range(2):  # the first forward of each shape warms up and is not counted
         costs.record(4, 1, 0.010)
+    assert all(spec.plan(decs, drafters))  # wider forwards not measured yet: they are tried
+    for _ in range(2):
         for width in range(2, 6):
             costs.record(
                 4, width, 0.010 * width
@@ -249,7 +249,7 @@ def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
     tried = sum(any(spec.plan(decs, drafters)) for _ in range(spec.retry_every * 2))
     assert tried == 2  # declined drafts are measured again now and then
     for width in range(2, 6):
-        costs.ratio[(4, width)] = 1.05  # bound by reading weights: nearly free
+        costs.seconds[(4, width)] = 0.0105  # bound by reading weights: nearly free
     assert all(spec.plan(decs, drafters))
     assert spec.drafter(decs[0]) is not None and Speculator(SpeculativeConfig("off")).drafter(decs[0]) is None
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 4) == 5
