@@ -16,7 +16,7 @@ from .compile import is_compiled
 from .decoding import Piece, SequenceDecoder, decode_tokens
 from .limits import ContextLimits
 from .sampling import SamplingParams
-from .speculative import SpeculativeConfig, Timer, speculative_step, speculator_for
+from .speculative import SpeculativeConfig, decode_step, speculator_for
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -73,18 +73,8 @@ def generate_batch(
         active = [i for i in active if not decoders[i].finished]
         if not active:
             return
-        decs, rows = [decoders[i] for i in active], torch.tensor(active)
-        drafts = spec.plan(decs, [drafters[i] for i in active]) if spec else []
-        with Timer() as t:
-            if any(drafts):
-                verified = speculative_step(model, cache, rows, decs, drafts)
-                spec.record(decs, [drafters[i] for i in active], verified)
-                pieces = verified.pieces
-            else:
-                tokens = torch.tensor([[d.last_token] for d in decs], device=model.device)
-                pieces = decode_tokens(model.step(tokens, cache, rows=rows), decs)
-        if spec:
-            spec.costs.record(len(decs), 1 + max(map(len, drafts), default=0), t.seconds)
+        decs = [decoders[i] for i in active]
+        pieces, _ = decode_step(model, cache, torch.tensor(active), decs, [drafters[i] for i in active], spec)
 
 
 def complete(

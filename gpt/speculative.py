@@ -25,7 +25,9 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .decoding import SequenceDecoder
+import torch
+
+from .decoding import SequenceDecoder, decode_tokens
 from .verification import Verified, speculative_step, verify  # noqa: F401  (re-exported)
 
 MODES = ("auto", "ngram", "draft", "off")
@@ -325,6 +327,26 @@ class Speculator:
                 dec.prediction_tokens[1] += n - m
                 piece.accepted_prediction_tokens, piece.rejected_prediction_tokens = dec.prediction_tokens
             dr.record(n, m)
+
+
+@torch.inference_mode()
+def decode_step(model, cache, rows, decoders, drafters, spec: Speculator | None):
+    """One decode step of the rows' sequences: their last tokens, with drafts where `spec`
+    decides to speculate. Returns each row's piece, and the `Verified` record of a speculative
+    step (None for a plain one); the step's time goes into the measured costs."""
+    drafts = spec.plan(decoders, drafters) if spec is not None else []
+    with Timer() as t:
+        if any(drafts):
+            verified = speculative_step(model, cache, rows, decoders, drafts)
+            spec.record(decoders, drafters, verified)
+            pieces = verified.pieces
+        else:
+            verified = None
+            tokens = torch.tensor([[d.last_token] for d in decoders], dtype=torch.long, device=model.device)
+            pieces = decode_tokens(model.step(tokens, cache, rows=rows), decoders)
+    if spec is not None:
+        spec.costs.record(len(decoders), 1 + max(map(len, drafts), default=0), t.seconds)
+    return pieces, verified
 
 
 class Timer:

@@ -38,7 +38,7 @@ import torch
 
 from gpt import Piece, SequenceDecoder, decode_tokens
 from gpt.decoding import PromptLogprobs
-from gpt.speculative import SpeculativeConfig, Timer, speculative_step, speculator_for
+from gpt.speculative import SpeculativeConfig, decode_step, speculator_for
 
 from .metrics import Metrics
 from .prefix_cache import PrefixIndex
@@ -189,22 +189,12 @@ class Scheduler:
             return
         self._compact(reqs)  # now in rows 0..n-1: the cache reads them as views, not copies
         reqs.sort(key=lambda r: r.slot)
-        decs, rows = [r.decoder for r in reqs], slice(0, len(reqs))
         self.metrics.batch_size.observe(len(reqs))
-        drafts = self.spec.plan(decs, [r.drafter for r in reqs]) if self.spec is not None else []
-        with Timer() as t:
-            if any(drafts):
-                verified = speculative_step(self.model, self.cache, rows, decs, drafts)
-                self.spec.record(decs, [r.drafter for r in reqs], verified)
-                self._speculated(reqs, verified)
-                self._emit(reqs, verified.pieces, outs)
-            else:
-                tokens = torch.tensor(
-                    [[d.last_token] for d in decs], dtype=torch.long, device=self.model.device
-                )
-                self._sample(reqs, self.model.step(tokens, self.cache, rows=rows), outs)
-        if self.spec is not None:
-            self.spec.costs.record(len(reqs), 1 + max(map(len, drafts), default=0), t.seconds)
+        decs, drafters = [r.decoder for r in reqs], [r.drafter for r in reqs]
+        pieces, verified = decode_step(self.model, self.cache, slice(0, len(reqs)), decs, drafters, self.spec)
+        if verified is not None:
+            self._speculated(reqs, verified)
+        self._emit(reqs, pieces, outs)
 
     def _speculated(self, reqs: list[Request], verified) -> None:
         m = self.metrics
