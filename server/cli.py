@@ -183,6 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"do not serve /docs, /redoc and /openapi.json (env {ENV_PREFIX}DOCS=0); with --api-key "
         f"they need the key",
     )
+    _opt(
+        p,
+        "--replicas",
+        "serve from N replicas on Ray Serve (a local Ray cluster, or the one RAY_ADDRESS names), with "
+        "prefix-aware routing; 0 is this one process. Needs pip install 'gpt-serve[ray]'",
+        type=int,
+        metavar="N",
+    )
+    _opt(
+        p,
+        "--min-replicas",
+        "with --max-replicas: the fewest replicas autoscaling keeps",
+        type=int,
+        metavar="N",
+    )
+    _opt(
+        p,
+        "--max-replicas",
+        "autoscale on Ray Serve up to N replicas on requests in flight (half a batch per replica)",
+        type=int,
+        metavar="N",
+    )
+    _opt(
+        p,
+        "--cpus-per-replica",
+        "CPUs (and torch threads) each replica gets; default: the cluster's shared evenly",
+        type=float,
+        metavar="N",
+    )
     _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
     return p
 
@@ -277,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.on_ray:
+        return _serve_on_ray(parser, settings)
     import torch
 
     from gpt.device import resolve_device
@@ -336,6 +367,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"gpt-serve: the engine stopped ({engine.dead}); exiting with {server.exit_code}", file=sys.stderr
         )
     return server.exit_code
+
+
+def _serve_on_ray(parser: argparse.ArgumentParser, settings: Settings) -> int:
+    from .chat_template import load_chat_template
+    from .cluster.launch import LaunchError, run
+
+    try:
+        load_chat_template(settings.chat_template)
+    except ValueError as e:
+        parser.error(f"--chat-template: {e}")
+    try:
+        return run(settings)
+    except LaunchError as e:
+        if e.exit_code == 2:
+            parser.error(str(e))
+        print(f"gpt-serve: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -59,6 +59,11 @@ class Settings:
     max_connections: int = 1024  # open connections at most; beyond that, new ones get 503
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     allowed_origins: str | None = None  # comma-separated origins allowed by CORS; default: none
+    # Ray Serve (server/cluster): replicas of this server behind one endpoint; 0 is one process
+    replicas: int = 0
+    min_replicas: int | None = None  # with max_replicas: autoscale between them on requests in flight
+    max_replicas: int | None = None
+    cpus_per_replica: float | None = None  # default: the cluster's CPUs shared evenly between replicas
     docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     log_level: str = "info"
 
@@ -109,7 +114,29 @@ class Settings:
             f"num_speculative_tokens must be in [1, 64], got {self.num_speculative_tokens}",
         )
         need(self.log_level in LOG_LEVELS, f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        need(self.replicas >= 0, f"replicas must be >= 0 (0: one process, no Ray), got {self.replicas}")
+        need(
+            self.min_replicas is None or self.max_replicas is not None,
+            "min_replicas needs max_replicas (autoscaling between the two)",
+        )
+        need(
+            self.min_replicas is None or self.min_replicas >= 1,
+            f"min_replicas must be >= 1 (no scaling to zero), got {self.min_replicas}",
+        )
+        need(
+            self.max_replicas is None or self.max_replicas >= max(1, self.min_replicas or 1, self.replicas),
+            f"max_replicas must be >= 1, min_replicas and replicas, got {self.max_replicas}",
+        )
+        need(
+            self.cpus_per_replica is None or self.cpus_per_replica > 0,
+            f"cpus_per_replica must be > 0, got {self.cpus_per_replica}",
+        )
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
+
+    @property
+    def on_ray(self) -> bool:
+        """Served by replicas on Ray Serve rather than by this process."""
+        return self.replicas > 0 or self.max_replicas is not None
 
     @property
     def origins(self) -> list[str]:
@@ -153,8 +180,18 @@ _INT_FIELDS = {
     "max_body_bytes",
     "max_connections",
     "num_speculative_tokens",
+    "replicas",
+    "min_replicas",
+    "max_replicas",
 }
-_FLOAT_FIELDS = {"timeout", "drain_grace", "body_timeout", "constraint_timeout", "keep_alive_timeout"}
+_FLOAT_FIELDS = {
+    "timeout",
+    "drain_grace",
+    "body_timeout",
+    "constraint_timeout",
+    "keep_alive_timeout",
+    "cpus_per_replica",
+}
 _CHOICES = {
     "log_level": LOG_LEVELS,
     "quantize": QUANTIZATIONS,
