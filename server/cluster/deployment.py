@@ -227,6 +227,8 @@ def build_app(
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         max_ongoing_requests=settings.max_batch_size + settings.max_queue,
         graceful_shutdown_timeout_s=settings.drain_grace,
+        # a model that does not load fails the same way every time: one try per replica
+        max_constructor_retry_count=max(replicas, min_replicas or 1),
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=2,
         health_check_timeout_s=30,

@@ -50,7 +50,7 @@ def routing_text_of(path: str, body: bytes) -> str | None:
         return None
     if path == "/v1/completions":
         prompt = payload.get("prompt")
-        if isinstance(prompt, list) and prompt:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of prompts goes where its first one is cached
         if isinstance(prompt, str):
             return prompt

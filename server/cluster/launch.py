@@ -54,11 +54,33 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A RAY_ADDRESS of host:port that nothing answers on is an error now; ray.init would retry
+    connecting for minutes. Other forms (auto, ray://) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise LaunchError(f"no Ray cluster at RAY_ADDRESS={address}: {e.strerror or e}") from None
+
+
 def _deploy_failure(error: Exception) -> str:
     """Serve's deploy error is pages of traceback; its last meaningful line says why."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reasons = [line for line in lines if "Error:" in line and not line.startswith("File ")]
     return (reasons or lines or [type(error).__name__])[-1]
+
+
+def _replica_failure(serve, app_name: str) -> str | None:
+    """Why the model's replicas failed to start, from the deployment's status message."""
+    try:
+        app = serve.status().applications.get(app_name)
+        message = app.deployments["model"].message if app is not None else ""
+    except Exception:  # the status is a nicety; the caller has a reason of its own
+        return None
+    return _deploy_failure(RuntimeError(message)) if message else None
 
 
 def run(settings: Settings) -> int:
@@ -74,7 +96,10 @@ def run(settings: Settings) -> int:
     if settings.model and "://" not in settings.model and not os.path.exists(settings.model):
         raise LaunchError(f"--model {settings.model}: no such file or directory")
     address = os.environ.get("RAY_ADDRESS") or None
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our banner says what its INFO lines do
     port = settings.port or _free_port(settings.host)
+    if address:
+        check_reachable(address)
     try:
         ray.init(
             address=address or "local",
@@ -106,7 +131,8 @@ def run(settings: Settings) -> int:
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
-            raise LaunchError(f"the replicas did not start: {_deploy_failure(e)}", exit_code=1) from None
+            why = _replica_failure(serve, APP_NAME) or _deploy_failure(e)
+            raise LaunchError(f"the replicas did not start: {why}", exit_code=1) from None
         shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
         scaling = (
             f"{settings.min_replicas or 1}-{settings.max_replicas} replicas (autoscaling)"

@@ -14,7 +14,7 @@ with more than one ingress replica, each routes on what it has seen itself.
 Every decision is counted (`gptserve_router_decisions_total{decision}`):
 - `affinity`: sent to the replica holding the prefix;
 - `overloaded`: that replica was too busy, the least loaded one got it;
-- `new`: no replica held a prefix of it; the least loaded, then the least cached, replica got it;
+- `new`: no replica held enough of its prefix; the least loaded, then the least cached, replica got it;
 - `busy`: the chosen replicas were full and another took it.
 """
 
@@ -36,10 +36,15 @@ def routing_text(pending: PendingRequest | None) -> str | None:
 
 
 class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(self, imbalance: int = 8, block_chars: int = 64, max_blocks: int = 200_000):
+    def initialize_state(
+        self, imbalance: int = 8, min_match: float = 0.5, block_chars: int = 64, max_blocks: int = 200_000
+    ):
         """`imbalance`: how many more requests in flight than the least loaded replica the
-        replica holding a prompt's prefix may have and still get it."""
-        self.imbalance = imbalance
+        replica holding a prompt's prefix may have and still get it. `min_match`: the share of
+        the prompt a replica must hold for that; less (a system prompt that every conversation
+        shares, say) is cheap to prefill anywhere, and routing on it would pile every new
+        conversation onto one replica."""
+        self.imbalance, self.min_match = imbalance, min_match
         self.index = PrefixIndex(block_chars, max_blocks)
         self.in_flight: Tally[ReplicaID] = Tally()
         self._decisions: dict[str, tuple[str, frozenset, int]] = {}  # request id -> (why, best, chars)
@@ -52,12 +57,12 @@ class PrefixAffinityRouter(RequestRouter):
         by_load = sorted(candidate_replicas, key=lambda r: self.in_flight[r.replica_id])
         least = self.in_flight[by_load[0].replica_id]
         text = routing_text(pending_request)
-        matched = {}
+        matched, blocks = {}, 0
         if text:
-            matched, _ = self.index.longest_match(text, (r.replica_id for r in candidate_replicas))
+            matched, blocks = self.index.longest_match(text, (r.replica_id for r in candidate_replicas))
         rid = pending_request.metadata.internal_request_id if pending_request is not None else None
-        if matched:
-            longest = max(matched.values())
+        longest = max(matched.values(), default=0)
+        if longest > self.min_match * blocks * self.index.block_chars:
             best = [r for r in by_load if matched.get(r.replica_id) == longest]
             if self.in_flight[best[0].replica_id] - least <= self.imbalance:
                 self._note(rid, "affinity", best, longest)
