@@ -110,8 +110,7 @@ def test_both_ways_of_calling_our_kernels_give_the_same_numbers():
     assert outs["C++"][2] == pytest.approx(outs["ctypes"][2], rel=1e-5)
 
 
-def test_where_they_can_be_built_our_kernels_are_in_use():
-    """So that a kernel broken by an edit fails here rather than quietly skipping the tests above."""
+def _skip_unless_buildable() -> None:
     import platform
 
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -122,4 +121,22 @@ def test_where_they_can_be_built_our_kernels_are_in_use():
         or os.environ.get("GPT_NATIVE_KERNELS") == "0"
     ):
         pytest.skip("not an x86-64 Linux machine with AVX2 and a C compiler")
+
+
+def test_kernels_first_loaded_by_quantize_under_no_grad_are_in_use():
+    """gpt.quantize (under no_grad) is where `gpt-serve --quantize int8` first calls them; their
+    self-check differentiates GELU, and once failed there, leaving every int8 server on torch's."""
+    _skip_unless_buildable()
+    code = (
+        "import gpt; m = gpt.build_model(gpt.ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, "
+        "n_embd=512)).eval(); gpt.quantize(m, 'int8'); print(gpt.kernels.status())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("native"), out.stdout
+
+
+def test_where_they_can_be_built_our_kernels_are_in_use():
+    """So that a kernel broken by an edit fails here rather than quietly skipping the tests above."""
+    _skip_unless_buildable()
     assert kernels.f32_available() and kernels.int8_available(), kernels.status()
