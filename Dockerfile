@@ -24,7 +24,9 @@ COPY training ./training
 COPY client ./client
 COPY cli_args ./cli_args
 # torch is already satisfied, so this adds only the small dependencies.
-RUN pip install .
+# EXTRAS=ray builds the image KubeRay runs (deploy/ray/rayservice.yaml): gpt-serve[ray]
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS:+[$EXTRAS]}"
 
 # Run as a normal user. /models is created here, owned by that user, so that a named volume
 # mounted there starts out writable (Docker copies the directory's ownership into a new volume).

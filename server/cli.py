@@ -26,6 +26,7 @@ from .config import (
     KV_CACHE_DTYPES,
     LOG_LEVELS,
     QUANTIZATIONS,
+    ROUTINGS,
     SPECULATIVE_MODES,
     Settings,
 )
@@ -211,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         "CPUs (and torch threads) each replica gets; default: the cluster's shared evenly",
         type=float,
         metavar="N",
+    )
+    _opt(
+        p,
+        "--routing",
+        "with replicas: prefix sends a request where its prompt's prefix is cached unless that replica "
+        "is much busier; round-robin in turn",
+        choices=ROUTINGS,
     )
     _opt(p, "--log-level", "logging level", choices=LOG_LEVELS)
     return p

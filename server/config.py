@@ -16,6 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", *DTYPES)
 QUANTIZATIONS = ("none", "int8")
 SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
+ROUTINGS = ("prefix", "round-robin")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -64,6 +65,9 @@ class Settings:
     min_replicas: int | None = None  # with max_replicas: autoscale between them on requests in flight
     max_replicas: int | None = None
     cpus_per_replica: float | None = None  # default: the cluster's CPUs shared evenly between replicas
+    # how requests pick a replica: "prefix" where their prompt's prefix is cached (unless that
+    # replica is much busier), "round-robin" in turn
+    routing: str = "prefix"
     docs: bool = True  # serve /docs, /redoc and /openapi.json (behind the API key when one is set)
     log_level: str = "info"
 
@@ -131,6 +135,7 @@ class Settings:
             self.cpus_per_replica is None or self.cpus_per_replica > 0,
             f"cpus_per_replica must be > 0, got {self.cpus_per_replica}",
         )
+        need(self.routing in ROUTINGS, f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         need(self.api_key is None or self.api_key != "", "api_key must not be empty (leave it unset instead)")
 
     @property
@@ -198,6 +203,7 @@ _CHOICES = {
     "dtype": DTYPES,
     "kv_cache_dtype": KV_CACHE_DTYPES,
     "speculative": SPECULATIVE_MODES,
+    "routing": ROUTINGS,
 }
 _BOOL_FIELDS = {"prefix_cache", "docs", "compile", "eager"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

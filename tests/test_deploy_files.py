@@ -330,3 +330,32 @@ def test_docker_compose_accepts_the_file(profile):
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
+
+
+def _serve_configs() -> list[dict]:
+    plain = yaml.safe_load((ROOT / "deploy" / "ray" / "gpt-serve.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "ray" / "rayservice.yaml").read_text())
+    return [plain, yaml.safe_load(service["spec"]["serveConfigV2"])]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["gpt-serve.yaml", "rayservice.yaml"])
+def test_the_ray_serve_configs_are_valid_and_build_the_app(which):
+    pytest.importorskip("ray.serve")
+    from importlib import import_module
+
+    from ray.serve.schema import ServeDeploySchema
+
+    config = _serve_configs()[which]
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    module, name = app["import_path"].split(":")
+    built = getattr(import_module(module), name)(app["args"])
+    assert type(built).__name__ == "Application"
+
+
+def test_the_ray_prometheus_config_scrapes_the_ingress_metrics():
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    port = _serve_configs()[0]["http_options"]["port"]
+    assert job["static_configs"][0]["targets"] == [f"localhost:{port}"]

@@ -34,7 +34,7 @@ from ..errors import APIError
 from ..sse import sse
 from . import ingress_metrics, metrics_board
 from .forwarding import ForwardedRequest, ResponseStart, play, routing_text_of
-from .router import PrefixAffinityRouter
+from .router import PrefixAffinityRouter, RoundRobinRouter
 
 log = logging.getLogger("server")
 APP_NAME = "gpt-serve"
@@ -221,6 +221,7 @@ def build_app(
                 downscale_delay_s=30,
             )
         }
+    router = RoundRobinRouter if settings.routing == "round-robin" else PrefixAffinityRouter
     model = serve.deployment(ModelReplica).options(
         name="model",
         **scaling,
@@ -235,8 +236,8 @@ def build_app(
         request_router_config=RequestRouterConfig(
             # by name, not the class: a class is pickled by value, and its copy would count its
             # decisions in a registry of its own that /metrics never sees
-            request_router_class=f"{PrefixAffinityRouter.__module__}.{PrefixAffinityRouter.__name__}",
-            request_router_kwargs={"imbalance": imbalance},
+            request_router_class=f"{router.__module__}.{router.__name__}",
+            request_router_kwargs={"imbalance": imbalance} if router is PrefixAffinityRouter else {},
         ),
     )
     ingress = serve.deployment(Ingress).options(

@@ -110,3 +110,21 @@ class PrefixAffinityRouter(RequestRouter):
         for replica_id in gone:
             self.index.forget(replica_id)
             self.in_flight.pop(replica_id, None)
+
+
+class RoundRobinRouter(RequestRouter):
+    """Each request to the next replica in turn, blind to prompts and load: the baseline that
+    prefix-aware routing is measured against (`--routing round-robin`)."""
+
+    def initialize_state(self, **_):
+        self._turn = 0
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        i = self._turn % len(ordered)
+        self._turn += 1
+        return [[ordered[i]], ordered[i + 1 :] + ordered[:i]]

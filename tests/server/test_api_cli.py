@@ -42,6 +42,11 @@ OPTIONS = [
     "--keep-alive-timeout",
     "--allowed-origins",
     "--no-docs",
+    "--replicas",
+    "--min-replicas",
+    "--max-replicas",
+    "--cpus-per-replica",
+    "--routing",
 ]
 
 
