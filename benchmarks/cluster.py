@@ -5,7 +5,9 @@ to a temporary directory. Three parts (`--parts`):
 
   clients  streaming /v1/completions at 1, 8, 32 and 64 concurrent clients (32-token prompt,
            greedy, `ignore_eos`, `--max-tokens` each): `gpt-serve --replicas 2` (each replica 1
-           CPU, 1 torch thread) against one `gpt-serve` using both cores. tok/s, TTFT and ITL.
+           CPU, 1 torch thread) against one `gpt-serve` using both cores, and `--replicas 1
+           --cpus-per-replica 2` (the single server's compute behind Ray's proxy and our ingress:
+           the cost of the hop). tok/s, TTFT and ITL.
   chats    8 concurrent ten-turn conversations (turn k's prompt is turn k-1's, its reply and a new
            user line; ~30 reply tokens a turn) on 2 replicas, with prefix-aware routing and with
            round-robin: the median time to first token per turn. Target: turn 10 <= 1.5x turn 1
@@ -70,7 +72,13 @@ async def rounds(url: str, prompt, max_tokens: int, clients: list[int]) -> list[
 
 def part_clients(args, model_dir: str, prompt) -> dict:
     out = {}
-    for label, extra in (("single", ("--max-batch-size", "64")), ("ray", ("--replicas", "2"))):
+    configs = (
+        ("single", ("--max-batch-size", "64")),
+        ("ray", ("--replicas", "2")),
+        # the same compute as the single process, so the difference is the hop through Ray
+        ("ray-1x2", ("--replicas", "1", "--cpus-per-replica", "2", "--max-batch-size", "64")),
+    )
+    for label, extra in configs:
         port = serve.free_port()
         url = f"http://127.0.0.1:{port}"
         with serve.served(label, start(model_dir, extra, port), url):
@@ -309,6 +317,11 @@ def main() -> None:
     parts = args.parts.split(",")
     cpu = llamacpp.cpu_info()
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}", flush=True)
+    with open("/proc/cpuinfo") as f:  # lscpu's model name is bare on some VMs: family and model say more
+        first = f.read().split("\n\n")[0].splitlines()
+    info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first)}
+    cpu["family_model"] = f"family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    print(f"CPU {cpu['family_model']}", flush=True)
     results: dict = dict(cpu=cpu)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)

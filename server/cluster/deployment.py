@@ -94,7 +94,12 @@ class Ingress:
     def __init__(self, model, settings: dict):
         self.model = model.options(stream=True)
         self.settings = Settings(**settings)
-        self.board = metrics_board.get_board(serve.get_replica_context().app_name)
+        self.app_name = serve.get_replica_context().app_name
+        self.board = metrics_board.get_board(self.app_name)
+
+    def __del__(self):
+        """The app is going away (serve delete, serve shutdown): its board goes with it."""
+        metrics_board.kill_board(self.app_name)
 
     async def _replicas(self) -> dict[str, dict]:
         return await self.board.fresh.remote()
