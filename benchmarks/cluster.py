@@ -1,13 +1,15 @@
 """gpt-serve on Ray Serve against one gpt-serve process, in one run on one machine.
 
 Weights: GPT-2 small shaped (124M, random, nothing downloaded), int8 (`--quantize int8`), written
-to a temporary directory. Three parts (`--parts`):
+to a temporary directory. Parts (`--parts`, all but `hop` by default):
 
   clients  streaming /v1/completions at 1, 8, 32 and 64 concurrent clients (32-token prompt,
            greedy, `ignore_eos`, `--max-tokens` each): `gpt-serve --replicas 2` (each replica 1
            CPU, 1 torch thread) against one `gpt-serve` using both cores, and `--replicas 1
            --cpus-per-replica 2` (the single server's compute behind Ray's proxy and our ingress:
            the cost of the hop). tok/s, TTFT and ITL.
+  hop      the hop alone: 1 replica x 2 CPUs against the single server at 1 and 8 clients, with
+           the Serve settings gpt-serve sets and with Ray's defaults, alternated `--hop-rounds`.
   chats    8 concurrent ten-turn conversations (turn k's prompt is turn k-1's, its reply and a new
            user line; ~30 reply tokens a turn) on 2 replicas, with prefix-aware routing and with
            round-robin: the median time to first token per turn. Target: turn 10 <= 1.5x turn 1
@@ -90,6 +92,49 @@ def part_clients(args, model_dir: str, prompt) -> dict:
                 flush=True,
             )
     return out
+
+
+def part_hop(args, model_dir: str, prompt) -> dict:
+    """The hop through Ray at 1 and 8 clients, with the Serve settings `gpt-serve --replicas` sets
+    (server/cluster/launch.py's SERVE_ENV) and with Ray's own defaults, beside the single server.
+    Alternated `--hop-rounds` times; the best round of each is kept."""
+    from server.cluster.launch import SERVE_ENV
+
+    ray_defaults = {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+    }
+    ray_defaults["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] = "1"
+    assert set(ray_defaults) == set(SERVE_ENV)
+    configs = (
+        ("single", ("--max-batch-size", "64"), {}),
+        ("ray-1x2", ("--replicas", "1", "--cpus-per-replica", "2"), {}),
+        ("ray-1x2, Ray's defaults", ("--replicas", "1", "--cpus-per-replica", "2"), ray_defaults),
+    )
+    out: dict = {label: [] for label, _, _ in configs}
+    for _ in range(args.hop_rounds):
+        for label, extra, env in configs:
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                port = serve.free_port()
+                url = f"http://127.0.0.1:{port}"
+                with serve.served(label, start(model_dir, extra, port), url):
+                    out[label].append(asyncio.run(rounds(url, prompt, args.max_tokens, [1, 8])))
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    best = {
+        label: [max((r[i] for r in runs), key=lambda x: x["rate"]) for i in range(2)]
+        for label, runs in out.items()
+    }
+    for label, rs in best.items():
+        print(
+            f"hop {label:>24}: 1 client {rs[0]['rate']:6.1f} tok/s (ITL {rs[0]['itl50'] * 1e3:.1f} ms), "
+            f"8 clients {rs[1]['rate']:6.1f} tok/s",
+            flush=True,
+        )
+    return best
 
 
 async def conversations(url: str, n: int, turns: int, reply_tokens: int, tag: str) -> list[list[dict]]:
@@ -307,6 +352,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32,64")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reply-tokens", type=int, default=32)
+    ap.add_argument("--hop-rounds", type=int, default=2)
     ap.add_argument("--soak-minutes", type=float, default=10)
     ap.add_argument("--kill-every", type=float, default=120)
     ap.add_argument("--soak-clients", type=int, default=12)
@@ -330,6 +376,8 @@ def main() -> None:
         prompt = serve.prompt_ids(gpt.get_tokenizer("gpt2"), 32)
         if "clients" in parts:
             results["clients"] = part_clients(args, model_dir, prompt)
+        if "hop" in parts:
+            results["hop"] = part_hop(args, model_dir, prompt)
         if "chats" in parts:
             results["chats"] = part_chats(args, model_dir)
         if "soak" in parts:
