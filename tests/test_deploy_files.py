@@ -205,7 +205,7 @@ def test_dockerfile_copies_the_packages_and_what_pip_install_needs(pyproject):
     assert packages <= copied, f"packages not copied into the image: {packages - copied}"
     assert {"pyproject.toml", pyproject["project"]["readme"]} <= copied
     runs = " ".join(dockerfile("RUN"))
-    assert "pip install ." in runs
+    assert 'pip install ".${EXTRAS:+[$EXTRAS]}"' in runs  # the project, with extras when asked
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in [
         f"ARG {a}" for a in dockerfile("ARG")
     ]

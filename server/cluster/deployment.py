@@ -213,12 +213,12 @@ def build_app(
 ):
     """The Serve application: `replicas` model replicas (or autoscaling between `min_replicas`
     and `max_replicas` on requests in flight), each with `cpus` CPUs or `gpus` GPUs."""
-    scaling: dict = {"num_replicas": replicas}
+    scaling: dict = {"num_replicas": replicas or 1}
     if max_replicas is not None:
         scaling = {
             "autoscaling_config": AutoscalingConfig(
                 min_replicas=min_replicas if min_replicas is not None else 1,
-                initial_replicas=replicas or None,
+                initial_replicas=max(replicas, min_replicas or 1) if replicas else None,
                 max_replicas=max_replicas,
                 # a replica decodes max_batch_size rows at once; past half of that, add one
                 target_ongoing_requests=max(1, settings.max_batch_size // 2),
@@ -263,7 +263,7 @@ def app_builder(args: dict):
     cluster = {k: args.pop(k) for k in ("min_replicas", "max_replicas") if k in args}
     cpus = float(args.pop("cpus_per_replica", 1))
     gpus = float(args.pop("gpus_per_replica", 0))
-    replicas = int(args.pop("replicas", 1))
+    replicas = int(args.pop("replicas", 0))  # with autoscaling, 0: start at min_replicas
     settings = Settings.from_env(**{k: _parsed(k, v) for k, v in args.items()})
     return build_app(
         settings,
