@@ -85,6 +85,18 @@ def _normal(body):
     return body
 
 
+def _close(a, b) -> bool:
+    """Equal, floats within 1e-4: logprobs come from another process, whose kernels may sum in
+    another order."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 REQUESTS = [
     (
         "POST",
@@ -120,7 +132,7 @@ def test_the_api_answers_as_the_single_server_does(ray_server, single_server, me
         for url in (ray_server, single_server)
     ]
     assert replies[0].status_code == replies[1].status_code
-    assert _normal(replies[0].json()) == _normal(replies[1].json())
+    assert _close(_normal(replies[0].json()), _normal(replies[1].json()))
     assert replies[0].headers["content-type"] == replies[1].headers["content-type"]
 
 
