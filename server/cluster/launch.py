@@ -112,6 +112,9 @@ def run(settings: Settings) -> int:
     if address:
         check_reachable(address)
     else:
+        # the local cluster gets at most the CPUs this process may use: too few is an error
+        # before Ray starts (Ray's own count, checked below, may be lower under a CPU quota)
+        replica_resources(settings, float(len(os.sched_getaffinity(0))))
         for name, value in SERVE_ENV.items():  # inherited by the cluster's processes
             os.environ.setdefault(name, value)
     try:
