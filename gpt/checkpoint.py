@@ -219,6 +219,28 @@ def run_name(path: PathLike) -> str:
     return p.name or str(path)
 
 
+def _known_header(p: Path) -> dict:
+    """`p`'s config.json, if it is one of ours or a Hugging Face GPT-2's; else CheckpointError."""
+    header = read_json(p / CONFIG_FILE)
+    if header.get("format") != FORMAT and not _is_hf_gpt2(header):
+        kind = header.get("format") or header.get("model_type") or header.get("architectures")
+        raise CheckpointError(
+            f"{p / CONFIG_FILE}: expected a {FORMAT} checkpoint or a Hugging Face GPT-2 "
+            f"directory (model_type 'gpt2'), found {kind!r}"
+        )
+    return header
+
+
+def check_header(path: PathLike) -> None:
+    """What `load(path)` would read, checked as far as its config.json tells, without reading
+    the weights: a CheckpointError (or OSError) now rather than from a process that loads it
+    later (gpt-serve's replicas)."""
+    p = find_checkpoint(path)
+    if p.exists() and not p.is_dir():
+        raise CheckpointError(f"{p}: is a file; expected a checkpoint directory")
+    _known_header(p)
+
+
 def load(path: PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Tokenizer]:
     """Load a model and its tokenizer from any supported source:
 
@@ -233,17 +255,11 @@ def load(path: PathLike, *, device="cpu", dtype: torch.dtype | None = None) -> t
         p = _download_from_hub(str(path))
     if p.exists() and not p.is_dir():
         raise CheckpointError(f"{p}: is a file; expected a checkpoint directory")
-    header = read_json(p / CONFIG_FILE)
+    header = _known_header(p)
     if header.get("format") == FORMAT:
         model, config, _ = load_checkpoint(p, device=device, dtype=dtype)
-    elif _is_hf_gpt2(header):
-        model, config = load_hf_gpt2(p, device=device, dtype=dtype)
     else:
-        kind = header.get("format") or header.get("model_type") or header.get("architectures")
-        raise CheckpointError(
-            f"{p / CONFIG_FILE}: expected a {FORMAT} checkpoint or a Hugging Face GPT-2 "
-            f"directory (model_type 'gpt2'), found {kind!r}"
-        )
+        model, config = load_hf_gpt2(p, device=device, dtype=dtype)
     try:
         if config.tokenizer == BPETokenizer.name:  # trained with the model, stored beside it
             tokenizer = BPETokenizer.from_file(p / TOKENIZER_FILE)

@@ -112,6 +112,14 @@ def run(settings: Settings) -> int:
     if address:
         check_reachable(address)
     else:
+        # the replicas of a local cluster read the model where this process can: a model that
+        # is no model is an error now, not after Ray has started and a replica has failed
+        from gpt.checkpoint import check_header
+
+        try:
+            check_header(settings.model)
+        except (OSError, ValueError) as e:
+            raise LaunchError(f"--model {settings.model}: {e}") from None
         # the local cluster gets at most the CPUs this process may use: too few is an error
         # before Ray starts (Ray's own count, checked below, may be lower under a CPU quota)
         replica_resources(settings, float(len(os.sched_getaffinity(0))))

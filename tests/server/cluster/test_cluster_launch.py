@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import save_tiny
 
-from server.cluster.launch import LaunchError, replica_resources
+from server.cluster.launch import LaunchError, _deploy_failure, replica_resources
 from server.config import Settings
 
 
@@ -89,14 +89,26 @@ def test_no_cluster_at_ray_address_exits_2(tmp_path, monkeypatch):
     assert code == 2 and "no Ray cluster at RAY_ADDRESS=127.0.0.1:9" in _last_line(err) and not left, err
 
 
-@pytest.mark.slow
-def test_a_model_that_does_not_load_on_its_replica_exits_1_and_stops(tmp_path):
+def test_a_model_that_is_no_model_exits_2_before_ray_starts(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text('{"not": "a model"}')
     code, err, left = _serve("--model", str(bad), "--replicas", "1")
     line = _last_line(err)
-    assert (
-        code == 1 and line.startswith("gpt-serve: the replicas did not start:") and "config.json" in line
-    ), err
+    assert code == 2 and f"--model {bad}" in line and "expected a gpt-checkpoint checkpoint" in line, err
     assert not left
+
+
+def test_a_replica_that_fails_to_start_is_reported_by_its_last_error_line():
+    """What Serve says when a replica's constructor raised (a model whose weights do not load on
+    that node): the last line naming an error, not pages of traceback."""
+    message = (
+        "Deploying application gpt-serve failed: Failed to update the deployments ['model'].\n"
+        '  File "/x/server/cluster/deployment.py", line 60, in __init__\n'
+        "    self.engine = await asyncio.to_thread(load_engine, self.settings, None, threads)\n"
+        "gpt.files.CheckpointError: /m/model.safetensors: truncated (4 of 548 MB)\n"
+    )
+    assert (
+        _deploy_failure(RuntimeError(message))
+        == "gpt.files.CheckpointError: /m/model.safetensors: truncated (4 of 548 MB)"
+    )
