@@ -369,7 +369,10 @@ def test_concurrent_requests_with_and_without_echo_equal_their_solo_results(serv
     for a, b in zip(solo, together):
         assert a["text"] == b["text"]
         assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
-        assert a["logprobs"]["token_logprobs"][0] == b["logprobs"]["token_logprobs"][0]
+        first, first_together = a["logprobs"]["token_logprobs"][0], b["logprobs"]["token_logprobs"][0]
+        assert (first is None) == (first_together is None)  # null for an echoed prompt's first token
+        # a batch's rows and a lone row multiply through different kernels: equal within rounding
+        assert first is None or first_together == pytest.approx(first, abs=1e-5)
         rest = [x for x in a["logprobs"]["token_logprobs"] if x is not None]
         assert [x for x in b["logprobs"]["token_logprobs"] if x is not None] == pytest.approx(rest, abs=1e-5)
     assert server.engine.stats().slots_in_use == 0
