@@ -18,7 +18,6 @@ for FastAPI to see that `request` is the Request.
 
 import asyncio
 import dataclasses
-import logging
 import os
 import socket
 
@@ -36,7 +35,6 @@ from . import ingress_metrics, metrics_board
 from .forwarding import ForwardedRequest, ResponseStart, play, routing_text_of
 from .router import PrefixAffinityRouter, RoundRobinRouter
 
-log = logging.getLogger("server")
 APP_NAME = "gpt-serve"
 METHODS = ["GET", "POST", "PUT", "DELETE", "OPTIONS", "HEAD", "PATCH"]  # all forwarded as they come
 RETRIES = 3  # replicas tried for a request before it gets a 503
@@ -201,25 +199,17 @@ def replica_threads(cpus: float) -> int:
     return max(1, int(cpus))
 
 
-def build_app(
-    settings: Settings,
-    *,
-    replicas: int,
-    min_replicas: int | None = None,
-    max_replicas: int | None = None,
-    cpus: float = 1.0,
-    gpus: float = 0.0,
-    imbalance: int = 8,
-):
-    """The Serve application: `replicas` model replicas (or autoscaling between `min_replicas`
-    and `max_replicas` on requests in flight), each with `cpus` CPUs or `gpus` GPUs."""
+def build_app(settings: Settings, *, cpus: float = 1.0, gpus: float = 0.0, imbalance: int = 8):
+    """The Serve application: `settings.replicas` model replicas, or with `max_replicas`
+    autoscaling from `min_replicas` on requests in flight; each with `cpus` CPUs or `gpus` GPUs."""
+    replicas, least = settings.replicas, settings.min_replicas or 1
     scaling: dict = {"num_replicas": replicas or 1}
-    if max_replicas is not None:
+    if settings.max_replicas is not None:
         scaling = {
             "autoscaling_config": AutoscalingConfig(
-                min_replicas=min_replicas if min_replicas is not None else 1,
-                initial_replicas=max(replicas, min_replicas or 1) if replicas else None,
-                max_replicas=max_replicas,
+                min_replicas=least,
+                initial_replicas=max(replicas, least) if replicas else None,
+                max_replicas=settings.max_replicas,
                 # a replica decodes max_batch_size rows at once; past half of that, add one
                 target_ongoing_requests=max(1, settings.max_batch_size // 2),
                 upscale_delay_s=5,
@@ -234,7 +224,7 @@ def build_app(
         max_ongoing_requests=settings.max_batch_size + settings.max_queue,
         graceful_shutdown_timeout_s=settings.drain_grace,
         # a model that does not load fails the same way every time: one try per replica
-        max_constructor_retry_count=max(replicas, min_replicas or 1),
+        max_constructor_retry_count=max(replicas, least),
         graceful_shutdown_wait_loop_s=0.5,
         health_check_period_s=2,
         health_check_timeout_s=30,
@@ -257,22 +247,12 @@ def build_app(
 
 def app_builder(args: dict):
     """For `serve run server.cluster.deployment:app_builder model=PATH replicas=2` and Serve config
-    files: every `gpt-serve` setting by its field name, plus replicas, min_replicas,
-    max_replicas, cpus_per_replica and gpus_per_replica."""
+    files: every `gpt-serve` setting by its field name (replicas, min_replicas, max_replicas and
+    cpus_per_replica among them), plus gpus_per_replica."""
     args = dict(args)
-    cluster = {k: args.pop(k) for k in ("min_replicas", "max_replicas") if k in args}
-    cpus = float(args.pop("cpus_per_replica", 1))
     gpus = float(args.pop("gpus_per_replica", 0))
-    replicas = int(args.pop("replicas", 0))  # with autoscaling, 0: start at min_replicas
     settings = Settings.from_env(**{k: _parsed(k, v) for k, v in args.items()})
-    return build_app(
-        settings,
-        replicas=replicas,
-        min_replicas=int(cluster["min_replicas"]) if "min_replicas" in cluster else None,
-        max_replicas=int(cluster["max_replicas"]) if "max_replicas" in cluster else None,
-        cpus=cpus,
-        gpus=gpus,
-    )
+    return build_app(settings, cpus=settings.cpus_per_replica or 1.0, gpus=gpus)
 
 
 def _parsed(name: str, value):

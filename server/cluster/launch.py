@@ -101,7 +101,6 @@ def run(settings: Settings) -> int:
         from ray import serve
     except ImportError:
         raise LaunchError("--replicas needs Ray Serve: pip install 'gpt-serve[ray]'") from None
-    from . import metrics_board
     from .deployment import APP_NAME, build_app
 
     if settings.model and "://" not in settings.model and not os.path.exists(settings.model):
@@ -145,14 +144,7 @@ def run(settings: Settings) -> int:
                 "keep_alive_timeout_s": int(max(1, settings.keep_alive_timeout)),
             }
         )
-        app = build_app(
-            settings,
-            replicas=settings.replicas or settings.min_replicas or 1,
-            min_replicas=settings.min_replicas,
-            max_replicas=settings.max_replicas,
-            cpus=cpus,
-            gpus=gpus,
-        )
+        app = build_app(settings, cpus=cpus, gpus=gpus)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
@@ -174,7 +166,7 @@ def run(settings: Settings) -> int:
         print("gpt-serve: draining the replicas", file=sys.stderr, flush=True)
         return 0
     finally:
-        _stop(address, APP_NAME, metrics_board)
+        _stop(address, APP_NAME)
 
 
 def _wait_for_signal() -> None:
@@ -191,7 +183,8 @@ def _wait_for_signal() -> None:
         pass
 
 
-def _stop(address: str | None, app_name: str, metrics_board) -> None:
+def _stop(address: str | None, app_name: str) -> None:
+    """Delete the app (the ingress takes its metrics board with it), then leave Ray."""
     import ray
     from ray import serve
 
@@ -200,7 +193,6 @@ def _stop(address: str | None, app_name: str, metrics_board) -> None:
             serve.delete(app_name)
         else:
             serve.shutdown()
-        metrics_board.kill_board(app_name)
     except Exception as e:  # the cluster itself is going away; say so and carry on
         log.warning("stopping the Ray Serve app: %s", e)
     finally:
