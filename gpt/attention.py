@@ -1,5 +1,6 @@
 """Multi-head attention: causal and bidirectional self-attention and cross-attention, one class,
-on our one-query kernel for cached decode steps where it runs (gpt.kernels) and on PyTorch's
+on our one-query kernel for cached decode steps where it runs (gpt.kernels), on blocks of
+queries for causal training with dropout on the CPU (gpt.dropout_attention), and on PyTorch's
 scaled-dot-product attention elsewhere."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import kernels
+from . import dropout_attention, kernels
 from .config import ModelConfig
 from .kv_cache import CacheView, LayerCache
 from .linear import Linear
@@ -122,6 +123,9 @@ class Attention(nn.Module):
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
             if cache is not None:
                 k, v = (t.to(q.dtype) for t in cache.update(view, k, v))  # a cache may store another dtype
+        if self.training and dropout_attention.fits(q, k, mask, is_causal, self.dropout):
+            y = dropout_attention.causal_dropout_attention(q, k, v, self.dropout)
+            return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         with (
             sdpa_kernel(_CACHED_SDPA_BACKENDS)
             if cache is not None and q.is_cuda
