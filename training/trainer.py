@@ -19,6 +19,7 @@ from gpt import allocator, checkpointing, lora
 from gpt.files import CheckpointError
 
 from . import distributed as ddp
+from . import precision
 from . import state as ckpt
 from .cleanup import Created
 from .config import ConfigError, TrainConfig, get_lr
@@ -89,8 +90,7 @@ def _train(
     if device.type == "cpu":
         torch.set_num_threads(_threads(cfg))
         allocator.keep_freed_memory()  # each step's activations, not faulted in afresh every step
-    dtype = getattr(torch, cfg.dtype)
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--dtype bfloat16: this GPU does not support it; use float16")
 
     raw, tok = model_and_tokenizer(cfg, resume_path, d.is_main, lambda: ddp.barrier(d))
@@ -104,6 +104,14 @@ def _train(
     mcfg = raw.config
     data = build_data(cfg, tok, mcfg.block_size, d.rank, d.is_main, lambda: ddp.barrier(d))
     optimizer = make_optimizer(raw, cfg, device)
+    if cfg.dtype == "auto":  # resolved once: the run's saved settings, and so a resume, keep it
+        length = min(cfg.block_size or mcfg.block_size, mcfg.block_size)
+        cfg.dtype, why = precision.choose(raw, cfg.model, length, device)
+        if ddp.any_rank(cfg.dtype != "bfloat16", d):  # every rank the same precision
+            cfg.dtype = "float32"
+        if why and d.is_main and not cfg.quiet:
+            print(f"gpt-train: --dtype auto: {cfg.dtype} ({why})", file=sys.stderr, flush=True)
+    dtype = getattr(torch, cfg.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
@@ -270,6 +278,7 @@ def _train(
                         loss = compute_loss(model, to_device(batch), cfg.model)
                     step_loss += loss.detach().float()
                     scaler.scale(loss / cfg.grad_accum).backward()
+                allocator.hand_back_surplus()  # holes the backward left, past what is worth keeping
             scaler.unscale_(optimizer)  # the norm is measured (and clipped) unscaled; no-op without a scaler
             why = non_finite(step_loss, grad_norm(raw, cfg.grad_clip), scaler.is_enabled())
             # every rank must skip together, or their weights part ways; the gradients agree after
