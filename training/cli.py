@@ -244,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     g = p.add_argument_group("runtime")
-    g.add_argument("--dtype", choices=DTYPES, help=f"autocast dtype; float16 uses a GradScaler ({D.dtype})")
+    g.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="autocast dtype; auto: bfloat16 on CPUs with bfloat16 arithmetic where a probe measures it "
+        f"faster, else float32; float16 uses a GradScaler ({D.dtype})",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument(
         "--activation-checkpointing",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import gpt
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_KINDS = ("gpt", "seq2seq")
 DATA_FORMATS = ("auto", "text", "chat")
 DEFAULT_PRESET = {"gpt": "gpt-mini", "seq2seq": "seq2seq-mini"}
@@ -72,7 +72,7 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept besides best/
     out: str = "runs/train"
     # runtime
-    dtype: str = "float32"
+    dtype: str = "auto"  # bfloat16 where the CPU has it and it measures faster (training.precision)
     compile: bool = False
     activation_checkpointing: bool = False  # recompute block activations in backward (gpt.checkpointing)
     seed: int = 1337
