@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from .activations import GELUTanh
-from .layers import Block
+from .layers import MLP, Block
 
 
 def enable(model: nn.Module, on: bool = True) -> int:
@@ -21,6 +21,9 @@ def enable(model: nn.Module, on: bool = True) -> int:
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.checkpointing = on
+        for mlp in block.modules():
+            if isinstance(mlp, MLP):  # the block's recomputation covers it; hooks would nest
+                mlp.recompute_activation = not on
         for act in block.modules():
             if isinstance(act, GELUTanh):
                 # torch.utils.checkpoint counts a different number of saved tensors for our

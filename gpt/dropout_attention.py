@@ -38,8 +38,10 @@ def fits(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool, dropout: fl
 
 
 def causal_dropout_attention(q: Tensor, k: Tensor, v: Tensor, p: float, block: int = BLOCK) -> Tensor:
-    """softmax(q k^T / sqrt(D) + causal) with dropout `p`, times v. q, k, v: (B, H, T, D)."""
-    return _Attention.apply(q, k, v, p, block)
+    """softmax(q k^T / sqrt(D) + causal) with dropout `p`, times v. q, k, v: (B, H, T, D). The
+    result is (B, H, T, D) too, laid out as (B, T, H, D), so that the heads' outputs side by side,
+    (B, T, H x D), are a view and not a copy (the output projection keeps its input)."""
+    return _Attention.apply(q, k, v, p, block).transpose(1, 2)
 
 
 def dropped_fraction(p: float) -> float:
@@ -75,7 +77,7 @@ class _Attention(torch.autograd.Function):
         B, H, T, D = q.shape
         scale, kept = D**-0.5, 1.0 / (1.0 - dropped_fraction(p))
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-        out = q.new_empty(B, H, T, D)
+        out = q.new_empty(B, T, H, D)
         lse = q.new_empty(B, H, T, 1, dtype=torch.float32)
         for index, start in enumerate(range(0, T, block)):
             end = min(start + block, T)
@@ -85,7 +87,7 @@ class _Attention(torch.autograd.Function):
             total = s.sum(-1, keepdim=True)
             lse[:, :, start:end] = top + total.log()
             s.div_(total).masked_fill_(~keep_mask(seed, index, s.shape, p), 0.0).mul_(kept)
-            out[:, :, start:end] = torch.matmul(s.to(v.dtype), v[:, :, :end])
+            out[:, start:end].transpose(1, 2).copy_(torch.matmul(s.to(v.dtype), v[:, :, :end]))
         ctx.save_for_backward(q, k, v, lse)
         ctx.seed, ctx.p, ctx.block = seed, p, block
         return out
@@ -99,7 +101,8 @@ class _Attention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for index, start in enumerate(range(0, T, block)):
             end = min(start + block, T)
-            qb, keys, values, do = q[:, :, start:end], k[:, :, :end], v[:, :, :end], dout[:, :, start:end]
+            qb, keys, values = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
+            do = dout[:, start:end].transpose(1, 2)  # (B, H, block, D) of the (B, T, H, D) output
             probs = _scores(qb, keys, start, scale).float().sub_(lse[:, :, start:end]).exp_()
             drop = ~keep_mask(seed, index, probs.shape, p)
             dropped = probs.masked_fill(drop, 0.0).mul_(kept)

@@ -19,7 +19,15 @@ from .linear import Linear
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2's tanh approximation) or ReLU (the original)."""
+    """Position-wise feed-forward: GELU (GPT-2's tanh approximation) or ReLU (the original).
+
+    In training, c_proj's input (the activation's output, d_ff wide) is not kept for the backward
+    pass: the activation's input, which the activation keeps anyway, is, and the activation is
+    computed again when c_proj's backward asks for it. One elementwise pass more; a d_ff-wide
+    tensor per position less (`recompute_activation`: False keeps it, as gpt.checkpointing does
+    for the blocks it recomputes whole)."""
+
+    recompute_activation = True
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -29,7 +37,27 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.c_fc(x)
+        a = self.act(h)
+        if not (self.recompute_activation and a.requires_grad) or torch.compiler.is_compiling():
+            return self.dropout(self.c_proj(a))
+        storage = a.untyped_storage().data_ptr()
+
+        def pack(t: Tensor):
+            if t.untyped_storage().data_ptr() != storage:
+                return t
+            return (h, t.shape, t.stride(), t.storage_offset())  # a view of `a`: of it again later
+
+        def unpack(saved):
+            if isinstance(saved, Tensor):
+                return saved
+            source, shape, stride, offset = saved
+            with torch.no_grad():
+                return self.act(source).as_strided(shape, stride, offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            y = self.c_proj(a)
+        return self.dropout(y)
 
 
 class Block(nn.Module):
