@@ -12,13 +12,6 @@ Only where the C library is glibc, and not where the user set MALLOC_MMAP_THRESH
 MALLOC_TRIM_THRESHOLD_ themselves (or preloaded another allocator: then glibc's malloc is not
 the one in use and its settings change nothing). The cost: freed memory stays with the process,
 so its resident size stays at its peak; a training run is there most of its life anyway.
-
-The trim threshold bounds only the free memory at the top of the heap. A large model's backward
-pass frees activations of many sizes in between, and the next forward pass, which cannot reuse
-those holes well, grows the heap past them: GPT-2 small at 8 x 512 held 2.6 GB free after a
-step, and its peak grew by 1.4 GB at the next. `hand_back_surplus()`, called between steps,
-gives the free pages back once more than the trim threshold is free anywhere in the heap, so
-that memory is kept for reuse up to that bound and no further.
 """
 
 from __future__ import annotations
@@ -34,15 +27,6 @@ TRIM_THRESHOLD = 1 << 30
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
 
 _done = False
-_libc = None
-
-
-class _MallInfo2(ctypes.Structure):  # <malloc.h>, glibc 2.33 and later
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks")
-        + ("uordblks", "fordblks", "keepcost")
-    ]
 
 
 def keep_freed_memory() -> bool:
@@ -61,23 +45,4 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
     _done = _done and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    if _done and hasattr(libc, "mallinfo2"):
-        global _libc
-        _libc = libc
-        libc.mallinfo2.restype = _MallInfo2
     return _done
-
-
-def free_bytes() -> int | None:
-    """What malloc holds free, in every arena (None where this cannot be asked)."""
-    return None if _libc is None else int(_libc.mallinfo2().fordblks)
-
-
-def hand_back_surplus(limit: int = TRIM_THRESHOLD) -> bool:
-    """Between training steps: give malloc's free pages back to the kernel once more than `limit`
-    is free (only after keep_freed_memory() took effect); whether it did."""
-    free = free_bytes()
-    if free is None or free <= limit:
-        return False
-    _libc.malloc_trim(0)
-    return True

@@ -278,7 +278,6 @@ def _train(
                         loss = compute_loss(model, to_device(batch), cfg.model)
                     step_loss += loss.detach().float()
                     scaler.scale(loss / cfg.grad_accum).backward()
-                allocator.hand_back_surplus()  # holes the backward left, past what is worth keeping
             scaler.unscale_(optimizer)  # the norm is measured (and clipped) unscaled; no-op without a scaler
             why = non_finite(step_loss, grad_norm(raw, cfg.grad_clip), scaler.is_enabled())
             # every rank must skip together, or their weights part ways; the gradients agree after
