@@ -8,8 +8,10 @@ to a temporary directory. Parts (`--parts`, all but `hop` by default):
            CPU, 1 torch thread) against one `gpt-serve` using both cores, and `--replicas 1
            --cpus-per-replica 2` (the single server's compute behind Ray's proxy and our ingress:
            the cost of the hop). tok/s, TTFT and ITL.
-  hop      the hop alone: 1 replica x 2 CPUs against the single server at 1 and 8 clients, with
-           the Serve settings gpt-serve sets and with Ray's defaults, alternated `--hop-rounds`.
+  hop      the hop alone: 1 replica with the single server's threads against the single server
+           at 1 and 8 clients: 2 threads with the Serve settings gpt-serve sets, without direct
+           ingress, with Ray's defaults; 1 thread each. `--hop-repeats` rounds per start (the
+           median is kept), starts alternated `--hop-rounds` times.
   chats    8 concurrent ten-turn conversations (turn k's prompt is turn k-1's, its reply and a new
            user line; ~30 reply tokens a turn) on 2 replicas, with prefix-aware routing and with
            round-robin: the median time to first token per turn. Target: turn 10 <= 1.5x turn 1
@@ -95,21 +97,28 @@ def part_clients(args, model_dir: str, prompt) -> dict:
 
 
 def part_hop(args, model_dir: str, prompt) -> dict:
-    """The hop through Ray at 1 and 8 clients, with the Serve settings `gpt-serve --replicas` sets
-    (server/cluster/launch.py's SERVE_ENV) and with Ray's own defaults, beside the single server.
-    Alternated `--hop-rounds` times; the best round of each is kept."""
+    """The hop through Ray at 1 and 8 clients: one replica with the single server's compute behind
+    Serve, with the settings `gpt-serve --replicas` sets (server/cluster/launch.py: SERVE_ENV and
+    Serve's direct ingress), without direct ingress (Serve's proxy relays every token), and with
+    Ray's own defaults; then one thread on each side, which leaves a core to Ray's processes and
+    so measures the hop's latency apart from its CPU. Each start runs `--hop-repeats` rounds at
+    each load; the starts are alternated `--hop-rounds` times; the median round is kept."""
     from server.cluster.launch import SERVE_ENV
 
-    ray_defaults = {
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
-        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
-    }
-    ray_defaults["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] = "1"
-    assert set(ray_defaults) == set(SERVE_ENV)
+    via_proxy = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    ray_defaults = {**via_proxy, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+    ray_defaults.update(
+        RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="1", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="1"
+    )
+    assert set(SERVE_ENV) < set(ray_defaults)
+    one_replica = ("--replicas", "1", "--cpus-per-replica")
     configs = (
         ("single", ("--max-batch-size", "64"), {}),
-        ("ray-1x2", ("--replicas", "1", "--cpus-per-replica", "2"), {}),
-        ("ray-1x2, Ray's defaults", ("--replicas", "1", "--cpus-per-replica", "2"), ray_defaults),
+        ("ray-1x2", (*one_replica, "2"), {}),
+        ("ray-1x2, Serve's proxy", (*one_replica, "2"), via_proxy),
+        ("ray-1x2, Ray's defaults", (*one_replica, "2"), ray_defaults),
+        ("single, 1 thread", ("--max-batch-size", "64"), {"OMP_NUM_THREADS": "1"}),
+        ("ray-1x1", (*one_replica, "1"), {}),
     )
     out: dict = {label: [] for label, _, _ in configs}
     for _ in range(args.hop_rounds):
@@ -119,15 +128,13 @@ def part_hop(args, model_dir: str, prompt) -> dict:
             try:
                 port = serve.free_port()
                 url = f"http://127.0.0.1:{port}"
+                loads = [1] * args.hop_repeats + [8] * args.hop_repeats
                 with serve.served(label, start(model_dir, extra, port), url):
-                    out[label].append(asyncio.run(rounds(url, prompt, args.max_tokens, [1, 8])))
+                    out[label] += asyncio.run(rounds(url, prompt, args.max_tokens, loads))
             finally:
                 for k, v in saved.items():
                     os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    best = {
-        label: [max((r[i] for r in runs), key=lambda x: x["rate"]) for i in range(2)]
-        for label, runs in out.items()
-    }
+    best = {label: [_median_round(runs, c) for c in (1, 8)] for label, runs in out.items()}
     for label, rs in best.items():
         print(
             f"hop {label:>24}: 1 client {rs[0]['rate']:6.1f} tok/s (ITL {rs[0]['itl50'] * 1e3:.1f} ms), "
@@ -135,6 +142,11 @@ def part_hop(args, model_dir: str, prompt) -> dict:
             flush=True,
         )
     return best
+
+
+def _median_round(runs: list[dict], clients: int) -> dict:
+    at = sorted((r for r in runs if r["clients"] == clients), key=lambda r: r["rate"])
+    return {**at[len(at) // 2], "rounds": len(at), "rates": [r["rate"] for r in at]}
 
 
 async def conversations(url: str, n: int, turns: int, reply_tokens: int, tag: str) -> list[list[dict]]:
@@ -353,6 +365,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reply-tokens", type=int, default=32)
     ap.add_argument("--hop-rounds", type=int, default=2)
+    ap.add_argument("--hop-repeats", type=int, default=5)
     ap.add_argument("--soak-minutes", type=float, default=10)
     ap.add_argument("--kill-every", type=float, default=120)
     ap.add_argument("--soak-clients", type=int, default=12)

@@ -49,14 +49,29 @@ def replica_resources(settings: Settings, cluster_cpus: float) -> tuple[float, f
 
 
 # Ray Serve's settings for latency over isolation (a subset of its RAY_SERVE_THROUGHPUT_OPTIMIZED
-# mode, which also moves HTTP into the replicas): user code and the handles' router on the
-# replicas' own event loops instead of a thread each, and access logs written in batches. Set
-# for the local cluster this command starts; a user's own values win.
+# mode): user code and the handles' router on the replicas' own event loops instead of a thread
+# each, and access logs written in batches. Set for the local cluster this command starts; a
+# user's own values win.
 SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
 }
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Serve's direct ingress (the rest of RAY_SERVE_THROUGHPUT_OPTIMIZED): the ingress replica
+    serves HTTP on `port` itself, so a streamed token crosses one Ray hop, not two (Serve's proxy
+    no longer relays it). The port range is that one port; Serve still starts a proxy on the
+    head node, which gets another. No load balancer sits in front of a local cluster, so a
+    stopping ingress waits for its streams but not the draining period one would need."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
 
 
 def _free_port(host: str) -> int:
@@ -122,8 +137,8 @@ def run(settings: Settings) -> int:
         # the local cluster gets at most the CPUs this process may use: too few is an error
         # before Ray starts (Ray's own count, checked below, may be lower under a CPU quota)
         replica_resources(settings, float(len(os.sched_getaffinity(0))))
-        for name, value in SERVE_ENV.items():  # inherited by the cluster's processes
-            os.environ.setdefault(name, value)
+        for name, value in {**SERVE_ENV, **direct_ingress_env(port)}.items():
+            os.environ.setdefault(name, value)  # inherited by the cluster's processes
     try:
         ray.init(
             address=address or "local",
@@ -140,7 +155,7 @@ def run(settings: Settings) -> int:
         serve.start(
             http_options={
                 "host": settings.host,
-                "port": port,
+                "port": _proxy_port(settings.host, port),
                 "keep_alive_timeout_s": int(max(1, settings.keep_alive_timeout)),
             }
         )
@@ -167,6 +182,14 @@ def run(settings: Settings) -> int:
         return 0
     finally:
         _stop(address, APP_NAME)
+
+
+def _proxy_port(host: str, port: int) -> int:
+    """Serve's proxy takes `port` unless the ingress replica serves it directly."""
+    direct = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+    if direct and os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT") == str(port):
+        return _free_port(host)
+    return port
 
 
 def _wait_for_signal() -> None:

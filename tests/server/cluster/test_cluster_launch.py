@@ -8,7 +8,13 @@ import time
 import pytest
 from conftest import save_tiny
 
-from server.cluster.launch import LaunchError, _deploy_failure, replica_resources
+from server.cluster.launch import (
+    LaunchError,
+    _deploy_failure,
+    _proxy_port,
+    direct_ingress_env,
+    replica_resources,
+)
 from server.config import Settings
 
 
@@ -112,3 +118,14 @@ def test_a_replica_that_fails_to_start_is_reported_by_its_last_error_line():
         _deploy_failure(RuntimeError(message))
         == "gpt.files.CheckpointError: /m/model.safetensors: truncated (4 of 548 MB)"
     )
+
+
+def test_with_direct_ingress_the_ingress_gets_the_port_and_serves_proxy_another(monkeypatch):
+    env = direct_ingress_env(18000)
+    ports = env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]
+    assert ports == ("18000", "18001")  # a range of one port: --port
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _proxy_port("127.0.0.1", 18000) != 18000
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")  # the user's own choice: the proxy's port
+    assert _proxy_port("127.0.0.1", 18000) == 18000
