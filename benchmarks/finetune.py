@@ -72,6 +72,7 @@ def ours(args, model_dir: Path, mode: str, work: Path, checkpointing: bool = Fal
         "--lr", str(LR), "--min-lr", str(LR), "--warmup", "0", "--weight-decay", "0", "--grad-clip", "1.0",
         "--dropout", "0.1", "--log-interval", "1", "--eval-interval", str(args.steps), "--eval-iters", "1",
         "--sample-tokens", "0", "--keep-last", "1", "--out", str(out), "--quiet",
+        "--dtype", "float32",  # the job is float32 on both sides, on a CPU with bfloat16 too
     ]  # fmt: skip
     if mode == "lora":
         argv += ["--lora-rank", str(RANK), "--lora-alpha", str(2 * RANK), "--lora-targets", *TARGETS]
