@@ -11,11 +11,14 @@ saved with the run, so a resumed run keeps it."""
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from . import distributed as ddp
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 MIN_PARAMS = 20_000_000  # smaller models are not probed: float32
@@ -45,6 +48,18 @@ def choose(model: torch.nn.Module, kind: str, length: int, device: torch.device)
     f32, bf16 = probe(model, length)
     why = f"a pass in bfloat16 autocast took {bf16 / f32:.2f}x float32's time on this CPU"
     return ("bfloat16" if bf16 <= FASTER * f32 else "float32"), why
+
+
+def resolve(cfg, model: torch.nn.Module, device: torch.device, d) -> None:
+    """Set cfg.dtype for --dtype auto (the same on every rank), and say so where it measured."""
+    if cfg.dtype != "auto":
+        return
+    length = min(cfg.block_size or model.config.block_size, model.config.block_size)
+    cfg.dtype, why = choose(model, cfg.model, length, device)
+    if ddp.any_rank(cfg.dtype != "bfloat16", d):
+        cfg.dtype = "float32"
+    if why and d.is_main and not cfg.quiet:
+        print(f"gpt-train: --dtype auto: {cfg.dtype} ({why})", file=sys.stderr, flush=True)
 
 
 def probe(model: torch.nn.Module, length: int) -> tuple[float, float]:

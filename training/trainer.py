@@ -104,13 +104,7 @@ def _train(
     mcfg = raw.config
     data = build_data(cfg, tok, mcfg.block_size, d.rank, d.is_main, lambda: ddp.barrier(d))
     optimizer = make_optimizer(raw, cfg, device)
-    if cfg.dtype == "auto":  # resolved once: the run's saved settings, and so a resume, keep it
-        length = min(cfg.block_size or mcfg.block_size, mcfg.block_size)
-        cfg.dtype, why = precision.choose(raw, cfg.model, length, device)
-        if ddp.any_rank(cfg.dtype != "bfloat16", d):  # every rank the same precision
-            cfg.dtype = "float32"
-        if why and d.is_main and not cfg.quiet:
-            print(f"gpt-train: --dtype auto: {cfg.dtype} ({why})", file=sys.stderr, flush=True)
+    precision.resolve(cfg, raw, device, d)  # --dtype auto, once: the saved settings keep the choice
     dtype = getattr(torch, cfg.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
