@@ -36,6 +36,12 @@ def test_gpt_generate_help_answers_without_importing_torch():
     assert "--json-schema" in out.stdout and out.stdout.strip().endswith("False")
 
 
+def _sigint_default() -> None:
+    """In the child: SIGINT as a shell leaves it (a test worker may have it ignored or blocked)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_while_a_command_loads_is_one_line_and_exit_130(tmp_path):
     # a command whose import takes as long as torch's can (a minute here): Ctrl-C lands inside it
     (tmp_path / "slow_start.py").write_text(
@@ -45,7 +51,9 @@ def test_ctrl_c_while_a_command_loads_is_one_line_and_exit_130(tmp_path):
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); from cli_args.launch import _run; "
         "sys.stderr.write('ready\\n'); sys.stderr.flush(); sys.exit(_run('slow_start', 'gpt-x', None))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default
+    )
     assert proc.stderr.readline() == "ready\n"
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)

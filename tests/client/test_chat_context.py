@@ -123,6 +123,14 @@ def test_reset_clears_the_conversation_and_the_dropped_note_comes_again(live_ser
 # ---- the gpt-chat process on a pseudo-terminal
 
 
+def ctrl_c_as_at_a_shell() -> None:
+    """In the child: SIGINT handled by default and not blocked, as a shell starts a command. A
+    test worker may have inherited it ignored or blocked from something that ran before, and a
+    child inherits both."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class Terminal:
     """gpt-chat on a pseudo-terminal: what a person at a terminal sees and does."""
 
@@ -139,6 +147,7 @@ class Terminal:
             stdout=slave if stdout is None else stdout,
             stderr=slave,
             env=env,
+            preexec_fn=ctrl_c_as_at_a_shell,
         )
         os.close(slave)
         self.master, self.output = master, b""
