@@ -14,9 +14,10 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+
+from gpt.kernels import build
 
 from . import distributed as ddp
 
@@ -27,13 +28,7 @@ FASTER = 0.9  # bfloat16 must take at most this share of float32's time
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(build.cpu_flags().partition(":")[2].split())  # the kernels' own reading of cpuinfo
 
 
 def native_bf16() -> bool:
