@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -128,7 +130,9 @@ class Drafter:
     config: SpeculativeConfig
     lookup: NgramIndex
     prediction: NgramIndex | None = None
-    predicted_at: int = 0  # where in the prediction the output is expected to go on
+    predicted_at: int = 0  # a position in the prediction the output is known to have reached,
+    output_at: int = 0  # ... and the output's position there
+    drafted_at: tuple[int, int] = (0, 0)  # the last prediction draft's (prediction, output) positions
     seen: int = 0  # output tokens indexed so far
     acceptance: dict[str, Acceptance] = field(default_factory=dict)
     source: str = ""  # of the last draft
@@ -158,9 +162,9 @@ class Drafter:
             return []
         if self.prediction is not None:
             pred = self.prediction.tokens
-            at = 0 if not output_ids else self.prediction.find(output_ids, after=self.predicted_at)
+            at = self.aligned(output_ids)
             if at is not None and at < len(pred):
-                self.predicted_at, self.source = at, "prediction"
+                self.drafted_at, self.source = (at, len(output_ids)), "prediction"
                 return pred[at : at + limit]
         if self.draft_row is not None:
             return []  # the draft model's proposal comes from Speculator.plan, batched
@@ -171,6 +175,19 @@ class Drafter:
         self.source = "ngram"
         return toks[at : at + limit]
 
+    def aligned(self, output_ids: Sequence[int]) -> int | None:
+        """Where in the prediction the output goes on. While the output follows the prediction,
+        right after the tokens it has added since the last known position (checked token by
+        token: in a run of repeated tokens an n-gram match can be off by one). Once it has left
+        the prediction (a changed, added or dropped span), after an occurrence of the longest
+        n-gram ending the output: the first at or after the last known position, else the latest."""
+        pred, new = self.prediction.tokens, output_ids[self.output_at :]
+        at = self.predicted_at
+        if pred[at : at + len(new)] == list(new):
+            self.predicted_at, self.output_at = at + len(new), len(output_ids)
+            return self.predicted_at
+        return self.prediction.find(output_ids, after=at) if output_ids else None
+
     def rate(self) -> float:
         return self.acceptance[self.source].rate() if self.source else 0.0
 
@@ -178,7 +195,8 @@ class Drafter:
         if self.source and drafted:
             self.acceptance[self.source].record(drafted, matched)
             if self.source == "prediction":
-                self.predicted_at += matched
+                at, out = self.drafted_at
+                self.predicted_at, self.output_at = at + matched, out + matched
 
 
 def expected_tokens(rate: float, drafted: int) -> float:
@@ -192,27 +210,32 @@ def _bucket(batch: int) -> int:
 
 
 class StepCosts:
-    """Measured time of forwards of B rows by T tokens (batch sizes in powers-of-two buckets),
-    as running averages, and from them what a wider forward costs relative to T = 1. Plain
-    steps are measured first: until they are, speculation counts as too dear. A width not yet
-    measured is guessed from those that are (it costs at least what the cheapest measured one
-    did per extra token), or, with none, taken to be cheap, so it gets tried. The first forward
-    of each shape is not counted: it pays for warming up (buffers, kernels' plans), and one slow
-    first sample would keep a cheap shape from being tried again for a long time."""
+    """Measured time of forwards of B rows by T tokens (batch sizes in powers-of-two buckets):
+    the median of the latest few of each shape, and from them what a wider forward costs
+    relative to T = 1. A median, not an average: a step's time includes Python work and, in the
+    server, whatever else the process did meanwhile (streaming out the last step's tokens, a
+    request arriving), and a few slow steps must not decide. Plain steps are measured first:
+    until they are, speculation counts as too dear. A width not yet measured is guessed from
+    those that are (it costs at least what the cheapest measured one did per extra token), or,
+    with none, taken to be cheap, so it gets tried. The first forward of each shape is not
+    counted: it pays for warming up (buffers, kernels' plans)."""
 
     untried_ratio_per_token = 0.1
+    keep = 9  # samples per shape
 
     def __init__(self):
-        self.seconds: dict[tuple[int, int], float] = {}  # (bucket, T) -> seconds of a forward
+        self.samples: dict[tuple[int, int], deque[float]] = {}  # (bucket, T) -> latest seconds
+        self.seconds: dict[tuple[int, int], float] = {}  # (bucket, T) -> their median
         self.seen: set[tuple[int, int]] = set()  # shapes whose warm-up forward has run
 
-    def record(self, batch: int, width: int, seconds: float, weight: float = 0.3) -> None:
+    def record(self, batch: int, width: int, seconds: float) -> None:
         if (batch, width) not in self.seen:
             self.seen.add((batch, width))
             return
         key = (_bucket(batch), width)
-        old = self.seconds.get(key)
-        self.seconds[key] = seconds if old is None else (1 - weight) * old + weight * seconds
+        samples = self.samples.setdefault(key, deque(maxlen=self.keep))
+        samples.append(seconds)
+        self.seconds[key] = statistics.median(samples)
 
     def step(self, batch: int) -> float | None:
         """Seconds of a plain (T = 1) step of this many rows, once measured."""

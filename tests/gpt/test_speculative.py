@@ -6,6 +6,8 @@ library not); these are the library's own paths and the pieces they are built fr
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 import gpt
 from gpt import Constraint, SamplingParams
 from gpt.speculative import (
+    Drafter,
     NgramIndex,
     SpeculativeConfig,
     Speculator,
@@ -227,6 +230,46 @@ def test_ngram_index_finds_the_latest_occurrence_or_the_first_after_a_position()
     assert idx.find([9, 3, 7]) == 8  # the longest n-gram that occurs decides ("3 7" then "7")
     idx.extend([3, 4])
     assert idx.find([2, 3]) == 11
+
+
+def steps_with_prediction(output: list[int], prediction: list[int], limit: int = 8) -> tuple[int, int]:
+    """Decode `output` step by step with drafts from `prediction` only (as a verified step does:
+    the draft's matching prefix is kept, then one token of the model's own): the steps taken and
+    the drafted tokens kept."""
+    drafter = Drafter.new(SpeculativeConfig("ngram"), [0], prediction)
+    drafter.lookup = NgramIndex(99, 99)  # no prompt lookup: the prediction alone
+    n, kept, steps = 1, 0, 0
+    while n < len(output):
+        steps += 1
+        draft = drafter.propose(output[:n], limit)
+        matched = next((i for i, (a, b) in enumerate(zip(draft, output[n:])) if a != b), len(draft))
+        matched = min(matched, len(output) - n)
+        drafter.record(len(draft), matched)
+        kept, n = kept + matched, n + matched + 1
+    return steps, kept
+
+
+def test_a_prediction_is_followed_again_after_a_changed_added_or_dropped_span():
+    rng = random.Random(0)
+    # 30 lines: indentation as a run of token 2, a name, a newline (token 1)
+    lines = [[2] * rng.choice([2, 4, 6, 8]) + [10 + i, 1] for i in range(30)]
+
+    def edit(at: int, change) -> list[int]:
+        return [t for i, line in enumerate(lines) for t in (change(line) if i == at else line)]
+
+    text = edit(-1, None)
+    steps, kept = steps_with_prediction(text, text)
+    assert steps <= math.ceil((len(text) - 1) / 9) + 2  # in step along runs of one token
+    for output, prediction in [
+        (text, edit(4, lambda line: line[:-1] + [8, 9, 1])),  # the prediction has a comment more
+        (text, edit(6, lambda line: [8, 9, 1])),  # ... another line instead
+        (edit(6, lambda line: [2, 2, 30, 1] + line), text),  # the output has a line more
+        (edit(3, lambda line: line[:-2] + [33, 1]), text),  # ... another name
+    ]:
+        # a step or two for the span that differs, one or two to find the prediction again
+        assert steps_with_prediction(output, prediction)[0] <= steps + 4
+    # an output that has nothing to do with its prediction is not drafted for from it
+    assert steps_with_prediction(list(range(100, 160)), text) == (59, 0)
 
 
 def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
