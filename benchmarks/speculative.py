@@ -37,7 +37,6 @@ import glob
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -81,36 +80,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def tab_indented(text: str) -> str:
-    """`text` with each line's leading spaces as tabs, one per 4 (any remainder kept). GPT-2's
-    tokenizer has no token for a run of spaces: 8 spaces of indentation are 7 tokens, 2 as tabs."""
-    return re.sub(r"(?m)^( {4})+", lambda m: "\t" * (len(m.group(0)) // 4), text)
-
-
-def ensure_corpus(cache: str) -> str:
-    """The standard library that `gpt-train` reads by default, tab-indented, as a directory."""
-    out = os.path.join(cache, "models", "stdlib-tabs")
-    if not os.path.exists(os.path.join(out, "DONE")):
-        from training.data import stdlib_files
-
-        os.makedirs(out, exist_ok=True)
-        root = sysconfig.get_paths()["stdlib"]
-        for path in stdlib_files():
-            name = os.path.relpath(path, root).replace(os.sep, "__")
-            text = open(path, encoding="utf-8", errors="replace").read()
-            open(os.path.join(out, name), "w", encoding="utf-8").write(tab_indented(text))
-        open(os.path.join(out, "DONE"), "w").close()
-    return out
-
-
 def ensure_model(cache: str) -> str:
     """The trained checkpoint (`best`), training it first when it is not cached."""
-    run = os.path.join(cache, "models", "spec-stdlib-tabs")
+    run = os.path.join(cache, "models", "spec-stdlib")
     best = os.path.join(run, "best")
     if not os.path.exists(os.path.join(run, "DONE")):
-        data = ensure_corpus(cache)
         log(f"training the benchmark's model into {run} (about half an hour on 2 cores)")
-        train = [os.path.join(os.path.dirname(sys.executable), "gpt-train"), "--out", run, "--data", data]
+        train = [os.path.join(os.path.dirname(sys.executable), "gpt-train"), "--out", run]
         resume = ["--resume"] if os.path.exists(os.path.join(run, "latest")) else []
         subprocess.run([*train, *TRAIN, *resume], check=True)
         open(os.path.join(run, "DONE"), "w").close()
@@ -157,7 +133,7 @@ def source_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     rng.shuffle(files)
     out = []
     for path in files:
-        text = tab_indented(open(path, encoding="utf-8", errors="replace").read())
+        text = open(path, encoding="utf-8", errors="replace").read()
         start = text.find("\n", len(text) // 3) + 1
         ids = tokenizer.encode(text[start:])
         if len(ids) >= length * 2:
