@@ -52,7 +52,10 @@ def library() -> ctypes.CDLL | None:
 def check(lib: ctypes.CDLL, kernels: tuple) -> None:
     """`reference.self_check` of `lib`'s kernels reached through `kernels` (in ops.NAMES' order)."""
     has_f16 = hasattr(lib, "attend_one_f16")
-    self_check(lib.gemv_isa(), has_f16, functools.partial(ctypes_ops.interleave, lib), *kernels)
+    # The first kernel call runs this, and it may come under inference_mode (gpt.generate's
+    # decoding): the GELU backward's check needs autograd, which inference tensors refuse.
+    with torch.inference_mode(False), torch.enable_grad():
+        self_check(lib.gemv_isa(), has_f16, functools.partial(ctypes_ops.interleave, lib), *kernels)
 
 
 def _register(lib: ctypes.CDLL, isa: int) -> None:

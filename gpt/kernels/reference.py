@@ -92,8 +92,7 @@ def self_check(
     ):
         raise RuntimeError("logsumexp kernel disagrees with torch")
     x = torch.cat([torch.randn(1000, generator=g) * 4, torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-30])])
-    # the first kernel call, which runs this check, may come under no_grad (gpt.quantize)
-    with torch.enable_grad():
+    with torch.enable_grad():  # (the caller makes sure it is not under inference_mode)
         x.requires_grad_()
         want = torch.nn.functional.gelu(x, approximate="tanh")
         grad = torch.randn(x.shape, generator=g)

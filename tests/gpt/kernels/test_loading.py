@@ -123,13 +123,20 @@ def _skip_unless_buildable() -> None:
         pytest.skip("not an x86-64 Linux machine with AVX2 and a C compiler")
 
 
-def test_kernels_first_loaded_by_quantize_under_no_grad_are_in_use():
-    """gpt.quantize (under no_grad) is where `gpt-serve --quantize int8` first calls them; their
-    self-check differentiates GELU, and once failed there, leaving every int8 server on torch's."""
+@pytest.mark.parametrize(
+    "first_call",
+    [
+        "gpt.quantize(m, 'int8')",  # under no_grad: where `gpt-serve --quantize int8` first calls them
+        "gpt.generate(m, gpt.get_tokenizer('byte'), [1, 2], max_new_tokens=2)",  # under inference_mode
+    ],
+)
+def test_kernels_first_loaded_under_no_grad_or_inference_mode_are_in_use(first_call):
+    """Their self-check differentiates GELU. It once failed under no_grad, leaving every int8
+    server on torch's kernels, and then under inference_mode, leaving all of gpt.generate's."""
     _skip_unless_buildable()
     code = (
-        "import gpt; m = gpt.build_model(gpt.ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, "
-        "n_embd=512)).eval(); gpt.quantize(m, 'int8'); print(gpt.kernels.status())"
+        "import gpt; m = gpt.build_model(gpt.ModelConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, "
+        f"n_embd=512)).eval(); {first_call}; print(gpt.kernels.status())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
