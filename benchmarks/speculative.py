@@ -68,6 +68,7 @@ TRAIN = [
     "--warmup", "50", "--eval-interval", "250", "--eval-iters", "10", "--sample-tokens", "0",
 ]  # fmt: skip
 WORKLOADS = ("edit", "grounded", "open")
+SUFFIX = {"none": "", "int8": "-int8"}  # server names: off, auto, off-int8, llama-none-int8 (q8_0), ...
 LLAMA_SPEC = {  # llama-server's n-gram speculation, each tried; the best is the yardstick
     "ngram-simple": ["--spec-type", "ngram-simple"],
     "ngram-simple-3-8": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
@@ -125,6 +126,19 @@ def ensure_gguf(cache: str, ckpt: str) -> str:
     return out
 
 
+def ensure_q8(cache: str, f32: str) -> str:
+    """llama.cpp's 8-bit quantization (q8_0) of the f32 GGUF, remade when that changes."""
+    out, stamp = f32.replace("-f32.gguf", "-q8_0.gguf"), f32.replace("-f32.gguf", "-q8_0.gguf.sha256")
+    sha = sha256_file(f32)
+    if os.path.exists(out) and os.path.exists(stamp) and open(stamp).read().strip() == sha:
+        return out
+    subprocess.run(
+        [bin_path(cache, "llama-quantize"), f32, out, "q8_0", "2"], check=True, capture_output=True
+    )
+    open(stamp, "w").write(sha + "\n")
+    return out
+
+
 def source_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     """`n` prompts of `length` tokens, each from its own standard-library module (not a test),
     starting at a line start a third of the way in, where the module's names are in use."""
@@ -151,9 +165,12 @@ def edited(text: str, rng: random.Random, share: float = 0.05) -> str:
     return "\n".join(lines)
 
 
-def requests(ckpt: str, prompts: list[list[int]], max_tokens: int) -> dict[str, list[dict]]:
-    """Each workload's request bodies (the fields beyond prompt and max_tokens)."""
+def requests(ckpt: str, prompts: list[list[int]], max_tokens: int, quantize: str) -> dict[str, list[dict]]:
+    """Each workload's request bodies (the fields beyond prompt and max_tokens); the edit
+    workload's predictions come from the model as the server runs it (float32 or int8)."""
     model, tok = gpt.load(ckpt)
+    if quantize != "none":
+        gpt.quantize(model, quantize)
     params = gpt.SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
     replies = gpt.complete(model, tok, prompts, params, speculative="off")
     rng = random.Random(1)
@@ -199,9 +216,13 @@ async def load(url: str, bodies: list[dict], clients: int, extra: dict) -> dict:
     return dict(rate=tokens / seconds, tokens=tokens, kept=kept, texts=[o["text"] for o in outs])
 
 
-def start_ours(ckpt: str, mode: str, clients: int, logf):
+def ours(mode: str, quantize: str) -> str:
+    return mode + SUFFIX[quantize]
+
+
+def start_ours(ckpt: str, mode: str, quantize: str, clients: int, logf):
     port = serve.free_port()
-    proc = serve.start_server(ckpt, port, clients, logf, ("--speculative", mode))
+    proc = serve.start_server(ckpt, port, clients, logf, ("--speculative", mode, "--quantize", quantize))
     return proc, f"http://127.0.0.1:{port}", "/ready"
 
 
@@ -213,7 +234,8 @@ def start_llama(cache: str, gguf: str, spec: list[str], clients: int, logf):
 
 
 def run_cells(servers: dict, cells: list[tuple[str, str, int]], bodies: dict, rounds: int) -> dict:
-    """Start every server once, then go over the cells `rounds` times, one cell later each round."""
+    """Start every server once, then go over the cells `rounds` times, one cell later each round.
+    `bodies`: each server's requests, by workload."""
     results = {f"{s}|{w}|{c}": [] for s, w, c in cells}
     running, logs = {}, []
     try:
@@ -225,12 +247,12 @@ def run_cells(servers: dict, cells: list[tuple[str, str, int]], bodies: dict, ro
             running[name] = (proc, url)
             asyncio.run(serve.wait_ready(url, proc, logf, path=health, limit=900))
             extra = {"cache_prompt": False} if name.startswith("llama") else {}
-            asyncio.run(load(url, bodies["open"], 1, extra))  # warm-up
+            asyncio.run(load(url, bodies[name]["open"], 1, extra))  # warm-up
             log(f"{name} ready in {time.perf_counter() - t0:.0f} s")
         for r in range(rounds):
             for s, w, c in cells:
                 extra = {"cache_prompt": False} if s.startswith("llama") else {}
-                out = asyncio.run(load(running[s][1], bodies[w], c, extra))
+                out = asyncio.run(load(running[s][1], bodies[s][w], c, extra))
                 results[f"{s}|{w}|{c}"].append(out)
                 log(f"round {r + 1}/{rounds} {s:<22} {w:<9} {c:>2} clients: {out['rate']:7.1f} tok/s")
             cells = cells[1:] + cells[:1]
@@ -250,6 +272,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--clients", default="1,32")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quantize", default="none,int8", help="our weights: none (float32), int8, or both")
     ap.add_argument("--no-llama", action="store_true", help="skip llama-server")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -259,17 +282,25 @@ def main() -> None:
     ckpt = ensure_model(args.cache_dir)
     tok = gpt.load(ckpt)[1]
     prompts = source_prompts(tok, args.prompts, args.prompt_tokens)
-    bodies = requests(ckpt, prompts, args.max_tokens)
-    servers = {m: (lambda logf, m=m: start_ours(ckpt, m, max(clients), logf)) for m in ("off", "auto")}
+    quants = args.quantize.split(",")
+    per_quant = {q: requests(ckpt, prompts, args.max_tokens, q) for q in quants}
+    servers = {
+        ours(m, q): (lambda logf, m=m, q=q: start_ours(ckpt, m, q, max(clients), logf))
+        for q in quants
+        for m in ("off", "auto")
+    }
     cells = [(s, w, c) for s in servers for w in WORKLOADS for c in clients]
     llama = not args.no_llama and built(args.cache_dir)
     if llama:
-        gguf = ensure_gguf(args.cache_dir, ckpt)
-        for name, spec in {"none": [], **LLAMA_SPEC}.items():
-            servers[f"llama-{name}"] = lambda logf, spec=spec: start_llama(
-                args.cache_dir, gguf, spec, max(clients), logf
-            )
-            cells += [(f"llama-{name}", "grounded", c) for c in clients]
+        f32 = ensure_gguf(args.cache_dir, ckpt)
+        for q in quants:
+            gguf = f32 if q == "none" else ensure_q8(args.cache_dir, f32)
+            for name, spec in {"none": [], **LLAMA_SPEC}.items():
+                servers[f"llama-{name}{SUFFIX[q]}"] = lambda logf, spec=spec, gguf=gguf: start_llama(
+                    args.cache_dir, gguf, spec, max(clients), logf
+                )
+                cells += [(f"llama-{name}{SUFFIX[q]}", "grounded", c) for c in clients]
+    bodies = {name: per_quant["int8" if name.endswith("-int8") else "none"] for name in servers}
     results = run_cells(servers, cells, bodies, args.rounds)
 
     def median_rate(key: str) -> float:
@@ -279,36 +310,45 @@ def main() -> None:
         return statistics.median(x["rate"] / y["rate"] for x, y in zip(results[a], results[b]))
 
     summary = {}
-    print(f"\nCPU: {cpu}\n{'workload':<10}{'clients':>8}{'off tok/s':>11}{'auto tok/s':>12}{'auto/off':>10}")
-    for w in WORKLOADS:
-        for c in clients:
-            off, auto = f"off|{w}|{c}", f"auto|{w}|{c}"
-            differ = sum(
-                a != b for x, y in zip(results[off], results[auto]) for a, b in zip(x["texts"], y["texts"])
-            )
-            ids = [t for x in results[off] for text in x["texts"] for t in tok.encode(text)]
-            spaces = sum(t == tok.encode(" ")[0] for t in ids) / max(1, len(ids))
-            summary[f"{w}|{c}"] = dict(
-                space_token_share=spaces,
-                off=median_rate(off), auto=median_rate(auto), ratio=ratio(auto, off), outputs_differ=differ,
-                kept_prediction_tokens=results[auto][0]["kept"],
-            )  # fmt: skip
-            s = summary[f"{w}|{c}"]
-            print(
-                f"{w:<10}{c:>8}{s['off']:>11.1f}{s['auto']:>12.1f}{s['ratio']:>9.2f}x"
-                f"  outputs differing: {differ}, space tokens {spaces:.0%}"
-            )
+    print(f"\nCPU: {cpu}")
+    print(f"{'weights':<9}{'workload':<10}{'clients':>8}{'off tok/s':>11}{'auto tok/s':>12}{'auto/off':>10}")
+    space = tok.encode(" ")[0]
+    for q, w, c in ((q, w, c) for q in quants for w in WORKLOADS for c in clients):
+        off, auto = f"{ours('off', q)}|{w}|{c}", f"{ours('auto', q)}|{w}|{c}"
+        differ = sum(
+            a != b for x, y in zip(results[off], results[auto]) for a, b in zip(x["texts"], y["texts"])
+        )
+        texts = [text for x in results[off] for text in x["texts"]]
+        ids = [t for text in texts for t in tok.encode(text)]
+        s = summary[f"{q}|{w}|{c}"] = dict(
+            space_token_share=sum(t == space for t in ids) / max(1, len(ids)),
+            blank_outputs=sum(not text.strip() for text in texts) / max(1, len(texts)),
+            off=median_rate(off), auto=median_rate(auto), ratio=ratio(auto, off), outputs_differ=differ,
+            kept_prediction_tokens=results[auto][0]["kept"],
+        )  # fmt: skip
+        print(
+            f"{q:<9}{w:<10}{c:>8}{s['off']:>11.1f}{s['auto']:>12.1f}{s['ratio']:>9.2f}x  outputs differing: "
+            f"{differ}, space tokens {s['space_token_share']:.0%}, blank outputs {s['blank_outputs']:.0%}"
+        )
+    print("\nour best with speculation (auto) against our best without (off), medians over rounds")
+    for w, c in ((w, c) for w in WORKLOADS for c in clients):
+        best_off = max(quants, key=lambda q: summary[f"{q}|{w}|{c}"]["off"])
+        best_auto = max(quants, key=lambda q: summary[f"{q}|{w}|{c}"]["auto"])
+        r = summary[f"{best_auto}|{w}|{c}"]["auto"] / summary[f"{best_off}|{w}|{c}"]["off"]
+        summary[f"best|{w}|{c}"] = dict(off=best_off, auto=best_auto, ratio=r)
+        print(f"  {w:<9}{c:>3} clients: auto {best_auto} / off {best_off}: {r:.2f}x")
     if llama:
-        print("\nllama-server, grounded workload (f32 GGUF of the same weights)")
-        for c in clients:
-            names = ["none", *LLAMA_SPEC]
-            rates = {n: median_rate(f"llama-{n}|grounded|{c}") for n in names}
-            best = max(LLAMA_SPEC, key=lambda n: rates[n])
-            summary[f"llama|grounded|{c}"] = dict(rates=rates, best=best, ours_auto_over_best=ratio(
-                f"auto|grounded|{c}", f"llama-{best}|grounded|{c}"))  # fmt: skip
-            line = ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
-            print(f"  {c} clients: {line} tok/s; ours auto / llama {best}: "
-                  f"{summary[f'llama|grounded|{c}']['ours_auto_over_best']:.2f}x")  # fmt: skip
+        for q in quants:
+            kind = "f32" if q == "none" else "q8_0"
+            print(f"\nllama-server, grounded workload ({kind} GGUF of the same weights; ours: {q})")
+            for c in clients:
+                names = ["none", *LLAMA_SPEC]
+                rates = {n: median_rate(f"llama-{n}{SUFFIX[q]}|grounded|{c}") for n in names}
+                best = max(LLAMA_SPEC, key=lambda n: rates[n])
+                over = ratio(f"{ours('auto', q)}|grounded|{c}", f"llama-{best}{SUFFIX[q]}|grounded|{c}")
+                summary[f"llama|{q}|grounded|{c}"] = dict(rates=rates, best=best, ours_auto_over_best=over)
+                line = ", ".join(f"{n} {r:.1f}" for n, r in rates.items())
+                print(f"  {c} clients: {line} tok/s; ours auto / llama {best}: {over:.2f}x")
     if args.out:
         for v in results.values():
             for o in v:
