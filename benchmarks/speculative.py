@@ -6,11 +6,15 @@ trained by `gpt-train` on the Python standard library inside this script (500 st
 tokens, about half an hour on 2 cores), cached under `--cache-dir` (`models/spec-stdlib`). It
 has learned something (validation loss 3.38 nats per token, perplexity 29), but not enough:
 its greedy continuations of code soon fall into indentation, runs of single-space tokens, which
-prompt lookup predicts all too well. The greedy workloads below therefore flatter speculation;
-the sampled one does not. The script reports the share of space tokens in the outputs.
+prompt lookup predicts all too well (about half of its greedy replies here are nothing but
+spaces; one trained on tab-indented sources did no better). The greedy workloads below therefore
+flatter speculation; the sampled one does not. The script reports the share of space tokens in
+the outputs and of outputs that are blank.
 llama-server gets the same weights (exported as a Hugging Face GPT-2 directory and converted to
-GGUF f32 with llama.cpp's converter; `benchmarks/llamacpp.py` builds llama.cpp). Both serve
-float32 weights.
+GGUF f32 with llama.cpp's converter; `benchmarks/llamacpp.py` builds llama.cpp). Each is run on
+float32 weights and on 8-bit ones (`--quantize int8` against a q8_0 GGUF made by llama.cpp's
+`llama-quantize`); on a CPU our int8 step is the faster one, so "our best without speculation"
+is whichever of the two serves a workload faster.
 
 Three workloads, each of `--prompts` prompts cut from standard-library modules at a line start
 (`--prompt-tokens` tokens each; the continuation uses the names the prompt defined), each

@@ -136,10 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--speculative",
-        choices=["auto", "ngram", "off"],
+        choices=["auto", "ngram", "draft", "off"],
         default="auto",
-        help="speculative decoding, which never changes the output: auto drafts from prompt lookup "
-        "and --prediction where measured faster; ngram always; off never (auto)",
+        help="speculative decoding, which never changes the output: auto drafts from --prediction "
+        "and the --draft-model (else prompt lookup) where measured faster; ngram and draft always; "
+        "off never (auto)",
+    )
+    r.add_argument(
+        "--draft-model",
+        metavar="PATH",
+        help="a smaller GPT with the same tokenizer (a checkpoint or a Hugging Face GPT-2 "
+        "directory) that drafts for speculative decoding",
     )
     r.add_argument(
         "--prediction",

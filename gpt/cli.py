@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(e))
     if args.quantize != "none":
         quantize(model, args.quantize)
+    speculative = _speculative(parser, args, model, tokenizer, device, getattr(torch, args.dtype))
     fast = fast_defaults.choose(model, compile=args.compile, kv_cache_dtype=None, tokens=args.max_new_tokens)
     if fast.compile and args.num_beams == 1:
         compile_decode(model)
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cuda_graph_decode(model)
     _say_if_the_context_is_short(model, tokenizer, prompt, args.max_new_tokens)
     try:
-        pieces = generate(model, tokenizer, prompt, stream=True, speculative=args.speculative, **vars(params))
+        pieces = generate(model, tokenizer, prompt, stream=True, speculative=speculative, **vars(params))
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -86,6 +87,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     sys.stdout.write("\n")
     return 0
+
+
+def _speculative(parser: argparse.ArgumentParser, args, model, tokenizer, device, dtype):
+    """--speculative, with the --draft-model loaded like the model; a parser error (exit 2)
+    where the draft model cannot draft for it."""
+    from .draft_model import DraftModelError, load_draft
+    from .speculative import SpeculativeConfig
+
+    if args.draft_model is None:
+        if args.speculative == "draft":
+            parser.error("--speculative draft needs a --draft-model")
+        return args.speculative
+    try:
+        draft = load_draft(
+            args.draft_model, model, tokenizer, device=device, dtype=dtype, quantize=args.quantize
+        )
+    except DraftModelError as e:
+        parser.error(f"--draft-model {args.draft_model}: {e}")
+    return SpeculativeConfig(args.speculative, draft_model=draft)
 
 
 def _say_if_the_context_is_short(model, tokenizer, prompt: str, wanted: int) -> None:

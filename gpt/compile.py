@@ -3,10 +3,11 @@
 A decode step of a small model on a CPU is hundreds of small ops (layer norms, the int8 layers'
 activation quantization and rescaling, residuals, the cache writes), each paying the eager
 dispatcher's cost; torch.compile fuses them into a few generated kernels around the matmuls.
-Only steps of one token per row are compiled: the latency-bound case, where the small ops weigh
-most. Steps of a single row always compile. Steps of several rows compile where the graph runs
-the kernels the eager step runs (`_batches_compile`: int8 layers on a CPU without VNNI, whose
-batches run on our own kernel): one graph for every batch size, traced with the batch dimension
+Only steps of one token per row are compiled, the latency-bound case, where the small ops weigh
+most, and one row's forward over a speculative draft (`_verifies_compiled`). Steps of a single
+row always compile. Steps of several rows compile where the graph runs the kernels the eager
+step runs (`_batches_compile`: int8 layers on a CPU without VNNI, whose batches run on our own
+kernel): one graph for every batch size, traced with the batch dimension
 symbolic. Elsewhere eager batches run on oneDNN's prepacked weights, which a graph does not
 reach, and they stay eager, as does prefill: its shapes (masks, prompt lengths) vary, and a new
 graph compiled in the middle of serving would stall every stream for as long.
@@ -133,12 +134,17 @@ class CompiledStep:
         n_tokens=None,
     ):
         batched = idx.shape[0] > 1
+        if idx.shape[1] > 1 and not _verifies_compiled(head):
+            return self._method(
+                stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view, memory=memory,
+                memory_mask=memory_mask, head=head, last_only=last_only, n_tokens=n_tokens,
+            )  # fmt: skip
         key = (
             None
             if batched and not _batches_compile(head)
             else self._key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
         )
-        if key is None and (batched or mask is not None):
+        if key is None and (batched or (mask is not None and idx.shape[1] == 1)):
             run = self._method  # only steps of one row compile with guards: see the module's doc
         elif key is None:
             run = self.guarded
@@ -168,6 +174,14 @@ class CompiledStep:
             last_only=last_only,
             n_tokens=n_tokens,
         )
+
+
+def _verifies_compiled(head: nn.Module) -> bool:
+    """Whether a single row's verification forward (gpt.speculative: its last token and a draft,
+    every position's logits) runs compiled: where batched steps do (`_batches_compile`), for
+    the same reason. One graph, with dynamo's guards, serves every width and cache length. On
+    oneDNN's packed float32 weights the eager forward was faster than inductor's products."""
+    return _batches_compile(head)
 
 
 def compile_decode(model: nn.Module) -> nn.Module:
@@ -200,4 +214,10 @@ def warm_up(model: nn.Module, cache: KVCache | None = None, steps: int = 3) -> f
         for _ in range(steps):  # lengths 3, 4, ...: the graph must not depend on the cache length
             model.step(torch.zeros(len(prompts), 1, dtype=torch.long, device=model.device), cache, rows=rows)
         cache.reset(rows)
+    if _verifies_compiled(getattr(model, "lm_head", None)) and not model.config.is_seq2seq:
+        model.start([[1, 1]], cache, rows=slice(0, 1))
+        for width in (2, 3, 5):  # speculative verification's forwards: one graph for every width
+            ids = torch.zeros(1, width, dtype=torch.long, device=model.device)
+            model.step(ids, cache, rows=slice(0, 1), n_tokens=torch.tensor([width]), every=True)
+        cache.reset(slice(0, 1))
     return time.perf_counter() - t0

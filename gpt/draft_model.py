@@ -100,3 +100,22 @@ def check_tokenizers(draft: Tokenizer, target: Tokenizer) -> None:
             f"its tokenizer ({draft.vocab_size} ids) is not the model's ({target.vocab_size} ids): a "
             "draft model must share the model's tokenizer"
         )
+
+
+def load_draft(path: str, model, tokenizer: Tokenizer, *, device=None, dtype=None, quantize: str = "none"):
+    """The draft model at `path` (a checkpoint or a Hugging Face GPT-2 directory), loaded like
+    the model it drafts for (device, dtype, quantization); DraftModelError when it cannot be
+    loaded or cannot draft for `model`."""
+    from .checkpoint import load
+    from .quantization import quantize as quantize_model
+
+    try:
+        draft, draft_tokenizer = load(path, device=device, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise DraftModelError(str(e)) from None
+    if model.config.is_seq2seq or draft.config.is_seq2seq:
+        raise DraftModelError("draft models draft for decoder-only GPTs, and are GPTs themselves")
+    check_tokenizers(draft_tokenizer, tokenizer)
+    if quantize != "none":
+        quantize_model(draft, quantize)
+    return draft

@@ -109,11 +109,13 @@ class _Transformer(nn.Module):
             pos = pos.to(idx.device)
             if memory is None and cache.max_src_len:  # decoding against stored encoder outputs
                 memory_mask = cache.cross_mask(view)
-        # A decode step (one token per row, against the cache) may run compiled (gpt.compile_decode);
+        # A decode step (one token per row, against the cache) may run compiled (gpt.compile_decode),
+        # and so may one row's forward over a speculative draft (every position's logits);
         # everything above, the cache's host-side bookkeeping, stays eager.
         # (lengths of 1 would need graphs of their own: a 1-token prompt, a 1-token source stay eager)
         # The output head runs inside that graph too: its activation quantization (int8) fuses there.
-        step = cache is not None and T == 1 and view.kv_len > 1 and view.src_len != 1
+        step = cache is not None and view.kv_len > 1 and view.src_len != 1
+        step = step and (T == 1 or (B == 1 and not last_only and T <= 16 and memory is None))
         run = self._compiled_stack if step and self._compiled_stack else self._run_stack
         return run(
             stack,

@@ -107,21 +107,16 @@ def _draft_model(settings: Settings, model, tokenizer):
         return None
     import torch
 
-    import gpt
-    from gpt.draft_model import DraftModelError, check_tokenizers
+    from gpt.draft_model import load_draft
 
-    dtype = getattr(torch, settings.dtype) if settings.dtype else None
-    try:
-        draft, draft_tokenizer = gpt.load(
-            settings.draft_model, device=torch.device(settings.device), dtype=dtype
-        )
-    except (OSError, ValueError) as e:
-        raise DraftModelError(str(e)) from None
-    if model.config.is_seq2seq or draft.config.is_seq2seq:
-        raise DraftModelError("draft models draft for decoder-only GPTs, and are GPTs themselves")
-    check_tokenizers(draft_tokenizer, tokenizer)
-    if settings.quantize != "none":
-        gpt.quantize(draft, settings.quantize)
+    draft = load_draft(
+        settings.draft_model,
+        model,
+        tokenizer,
+        device=torch.device(settings.device),
+        dtype=getattr(torch, settings.dtype) if settings.dtype else None,
+        quantize=settings.quantize,
+    )
     log.info("draft model: %s (%.1fM parameters)", settings.draft_model, draft.num_params() / 1e6)
     return draft
 

@@ -22,6 +22,14 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    """A tiny GPT with another tokenizer (GPT-2's) than the tiny one's."""
+    path = tmp_path_factory.mktemp("ckpt") / "other"
+    gpt.save(gpt.GPT(gpt.preset("gpt-tiny", vocab_size=50257, tokenizer="gpt2")), path)
+    return path
+
+
 SCHEMA = {
     "type": "object",
     "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "ok": {"type": "boolean"}},
@@ -56,6 +64,9 @@ def test_a_prediction_file_and_every_speculative_mode_give_the_same_text(ckpt, f
     (tmp_path / "p.txt").write_text(want[:-1])
     for mode in ("auto", "ngram"):
         assert main([*args, "--speculative", mode, "--prediction", str(tmp_path / "p.txt")]) == 0
+        assert capsys.readouterr().out == want
+    for mode in ("auto", "draft"):  # the model drafting for itself: its greedy guesses, verified by sampling
+        assert main([*args, "--speculative", mode, "--draft-model", str(ckpt)]) == 0
         assert capsys.readouterr().out == want
 
 
@@ -124,13 +135,16 @@ def test_help_documents_every_option():
             "beam search",
         ),
         (["--model", "{ckpt}", "--speculative", "maybe", "hi"], "--speculative"),
+        (["--model", "{ckpt}", "--speculative", "draft", "hi"], "--speculative draft needs a --draft-model"),
+        (["--model", "{ckpt}", "--draft-model", "/nonexistent/d", "hi"], "--draft-model /nonexistent/d: "),
+        (["--model", "{ckpt}", "--draft-model", "{other}", "hi"], "must share the model's tokenizer"),
     ],
 )
-def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, files, args, needle, capsys, monkeypatch):
+def test_bad_arguments_give_one_line_and_exit_code_2(ckpt, other, files, args, needle, capsys, monkeypatch):
     # in this process: the entry point itself is run as a command by the --help test above
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     with pytest.raises(SystemExit) as exc:
-        main([a.format(ckpt=ckpt, files=files) for a in args])
+        main([a.format(ckpt=ckpt, other=other, files=files) for a in args])
     err = capsys.readouterr().err
     assert exc.value.code == 2, err
     lines = err.strip().splitlines()

@@ -1,6 +1,7 @@
 """gpt.compile_decode: the compiled decode step gives what the eager one gives, with one graph
 for every prompt and output length (and, where batched steps compile, for every batch size)."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import gpt
-from gpt.compile import is_compiled, warm_up
+from gpt.compile import _verifies_compiled, is_compiled, warm_up
 
 BYTES = gpt.get_tokenizer("byte")
 PROMPTS = ["Once upon a time", "x", "A longer prompt, to move the lengths around a little more"]
@@ -36,14 +37,39 @@ def test_compiled_int8_decode_matches_eager_with_one_graph_for_every_length(pres
     assert is_compiled(fast) and not is_compiled(eager)
     graphs = counters["stats"]["unique_graphs"]
     warm_up(fast)
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    # and one for speculative verification, where it compiles
+    made = 1 + (preset == "gpt-tiny" and _verifies_compiled(fast.lm_head))
+    assert counters["stats"]["unique_graphs"] == graphs + made
     params = gpt.SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     for prompt in PROMPTS:
-        want = gpt.complete(eager, BYTES, [prompt], [params])[0]
-        got = gpt.complete(fast, BYTES, [prompt], [params])[0]
+        want = gpt.complete(eager, BYTES, [prompt], [params], speculative="off")[0]
+        got = gpt.complete(fast, BYTES, [prompt], [params], speculative="off")[0]
         assert got.token_ids == want.token_ids
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-3)
-    assert counters["stats"]["unique_graphs"] == graphs + 1  # no recompiling for other lengths
+    assert counters["stats"]["unique_graphs"] == graphs + made  # no recompiling for other lengths
+
+
+def test_speculative_verification_of_int8_compiles_once_for_every_width_and_changes_nothing(monkeypatch):
+    """Where batched int8 steps run on our kernel, so does one row's forward over a draft: compiled,
+    one graph for drafts of any length, the tokens of decoding without speculation."""
+    monkeypatch.setattr(gpt.quantization, "_QLINEAR", [False])
+    model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
+    fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8"))
+    eager = gpt.quantize(model, "int8")
+    assert _verifies_compiled(fast.lm_head)
+    warm_up(fast)
+    graphs = counters["stats"]["unique_graphs"]
+    for prompt, temperature in zip(PROMPTS, (0.0, 0.8, 0.0)):
+        params = gpt.SamplingParams(max_new_tokens=24, temperature=temperature, seed=3, ignore_eos=True)
+        want = gpt.complete(eager, BYTES, [prompt], params, speculative="off")[0]
+        half = BYTES.decode(want.token_ids[:12]) + "zz"  # right for a while, then wrong
+        for prediction in (want.text, half):
+            spec = dataclasses.replace(params, prediction=prediction)
+            got = gpt.complete(fast, BYTES, [prompt], spec, speculative="ngram")[0]
+            assert got.token_ids == want.token_ids
+            assert got.logprobs == pytest.approx(want.logprobs, abs=1e-3)
+            assert got.accepted_prediction_tokens > 0
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_gpt_generate_compile_flag(tmp_path, capsys):
