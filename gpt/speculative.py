@@ -91,17 +91,19 @@ class NgramIndex:
                 self.follows.setdefault(tuple(toks[j - n : j]), []).append(j)
             toks.append(t)
 
-    def find(self, suffix: Sequence[int], *, after: int | None = None) -> int | None:
+    def find(self, suffix: Sequence[int], *, after: int | None = None, room: int = 1) -> int | None:
         """The position that follows an occurrence of the longest n-gram ending `suffix`: the
-        latest occurrence, or with `after`, the first at or after that position (else the latest)."""
+        latest occurrence that `room` tokens follow (else the earliest: in a run of one token
+        the latest occurrence is the run's own last n-gram, which leaves a draft of one), or
+        with `after`, the first at or after that position (else the latest)."""
         for n in range(min(self.hi, len(suffix)), self.lo - 1, -1):
             hits = self.follows.get(tuple(suffix[len(suffix) - n :]))
             if hits:
                 if after is not None:
                     i = bisect.bisect_left(hits, after)
-                    if i < len(hits):
-                        return hits[i]
-                return hits[-1]
+                    return hits[i] if i < len(hits) else hits[-1]
+                i = bisect.bisect_right(hits, len(self.tokens) - room) - 1
+                return hits[max(i, 0)]
         return None
 
 
@@ -169,7 +171,7 @@ class Drafter:
         if self.draft_row is not None:
             return []  # the draft model's proposal comes from Speculator.plan, batched
         toks = self.lookup.tokens
-        at = self.lookup.find(toks)
+        at = self.lookup.find(toks, room=limit)
         if at is None:
             return []
         self.source = "ngram"
@@ -206,7 +208,11 @@ def expected_tokens(rate: float, drafted: int) -> float:
 
 
 def _bucket(batch: int) -> int:
-    return 1 << (batch - 1).bit_length()  # 1, 2, 4, 8, ...
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...: batch sizes whose steps cost about the same. Coarser
+    buckets mixed steps of quite different sizes: as a burst of requests finishes, the plain
+    steps of a bucket were mostly timed at its largest batches and the wider ones at smaller."""
+    top = 1 << (batch - 1).bit_length()
+    return top * 3 // 4 if batch <= top * 3 // 4 else top
 
 
 class StepCosts:
@@ -242,7 +248,11 @@ class StepCosts:
         return self.seconds.get((_bucket(batch), 1))
 
     def relative(self, batch: int, width: int) -> float:
-        """How many T = 1 steps a forward of `width` tokens per row costs."""
+        """How many T = 1 steps a forward of `width` tokens per row costs: measured, or between
+        two measured widths, interpolated; past the widest measured one, guessed as growing with
+        the square root of the width (a wider forward costs less than its share while weights
+        are read, and the guess is only kept until the width is tried); with no wider forward
+        measured, taken to be cheap, so it gets tried."""
         if width == 1:
             return 1.0
         b, base = _bucket(batch), self.step(batch)
@@ -251,29 +261,49 @@ class StepCosts:
         known = self.seconds.get((b, width))
         if known is not None:
             return known / base
-        slopes = [(s / base - 1) / (t - 1) for (bb, t), s in self.seconds.items() if bb == b and t > 1]
-        slope = min(slopes) if slopes else self.untried_ratio_per_token
-        return 1 + slope * (width - 1)
+        measured = {t: s / base for (bb, t), s in self.seconds.items() if bb == b}
+        lo = max(t for t in measured if t < width)  # T = 1 is measured: base is not None
+        above = [t for t in measured if t > width]
+        if above:
+            hi = min(above)
+            return measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
+        if lo == 1:
+            return 1 + self.untried_ratio_per_token * (width - 1)
+        return measured[lo] * math.sqrt(width / lo)
+
+    def widest(self, batch: int) -> int:
+        """The widest forward measured at this batch size (1 before any wider one)."""
+        b = _bucket(batch)
+        return max((t for bb, t in self.seconds if bb == b), default=1)
 
 
 class Speculator:
     """The batch-level decision: which rows get drafts, and how long, at each step."""
 
     margin = 1.05  # auto speculates where it expects at least this many times plain decoding's speed
-    retry_every = 64  # steps between re-measurements of a draft length judged too slow
+    # steps between re-measurements of a draft length judged too slow: doubled after each one
+    # that confirms it, back to the first after auto speculates again
+    retry_first, retry_most = 64, 1024
 
     def __init__(self, config: SpeculativeConfig, costs: StepCosts | None = None, draft=None):
         self.config = config
         self.costs = costs if costs is not None else StepCosts()
         self.draft = draft if config.mode != "ngram" else None  # a gpt.draft_model.DraftModel
         self.draft_seconds: float | None = None  # one step of the draft model, running average
-        self.declined = 0  # steps with drafts on which auto did not speculate
+        self.declined = 0  # steps with drafts on which auto did not speculate, since the last retry
+        self.retry_every = self.retry_first
+        # each source's acceptance over all rows lately: a new row's starting guess for its own,
+        # so that rows whose drafts are right are speculated for from the start (and, with a
+        # fixed guess, rows never tried never showed that their drafts were right)
+        self.acceptance = Drafter.new(config, []).acceptance
 
     def drafter(self, decoder: SequenceDecoder) -> Drafter | None:
         """A sequence's draft sources, or None where speculation is off or cannot apply."""
         if not self.config.on or decoder.params.num_beams > 1:
             return None
         dr = Drafter.new(self.config, decoder.prompt_ids, decoder.prediction_ids)
+        for source, seen in self.acceptance.items():
+            dr.acceptance[source] = Acceptance(2.0 * seen.rate(), 2.0)  # worth two drafted tokens
         if self.draft is not None:
             dr.draft_row = self.draft.claim()
         return dr
@@ -316,17 +346,22 @@ class Speculator:
             step = self.costs.step(B)
             per_draft = (self.draft_seconds or 0.0) / step if drafting and step else 0.0
             runner_up, runner_up_speed = 0, 0.0
-            for D in range(1, longest + 1):
+            # widths are tried a doubling at a time: a guess may be far off, and a wide forward
+            # that costs what it computes (a large batch) is dear to find out about
+            for D in range(1, min(longest, 2 * self.costs.widest(B) - 1) + 1):
                 tokens = sum(expected_tokens(r, min(n, D)) for r, n in zip(rates, lengths))
                 speed = tokens / (self.costs.relative(B, D + 1) + per_draft * D)
                 if speed > best_speed:
                     best, best_speed = D, speed
                 if speed > runner_up_speed:
                     runner_up, runner_up_speed = D, speed
-            if not best:  # now and then measure the likeliest draft length again: costs drift
+            if best:
+                self.retry_every = self.retry_first
+            else:  # now and then measure the likeliest draft length again: costs drift
                 self.declined += 1
-                if self.declined % self.retry_every == 0:
-                    best = runner_up
+                if self.declined >= self.retry_every:
+                    best, self.declined = runner_up, 0
+                    self.retry_every = min(2 * self.retry_every, self.retry_most)
         if drafting and best:
             with Timer() as t:
                 seqs = [decoders[i].prompt_ids + decoders[i].output_ids for i in drafting]
@@ -349,6 +384,7 @@ class Speculator:
                 dec.prediction_tokens[0] += m
                 dec.prediction_tokens[1] += n - m
                 piece.accepted_prediction_tokens, piece.rejected_prediction_tokens = dec.prediction_tokens
+            self.acceptance[dr.source].record(n, m, decay=0.98)
             dr.record(n, m)
 
 

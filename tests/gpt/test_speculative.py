@@ -15,11 +15,14 @@ import torch
 import gpt
 from gpt import Constraint, SamplingParams
 from gpt.speculative import (
+    Acceptance,
     Drafter,
     NgramIndex,
     SpeculativeConfig,
     Speculator,
     StepCosts,
+    Verified,
+    _bucket,
     expected_tokens,
     speculative_step,
 )
@@ -222,7 +225,7 @@ def test_the_cache_keeps_only_the_kept_tokens_after_a_verified_step():
     assert verified.drafted == [4, 0] and verified.matched[1] == 0
 
 
-def test_ngram_index_finds_the_latest_occurrence_or_the_first_after_a_position():
+def test_ngram_index_finds_the_latest_occurrence_with_room_or_the_first_after_a_position():
     idx = NgramIndex(1, 3, [1, 2, 3, 9, 1, 2, 3, 7, 1, 2])
     assert idx.find([1, 2]) == 6  # "1 2" was followed by 3 at positions 2 and 6; latest wins
     assert idx.find([1, 2], after=3) == 6 and idx.find([1, 2], after=0) == 2
@@ -230,6 +233,9 @@ def test_ngram_index_finds_the_latest_occurrence_or_the_first_after_a_position()
     assert idx.find([9, 3, 7]) == 8  # the longest n-gram that occurs decides ("3 7" then "7")
     idx.extend([3, 4])
     assert idx.find([2, 3]) == 11
+    run = NgramIndex(2, 4, [7] + [5] * 12)  # in a run, the latest occurrence is the run's own end
+    assert run.find(run.tokens) == 12 and run.find(run.tokens, room=8) == 13 - 8
+    assert run.find(run.tokens, room=20) == 5  # none leaves that much: the one that leaves most
 
 
 def steps_with_prediction(output: list[int], prediction: list[int], limit: int = 8) -> tuple[int, int]:
@@ -289,13 +295,53 @@ def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
                 4, width, 0.010 * width
             )  # bound by arithmetic: a wider forward costs what it computes
     assert not any(spec.plan(decs, drafters))
-    tried = sum(any(spec.plan(decs, drafters)) for _ in range(spec.retry_every * 2))
-    assert tried == 2  # declined drafts are measured again now and then
+    tried = [i for i in range(1, 64 * 7 + 1) if any(spec.plan(decs, drafters))]
+    # declined drafts are measured again, less and less often (two declines came before the loop)
+    assert tried == [62, 62 + 128, 62 + 128 + 256]
     for width in range(2, 6):
         costs.seconds[(4, width)] = 0.0105  # bound by reading weights: nearly free
     assert all(spec.plan(decs, drafters))
     assert spec.drafter(decs[0]) is not None and Speculator(SpeculativeConfig("off")).drafter(decs[0]) is None
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 4) == 5
+
+
+def test_unmeasured_widths_are_interpolated_or_guessed_and_tried_a_doubling_at_a_time():
+    costs = StepCosts()
+    for width, seconds in [(1, 0.010), (2, 0.015)]:
+        for _ in range(2):
+            costs.record(1, width, seconds)
+    assert costs.relative(1, 2) == pytest.approx(1.5)
+    assert costs.relative(1, 8) == pytest.approx(1.5 * 2)  # past the widest measured: as the square root
+    assert costs.widest(1) == 2 and costs.widest(2) == 1  # batch sizes 1 and 2 are measured apart
+    for _ in range(2):
+        costs.record(1, 9, 0.030)
+    assert costs.relative(1, 5) == pytest.approx(1.5 + 1.5 * 3 / 7)  # between measured widths
+    sizes = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 25)
+    assert [_bucket(b) for b in sizes] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 16, 24, 32]
+
+    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, SamplingParams(max_new_tokens=50))]
+    decs[0].sampler.output_ids.append(1)
+    spec = Speculator(SpeculativeConfig("auto", num_tokens=8, ngram_min=1), StepCosts())
+    drafters = [spec.drafter(decs[0])]
+    drafters[0].acceptance["ngram"] = Acceptance(9.5, 10.0)  # its drafts are nearly always right
+    for _ in range(2):
+        spec.costs.record(1, 1, 0.010)
+    assert [len(d) for d in spec.plan(decs, drafters)] == [1]  # nothing wider measured: two tokens first
+    for _ in range(2):
+        spec.costs.record(1, 2, 0.011)
+    assert [len(d) for d in spec.plan(decs, drafters)] == [3]  # then up to twice as wide
+
+
+def test_a_new_row_starts_from_the_acceptance_its_source_has_had_lately():
+    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50)) for _ in range(2)]
+    spec = Speculator(SpeculativeConfig("auto", ngram_min=1))
+    first = spec.drafter(decs[0])
+    assert first.acceptance["ngram"].rate() == pytest.approx(0.5)
+    first.source = "ngram"
+    for _ in range(40):  # its drafts have all been kept
+        spec.record(decs[:1], [first], Verified([gpt.Piece()], [4], [4]))
+    assert first.rate() == pytest.approx(1.0, abs=0.01)
+    assert spec.drafter(decs[1]).acceptance["ngram"].rate() > 0.9
 
 
 def test_bad_options_and_predictions_are_refused_with_the_field_named():
