@@ -204,7 +204,7 @@ class Drafter:
 def expected_tokens(rate: float, drafted: int) -> float:
     """Tokens one verified step is expected to give with a draft of `drafted` tokens, each kept
     with chance `rate` while all before it were: 1 + rate + rate**2 + ... + rate**drafted."""
-    return sum(rate**i for i in range(drafted + 1))
+    return drafted + 1.0 if rate >= 1.0 else (1.0 - rate ** (drafted + 1)) / (1.0 - rate)
 
 
 def _bucket(batch: int) -> int:
@@ -319,6 +319,12 @@ class Speculator:
     ) -> list[list[int]]:
         """Each row's draft for this step ([] for none). A row drafts at most what its budget
         can still use (the step gives one token beyond the draft)."""
+        if self.config.mode == "auto" and self._hopeless(len(decoders)):
+            # no draft could pay here, however good: skip proposing (at a large batch, the
+            # proposals' Python work alone was a tenth of a step); but retry now and then
+            self.declined += 1
+            if self.declined < self.retry_every:
+                return [[] for _ in decoders]
         guesses, rooms = [], []
         for d, dr in zip(decoders, drafters):
             room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
@@ -373,6 +379,14 @@ class Speculator:
             for i, g in zip(drafting, proposed):
                 guesses[i] = g[: rooms[i]]
         return [g[:best] for g in guesses]
+
+    def _hopeless(self, batch: int) -> bool:
+        """Whether even drafts that are always right would lose at this batch size, by the
+        measured costs (a draft model's time not counted)."""
+        if self.costs.step(batch) is None:
+            return True  # plain steps are measured first
+        widths = range(2, min(self.config.num_tokens, 2 * self.costs.widest(batch) - 1) + 2)
+        return all(w < self.margin * self.costs.relative(batch, w) for w in widths)
 
     def record(self, decoders, drafters, result: Verified) -> None:
         """After a verified step: each row's acceptance, and its prediction's kept and rejected

@@ -295,9 +295,11 @@ def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
                 4, width, 0.010 * width
             )  # bound by arithmetic: a wider forward costs what it computes
     assert not any(spec.plan(decs, drafters))
+    decs[0].sampler.output_ids.append(1)
+    assert not any(spec.plan(decs, drafters)) and drafters[0].seen == 1  # hopeless: not even proposed
     tried = [i for i in range(1, 64 * 7 + 1) if any(spec.plan(decs, drafters))]
-    # declined drafts are measured again, less and less often (two declines came before the loop)
-    assert tried == [62, 62 + 128, 62 + 128 + 256]
+    # declined drafts are measured again, less and less often (three declines came before the loop)
+    assert tried == [61, 61 + 128, 61 + 128 + 256]
     for width in range(2, 6):
         costs.seconds[(4, width)] = 0.0105  # bound by reading weights: nearly free
     assert all(spec.plan(decs, drafters))
