@@ -242,7 +242,7 @@ def steps_with_prediction(output: list[int], prediction: list[int], limit: int =
     """Decode `output` step by step with drafts from `prediction` only (as a verified step does:
     the draft's matching prefix is kept, then one token of the model's own): the steps taken and
     the drafted tokens kept."""
-    drafter = Drafter.new(SpeculativeConfig("ngram"), [0], prediction)
+    drafter = Drafter.new((2, 4), [0], prediction)
     drafter.lookup = NgramIndex(99, 99)  # no prompt lookup: the prediction alone
     n, kept, steps = 1, 0, 0
     while n < len(output):

@@ -118,14 +118,15 @@ def live_server(tiny_checkpoint):
 
 @pytest.fixture
 def paced_live_server(live_server, monkeypatch):
-    """live_server whose engine waits 20 ms per forward for this test. The engine merges tokens
-    a reader has not collected yet into one piece, and the tiny model can finish a whole reply
-    before a busy event loop reads once: tests that count streamed pieces need tokens spaced."""
+    """live_server whose engine waits 20 ms per forward and token of a row (a speculative step
+    verifies several) for this test. The engine merges tokens a reader has not collected yet
+    into one piece, and the tiny model can finish a whole reply before a busy event loop reads
+    once: tests that count streamed pieces need tokens spaced."""
     step = live_server.engine.model.step
 
-    def paced_step(*args, **kwargs):
-        time.sleep(0.02)
-        return step(*args, **kwargs)
+    def paced_step(tokens, *args, **kwargs):
+        time.sleep(0.02 * tokens.shape[1])
+        return step(tokens, *args, **kwargs)
 
     monkeypatch.setattr(live_server.engine.model, "step", paced_step)
     return live_server

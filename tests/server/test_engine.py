@@ -26,12 +26,13 @@ async def collect(handle):
 
 
 def slow_steps(model, seconds: float):
-    """Make every forward of `model` take at least `seconds`, to give cancels and timeouts time to act."""
+    """Make every forward of `model` take at least `seconds` per token of each row (a speculative
+    step verifies several), to give cancels and timeouts time to act."""
     step = model.step
 
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return step(*args, **kwargs)
+    def slow(tokens, *args, **kwargs):
+        time.sleep(seconds * tokens.shape[1])
+        return step(tokens, *args, **kwargs)
 
     model.step = slow
     return model
