@@ -134,17 +134,15 @@ class CompiledStep:
         n_tokens=None,
     ):
         batched = idx.shape[0] > 1
-        if idx.shape[1] > 1 and not _verifies_compiled(head):
-            return self._method(
-                stack, wte, idx, pos, mask=mask, causal=causal, cache=cache, view=view, memory=memory,
-                memory_mask=memory_mask, head=head, last_only=last_only, n_tokens=n_tokens,
-            )  # fmt: skip
+        verifying = idx.shape[1] > 1  # one row's forward over a speculative draft
         key = (
             None
-            if batched and not _batches_compile(head)
+            if verifying or (batched and not _batches_compile(head))
             else self._key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
         )
-        if key is None and (batched or (mask is not None and idx.shape[1] == 1)):
+        if verifying:
+            run = self.guarded if _verifies_compiled(head) else self._method
+        elif key is None and (batched or mask is not None):
             run = self._method  # only steps of one row compile with guards: see the module's doc
         elif key is None:
             run = self.guarded
