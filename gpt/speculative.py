@@ -196,8 +196,8 @@ class Speculator:
         """Each row's draft for this step ([] for none). A row drafts at most what its budget
         can still use (the step gives one token beyond the draft)."""
         if self.config.mode == "auto" and self._hopeless(len(decoders)):
-            # no draft could pay here, however good: skip proposing (at a large batch, the
-            # proposals' Python work alone was a tenth of a step); but retry now and then
+            # no draft could pay here, however good: skip proposing (the proposals' Python work
+            # grows with the rows); but retry now and then
             self.declined += 1
             if self.declined < self.retry_every:
                 return [[] for _ in decoders]
