@@ -92,14 +92,12 @@ def _bucket(batch: int) -> int:
 
 
 class StepCosts:
-    """Measured time of forwards of B rows by T tokens (batch sizes in powers-of-two buckets):
-    the median of the latest few of each shape, and from them what a wider forward costs
-    relative to T = 1. A median, not an average: a step's time includes Python work and, in the
-    server, whatever else the process did meanwhile (streaming out the last step's tokens, a
+    """Measured time of forwards of B rows by T tokens (batch sizes in buckets, `_bucket`): the
+    median of the latest few of each shape, and from them what a wider forward costs relative
+    to T = 1 (`relative`). A median, not an average: a step's time includes Python work and, in
+    the server, whatever else the process did meanwhile (streaming out the last step's tokens, a
     request arriving), and a few slow steps must not decide. Plain steps are measured first:
-    until they are, speculation counts as too dear. A width not yet measured is guessed from
-    those that are (it costs at least what the cheapest measured one did per extra token), or,
-    with none, taken to be cheap, so it gets tried. The first forward of each shape is not
+    until they are, speculation counts as too dear. The first forward of each shape is not
     counted: it pays for warming up (buffers, kernels' plans)."""
 
     untried_ratio_per_token = 0.1
@@ -147,10 +145,12 @@ class StepCosts:
             return 1 + self.untried_ratio_per_token * (width - 1)
         return measured[lo] * math.sqrt(width / lo)
 
-    def widest(self, batch: int) -> int:
-        """The widest forward measured at this batch size (1 before any wider one)."""
+    def widest_to_try(self, batch: int) -> int:
+        """The widest forward worth trying now at this batch size: twice the widest measured.
+        Widths are tried a doubling at a time: a guess may be far off, and a wide forward that
+        costs what it computes (a large batch) is dear to find out about."""
         b = _bucket(batch)
-        return max((t for bb, t in self.seconds if bb == b), default=1)
+        return 2 * max((t for bb, t in self.seconds if bb == b), default=1)
 
 
 class Speculator:
@@ -228,9 +228,7 @@ class Speculator:
             step = self.costs.step(B)
             per_draft = (self.draft_seconds or 0.0) / step if drafting and step else 0.0
             runner_up, runner_up_speed = 0, 0.0
-            # widths are tried a doubling at a time: a guess may be far off, and a wide forward
-            # that costs what it computes (a large batch) is dear to find out about
-            for D in range(1, min(longest, 2 * self.costs.widest(B) - 1) + 1):
+            for D in range(1, min(longest, self.costs.widest_to_try(B) - 1) + 1):
                 tokens = sum(expected_tokens(r, min(n, D)) for r, n in zip(rates, lengths))
                 speed = tokens / (self.costs.relative(B, D + 1) + per_draft * D)
                 if speed > best_speed:
@@ -261,7 +259,7 @@ class Speculator:
         measured costs (a draft model's time not counted)."""
         if self.costs.step(batch) is None:
             return True  # plain steps are measured first
-        widths = range(2, min(self.config.num_tokens, 2 * self.costs.widest(batch) - 1) + 2)
+        widths = range(2, min(self.config.num_tokens + 1, self.costs.widest_to_try(batch)) + 1)
         return all(w < self.margin * self.costs.relative(batch, w) for w in widths)
 
     def record(self, decoders, drafters, result: Verified) -> None:

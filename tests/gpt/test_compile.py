@@ -59,6 +59,13 @@ def test_speculative_verification_of_int8_compiles_once_for_every_width_and_chan
     assert _verifies_compiled(fast.lm_head)
     warm_up(fast)
     graphs = counters["stats"]["unique_graphs"]
+    compiled, widths = fast._compiled_stack.guarded, []
+
+    def counted(stack, wte, idx, *args, **kwargs):
+        widths.append(idx.shape[1])
+        return compiled(stack, wte, idx, *args, **kwargs)
+
+    monkeypatch.setattr(fast._compiled_stack, "guarded", counted)
     for prompt, temperature in zip(PROMPTS, (0.0, 0.8, 0.0)):
         params = gpt.SamplingParams(max_new_tokens=24, temperature=temperature, seed=3, ignore_eos=True)
         want = gpt.complete(eager, BYTES, [prompt], params, speculative="off")[0]
@@ -70,6 +77,7 @@ def test_speculative_verification_of_int8_compiles_once_for_every_width_and_chan
             assert got.logprobs == pytest.approx(want.logprobs, abs=1e-3)
             assert got.accepted_prediction_tokens > 0
     assert counters["stats"]["unique_graphs"] == graphs
+    assert len(set(w for w in widths if w > 1)) > 1  # drafts of several lengths ran on the one graph
 
 
 def test_gpt_generate_compile_flag(tmp_path, capsys):

@@ -314,7 +314,7 @@ def test_unmeasured_widths_are_interpolated_or_guessed_and_tried_a_doubling_at_a
             costs.record(1, width, seconds)
     assert costs.relative(1, 2) == pytest.approx(1.5)
     assert costs.relative(1, 8) == pytest.approx(1.5 * 2)  # past the widest measured: as the square root
-    assert costs.widest(1) == 2 and costs.widest(2) == 1  # batch sizes 1 and 2 are measured apart
+    assert costs.widest_to_try(1) == 4 and costs.widest_to_try(2) == 2  # twice the widest measured there
     for _ in range(2):
         costs.record(1, 9, 0.030)
     assert costs.relative(1, 5) == pytest.approx(1.5 + 1.5 * 3 / 7)  # between measured widths
