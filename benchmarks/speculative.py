@@ -1,20 +1,19 @@
 """What speculative decoding buys: gpt-serve with `--speculative auto` against `--speculative
 off`, and llama-server's n-gram speculation, on a model that has learned something.
 
-The model: a GPT-2-architecture model (4 layers, 256 wide, GPT-2's tokenizer, context 256)
-trained by `gpt-train` on the Python standard library inside this script (500 steps of 8 x 256
-tokens, about half an hour on 2 cores), cached under `--cache-dir` (`models/spec-stdlib`). It
-has learned something (validation loss 3.38 nats per token, perplexity 29), but not enough:
-its greedy continuations of code soon fall into indentation, runs of single-space tokens, which
-prompt lookup predicts all too well (about half of its greedy replies here are nothing but
-spaces; one trained on tab-indented sources did no better). The greedy workloads below therefore
-flatter speculation; the sampled one does not. The script reports the share of space tokens in
-the outputs and of outputs that are blank.
-llama-server gets the same weights (exported as a Hugging Face GPT-2 directory and converted to
-GGUF f32 with llama.cpp's converter; `benchmarks/llamacpp.py` builds llama.cpp). Each is run on
-float32 weights and on 8-bit ones (`--quantize int8` against a q8_0 GGUF made by llama.cpp's
-`llama-quantize`); on a CPU our int8 step is the faster one, so "our best without speculation"
-is whichever of the two serves a workload faster.
+The model: a GPT-2-architecture model (4 layers, 256 wide, context 256, a 4,096-id byte-level
+BPE that `gpt-train --tokenizer bpe` learns from the same sources) trained by `gpt-train` on the
+Python standard library inside this script (1,800 steps of 16 x 256 tokens, about half an hour
+on 2 cores), cached under `--cache-dir` (`models/spec-stdlib-bpe`). The learned vocabulary makes
+each indentation level one token and leaves the model's parameters to its layers rather than to
+GPT-2's 50k embedding: with GPT-2's tokenizer, the same half hour bought a model whose greedy
+replies were mostly runs of single spaces, which flattered prompt lookup. The script reports the
+share of output tokens that are only whitespace and of outputs that are blank.
+llama-server gets the same weights and vocabulary (`benchmarks/gguf_export.py`: a Hugging Face
+GPT-2 directory converted to GGUF f32 by llama.cpp's converter; `benchmarks/llamacpp.py` builds
+llama.cpp) and the same prompts, as token ids. Each is run on float32 weights and on 8-bit ones
+(`--quantize int8` against a q8_0 GGUF made by llama.cpp's `llama-quantize`); "our best without
+speculation" is whichever of the two serves a workload faster.
 
 Three workloads, each of `--prompts` prompts cut from standard-library modules at a line start
 (`--prompt-tokens` tokens each; the continuation uses the names the prompt defined), each
@@ -52,24 +51,16 @@ import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serve  # noqa: E402
-from llamacpp import (  # noqa: E402
-    DEFAULT_CACHE,
-    bin_path,
-    built,
-    check_tokenizer,
-    cpu_info,
-    ensure_gguf_package,
-    llama_dir,
-    sha256_file,
-    write_gpt2_tokenizer,
-)
+from gguf_export import ensure_gguf, ensure_q8  # noqa: E402
+from llamacpp import DEFAULT_CACHE, bin_path, built, cpu_info  # noqa: E402
 
 import gpt  # noqa: E402
 
 TRAIN = [
     "--preset", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
-    "--tokenizer", "gpt2", "--batch-size", "8", "--max-iters", "500", "--lr", "3e-3", "--min-lr", "3e-4",
-    "--warmup", "50", "--eval-interval", "250", "--eval-iters", "10", "--sample-tokens", "0",
+    "--tokenizer", "bpe", "--bpe-vocab", "4096", "--batch-size", "16", "--max-iters", "1800",
+    "--lr", "3e-3", "--min-lr", "3e-4", "--warmup", "100", "--eval-interval", "300", "--eval-iters", "20",
+    "--sample-tokens", "0",
 ]  # fmt: skip
 WORKLOADS = ("edit", "grounded", "open")
 SUFFIX = {"none": "", "int8": "-int8"}  # server names: off, auto, off-int8, llama-none-int8 (q8_0), ...
@@ -87,7 +78,7 @@ def log(msg: str) -> None:
 
 def ensure_model(cache: str) -> str:
     """The trained checkpoint (`best`), training it first when it is not cached."""
-    run = os.path.join(cache, "models", "spec-stdlib")
+    run = os.path.join(cache, "models", "spec-stdlib-bpe")
     best = os.path.join(run, "best")
     if not os.path.exists(os.path.join(run, "DONE")):
         log(f"training the benchmark's model into {run} (about half an hour on 2 cores)")
@@ -96,51 +87,6 @@ def ensure_model(cache: str) -> str:
         subprocess.run([*train, *TRAIN, *resume], check=True)
         open(os.path.join(run, "DONE"), "w").close()
     return best
-
-
-def ensure_gguf(cache: str, ckpt: str) -> str:
-    """The checkpoint as GGUF f32 for llama-server, remade when the weights change."""
-    models = os.path.join(cache, "models")
-    hf_dir, out = os.path.join(models, "spec-stdlib-hf"), os.path.join(models, "spec-stdlib-f32.gguf")
-    model, _ = gpt.load(ckpt)
-    gpt.export_hf_gpt2(model, hf_dir)
-    cfg_path = os.path.join(hf_dir, "config.json")
-    cfg = json.load(open(cfg_path))
-    cfg["n_ctx"] = cfg["n_positions"]  # the converter's GPT-2 class reads n_ctx
-    json.dump(cfg, open(cfg_path, "w"), indent=2)
-    write_gpt2_tokenizer(hf_dir)
-    check_tokenizer(hf_dir)
-    stamp = out + ".sha256"
-    sha = sha256_file(os.path.join(hf_dir, "model.safetensors"))
-    if os.path.exists(out) and os.path.exists(stamp) and open(stamp).read().strip() == sha:
-        return out
-    src = llama_dir(cache)
-    ensure_gguf_package(src)
-    cmd = [
-        sys.executable,
-        os.path.join(src, "convert_hf_to_gguf.py"),
-        hf_dir,
-        "--outtype",
-        "f32",
-        "--outfile",
-        out,
-    ]
-    subprocess.run(cmd, check=True, capture_output=True)
-    open(stamp, "w").write(sha + "\n")
-    return out
-
-
-def ensure_q8(cache: str, f32: str) -> str:
-    """llama.cpp's 8-bit quantization (q8_0) of the f32 GGUF, remade when that changes."""
-    out, stamp = f32.replace("-f32.gguf", "-q8_0.gguf"), f32.replace("-f32.gguf", "-q8_0.gguf.sha256")
-    sha = sha256_file(f32)
-    if os.path.exists(out) and os.path.exists(stamp) and open(stamp).read().strip() == sha:
-        return out
-    subprocess.run(
-        [bin_path(cache, "llama-quantize"), f32, out, "q8_0", "2"], check=True, capture_output=True
-    )
-    open(stamp, "w").write(sha + "\n")
-    return out
 
 
 def source_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -296,7 +242,7 @@ def main() -> None:
     cells = [(s, w, c) for s in servers for w in WORKLOADS for c in clients]
     llama = not args.no_llama and built(args.cache_dir)
     if llama:
-        f32 = ensure_gguf(args.cache_dir, ckpt)
+        f32 = ensure_gguf(args.cache_dir, ckpt, os.path.basename(os.path.dirname(ckpt)))
         for q in quants:
             gguf = f32 if q == "none" else ensure_q8(args.cache_dir, f32)
             for name, spec in {"none": [], **LLAMA_SPEC}.items():
@@ -316,7 +262,7 @@ def main() -> None:
     summary = {}
     print(f"\nCPU: {cpu}")
     print(f"{'weights':<9}{'workload':<10}{'clients':>8}{'off tok/s':>11}{'auto tok/s':>12}{'auto/off':>10}")
-    space = tok.encode(" ")[0]
+    blank_ids = {i for i in range(tok.vocab_size) if not tok.decode([i]).strip()}
     for q, w, c in ((q, w, c) for q in quants for w in WORKLOADS for c in clients):
         off, auto = f"{ours('off', q)}|{w}|{c}", f"{ours('auto', q)}|{w}|{c}"
         differ = sum(
@@ -325,14 +271,15 @@ def main() -> None:
         texts = [text for x in results[off] for text in x["texts"]]
         ids = [t for text in texts for t in tok.encode(text)]
         s = summary[f"{q}|{w}|{c}"] = dict(
-            space_token_share=sum(t == space for t in ids) / max(1, len(ids)),
+            whitespace_token_share=sum(t in blank_ids for t in ids) / max(1, len(ids)),
             blank_outputs=sum(not text.strip() for text in texts) / max(1, len(texts)),
             off=median_rate(off), auto=median_rate(auto), ratio=ratio(auto, off), outputs_differ=differ,
             kept_prediction_tokens=results[auto][0]["kept"],
         )  # fmt: skip
         print(
             f"{q:<9}{w:<10}{c:>8}{s['off']:>11.1f}{s['auto']:>12.1f}{s['ratio']:>9.2f}x  outputs differing: "
-            f"{differ}, space tokens {s['space_token_share']:.0%}, blank outputs {s['blank_outputs']:.0%}"
+            f"{differ}, whitespace tokens {s['whitespace_token_share']:.0%}, "
+            f"blank outputs {s['blank_outputs']:.0%}"
         )
     print("\nour best with speculation (auto) against our best without (off), medians over rounds")
     for w, c in ((w, c) for w in WORKLOADS for c in clients):
