@@ -39,6 +39,26 @@ __all__ = ["Engine", "EngineStats", "RequestHandle", "Piece", "QueueFull", "Engi
 log = logging.getLogger("gpt-serve.engine")
 
 
+def _on_thread(fn, threads: int | None) -> None:
+    """Run `fn` on a new thread with `threads` torch threads (None: a new thread's default),
+    as the engine thread runs; re-raise what it raised."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="gpt-serve-prepare")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load (what /ready, the metrics and tests look at)."""
@@ -110,13 +130,19 @@ class Engine:
             cache_dtype=kv_cache_dtype,
             speculative=SpeculativeConfig.of(speculative),
         )
-        prepare_model(
-            model,
-            self._sched.cache,
-            max_batch_size=max_batch_size,
-            pack_weights=pack_weights,
-            compile_decode=compile_decode,
-            cuda_graphs=cuda_graphs,
+        # On a thread set up as the engine thread will be: dynamo guards its compiled graphs on
+        # the calling thread's torch thread count, and a graph compiled on the single-threaded
+        # main thread was compiled again (seconds) in the middle of serving.
+        _on_thread(
+            lambda: prepare_model(
+                model,
+                self._sched.cache,
+                max_batch_size=max_batch_size,
+                pack_weights=pack_weights,
+                compile_decode=compile_decode,
+                cuda_graphs=cuda_graphs,
+            ),
+            threads,
         )
         self._waiting: collections.deque[Request] = collections.deque()
         self._beams: collections.deque[BeamJob] = collections.deque()  # the first one runs

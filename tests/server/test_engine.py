@@ -4,8 +4,10 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 import gpt
+import server.engine
 import server.model_prep
 from gpt import SamplingParams
 from gpt.compile import is_compiled
@@ -673,3 +675,16 @@ def test_a_float16_kv_cache_streams_what_the_library_decodes_from_one(tiny_gpt):
 
     for (_, ids, _, _), p in zip(run(main()), PROMPTS):
         assert ids == alone(p, 9)
+
+
+def test_the_model_is_prepared_with_the_torch_thread_count_of_the_engine_thread(tiny_gpt, monkeypatch):
+    # dynamo guards compiled graphs on it: prepared with another, they compiled again mid-serving
+    seen = []
+    monkeypatch.setattr(server.engine, "prepare_model", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as gpt-serve's main thread
+    try:
+        Engine(tiny_gpt, TOK, max_batch_size=1, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
