@@ -128,6 +128,11 @@ class Drafter:
     def rate(self) -> float:
         return self.acceptance[self.source].rate() if self.source else 0.0
 
+    def sources(self) -> list[str]:
+        """The sources this sequence's drafts can come from."""
+        own = "draft" if self.draft_row is not None else "ngram"
+        return [own, "prediction"] if self.prediction is not None else [own]
+
     def record(self, drafted: int, matched: int) -> None:
         if self.source and drafted:
             self.acceptance[self.source].record(drafted, matched)

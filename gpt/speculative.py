@@ -195,9 +195,9 @@ class Speculator:
     ) -> list[list[int]]:
         """Each row's draft for this step ([] for none). A row drafts at most what its budget
         can still use (the step gives one token beyond the draft)."""
-        if self.config.mode == "auto" and self._hopeless(len(decoders)):
-            # no draft could pay here, however good: skip proposing (the proposals' Python work
-            # grows with the rows); but retry now and then
+        if self.config.mode == "auto" and not self._could_pay(decoders, drafters):
+            # no draft could pay here, as right as the rows' drafts have lately been: skip
+            # proposing (its Python work is a step's few percent); but retry now and then
             self.declined += 1
             if self.declined < self.retry_every:
                 return [[] for _ in decoders]
@@ -254,13 +254,27 @@ class Speculator:
                 guesses[i] = g[: rooms[i]]
         return [g[:best] for g in guesses]
 
-    def _hopeless(self, batch: int) -> bool:
-        """Whether even drafts that are always right would lose at this batch size, by the
-        measured costs (a draft model's time not counted)."""
-        if self.costs.step(batch) is None:
-            return True  # plain steps are measured first
-        widths = range(2, min(self.config.num_tokens + 1, self.costs.widest_to_try(batch)) + 1)
-        return all(w < self.margin * self.costs.relative(batch, w) for w in widths)
+    def _could_pay(self, decoders, drafters) -> bool:
+        """Whether some draft length could beat plain decoding by the margin if each row drafted
+        all it may, from its best source at that source's recent acceptance (a draft model's
+        time not counted), by the measured costs."""
+        B = len(decoders)
+        if self.costs.step(B) is None:
+            return False  # plain steps are measured first
+        widest = min(self.config.num_tokens + 1, self.costs.widest_to_try(B))
+        if all(w < self.margin * self.costs.relative(B, w) for w in range(2, widest + 1)):
+            return False  # not even with drafts that are always right
+        rows = [
+            (max(dr.acceptance[s].rate() for s in dr.sources()), d.budget - len(d.output_ids) - 1)
+            for d, dr in zip(decoders, drafters)
+            if dr is not None
+        ]
+        plain = B - len(rows)
+        for w in range(2, widest + 1):
+            tokens = plain + sum(expected_tokens(r, max(0, min(room, w - 1))) for r, room in rows)
+            if tokens > self.margin * B * self.costs.relative(B, w):
+                return True
+        return False
 
     def record(self, decoders, drafters, result: Verified) -> None:
         """After a verified step: each row's acceptance, and its prediction's kept and rejected

@@ -334,6 +334,20 @@ def test_unmeasured_widths_are_interpolated_or_guessed_and_tried_a_doubling_at_a
     assert [len(d) for d in spec.plan(decs, drafters)] == [3]  # then up to twice as wide
 
 
+def test_auto_does_not_look_for_drafts_that_would_not_pay_at_their_recent_acceptance():
+    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, SamplingParams(max_new_tokens=50))]
+    decs[0].sampler.output_ids.append(1)
+    spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), StepCosts())
+    drafters = [spec.drafter(decs[0])]
+    for width, seconds in [(1, 0.010), (2, 0.015), (3, 0.017), (5, 0.020)]:
+        for _ in range(2):
+            spec.costs.record(1, width, seconds)
+    drafters[0].acceptance["ngram"] = Acceptance(1.0, 10.0)  # seldom kept
+    assert not any(spec.plan(decs, drafters)) and drafters[0].seen == 0  # not even looked for
+    drafters[0].acceptance["ngram"] = Acceptance(9.0, 10.0)
+    assert any(spec.plan(decs, drafters)) and drafters[0].seen == 1
+
+
 def test_a_new_row_starts_from_the_acceptance_its_source_has_had_lately():
     decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50)) for _ in range(2)]
     spec = Speculator(SpeculativeConfig("auto", ngram_min=1))
