@@ -23,6 +23,9 @@ from .positions import apply_rotary
 # (which PyTorch may pick on a GPU) builds a new plan for each new shape, which costs far more than
 # the step itself (benchmarks/gpu.py measures it). Cached attention keeps to the others.
 _CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Forwards of up to this many new tokens per row attend token by token with our decode kernel
+# (a speculative draft, a short prefill chunk); longer ones, prefills, go to PyTorch's.
+_TOKENWISE_MAX = 32
 
 
 def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool) -> bool:
@@ -80,6 +83,22 @@ class Attention(nn.Module):
     def _native_attention_ok(self, q: Tensor, cache: LayerCache) -> bool:
         return native_attention_fits(q.dtype, cache, self.training)
 
+    def _tokenwise(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, view: CacheView) -> Tensor:
+        """A few new tokens per row (a speculative draft being verified), each attended as the
+        decode step of that one token attends it, by the same kernel: so the draft's logits are
+        the very numbers decoding token by token gives, and a kept draft changes no bit of the
+        output. The keys and values are all written first: the kernel then writes each again
+        (the same values) while the later tokens of its row read it. Padding tokens attend
+        from the spare position past the end; what they give is never used."""
+        B, H, T, D = q.shape
+        cache.update(view, k, v)
+        flat = lambda t: t.transpose(1, 2).reshape(B * T, H, D)  # noqa: E731 - (B, H, T, D) -> (B*T, H, D)
+        y = torch.ops.gpt.attend_one(
+            flat(q), flat(k), flat(v), cache.k, cache.v,
+            view.rows.repeat_interleave(T), view.write_pos.reshape(B * T),
+        )  # fmt: skip
+        return y.view(B, T, H * D)
+
     def project_kv(self, memory: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values (B, H, S, D) of the encoder output `memory` (B, S, C)."""
         return tuple(self._heads(t) for t in self.kv_proj(memory).split(memory.shape[-1], dim=2))
@@ -121,6 +140,8 @@ class Attention(nn.Module):
                     view.write_pos.view(B),
                 )
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
+            if cache is not None and T <= _TOKENWISE_MAX and self._native_attention_ok(q, cache):
+                return self.resid_dropout(self.c_proj(self._tokenwise(q, k, v, cache, view)))
             if cache is not None:
                 k, v = (t.to(q.dtype) for t in cache.update(view, k, v))  # a cache may store another dtype
         if self.training and dropout_attention.fits(q, k, mask, is_causal, self.dropout):

@@ -23,6 +23,11 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 # oneDNN's call has a fixed cost of its own, more than a small layer's product saves on it
 _ONEDNN_MIN_WEIGHT = 1 << 19
+# Layers below that size go to MKL's sgemm, whose calls of a few rows cost several times one row
+# (a fixed cost, not arithmetic); our kernel's cost grows with the rows from a smaller start.
+# Up to this many rows (a speculative draft being verified) they run on ours, which also gives
+# each row the same numbers as a call of that row alone.
+_NATIVE_SMALL_ROWS = 16
 
 
 class Linear(nn.Linear):
@@ -88,12 +93,12 @@ class Linear(nn.Linear):
         return self._packed
 
     def _native_ok(self, x: Tensor) -> bool:
-        """A single row in float32 on a CPU, for inference: our matrix-vector kernel (gpt.kernels),
-        eagerly and inside torch.compile alike."""
+        """A single row, or a few rows of a small layer, in float32 on a CPU, for inference: our
+        matrix-vector kernel (gpt.kernels), eagerly and inside torch.compile alike."""
         w, b = self.weight, self.bias
         return (
-            x.numel() == x.shape[-1]
-            and w.numel() >= _ONEDNN_MIN_WEIGHT
+            x.numel() <= x.shape[-1] * (1 if w.numel() >= _ONEDNN_MIN_WEIGHT else _NATIVE_SMALL_ROWS)
+            and x.numel() > 0
             and not torch.is_grad_enabled()
             and x.dtype == torch.float32
             and w.dtype == torch.float32
@@ -105,7 +110,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._native_ok(x):
-            y = torch.ops.gpt.gemv_f32(x.reshape(1, -1), self.weight, self.bias)
+            y = torch.ops.gpt.gemv_f32(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self._onednn_ok(x):
             w = self._packed_weight(x)

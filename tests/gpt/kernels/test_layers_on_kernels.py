@@ -138,3 +138,22 @@ def test_a_float16_cache_decodes_like_torch_on_the_same_halves_and_near_a_float3
     torch.testing.assert_close(half, theirs, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(half, full, atol=5e-3, rtol=0)
     assert torch.equal(half.argmax(-1), full.argmax(-1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_forward_over_several_new_tokens_gives_each_the_logits_of_decoding_it_alone(int8):
+    # to the bit: what lets a kept speculative draft change nothing in the output (gpt.speculative)
+    torch.manual_seed(0)
+    model = gpt.build_model(gpt.preset("gpt-tiny")).eval()
+    if int8:
+        gpt.quantize(model)
+    prompt, new = list(range(10, 40)), [5, 6, 7, 8, 9, 10, 11, 12]
+    cache = model.new_cache(2)
+    with torch.inference_mode():
+        for row in (0, 1):
+            model.start([prompt], cache, rows=slice(row, row + 1))
+        alone = torch.cat([model.step(torch.tensor([[t]]), cache, rows=slice(0, 1)) for t in new])
+        n = torch.tensor([len(new)])
+        together = model.step(torch.tensor([new]), cache, rows=slice(1, 2), n_tokens=n, every=True)[0]
+    assert torch.equal(alone, together)
