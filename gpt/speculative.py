@@ -83,6 +83,10 @@ def expected_tokens(rate: float, drafted: int) -> float:
     return drafted + 1.0 if rate >= 1.0 else (1.0 - rate ** (drafted + 1)) / (1.0 - rate)
 
 
+def _sampled(decoder: SequenceDecoder) -> bool:
+    return decoder.params.temperature > 0
+
+
 def _bucket(batch: int) -> int:
     """1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...: batch sizes whose steps cost about the same. Coarser
     buckets mixed steps of quite different sizes: as a burst of requests finishes, the plain
@@ -168,17 +172,18 @@ class Speculator:
         self.draft_seconds: float | None = None  # one step of the draft model, running average
         self.declined = 0  # steps with drafts on which auto did not speculate, since the last retry
         self.retry_every = self.retry_first
-        # each source's acceptance over all rows lately: a new row's starting guess for its own,
+        # each source's acceptance over all rows lately, apart for sampled and greedy rows (a
+        # sampled row keeps far fewer drafted tokens): a new row's starting guess for its own,
         # so that rows whose drafts are right are speculated for from the start (and, with a
         # fixed guess, rows never tried never showed that their drafts were right)
-        self.acceptance = Drafter.new(config.ngrams, []).acceptance
+        self.acceptance = {sampled: Drafter.new(config.ngrams, []).acceptance for sampled in (False, True)}
 
     def drafter(self, decoder: SequenceDecoder) -> Drafter | None:
         """A sequence's draft sources, or None where speculation is off or cannot apply."""
         if not self.config.on or decoder.params.num_beams > 1:
             return None
         dr = Drafter.new(self.config.ngrams, decoder.prompt_ids, decoder.prediction_ids)
-        for source, seen in self.acceptance.items():
+        for source, seen in self.acceptance[_sampled(decoder)].items():
             dr.acceptance[source] = Acceptance(2.0 * seen.rate(), 2.0)  # worth two drafted tokens
         if self.draft is not None:
             dr.draft_row = self.draft.claim()
@@ -286,7 +291,7 @@ class Speculator:
                 dec.prediction_tokens[0] += m
                 dec.prediction_tokens[1] += n - m
                 piece.accepted_prediction_tokens, piece.rejected_prediction_tokens = dec.prediction_tokens
-            self.acceptance[dr.source].record(n, m, decay=0.98)
+            self.acceptance[_sampled(dec)][dr.source].record(n, m, decay=0.98)
             dr.record(n, m)
 
 

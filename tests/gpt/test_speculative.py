@@ -358,6 +358,10 @@ def test_a_new_row_starts_from_the_acceptance_its_source_has_had_lately():
         spec.record(decs[:1], [first], Verified([gpt.Piece()], [4], [4]))
     assert first.rate() == pytest.approx(1.0, abs=0.01)
     assert spec.drafter(decs[1]).acceptance["ngram"].rate() > 0.9
+    # rows sampled otherwise (greedy here) start from their own kind's: a greedy row keeps far more
+    greedy = gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50, temperature=0))
+    assert decs[1].params.temperature > 0
+    assert spec.drafter(greedy).acceptance["ngram"].rate() == pytest.approx(0.5)
 
 
 def test_bad_options_and_predictions_are_refused_with_the_field_named():
