@@ -26,7 +26,9 @@ At 1 client the first 8 prompts go one after another (tokens over the summed tim
 32 requests at once (tokens over the wall time). Each (server, workload, clients) cell runs
 `--rounds` times, rounds interleaved; figures are medians over rounds, and each ratio is the
 median of the rounds' own ratios. The outputs of `off` and `auto` must be identical (greedy and
-seeded alike); the script counts and prints any request where they differ.
+seeded alike); the script counts and prints any request where they differ, and, for scale, how
+many of `off`'s own outputs differ between rounds (batches and prefix-cache hits form
+differently each round).
 
     python benchmarks/llamacpp.py --only decode     # once: builds llama.cpp
     python benchmarks/speculative.py [--rounds 2] [--out benchmarks/results/speculative.json]
@@ -268,18 +270,22 @@ def main() -> None:
         differ = sum(
             a != b for x, y in zip(results[off], results[auto]) for a, b in zip(x["texts"], y["texts"])
         )
+        # the same requests without speculation, round against round: what batching alone changes
+        first = results[off][0]["texts"]
+        off_drift = sum(a != b for x in results[off][1:] for a, b in zip(first, x["texts"]))
         texts = [text for x in results[off] for text in x["texts"]]
         ids = [t for text in texts for t in tok.encode(text)]
         s = summary[f"{q}|{w}|{c}"] = dict(
             whitespace_token_share=sum(t in blank_ids for t in ids) / max(1, len(ids)),
             blank_outputs=sum(not text.strip() for text in texts) / max(1, len(texts)),
             off=median_rate(off), auto=median_rate(auto), ratio=ratio(auto, off), outputs_differ=differ,
+            off_rounds_differ=off_drift,
             kept_prediction_tokens=results[auto][0]["kept"],
         )  # fmt: skip
         print(
             f"{q:<9}{w:<10}{c:>8}{s['off']:>11.1f}{s['auto']:>12.1f}{s['ratio']:>9.2f}x  outputs differing: "
-            f"{differ}, whitespace tokens {s['whitespace_token_share']:.0%}, "
-            f"blank outputs {s['blank_outputs']:.0%}"
+            f"{differ} (off, round against round: {off_drift}), "
+            f"whitespace tokens {s['whitespace_token_share']:.0%}, blank outputs {s['blank_outputs']:.0%}"
         )
     print("\nour best with speculation (auto) against our best without (off), medians over rounds")
     for w, c in ((w, c) for w in WORKLOADS for c in clients):
