@@ -24,10 +24,10 @@ KERNEL_FROM = 1 << 14  # elements: below this, the call's overhead outweighs the
 
 def _kernel_fits(x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()  # first: a size test here would become a guard of the graph
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.numel() >= KERNEL_FROM
-        and not torch.compiler.is_compiling()
         and kernels.gelu_available()
     )
 

@@ -96,17 +96,22 @@ class Linear(nn.Linear):
         """A single row, or a few rows of a small layer, in float32 on a CPU, for inference: our
         matrix-vector kernel (gpt.kernels), eagerly and inside torch.compile alike."""
         w, b = self.weight, self.bias
-        return (
-            x.numel() <= x.shape[-1] * (1 if w.numel() >= _ONEDNN_MIN_WEIGHT else _NATIVE_SMALL_ROWS)
-            and x.numel() > 0
-            and not torch.is_grad_enabled()
+        if not (
+            not torch.is_grad_enabled()
             and x.dtype == torch.float32
             and w.dtype == torch.float32
             and x.device.type == "cpu"
             and w.is_contiguous()
             and (b is None or b.dtype == torch.float32)
             and kernels.f32_available()
-        )
+        ):
+            return False
+        big = w.numel() >= _ONEDNN_MIN_WEIGHT
+        if torch.compiler.is_compiling():
+            # one row only: a bound on the rows would become a guard, and a graph compiled again
+            # when a batch crossed it
+            return big and x.numel() == x.shape[-1]
+        return 0 < x.numel() <= x.shape[-1] * (1 if big else _NATIVE_SMALL_ROWS)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._native_ok(x):
