@@ -107,9 +107,9 @@ class Linear(nn.Linear):
         ):
             return False
         big = w.numel() >= _ONEDNN_MIN_WEIGHT
-        if torch.compiler.is_compiling():
-            # one row only: a bound on the rows would become a guard, and a graph compiled again
-            # when a batch crossed it
+        if torch.compiler.is_compiling() and not all(isinstance(d, int) for d in x.shape):
+            # symbolic sizes: one row only, since a bound on the rows would become a guard, and
+            # the graph compiled again when a batch crossed it
             return big and x.numel() == x.shape[-1]
         return 0 < x.numel() <= x.shape[-1] * (1 if big else _NATIVE_SMALL_ROWS)
 
