@@ -26,6 +26,7 @@ from llamacpp import (
     llama_dir,
     sha256_file,
     write_gpt2_tokenizer,
+    write_tokenizer_config,
 )
 
 import gpt
@@ -53,16 +54,7 @@ def write_bpe_tokenizer(path: str, tok) -> None:
     ]  # fmt: skip
     with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f, ensure_ascii=False)
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 1 << 20,
-        "add_bos_token": False,
-        "bos_token": EOT_TEXT,
-        "eos_token": EOT_TEXT,
-        "unk_token": EOT_TEXT,
-    }
-    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    write_tokenizer_config(path, "PreTrainedTokenizerFast", 1 << 20)
 
 
 def check_bpe_tokenizer(path: str, tok) -> None:

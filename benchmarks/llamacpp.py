@@ -390,10 +390,17 @@ def write_gpt2_tokenizer(path: str) -> None:
     with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
         f.writelines(f"{show(a)} {show(b)}\n" for a, b in merges)
+    write_tokenizer_config(path, "GPT2Tokenizer", 1024, add_prefix_space=False)
+
+
+def write_tokenizer_config(path: str, tokenizer_class: str, max_length: int, **extra) -> None:
+    """tokenizer_config.json for transformers: end-of-text as every special token, no BOS added."""
+    from gpt.tokenizer import EOT_TEXT
+
     config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": 1024,
-        "add_prefix_space": False,
+        "tokenizer_class": tokenizer_class,
+        "model_max_length": max_length,
+        **extra,
         "add_bos_token": False,
         "bos_token": EOT_TEXT,
         "eos_token": EOT_TEXT,
