@@ -140,6 +140,12 @@ def server_factory():
     def start(settings: Settings, engine=None) -> LiveServer:
         server = start_live_server(settings, engine=engine)
         started.append(server)
+        # without an engine the lifespan loads the model in the background: wait for it, or a
+        # test's first request may race the load and get "still loading"
+        deadline = time.monotonic() + 60
+        while server.app.state.engine is None and server.app.state.load_error is None:
+            assert time.monotonic() < deadline, "the model never finished loading"
+            time.sleep(0.01)
         return server
 
     yield start
