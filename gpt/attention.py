@@ -25,7 +25,7 @@ from .positions import apply_rotary
 _CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Forwards of up to this many new tokens per row attend token by token with our decode kernel
 # (a speculative draft, a short prefill chunk); longer ones, prefills, go to PyTorch's.
-_TOKENWISE_MAX = 32
+TOKENWISE_MAX = 32
 
 
 def native_attention_fits(dtype: torch.dtype, cache: LayerCache, training: bool) -> bool:
@@ -84,14 +84,11 @@ class Attention(nn.Module):
         return native_attention_fits(q.dtype, cache, self.training)
 
     def _tokenwise(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, view: CacheView) -> Tensor:
-        """A few new tokens per row (a speculative draft being verified), each attended as the
-        decode step of that one token attends it, by the same kernel: so the draft's logits are
-        the very numbers decoding token by token gives, and a kept draft changes no bit of the
-        output. The keys and values are all written first: the kernel then writes each again
-        (the same values) while the later tokens of its row read it. Padding tokens attend
-        from the spare position past the end; what they give is never used."""
+        """A few new tokens per row (a short prefill chunk), each attended as the decode step of
+        that one token attends it, by the same kernel, which writes every token's key and value
+        before any token attends. Padding tokens attend from the spare position past the end;
+        what they give is never used."""
         B, H, T, D = q.shape
-        cache.update(view, k, v)
         flat = lambda t: t.transpose(1, 2).reshape(B * T, H, D)  # noqa: E731 - (B, H, T, D) -> (B*T, H, D)
         y = torch.ops.gpt.attend_one(
             flat(q), flat(k), flat(v), cache.k, cache.v,
@@ -140,7 +137,7 @@ class Attention(nn.Module):
                     view.write_pos.view(B),
                 )
                 return self.resid_dropout(self.c_proj(y.view(B, 1, C)))
-            if cache is not None and T <= _TOKENWISE_MAX and self._native_attention_ok(q, cache):
+            if cache is not None and T <= TOKENWISE_MAX and self._native_attention_ok(q, cache):
                 return self.resid_dropout(self.c_proj(self._tokenwise(q, k, v, cache, view)))
             if cache is not None:
                 k, v = (t.to(q.dtype) for t in cache.update(view, k, v))  # a cache may store another dtype

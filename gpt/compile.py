@@ -4,13 +4,14 @@ A decode step of a small model on a CPU is hundreds of small ops (layer norms, t
 activation quantization and rescaling, residuals, the cache writes), each paying the eager
 dispatcher's cost; torch.compile fuses them into a few generated kernels around the matmuls.
 Only steps of one token per row are compiled, the latency-bound case, where the small ops weigh
-most, and one row's forward over a speculative draft (`_verifies_compiled`). Steps of a single
-row always compile. Steps of several rows compile where the graph runs the kernels the eager
-step runs (`_batches_compile`: int8 layers on a CPU without VNNI, whose batches run on our own
-kernel): one graph for every batch size, traced with the batch dimension
-symbolic. Elsewhere eager batches run on oneDNN's prepacked weights, which a graph does not
-reach, and they stay eager, as does prefill: its shapes (masks, prompt lengths) vary, and a new
-graph compiled in the middle of serving would stall every stream for as long.
+most; a forward over a speculative draft is such a step, one row per drafted token (gpt.model).
+Steps of a single row always compile. Steps of several rows compile where the graph runs the
+kernels the eager step runs (`_batches_compile`: int8 layers on a CPU without VNNI, whose
+batches run on our own kernel): one graph for every batch size, one row included, traced with
+the batch dimension symbolic, so that a row's numbers never depend on how many rows run with
+it. Elsewhere eager batches run on oneDNN's prepacked weights, which a graph does not reach,
+and they stay eager, as does prefill: its shapes (masks, prompt lengths) vary, and a new graph
+compiled in the middle of serving would stall every stream for as long.
 
 Dynamo's guards, the checks that decide at every call whether a compiled graph still fits,
 cost more than the step's small ops: there is one for every module's attributes, hooks and
@@ -102,7 +103,7 @@ class CompiledStep:
             idx.dtype,
             idx.is_inference(),
             view.rows.dtype,
-            idx.shape[0] > 1,
+            idx.shape[0] > 1 and not _batches_compile(head),
         )
 
     def _compile_unguarded(self) -> Callable:
@@ -134,15 +135,12 @@ class CompiledStep:
         n_tokens=None,
     ):
         batched = idx.shape[0] > 1
-        verifying = idx.shape[1] > 1  # one row's forward over a speculative draft
         key = (
             None
-            if verifying or (batched and not _batches_compile(head))
+            if batched and not _batches_compile(head)
             else self._key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
         )
-        if verifying:
-            run = self.guarded if _verifies_compiled(head) else self._method
-        elif key is None and (batched or mask is not None):
+        if key is None and (batched or mask is not None):
             run = self._method  # only steps of one row compile with guards: see the module's doc
         elif key is None:
             run = self.guarded
@@ -151,12 +149,12 @@ class CompiledStep:
             run = self.unguarded.get(key)
             if run is None:
                 run = self.unguarded[key] = self._compile_unguarded()
-            if batched:
-                # One graph for every batch of two rows or more. With no guards to catch a
-                # graph specialised to the first batch's size, that size must stay symbolic:
-                # mark_dynamic makes tracing fail rather than bake it in.
+            if _batches_compile(head):
+                # One graph for every batch size, one row included. With no guards to catch a
+                # graph specialised to the first batch's size, that size must stay symbolic,
+                # and unbacked: a backed size is specialised where it is 1.
                 for t in (idx, pos, view.rows, view.write_pos):
-                    torch._dynamo.mark_dynamic(t, 0)
+                    torch._dynamo.decorators.mark_unbacked(t, 0)
         return run(
             stack,
             wte,
@@ -172,14 +170,6 @@ class CompiledStep:
             last_only=last_only,
             n_tokens=n_tokens,
         )
-
-
-def _verifies_compiled(head: nn.Module) -> bool:
-    """Whether a single row's verification forward (gpt.speculative: its last token and a draft,
-    every position's logits) runs compiled: where batched steps do (`_batches_compile`), for
-    the same reason. One graph, with dynamo's guards, serves every width and cache length. On
-    oneDNN's packed float32 weights the eager forward was faster than inductor's products."""
-    return _batches_compile(head)
 
 
 def compile_decode(model: nn.Module) -> nn.Module:
@@ -198,8 +188,9 @@ def warm_up(model: nn.Module, cache: KVCache | None = None, steps: int = 3) -> f
     """Compile now rather than in the first request: a few single-row decode steps in row 0 of
     `cache` (the one the caller will decode with: the graph is specialised to its shape; by
     default a new one-row cache) and, where batched steps compile too (`_batches_compile`) and
-    the cache has rows for it, steps of rows 0 and 1 at different lengths; the rows are then
-    reset. Returns the seconds spent."""
+    the cache has rows for it, steps of rows 0 and 1 at different lengths, and a speculative
+    verification in row 0 (a batched step too: gpt.model); the rows are then reset. Returns
+    the seconds spent."""
     t0 = time.perf_counter()
     if cache is None:
         cache = model.new_cache(1)
@@ -212,10 +203,10 @@ def warm_up(model: nn.Module, cache: KVCache | None = None, steps: int = 3) -> f
         for _ in range(steps):  # lengths 3, 4, ...: the graph must not depend on the cache length
             model.step(torch.zeros(len(prompts), 1, dtype=torch.long, device=model.device), cache, rows=rows)
         cache.reset(rows)
-    if _verifies_compiled(getattr(model, "lm_head", None)) and not model.config.is_seq2seq:
+    if _batches_compile(getattr(model, "lm_head", None)) and not model.config.is_seq2seq:
+        # a speculative draft's verification: a batched step whose rows share one cache row
         model.start([[1, 1]], cache, rows=slice(0, 1))
-        for width in (2, 3, 5):  # speculative verification's forwards: one graph for every width
-            ids = torch.zeros(1, width, dtype=torch.long, device=model.device)
-            model.step(ids, cache, rows=slice(0, 1), n_tokens=torch.tensor([width]), every=True)
+        ids = torch.zeros(1, 3, dtype=torch.long, device=model.device)
+        model.step(ids, cache, rows=slice(0, 1), n_tokens=torch.tensor([3]), every=True)
         cache.reset(slice(0, 1))
     return time.perf_counter() - t0

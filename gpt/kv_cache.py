@@ -152,6 +152,19 @@ class KVCache(nn.Module):
             mask, causal = self._mask(pos, kv_len), False
         return self._view(rows_t, select, write_pos, kv_len), pos, mask, causal
 
+    def advance_as_rows(self, B: int, T: int, rows: Rows | None, n_tokens: Tensor | None):
+        """`advance` for a forward whose tokens each run as a decode step's row of one token (a
+        speculative draft being verified: gpt.model): row b's n_tokens[b] real tokens become
+        that many one-token rows of the same cache row, at consecutive positions. Returns the
+        view over those N rows, each one's position (N, 1), and which of the (B, T) tokens are
+        real. Only for attention that writes every row's key before any row reads (gpt.kernels'
+        decode kernel): a token then sees the ones before it, as it would decoding one at a time."""
+        rows_t, _, start, n, kv_len = self._claim(B, T, rows, n_tokens)
+        real = torch.arange(T)[None, :] < n[:, None]
+        pos = (start[:, None] + torch.arange(T))[real][:, None]
+        flat = rows_t.repeat_interleave(n)
+        return self._view(flat, flat, pos, kv_len), pos, real
+
     def _advance_one_token(self, B: int, rows: Rows | None):
         """`advance` for a decode step (one real token per row), with the bookkeeping in Python
         numbers: a step of a small model streams its weights through the CPU's caches, and every

@@ -156,7 +156,7 @@ class Int8Linear(nn.Module):
         kernels table). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
         if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not kernels.int8_available():
             return False
-        if x2.shape[0] != 1 and qlinear_available():
+        if qlinear_available() and x2.shape[0] != 1:  # the size last: under compile, a guard
             return False
         if not torch.compiler.is_compiling() and (
             not is_current(self._sum_from, self.weight_q) or self.weight_rows.shape != self.weight_q.shape

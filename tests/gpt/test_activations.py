@@ -67,3 +67,12 @@ def test_without_our_kernels_a_model_trains_on_torchs_gelu_with_the_same_gradien
     monkeypatch.setattr(kernels, "_isa", lambda: 0)
     for a, b in zip(ours, grads()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernels
+def test_at_inference_a_rows_gelu_does_not_depend_on_how_many_rows_run_with_it():
+    # a speculative draft's tokens run as rows of a decode step, and must get the step's numbers
+    x = _values(4 * KERNEL_FROM).view(-1, 1024)
+    with torch.inference_mode():
+        together = gelu_tanh(x)
+        assert all(torch.equal(gelu_tanh(x[i : i + 1]), together[i : i + 1]) for i in range(0, len(x), 7))

@@ -1,14 +1,18 @@
 /* The decode step's attention: one new query per (row, head) against that row's cached keys.
  *
  * PyTorch's CPU attention kernels tile queries; with one query per row they spend most of their
- * time outside the arithmetic, and read the cache well below the memory bandwidth. This loop
- * writes the row's new key and value into the cache and attends to positions 0..pos in one pass
- * over the keys and one over the values (softmax in between, in float32), so a row never reads
- * keys it does not attend to.
+ * time outside the arithmetic, and read the cache well below the memory bandwidth. These loops
+ * write every row's new key and value into the cache, then attend each row to positions 0..pos
+ * in one pass over the keys and one over the values (softmax in between, in float32), so a row
+ * never reads keys it does not attend to.
  *
  * q, k_new, v_new, out: (B, H, D), contiguous. k_cache, v_cache: D contiguous, strides s_row,
  * s_head, s_pos (in floats) between rows, heads and positions. Batch row b is cache row rows[b];
  * its new key/value go to position pos[b] and it attends to positions 0..pos[b].
+ *
+ * All rows write before any row reads, so several batch rows may be the same cache row at
+ * consecutive positions: a speculative draft verified as that many one-token rows
+ * (gpt.attention), each of which then computes exactly what decoding its token alone computes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,13 +34,23 @@ static inline float softmax_numerators(float *s, long n, float top) {
 void attend_one(const float *q, const float *k_new, const float *v_new, float *k_cache, float *v_cache,
                 long s_row, long s_head, long s_pos, const int64_t *rows, const int64_t *pos, float *out,
                 long B, long H, long D, float scale) {
-    #pragma omp parallel for collapse(2) schedule(static)
+    #pragma omp parallel
+    {
+    #pragma omp for collapse(2) schedule(static)
+    for (long b = 0; b < B; b++) {
+        for (long h = 0; h < H; h++) {
+            const long i = (b * H + h) * D, at = rows[b] * s_row + h * s_head + pos[b] * s_pos;
+            memcpy(k_cache + at, k_new + i, D * sizeof(float));
+            memcpy(v_cache + at, v_new + i, D * sizeof(float));
+        }
+    }
+    /* the loop's end is a barrier: every key is written before any row attends */
+    #pragma omp for collapse(2) schedule(static)
     for (long b = 0; b < B; b++) {
         for (long h = 0; h < H; h++) {
             const long i = (b * H + h) * D, n = pos[b] + 1;
-            float *kc = k_cache + rows[b] * s_row + h * s_head, *vc = v_cache + rows[b] * s_row + h * s_head;
-            memcpy(kc + pos[b] * s_pos, k_new + i, D * sizeof(float));
-            memcpy(vc + pos[b] * s_pos, v_new + i, D * sizeof(float));
+            const long off = rows[b] * s_row + h * s_head;
+            const float *kc = k_cache + off, *vc = v_cache + off;
             const float *qq = q + i;
             float s[n], acc[D];
             float top = -INFINITY;
@@ -63,6 +77,7 @@ void attend_one(const float *q, const float *k_new, const float *v_new, float *k
                 out[i + d] = acc[d] * inv;
         }
     }
+    }
 }
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -70,17 +85,10 @@ void attend_one(const float *q, const float *k_new, const float *v_new, float *k
 
 /* One (row, head) of `attend_one_f16`; inlined with D a constant where it is 64 (GPT-2's), so
  * that the compiler keeps the sums in registers. */
-static inline __attribute__((always_inline)) void attend_head_f16(const float *qq, const float *k_new,
-                                                                  const float *v_new, uint16_t *kc,
-                                                                  uint16_t *vc, long s_pos, long p,
+static inline __attribute__((always_inline)) void attend_head_f16(const float *qq, const uint16_t *kc,
+                                                                  const uint16_t *vc, long s_pos, long p,
                                                                   float *out, const long D, float scale) {
     const long n = p + 1;
-    for (long d = 0; d < D; d += 8) {
-        _mm_storeu_si128((__m128i *)(kc + p * s_pos + d),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(k_new + d), _MM_FROUND_TO_NEAREST_INT));
-        _mm_storeu_si128((__m128i *)(vc + p * s_pos + d),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(v_new + d), _MM_FROUND_TO_NEAREST_INT));
-    }
     float s[n];
     float top = -INFINITY;
     for (long j = 0; j < n; j++) {
@@ -118,17 +126,31 @@ static inline __attribute__((always_inline)) void attend_head_f16(const float *q
 void attend_one_f16(const float *q, const float *k_new, const float *v_new, uint16_t *k_cache,
                     uint16_t *v_cache, long s_row, long s_head, long s_pos, const int64_t *rows,
                     const int64_t *pos, float *out, long B, long H, long D, float scale) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel
+    {
+#pragma omp for collapse(2) schedule(static)
+    for (long b = 0; b < B; b++) {
+        for (long h = 0; h < H; h++) {
+            const long i = (b * H + h) * D, at = rows[b] * s_row + h * s_head + pos[b] * s_pos;
+            for (long d = 0; d < D; d += 8) {
+                _mm_storeu_si128((__m128i *)(k_cache + at + d),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(k_new + i + d), _MM_FROUND_TO_NEAREST_INT));
+                _mm_storeu_si128((__m128i *)(v_cache + at + d),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(v_new + i + d), _MM_FROUND_TO_NEAREST_INT));
+            }
+        }
+    }
+    /* the loop's end is a barrier: every key is written before any row attends */
+#pragma omp for collapse(2) schedule(static)
     for (long b = 0; b < B; b++) {
         for (long h = 0; h < H; h++) {
             const long i = (b * H + h) * D, off = rows[b] * s_row + h * s_head;
             if (D == 64)
-                attend_head_f16(q + i, k_new + i, v_new + i, k_cache + off, v_cache + off, s_pos, pos[b],
-                                out + i, 64, scale);
+                attend_head_f16(q + i, k_cache + off, v_cache + off, s_pos, pos[b], out + i, 64, scale);
             else
-                attend_head_f16(q + i, k_new + i, v_new + i, k_cache + off, v_cache + off, s_pos, pos[b],
-                                out + i, D, scale);
+                attend_head_f16(q + i, k_cache + off, v_cache + off, s_pos, pos[b], out + i, D, scale);
         }
+    }
     }
 }
 #endif
