@@ -83,10 +83,16 @@ class KVCache(nn.Module):
         )
         self.lengths = torch.zeros(batch, dtype=torch.long)
         self.src_lengths = torch.zeros(batch, dtype=torch.long)
+        self._device = self.layers[0].k.device
 
     @property
     def device(self) -> torch.device:
-        return self.layers[0].k.device
+        return self._device
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._device = self.layers[0].k.device  # read at every step: kept, not looked up
+        return out
 
     def resolve_rows(self, rows: Rows | None, B: int) -> tuple[Tensor, Rows]:
         """`rows` (None = the first B, a slice, or row ids) as (CPU row ids, the cheapest selector)."""
@@ -170,11 +176,15 @@ class KVCache(nn.Module):
         numbers: a step of a small model streams its weights through the CPU's caches, and every
         tensor op here then runs from cold caches, far slower than in isolation."""
         rows_t, select = self.resolve_rows(rows, B)
-        starts = self.lengths[select].tolist()
+        lengths = self.lengths[select]  # a contiguous range (the usual case) is a view: updated in place
+        starts = lengths.tolist()
         kv_len = max(starts) + 1
         self._check_fits(kv_len)
-        pos = torch.tensor([[s] for s in starts])
-        self.lengths[select] = pos[:, 0] + 1
+        pos = lengths[:, None].clone()
+        if isinstance(select, slice):
+            lengths += 1
+        else:
+            self.lengths[select] = pos[:, 0] + 1
         # rows of different lengths: each sees only its own keys
         mask = None if min(starts) == kv_len - 1 else self._mask(pos, kv_len)
         return self._view(rows_t, select, pos, kv_len), pos, mask, False
@@ -190,6 +200,8 @@ class KVCache(nn.Module):
     def _view(self, rows_t: Tensor, select: Rows, write_pos: Tensor, kv_len: int) -> CacheView:
         dev = self.device
         src_len = int(self.src_lengths[rows_t].max()) if self.max_src_len else 0
+        if dev.type == "cpu":  # every step makes one: no copies, no calls
+            return CacheView(rows_t, select, write_pos, kv_len, src_len)
         return CacheView(
             rows=rows_t.to(dev),
             select=select if isinstance(select, slice) else select.to(dev),
