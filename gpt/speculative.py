@@ -47,7 +47,7 @@ class SpeculativeConfig:
     """
 
     mode: str = "auto"
-    num_tokens: int = 8  # the longest draft verified in one forward
+    num_tokens: int = 16  # the longest draft verified in one forward (llama.cpp's --draft-max default too)
     ngram_min: int = 2  # prompt lookup matches the sequence's last n tokens, n from ngram_max down
     ngram_max: int = 4
     draft_model: object = None
@@ -161,9 +161,9 @@ class Speculator:
     """The batch-level decision: which rows get drafts, and how long, at each step."""
 
     # auto speculates where it expects at least this many times plain decoding's speed: for one
-    # row, and for several. Served, several rows' speculation cost more than the engine measures
-    # of its forwards (which run eagerly there, beside compiled plain steps, on the cores that
-    # stream the output): at 1.05, 32 clients lost up to a quarter of their rate to it.
+    # row, and for several. Served, several rows' speculation cost more than the engine measured
+    # of its forwards (then eager, beside compiled plain steps, on the cores that stream the
+    # output): at 1.05, 32 clients lost up to a quarter of their rate to it.
     margin, margin_rows = 1.05, 1.3
     # steps between re-measurements of a draft length judged too slow: doubled after each one
     # that confirms it, back to the first after auto speculates again

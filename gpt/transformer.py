@@ -12,11 +12,16 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .attention import TOKENWISE_MAX, native_attention_fits
+from .attention import native_attention_fits
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
 from .layers import Block, final_layer_norm
 from .positions import PositionEncoding
+
+# Forwards over every position of up to this many new tokens per row run as a decode step's rows
+# (`Transformer._run_as_rows`): a draft of up to 64 tokens (gpt-serve's limit) and the token
+# before it. Wider ones (prompt chunks scored for their logprobs) keep PyTorch's attention.
+AS_ROWS_MAX = 65
 
 
 def pad(seqs: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor]:
@@ -95,7 +100,7 @@ class Transformer(nn.Module):
                 return out
         if (
             cache is not None
-            and 1 < T <= TOKENWISE_MAX
+            and 1 < T <= AS_ROWS_MAX
             and not last_only
             and memory is None
             and not cache.max_src_len

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(
         p,
         "--num-speculative-tokens",
-        "the longest draft verified in one forward (default 8)",
+        "the longest draft verified in one forward (default 16)",
         type=int,
         metavar="N",
     )
