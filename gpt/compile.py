@@ -4,14 +4,15 @@ A decode step of a small model on a CPU is hundreds of small ops (layer norms, t
 activation quantization and rescaling, residuals, the cache writes), each paying the eager
 dispatcher's cost; torch.compile fuses them into a few generated kernels around the matmuls.
 Only steps of one token per row are compiled, the latency-bound case, where the small ops weigh
-most; a forward over a speculative draft is such a step, one row per drafted token (gpt.model).
-Steps of a single row always compile. Steps of several rows compile where the graph runs the
-kernels the eager step runs (`_batches_compile`: int8 layers on a CPU without VNNI, whose
-batches run on our own kernel): one graph for every batch size, one row included, traced with
-the batch dimension symbolic, so that a row's numbers never depend on how many rows run with
-it. Elsewhere eager batches run on oneDNN's prepacked weights, which a graph does not reach,
-and they stay eager, as does prefill: its shapes (masks, prompt lengths) vary, and a new graph
-compiled in the middle of serving would stall every stream for as long.
+most; a forward over a speculative draft is such a step, one row per drafted token
+(gpt.transformer). Steps of a single row always compile, on one graph with one sequence's
+drafted rows (the number of rows symbolic; every layer on one row's kernel: gpt.step_rows).
+Steps of several sequences compile where the graph runs the kernels the eager step runs
+(`_batches_compile`: int8 layers on a CPU without VNNI, whose batches run on our own kernel):
+one graph for every batch size, one row included, so that a row's numbers never depend on how
+many rows run with it. Elsewhere eager batches run on oneDNN's prepacked weights, which a graph
+does not reach, and they stay eager, as does prefill: its shapes (masks, prompt lengths) vary,
+and a new graph compiled in the middle of serving would stall every stream for as long.
 
 Dynamo's guards, the checks that decide at every call whether a compiled graph still fits,
 cost more than the step's small ops: there is one for every module's attributes, hooks and
@@ -40,6 +41,7 @@ start is quicker). `warm_up` compiles the graph before the first request needs i
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 from collections.abc import Callable
@@ -47,6 +49,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from . import step_rows
 from .attention import native_attention_fits
 from .kv_cache import KVCache
 from .quantization import Int8Linear, qlinear_available
@@ -103,7 +106,6 @@ class CompiledStep:
             idx.dtype,
             idx.is_inference(),
             view.rows.dtype,
-            idx.shape[0] > 1 and not _batches_compile(head),
         )
 
     def _compile_unguarded(self) -> Callable:
@@ -134,10 +136,12 @@ class CompiledStep:
         last_only=False,
         n_tokens=None,
     ):
-        batched = idx.shape[0] > 1
+        batched, every_batch = idx.shape[0] > 1, _batches_compile(head)
+        # one row, or one sequence's rows (a draft being verified: gpt.step_rows)
+        one_sequence = not batched or step_rows.active()
         key = (
             None
-            if batched and not _batches_compile(head)
+            if not (one_sequence or every_batch)
             else self._key(stack, wte, idx, cache, view, memory, head, last_only, n_tokens)
         )
         if key is None and (batched or mask is not None):
@@ -149,27 +153,31 @@ class CompiledStep:
             run = self.unguarded.get(key)
             if run is None:
                 run = self.unguarded[key] = self._compile_unguarded()
-            if _batches_compile(head):
-                # One graph for every batch size, one row included. With no guards to catch a
-                # graph specialised to the first batch's size, that size must stay symbolic,
-                # and unbacked: a backed size is specialised where it is 1.
-                for t in (idx, pos, view.rows, view.write_pos):
-                    torch._dynamo.decorators.mark_unbacked(t, 0)
-        return run(
-            stack,
-            wte,
-            idx,
-            pos,
-            mask=mask,
-            causal=causal,
-            cache=cache,
-            view=view,
-            memory=memory,
-            memory_mask=memory_mask,
-            head=head,
-            last_only=last_only,
-            n_tokens=n_tokens,
-        )
+            # One graph for every number of rows, one included: of any batch where batches
+            # compile, else of one sequence. With no guards to catch a graph specialised to the
+            # first call's rows, their number must stay symbolic, and unbacked: a backed size
+            # is specialised where it is 1.
+            for t in (idx, pos, view.rows, view.write_pos):
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+        # a step of one sequence picks its layers' kernels as one row does, and traces so
+        # (where batches share the graph, their kernels are one row's anyway)
+        one_row_kernels = one_sequence and not every_batch
+        with step_rows.one_sequence() if one_row_kernels else contextlib.nullcontext():
+            return run(
+                stack,
+                wte,
+                idx,
+                pos,
+                mask=mask,
+                causal=causal,
+                cache=cache,
+                view=view,
+                memory=memory,
+                memory_mask=memory_mask,
+                head=head,
+                last_only=last_only,
+                n_tokens=n_tokens,
+            )
 
 
 def compile_decode(model: nn.Module) -> nn.Module:

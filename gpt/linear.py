@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import kernels, step_rows
 from .packing import is_current, stamp
 from .quantization import Int8Linear
 
@@ -106,6 +106,8 @@ class Linear(nn.Linear):
             and kernels.f32_available()
         ):
             return False
+        if step_rows.active():  # one sequence's rows (a draft being verified): as for one row
+            return True
         big = w.numel() >= _ONEDNN_MIN_WEIGHT
         if torch.compiler.is_compiling() and not all(isinstance(d, int) for d in x.shape):
             # symbolic sizes: one row only, since a bound on the rows would become a guard, and

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
+from . import kernels, step_rows
 from .kernels.reference import quantize_rows
 from .packing import is_current, stamp
 
@@ -156,7 +156,8 @@ class Int8Linear(nn.Module):
         kernels table). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
         if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not kernels.int8_available():
             return False
-        if qlinear_available() and x2.shape[0] != 1:  # the size last: under compile, a guard
+        # the size last: under compile, a test of it would be a guard
+        if qlinear_available() and not step_rows.active() and x2.shape[0] != 1:
             return False
         if not torch.compiler.is_compiling() and (
             not is_current(self._sum_from, self.weight_q) or self.weight_rows.shape != self.weight_q.shape
@@ -190,7 +191,12 @@ class Int8Linear(nn.Module):
         return self._packed is not None
 
     def _packed_weight(self, x2: Tensor) -> Tensor | None:
-        if self._packed is None or x2.shape[0] < 2 or torch.compiler.is_compiling():
+        if (
+            self._packed is None
+            or step_rows.active()  # one sequence's rows run on our kernel, as one row does
+            or torch.compiler.is_compiling()
+            or x2.shape[0] < 2
+        ):
             return None
         if not is_current(self._packed_from, self.weight_q):
             self._packed, self._packed_from = None, ()  # the weight changed since: never use a stale copy

@@ -5,6 +5,7 @@ draft's verification run as a decode step's rows, and building the caches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from . import step_rows
 from .attention import native_attention_fits
 from .config import ModelConfig
 from .kv_cache import KVCache, Rows
@@ -151,20 +153,22 @@ class Transformer(nn.Module):
         view, pos, real = cache.advance_as_rows(B, T, rows, n_tokens)
         real = real.to(idx.device)
         run = self._compiled_stack if self._compiled_stack and view.kv_len > 1 else self._run_stack
-        out = run(
-            stack,
-            wte,
-            idx[real][:, None],
-            pos.to(idx.device),
-            mask=None,  # our attention kernel finds each row's keys from its position
-            causal=False,
-            cache=cache,
-            view=view,
-            memory=None,
-            memory_mask=None,
-            head=head,
-            last_only=True,
-        )
+        # one sequence's tokens: every layer on the kernel one row runs on (gpt.step_rows)
+        with step_rows.one_sequence() if B == 1 else contextlib.nullcontext():
+            out = run(
+                stack,
+                wte,
+                idx[real][:, None],
+                pos.to(idx.device),
+                mask=None,  # our attention kernel finds each row's keys from its position
+                causal=False,
+                cache=cache,
+                view=view,
+                memory=None,
+                memory_mask=None,
+                head=head,
+                last_only=True,
+            )
         full = out.new_zeros(B, T, *out.shape[1:])
         full[real] = out
         return full

@@ -48,14 +48,16 @@ def test_compiled_int8_decode_matches_eager_with_one_graph_for_every_length(pres
     assert counters["stats"]["unique_graphs"] == graphs + made  # no recompiling for other lengths
 
 
-def test_speculative_verification_of_int8_runs_on_the_steps_graph_and_changes_no_bit(monkeypatch):
-    """Where int8 steps compile for every batch size (our kernel, no VNNI), a draft's verification
-    is one of those steps, its tokens the rows: it runs on the same graph as one-token steps, for
-    drafts of any length, and gives the tokens and the very logprobs of decoding without it."""
+@pytest.mark.parametrize("int8", [True, False])
+def test_speculative_verification_runs_on_the_steps_graph_and_changes_no_bit(monkeypatch, int8):
+    """A draft's verification is a decode step whose rows are its tokens: it runs on the graph of
+    one-token steps (int8 steps compile for every batch size where they run on our kernel, no
+    VNNI; float32 ones for one sequence), for drafts of any length, and gives the tokens and the
+    very logprobs of decoding without it."""
     monkeypatch.setattr(gpt.quantization, "_QLINEAR", [False])
     model = gpt.GPT(gpt.preset("gpt-tiny")).eval()
-    fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8"))
-    eager = gpt.quantize(model, "int8")
+    fast = gpt.compile_decode(gpt.quantize(_twin(model), "int8") if int8 else _twin(model))
+    eager = gpt.quantize(model, "int8") if int8 else model
     warm_up(fast)
     graphs = counters["stats"]["unique_graphs"]
     ((key, compiled),) = fast._compiled_stack.unguarded.items()
