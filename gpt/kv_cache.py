@@ -160,7 +160,7 @@ class KVCache(nn.Module):
 
     def advance_as_rows(self, B: int, T: int, rows: Rows | None, n_tokens: Tensor | None):
         """`advance` for a forward whose tokens each run as a decode step's row of one token (a
-        speculative draft being verified: gpt.model): row b's n_tokens[b] real tokens become
+        speculative draft being verified: gpt.transformer): row b's n_tokens[b] real tokens become
         that many one-token rows of the same cache row, at consecutive positions. Returns the
         view over those N rows, each one's position (N, 1), and which of the (B, T) tokens are
         real. Only for attention that writes every row's key before any row reads (gpt.kernels'
