@@ -197,7 +197,7 @@ def warm_up(model: nn.Module, cache: KVCache | None = None, steps: int = 3) -> f
     `cache` (the one the caller will decode with: the graph is specialised to its shape; by
     default a new one-row cache) and, where batched steps compile too (`_batches_compile`) and
     the cache has rows for it, steps of rows 0 and 1 at different lengths, and a speculative
-    verification in row 0 (a batched step too: gpt.model); the rows are then reset. Returns
+    verification in row 0 (a batched step too: gpt.transformer); the rows are then reset. Returns
     the seconds spent."""
     t0 = time.perf_counter()
     if cache is None:
