@@ -12,21 +12,21 @@ verification trace the same choices into one graph.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
-_depth = 0
+_state = threading.local()  # per thread: two engines in one process never see each other's
 
 
 @contextlib.contextmanager
 def one_sequence() -> Iterator[None]:
-    global _depth
-    _depth += 1
+    _state.depth = getattr(_state, "depth", 0) + 1
     try:
         yield
     finally:
-        _depth -= 1
+        _state.depth -= 1
 
 
 def active() -> bool:
-    """Whether the forward running now is one sequence's (see the module's doc)."""
-    return _depth > 0
+    """Whether the forward running now, on this thread, is one sequence's (see the module's doc)."""
+    return getattr(_state, "depth", 0) > 0
