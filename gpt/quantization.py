@@ -44,7 +44,7 @@ def _int_mm_works(device: torch.device) -> bool:
 _INT_MM: dict[str, bool] = {}
 
 
-@torch.compiler.assume_constant_result  # a fact about the build: torch.compile need not trace it
+@kernels.machine_fact  # a fact about the build
 def int_mm_available(device: torch.device) -> bool:
     """Whether this build can run int8 x int8 -> int32 GEMMs on `device` (checked once)."""
     key = str(device)
@@ -86,7 +86,7 @@ def _qlinear_works() -> bool:
 _QLINEAR: list[bool] = []
 
 
-@torch.compiler.assume_constant_result  # a fact about the build and CPU: a compiled step need not trace it
+@kernels.machine_fact  # a fact about the build and CPU
 def qlinear_available() -> bool:
     """Whether this build has oneDNN's int8 linear with a prepacked weight (x86 CPU builds)."""
     if not _QLINEAR:

@@ -54,43 +54,52 @@ from . import ctypes_ops, loader
 _INT8_FLAVOURS = {1: "avx512-vnni", 2: "avx-vnni", 3: "avx2"}
 
 
+def machine_fact(fn):
+    """`torch.compiler.assume_constant_result`: a fact about this machine, which torch.compile
+    need not trace. That function imports all of dynamo first, about half of `import gpt`'s
+    time, which every command and server would pay at start-up; the mark it leaves is set here
+    instead (tests/gpt/kernels/test_loading.py checks that it is the same mark)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 @functools.cache
 def _isa() -> int:
     lib = loader.library()
     return lib.gemv_isa() if lib is not None else 0
 
 
-@torch.compiler.assume_constant_result  # a fact about this machine: torch.compile need not trace it
+@machine_fact
 def f32_available() -> bool:
     """Whether `torch.ops.gpt.gemv_f32` runs our kernel here (builds it on the first call)."""
     return bool(_isa() & 1)
 
 
-@torch.compiler.assume_constant_result
+@machine_fact
 def int8_available() -> bool:
     """Whether `torch.ops.gpt.gemv_u8s8` runs our kernel here (builds it on the first call)."""
     return bool(_isa() >> 4)
 
 
-@torch.compiler.assume_constant_result
+@machine_fact
 def rows_available() -> bool:
     """Whether `torch.ops.gpt.argmax_rows` and `logsumexp_rows` run our kernels here."""
     return _isa() != 0
 
 
-@torch.compiler.assume_constant_result
+@machine_fact
 def gelu_available() -> bool:
     """Whether `torch.ops.gpt.gelu_tanh` and its backward run our kernels here."""
     return _isa() != 0
 
 
-@torch.compiler.assume_constant_result
+@machine_fact
 def attention_available() -> bool:
     """Whether `torch.ops.gpt.attend_one` runs our kernel here (builds it on the first call)."""
     return _isa() != 0
 
 
-@torch.compiler.assume_constant_result
+@machine_fact
 def attention_f16_available() -> bool:
     """Whether `torch.ops.gpt.attend_one` also takes a float16 cache here (AVX2 with F16C)."""
     lib = loader.library()

@@ -147,3 +147,24 @@ def test_where_they_can_be_built_our_kernels_are_in_use():
     """So that a kernel broken by an edit fails here rather than quietly skipping the tests above."""
     _skip_unless_buildable()
     assert kernels.f32_available() and kernels.int8_available(), kernels.status()
+
+
+def test_machine_facts_carry_the_mark_torch_compilers_own_decorator_leaves():
+    """`kernels.machine_fact` stands in for `torch.compiler.assume_constant_result` (which imports
+    dynamo): a torch that marks constant results another way must fail here."""
+
+    def fact():
+        return True
+
+    def ours():
+        return True
+
+    torch_marked = vars(__import__("torch").compiler.assume_constant_result(fact))
+    assert torch_marked and vars(kernels.machine_fact(ours)) == torch_marked
+
+
+def test_importing_gpt_does_not_import_the_compiler():
+    """Every command and server imports gpt at start-up; dynamo alone took about half of that."""
+    code = "import sys, gpt, gpt.speculative; print('torch._dynamo' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
