@@ -186,8 +186,10 @@ def start_llama(cache: str, gguf: str, spec: list[str], clients: int, logf):
 
 
 def run_cells(servers: dict, cells: list[tuple[str, str, int]], bodies: dict, rounds: int) -> dict:
-    """Start every server once, then go over the cells `rounds` times, one cell later each round.
-    `bodies`: each server's requests, by workload."""
+    """Start every server once, then go over the cells `rounds` times. `cells` come grouped by
+    (workload, clients), so that the servers a ratio compares run back to back (this VM's speed
+    drifts over tens of seconds); each round the groups rotate and so do the servers within
+    each. `bodies`: each server's requests, by workload."""
     results = {f"{s}|{w}|{c}": [] for s, w, c in cells}
     running, logs = {}, []
     try:
@@ -199,15 +201,25 @@ def run_cells(servers: dict, cells: list[tuple[str, str, int]], bodies: dict, ro
             running[name] = (proc, url)
             asyncio.run(serve.wait_ready(url, proc, logf, path=health, limit=900))
             extra = {"cache_prompt": False} if name.startswith("llama") else {}
-            asyncio.run(load(url, bodies[name]["open"], 1, extra))  # warm-up
+            for c in sorted({c for _, _, c in cells}):  # warm-up: compiled shapes, measured step costs
+                asyncio.run(load(url, bodies[name]["open"], c, extra))
             log(f"{name} ready in {time.perf_counter() - t0:.0f} s")
+        groups: dict[tuple[str, int], list[str]] = {}
+        for s, w, c in cells:
+            groups.setdefault((w, c), []).append(s)
+        order = list(groups.items())
         for r in range(rounds):
-            for s, w, c in cells:
+            round_cells = [
+                (s, w, c)
+                for (w, c), names in order
+                for s in names[r % len(names) :] + names[: r % len(names)]
+            ]
+            order = order[1:] + order[:1]
+            for s, w, c in round_cells:
                 extra = {"cache_prompt": False} if s.startswith("llama") else {}
                 out = asyncio.run(load(running[s][1], bodies[s][w], c, extra))
                 results[f"{s}|{w}|{c}"].append(out)
                 log(f"round {r + 1}/{rounds} {s:<22} {w:<9} {c:>2} clients: {out['rate']:7.1f} tok/s")
-            cells = cells[1:] + cells[:1]
     finally:
         for proc, _ in running.values():
             serve.stop_server(proc)
