@@ -7,6 +7,7 @@ container can be configured without a command line; explicit arguments win over 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,15 @@ QUANTIZATIONS = ("none", "int8")
 SPECULATIVE_MODES = ("auto", "ngram", "draft", "off")
 ROUTINGS = ("prefix", "round-robin")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@functools.lru_cache(maxsize=16)
+def _run_name(model: str) -> str:
+    """The served name of a model path, looked up once: it is asked for on every request, and
+    finding a run's checkpoint stats the file system."""
+    from gpt.checkpoint import run_name
+
+    return run_name(model)
 
 
 @dataclass
@@ -154,9 +164,7 @@ class Settings:
         if self.served_model_name:
             return self.served_model_name
         if self.model:
-            from gpt.checkpoint import run_name
-
-            return run_name(self.model)
+            return _run_name(self.model)
         return "gpt"
 
     @classmethod

@@ -26,7 +26,11 @@ def closed(state) -> EngineClosed | None:
     return refusal
 
 
-def get_engine(request: Request):
+# The dependencies are `async def` though they never wait: FastAPI runs a plain `def` dependency
+# on its thread pool, a hop to another thread and back for each, on every request.
+
+
+async def get_engine(request: Request):
     """The running engine, or a 503 while the model loads, the server drains or the engine is dead."""
     state = request.app.state
     refusal = closed(state)
@@ -43,11 +47,11 @@ def get_engine(request: Request):
     return engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_chat_template(request: Request) -> ChatTemplate:
+async def get_chat_template(request: Request) -> ChatTemplate:
     return request.app.state.chat_template
 
 

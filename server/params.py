@@ -37,9 +37,20 @@ def check_fanout(engine, prompts: int, n: int) -> None:
         )
 
 
+# Text up to this many characters is tokenized on the event loop, in well under a millisecond;
+# handing it to a worker thread and back costs about as much as that again.
+INLINE_TEXT = 4096
+
+
+def _small(texts) -> bool:
+    return sum(len(t) for t in texts if isinstance(t, str)) <= INLINE_TEXT
+
+
 async def prompt_ids_off_loop(engine, prompts: list, param: str) -> list[list[int]]:
-    """prompt_ids of several prompts, tokenized on a worker thread: a large body must not hold
-    the event loop (and every other stream) while it is encoded."""
+    """prompt_ids of several prompts, tokenized on a worker thread unless they are small: a
+    large body must not hold the event loop (and every other stream) while it is encoded."""
+    if _small(prompts) and sum(len(p) for p in prompts if not isinstance(p, str)) <= 4 * INLINE_TEXT:
+        return [prompt_ids(engine, p, param) for p in prompts]
     return await asyncio.to_thread(lambda: [prompt_ids(engine, p, param) for p in prompts])
 
 
@@ -57,7 +68,12 @@ async def prediction_ids(engine, prediction) -> list[int] | None:
     a 400 if it is longer than the model's context: no output could repeat all of it."""
     if prediction is None or not prediction.text:
         return None
-    ids = await asyncio.to_thread(engine.tokenizer.encode, prediction.text)
+    text = prediction.text
+    ids = (
+        engine.tokenizer.encode(text)
+        if _small([text])
+        else await asyncio.to_thread(engine.tokenizer.encode, text)
+    )
     limit = engine.limits.max_len
     if len(ids) > limit:
         raise invalid(

@@ -11,6 +11,7 @@ from conftest import tiny_settings
 from test_api_errors import CHAT, COMPLETIONS, OK_CHAT, assert_error, wait_for_idle
 
 from server.app import load_engine
+from server.params import INLINE_TEXT
 from server.protocol import MAX_LOGIT_BIAS, MAX_STOP_CHARS
 
 BYTE_EOT = 256  # the byte tokenizer's end-of-text id
@@ -145,7 +146,8 @@ def test_tokenizing_a_large_prompt_does_not_hold_the_event_loop(live_server, mon
         return encode(text)
 
     monkeypatch.setattr(live_server.engine.tokenizer, "encode", blocking_encode)
-    slow = threading.Thread(target=_post, args=(live_server, COMPLETIONS, {"prompt": "x", "max_tokens": 1}))
+    large = "x" * (INLINE_TEXT + 1)  # smaller prompts are tokenized on the loop: quicker than a hop
+    slow = threading.Thread(target=_post, args=(live_server, COMPLETIONS, {"prompt": large, "max_tokens": 1}))
     slow.start()
     assert entered.wait(20)
     try:  # on the event loop, encoding would block this until the wait above gives up
