@@ -18,6 +18,7 @@ bound by arithmetic, not by reading weights, and there a wider forward costs wha
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -131,23 +132,30 @@ class StepCosts:
         the square root of the width (a wider forward costs less than its share while weights
         are read, and the guess is only kept until the width is tried); with no wider forward
         measured, taken to be cheap, so it gets tried."""
-        if width == 1:
-            return 1.0
+        return self.relatives(batch, [width])[width]
+
+    def relatives(self, batch: int, widths) -> dict[int, float]:
+        """`relative` of each of `widths`, the measured costs read once for all of them."""
         b, base = _bucket(batch), self.step(batch)
         if base is None:
-            return math.inf
-        known = self.seconds.get((b, width))
-        if known is not None:
-            return known / base
+            return {w: 1.0 if w == 1 else math.inf for w in widths}
         measured = {t: s / base for (bb, t), s in self.seconds.items() if bb == b}
-        lo = max(t for t in measured if t < width)  # T = 1 is measured: base is not None
-        above = [t for t in measured if t > width]
-        if above:
-            hi = min(above)
-            return measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
-        if lo == 1:
-            return 1 + self.untried_ratio_per_token * (width - 1)
-        return measured[lo] * math.sqrt(width / lo)
+        tried = sorted(measured)  # T = 1 is among them: base is not None
+        out = {}
+        for width in widths:
+            if width == 1 or width in measured:
+                out[width] = 1.0 if width == 1 else measured[width]
+                continue
+            i = bisect.bisect_left(tried, width)
+            lo = tried[i - 1]
+            if i < len(tried):
+                hi = tried[i]
+                out[width] = measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
+            elif lo == 1:
+                out[width] = 1 + self.untried_ratio_per_token * (width - 1)
+            else:
+                out[width] = measured[lo] * math.sqrt(width / lo)
+        return out
 
     def widest_to_try(self, batch: int) -> int:
         """The widest forward worth trying now at this batch size: twice the widest measured.
@@ -237,9 +245,11 @@ class Speculator:
             step = self.costs.step(B)
             per_draft = (self.draft_seconds or 0.0) / step if drafting and step else 0.0
             runner_up, runner_up_speed = 0, 0.0
-            for D in range(1, min(longest, self.costs.widest_to_try(B) - 1) + 1):
+            top = min(longest, self.costs.widest_to_try(B) - 1)
+            relative = self.costs.relatives(B, range(2, top + 2))
+            for D in range(1, top + 1):
                 tokens = sum(expected_tokens(r, min(n, D)) for r, n in zip(rates, lengths))
-                speed = tokens / (self.costs.relative(B, D + 1) + per_draft * D)
+                speed = tokens / (relative[D + 1] + per_draft * D)
                 if speed > best_speed:
                     best, best_speed = D, speed
                 if speed > runner_up_speed:
@@ -272,17 +282,27 @@ class Speculator:
             return False  # plain steps are measured first
         widest = min(self.config.num_tokens + 1, self.costs.widest_to_try(B))
         margin = self._margin(B)
-        if all(w < margin * self.costs.relative(B, w) for w in range(2, widest + 1)):
+        relative = self.costs.relatives(B, range(2, widest + 1))
+        if all(w < margin * relative[w] for w in relative):
             return False  # not even with drafts that are always right
         rows = [
-            (max(dr.acceptance[s].rate() for s in dr.sources()), d.budget - len(d.output_ids) - 1)
+            (
+                max(dr.acceptance[s].rate() for s in dr.sources()),
+                max(0, min(d.budget - len(d.output_ids) - 1, widest - 1)),
+            )
             for d, dr in zip(decoders, drafters)
             if dr is not None
         ]
         plain = B - len(rows)
+        # First a bound, in one pass over the rows: each row drafting all it may, at the cheapest
+        # wider forward. Rows whose drafts are seldom right (sampling) end the check here; the
+        # full one below costs a pass per width, a step's few percent at 32 rows.
+        most = plain + sum(expected_tokens(r, room) for r, room in rows)
+        if most <= margin * B * min(relative.values()):
+            return False
         for w in range(2, widest + 1):
-            tokens = plain + sum(expected_tokens(r, max(0, min(room, w - 1))) for r, room in rows)
-            if tokens > margin * B * self.costs.relative(B, w):
+            tokens = plain + sum(expected_tokens(r, min(room, w - 1)) for r, room in rows)
+            if tokens > margin * B * relative[w]:
                 return True
         return False
 

@@ -395,3 +395,37 @@ def test_bad_options_and_predictions_are_refused_with_the_field_named():
     with pytest.raises(gpt.RequestError) as e:
         SamplingParams(prediction=[1, -1])
     assert e.value.param == "prediction"
+
+
+def test_auto_decides_with_its_quick_bound_as_it_does_width_by_width():
+    """`_could_pay` ends early where no width could pay; it must answer as checking each does."""
+    rng = random.Random(3)
+    for trial in range(200):
+        costs = StepCosts()
+        B = rng.choice([1, 3, 8, 32])
+        for w in [1, *rng.sample([2, 3, 5, 9, 17], rng.randint(0, 3))]:
+            for _ in range(2):
+                costs.record(B, w, 0.01 * (1 + rng.uniform(0.05, 1.2) * (w - 1)))
+        spec = Speculator(SpeculativeConfig("auto", num_tokens=16), costs)
+        decs = [
+            gpt.SequenceDecoder(BYTES, [1, 2, 3], SamplingParams(max_new_tokens=rng.randint(2, 40)))
+            for _ in range(B)
+        ]
+        drafters = [spec.drafter(d) if rng.random() < 0.8 else None for d in decs]
+        for dr in drafters:
+            if dr is not None:
+                dr.acceptance["ngram"] = Acceptance(rng.random(), 1.0)
+        widest = min(17, costs.widest_to_try(B))
+        margin, relative = spec._margin(B), costs.relatives(B, range(2, widest + 1))
+        rows = [
+            (dr.acceptance["ngram"].rate(), d.budget - len(d.output_ids) - 1)
+            for d, dr in zip(decs, drafters)
+            if dr is not None
+        ]
+        each_width = any(
+            sum(1 for dr in drafters if dr is None)
+            + sum(expected_tokens(r, max(0, min(room, w - 1))) for r, room in rows)
+            > margin * B * relative[w]
+            for w in relative
+        )
+        assert spec._could_pay(decs, drafters) == each_width, trial
