@@ -74,6 +74,9 @@ class Drafter:
     acceptance: dict[str, Acceptance] = field(default_factory=dict)
     source: str = ""  # of the last draft
     draft_row: int | None = None  # its row in the draft model's cache, when it has one
+    # a draft made but not verified, to learn its source's acceptance from the tokens that follow:
+    # (output length when drafted, the draft, its source)
+    shadow: tuple[int, list[int], str] | None = None
 
     @classmethod
     def new(cls, ngrams: tuple[int, int], prompt_ids: Sequence[int], prediction: Sequence[int] = ()):
@@ -124,6 +127,25 @@ class Drafter:
             self.predicted_at, self.output_at = at + len(new), len(output_ids)
             return self.predicted_at
         return self.prediction.find(output_ids, after=at) if output_ids else None
+
+    def shade(self, output_ids: Sequence[int], draft: Sequence[int]) -> None:
+        """Keep `draft` (just proposed, not to be verified) to compare with the output to come."""
+        if draft and self.shadow is None and self.source:
+            self.shadow = (len(output_ids), list(draft), self.source)
+
+    def settle(self, output_ids: Sequence[int]) -> tuple[str, int, int] | None:
+        """Once the output has shown how much of the kept draft was right (a wrong token, or all
+        of it): count that in its source's acceptance and return (source, drafted, matched)."""
+        if self.shadow is None:
+            return None
+        start, draft, source = self.shadow
+        seen = output_ids[start : start + len(draft)]
+        matched = next((i for i, (a, b) in enumerate(zip(seen, draft)) if a != b), len(seen))
+        if matched == len(seen) < len(draft):
+            return None  # right so far, not all of it seen yet
+        self.shadow = None
+        self.acceptance[source].record(len(draft), matched)
+        return source, len(draft), matched
 
     def rate(self) -> float:
         return self.acceptance[self.source].rate() if self.source else 0.0

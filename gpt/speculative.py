@@ -18,12 +18,8 @@ bound by arithmetic, not by reading weights, and there a wider forward costs wha
 
 from __future__ import annotations
 
-import bisect
-import math
-import statistics
 import time
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +27,7 @@ import torch
 
 from .decoding import SequenceDecoder, decode_tokens
 from .drafting import Acceptance, Drafter, NgramIndex  # noqa: F401  (NgramIndex re-exported)
+from .step_costs import StepCosts, _bucket  # noqa: F401  (re-exported)
 from .verification import Verified, speculative_step, verify  # noqa: F401  (re-exported)
 
 MODES = ("auto", "ngram", "draft", "off")
@@ -88,83 +85,6 @@ def _sampled(decoder: SequenceDecoder) -> bool:
     return decoder.params.temperature > 0
 
 
-def _bucket(batch: int) -> int:
-    """1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ...: batch sizes whose steps cost about the same. Coarser
-    buckets mixed steps of quite different sizes: as a burst of requests finishes, the plain
-    steps of a bucket were mostly timed at its largest batches and the wider ones at smaller."""
-    top = 1 << (batch - 1).bit_length()
-    return top * 3 // 4 if batch <= top * 3 // 4 else top
-
-
-class StepCosts:
-    """Measured time of forwards of B rows by T tokens (batch sizes in buckets, `_bucket`): the
-    median of the latest few of each shape, and from them what a wider forward costs relative
-    to T = 1 (`relative`). A median, not an average: a step's time includes Python work and, in
-    the server, whatever else the process did meanwhile (streaming out the last step's tokens, a
-    request arriving), and a few slow steps must not decide. Plain steps are measured first:
-    until they are, speculation counts as too dear. The first forward of each shape is not
-    counted: it pays for warming up (buffers, kernels' plans)."""
-
-    untried_ratio_per_token = 0.1
-    keep = 9  # samples per shape
-
-    def __init__(self):
-        self.samples: dict[tuple[int, int], deque[float]] = {}  # (bucket, T) -> latest seconds
-        self.seconds: dict[tuple[int, int], float] = {}  # (bucket, T) -> their median
-        self.seen: set[tuple[int, int]] = set()  # shapes whose warm-up forward has run
-
-    def record(self, batch: int, width: int, seconds: float) -> None:
-        if (batch, width) not in self.seen:
-            self.seen.add((batch, width))
-            return
-        key = (_bucket(batch), width)
-        samples = self.samples.setdefault(key, deque(maxlen=self.keep))
-        samples.append(seconds)
-        self.seconds[key] = statistics.median(samples)
-
-    def step(self, batch: int) -> float | None:
-        """Seconds of a plain (T = 1) step of this many rows, once measured."""
-        return self.seconds.get((_bucket(batch), 1))
-
-    def relative(self, batch: int, width: int) -> float:
-        """How many T = 1 steps a forward of `width` tokens per row costs: measured, or between
-        two measured widths, interpolated; past the widest measured one, guessed as growing with
-        the square root of the width (a wider forward costs less than its share while weights
-        are read, and the guess is only kept until the width is tried); with no wider forward
-        measured, taken to be cheap, so it gets tried."""
-        return self.relatives(batch, [width])[width]
-
-    def relatives(self, batch: int, widths) -> dict[int, float]:
-        """`relative` of each of `widths`, the measured costs read once for all of them."""
-        b, base = _bucket(batch), self.step(batch)
-        if base is None:
-            return {w: 1.0 if w == 1 else math.inf for w in widths}
-        measured = {t: s / base for (bb, t), s in self.seconds.items() if bb == b}
-        tried = sorted(measured)  # T = 1 is among them: base is not None
-        out = {}
-        for width in widths:
-            if width == 1 or width in measured:
-                out[width] = 1.0 if width == 1 else measured[width]
-                continue
-            i = bisect.bisect_left(tried, width)
-            lo = tried[i - 1]
-            if i < len(tried):
-                hi = tried[i]
-                out[width] = measured[lo] + (measured[hi] - measured[lo]) * (width - lo) / (hi - lo)
-            elif lo == 1:
-                out[width] = 1 + self.untried_ratio_per_token * (width - 1)
-            else:
-                out[width] = measured[lo] * math.sqrt(width / lo)
-        return out
-
-    def widest_to_try(self, batch: int) -> int:
-        """The widest forward worth trying now at this batch size: twice the widest measured.
-        Widths are tried a doubling at a time: a guess may be far off, and a wide forward that
-        costs what it computes (a large batch) is dear to find out about."""
-        b = _bucket(batch)
-        return 2 * max((t for bb, t in self.seconds if bb == b), default=1)
-
-
 class Speculator:
     """The batch-level decision: which rows get drafts, and how long, at each step."""
 
@@ -212,12 +132,18 @@ class Speculator:
     ) -> list[list[int]]:
         """Each row's draft for this step ([] for none). A row drafts at most what its budget
         can still use (the step gives one token beyond the draft)."""
-        if self.config.mode == "auto" and not self._could_pay(decoders, drafters):
-            # no draft could pay here, as right as the rows' drafts have lately been: skip
-            # proposing (its Python work is a step's few percent); but retry now and then
-            self.declined += 1
-            if self.declined < self.retry_every:
-                return [[] for _ in decoders]
+        auto = self.config.mode == "auto"
+        if auto:
+            self._settle(decoders, drafters)
+            pays, could = self._could_pay(decoders, drafters)
+            if not pays:
+                # no draft could pay here, as right as the rows' drafts have lately been: skip
+                # verifying; but retry now and then
+                self.declined += 1
+                if self.declined < self.retry_every:
+                    if could:  # right drafts would pay: keep proposing, to see if they become so
+                        self._shade(decoders, drafters)
+                    return [[] for _ in decoders]
         guesses, rooms = [], []
         for d, dr in zip(decoders, drafters):
             room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
@@ -261,6 +187,10 @@ class Speculator:
                 if self.declined >= self.retry_every:
                     best, self.declined = runner_up, 0
                     self.retry_every = min(2 * self.retry_every, self.retry_most)
+                else:
+                    for d, dr, g in zip(decoders, drafters, guesses):
+                        if dr is not None and dr.draft_row is None:
+                            dr.shade(d.output_ids, g)
         if drafting and best:
             with Timer() as t:
                 seqs = [decoders[i].prompt_ids + decoders[i].output_ids for i in drafting]
@@ -273,18 +203,39 @@ class Speculator:
                 guesses[i] = g[: rooms[i]]
         return [g[:best] for g in guesses]
 
-    def _could_pay(self, decoders, drafters) -> bool:
+    def _settle(self, decoders, drafters) -> None:
+        """Count the drafts kept unverified (`_shade`) whose outcome the output now shows."""
+        for d, dr in zip(decoders, drafters):
+            if dr is not None and dr.shadow is not None:
+                settled = dr.settle(d.output_ids)
+                if settled is not None:
+                    source, n, m = settled
+                    self.acceptance[_sampled(d)][source].record(n, m, decay=0.98)
+
+    def _shade(self, decoders, drafters) -> None:
+        """On a step that does not speculate, propose each row's draft anyway (prompt lookup and
+        predictions, a dictionary lookup; not the draft model) and keep it unverified: the tokens
+        the step and the next ones give tell whether it was right, so a row whose output starts
+        repeating its prompt or itself is seen to be worth speculating for at no forward's cost
+        (otherwise only a retry, every 64 steps or more, would find out)."""
+        for d, dr in zip(decoders, drafters):
+            if dr is not None and dr.shadow is None and dr.draft_row is None:
+                room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
+                dr.shade(d.output_ids, dr.propose(d.output_ids, room))
+
+    def _could_pay(self, decoders, drafters) -> tuple[bool, bool]:
         """Whether some draft length could beat plain decoding by the margin if each row drafted
         all it may, from its best source at that source's recent acceptance (a draft model's
-        time not counted), by the measured costs."""
+        time not counted), by the measured costs; and whether it could with drafts that are
+        always right."""
         B = len(decoders)
         if self.costs.step(B) is None:
-            return False  # plain steps are measured first
+            return False, False  # plain steps are measured first
         widest = min(self.config.num_tokens + 1, self.costs.widest_to_try(B))
         margin = self._margin(B)
         relative = self.costs.relatives(B, range(2, widest + 1))
         if all(w < margin * relative[w] for w in relative):
-            return False  # not even with drafts that are always right
+            return False, False  # not even with drafts that are always right
         rows = [
             (
                 max(dr.acceptance[s].rate() for s in dr.sources()),
@@ -299,12 +250,12 @@ class Speculator:
         # full one below costs a pass per width, a step's few percent at 32 rows.
         most = plain + sum(expected_tokens(r, room) for r, room in rows)
         if most <= margin * B * min(relative.values()):
-            return False
+            return False, True
         for w in range(2, widest + 1):
             tokens = plain + sum(expected_tokens(r, min(room, w - 1)) for r, room in rows)
             if tokens > margin * B * relative[w]:
-                return True
-        return False
+                return True, True
+        return False, True
 
     def _margin(self, batch: int) -> float:
         return self.margin if batch == 1 else self.margin_rows

@@ -334,18 +334,29 @@ def test_unmeasured_widths_are_interpolated_or_guessed_and_tried_a_doubling_at_a
     assert [len(d) for d in spec.plan(decs, drafters)] == [3]  # then up to twice as wide
 
 
-def test_auto_does_not_look_for_drafts_that_would_not_pay_at_their_recent_acceptance():
-    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, SamplingParams(max_new_tokens=50))]
-    decs[0].sampler.output_ids.append(1)
-    spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), StepCosts())
-    drafters = [spec.drafter(decs[0])]
-    for width, seconds in [(1, 0.010), (2, 0.015), (3, 0.017), (5, 0.020)]:
-        for _ in range(2):
-            spec.costs.record(1, width, seconds)
-    drafters[0].acceptance["ngram"] = Acceptance(1.0, 10.0)  # seldom kept
-    assert not any(spec.plan(decs, drafters)) and drafters[0].seen == 0  # not even looked for
-    drafters[0].acceptance["ngram"] = Acceptance(9.0, 10.0)
-    assert any(spec.plan(decs, drafters)) and drafters[0].seen == 1
+def test_auto_verifies_no_draft_that_would_not_pay_yet_learns_from_the_output_when_it_would():
+    def setup(costs):
+        dec = gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, SamplingParams(max_new_tokens=50))
+        dec.sampler.output_ids.append(1)
+        spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), StepCosts())
+        drafter = spec.drafter(dec)
+        for width, seconds in costs:
+            for _ in range(2):
+                spec.costs.record(1, width, seconds)
+        drafter.acceptance["ngram"] = Acceptance(1.0, 10.0)  # seldom kept lately
+        return dec, spec, drafter
+
+    dec, spec, drafter = setup([(1, 0.010), (2, 0.015), (3, 0.017), (5, 0.020)])
+    assert not any(spec.plan([dec], [drafter]))  # not verified ...
+    assert drafter.shadow == (1, [2, 3, 1, 2], "ngram")  # ... but kept, to compare with what follows
+    steps = 0
+    while not any(spec.plan([dec], [drafter])):  # the output goes on repeating its prompt
+        dec.sampler.output_ids.append([1, 2, 3][len(dec.output_ids) % 3])
+        steps += 1
+    assert steps <= 8 and drafter.acceptance["ngram"].rate() > 0.6
+    # where not even drafts that are always right would pay, none is looked for
+    dec, spec, drafter = setup([(1, 0.010), (2, 0.020), (3, 0.030), (5, 0.050)])
+    assert not any(spec.plan([dec], [drafter])) and drafter.seen == 0 and drafter.shadow is None
 
 
 def test_auto_asks_several_rows_for_a_larger_gain_than_one():
@@ -428,4 +439,4 @@ def test_auto_decides_with_its_quick_bound_as_it_does_width_by_width():
             > margin * B * relative[w]
             for w in relative
         )
-        assert spec._could_pay(decs, drafters) == each_width, trial
+        assert spec._could_pay(decs, drafters)[0] == each_width, trial
