@@ -217,9 +217,11 @@ class Speculator:
         predictions, a dictionary lookup; not the draft model) and keep it unverified: the tokens
         the step and the next ones give tell whether it was right, so a row whose output starts
         repeating its prompt or itself is seen to be worth speculating for at no forward's cost
-        (otherwise only a retry, every 64 steps or more, would find out)."""
+        (otherwise only a retry, every 64 steps or more, would find out). Greedy rows only: a
+        sampled row's drafts are seldom right, and a short lucky run of them, counted, had it
+        verify drafts that did not pay (the open workload of benchmarks/speculative.py)."""
         for d, dr in zip(decoders, drafters):
-            if dr is not None and dr.shadow is None and dr.draft_row is None:
+            if dr is not None and dr.shadow is None and dr.draft_row is None and not _sampled(d):
                 room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
                 dr.shade(d.output_ids, dr.propose(d.output_ids, room))
 

@@ -28,13 +28,17 @@ class StepCosts:
 
     untried_ratio_per_token = 0.1
     keep = 9  # samples per shape
+    refresh = 16  # recorded forwards between readings of the costs by relatives()
 
     def __init__(self):
         self.samples: dict[tuple[int, int], deque[float]] = {}  # (bucket, T) -> latest seconds
         self.seconds: dict[tuple[int, int], float] = {}  # (bucket, T) -> their median
         self.seen: set[tuple[int, int]] = set()  # shapes whose warm-up forward has run
+        self._records = 0  # forwards recorded
+        self._memo: dict[tuple, tuple[int, int, dict[int, float]]] = {}  # relatives() of late
 
     def record(self, batch: int, width: int, seconds: float) -> None:
+        self._records += 1
         if (batch, width) not in self.seen:
             self.seen.add((batch, width))
             return
@@ -56,7 +60,18 @@ class StepCosts:
         return self.relatives(batch, [width])[width]
 
     def relatives(self, batch: int, widths) -> dict[int, float]:
-        """`relative` of each of `widths`, the measured costs read once for all of them."""
+        """`relative` of each of `widths`, the measured costs read once for all of them, and
+        kept for the next `refresh` forwards recorded: asked at every step, they drift slowly,
+        and reading them took a one-row step's few percent."""
+        key = (_bucket(batch), tuple(widths))
+        kept = self._memo.get(key)
+        if kept is not None and kept[0] == len(self.seconds) and self._records - kept[1] < self.refresh:
+            return kept[2]  # no shape measured since, and few forwards
+        out = self._relatives(batch, key[1])
+        self._memo[key] = (len(self.seconds), self._records, out)
+        return out
+
+    def _relatives(self, batch: int, widths) -> dict[int, float]:
         b, base = _bucket(batch), self.step(batch)
         if base is None:
             return {w: 1.0 if w == 1 else math.inf for w in widths}
