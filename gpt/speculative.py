@@ -102,8 +102,11 @@ class Speculator:
         self.costs = costs if costs is not None else StepCosts()
         self.draft = draft if config.mode != "ngram" else None  # a gpt.draft_model.DraftModel
         self.draft_seconds: float | None = None  # one step of the draft model, running average
-        self.declined = 0  # steps with drafts on which auto did not speculate, since the last retry
-        self.retry_every = self.retry_first
+        # per batch-size bucket, as the costs are: steps on which auto did not speculate since
+        # the last retry, and the steps between retries (speculating at one batch size says
+        # nothing of another: one stream's success had a batch of 32 retry every 64 steps)
+        self.declined: dict[int, int] = {}
+        self.retry_every: dict[int, int] = {}
         # each source's acceptance over all rows lately, apart for sampled and greedy rows (a
         # sampled row keeps far fewer drafted tokens): a new row's starting guess for its own,
         # so that rows whose drafts are right are speculated for from the start (and, with a
@@ -139,8 +142,9 @@ class Speculator:
             if not pays:
                 # no draft could pay here, as right as the rows' drafts have lately been: skip
                 # verifying; but retry now and then
-                self.declined += 1
-                if self.declined < self.retry_every:
+                b = _bucket(len(decoders))
+                self.declined[b] = self.declined.get(b, 0) + 1
+                if self.declined[b] < self.retry_every.get(b, self.retry_first):
                     if could:  # right drafts would pay: keep proposing, to see if they become so
                         self._shade(decoders, drafters)
                     return [[] for _ in decoders]
@@ -180,13 +184,15 @@ class Speculator:
                     best, best_speed = D, speed
                 if speed > runner_up_speed:
                     runner_up, runner_up_speed = D, speed
+            b = _bucket(B)
             if best:
-                self.retry_every = self.retry_first
+                self.retry_every[b] = self.retry_first
             else:  # now and then measure the likeliest draft length again: costs drift
-                self.declined += 1
-                if self.declined >= self.retry_every:
-                    best, self.declined = runner_up, 0
-                    self.retry_every = min(2 * self.retry_every, self.retry_most)
+                self.declined[b] = self.declined.get(b, 0) + 1
+                every = self.retry_every.get(b, self.retry_first)
+                if self.declined[b] >= every:
+                    best, self.declined[b] = runner_up, 0
+                    self.retry_every[b] = min(2 * every, self.retry_most)
                 else:
                     for d, dr, g in zip(decoders, drafters, guesses):
                         if dr is not None and dr.draft_row is None:

@@ -445,3 +445,26 @@ def test_auto_decides_with_its_quick_bound_as_it_does_width_by_width():
             for w in relative
         )
         assert spec._could_pay(decs, drafters)[0] == each_width, trial
+
+
+def test_a_batch_size_that_speculates_does_not_hasten_another_ones_retries():
+    spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), StepCosts())
+
+    def rows(n: int):
+        params = SamplingParams(max_new_tokens=500, temperature=0)
+        decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, params) for _ in range(n)]
+        for d in decs:
+            d.sampler.output_ids.append(1)
+        return decs, [spec.drafter(d) for d in decs]
+
+    for width, four, one in [(1, 0.010, 0.010), (2, 0.020, 0.0105), (3, 0.030, 0.011), (5, 0.050, 0.012)]:
+        for _ in range(2):
+            spec.costs.record(4, width, four)  # four rows: bound by arithmetic, never worth it
+            spec.costs.record(1, width, one)  # one row: nearly free
+    four_rows, one_row = rows(4), rows(1)
+    tried = []
+    for step in range(1, 200):
+        if any(spec.plan(*four_rows)):
+            tried.append(step)
+        assert any(spec.plan(*one_row))  # one stream speculates at every step meanwhile
+    assert tried == [64, 64 + 128]  # four rows' retries still back off
