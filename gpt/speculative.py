@@ -194,9 +194,7 @@ class Speculator:
                     best, self.declined[b] = runner_up, 0
                     self.retry_every[b] = min(2 * every, self.retry_most)
                 else:
-                    for d, dr, g in zip(decoders, drafters, guesses):
-                        if dr is not None and dr.draft_row is None:
-                            dr.shade(d.output_ids, g)
+                    self._shade(decoders, drafters, guesses)
         if drafting and best:
             with Timer() as t:
                 seqs = [decoders[i].prompt_ids + decoders[i].output_ids for i in drafting]
@@ -218,18 +216,23 @@ class Speculator:
                     source, n, m = settled
                     self.acceptance[_sampled(d)][source].record(n, m, decay=0.98)
 
-    def _shade(self, decoders, drafters) -> None:
+    def _shade(self, decoders, drafters, guesses=None) -> None:
         """On a step that does not speculate, propose each row's draft anyway (prompt lookup and
         predictions, a dictionary lookup; not the draft model) and keep it unverified: the tokens
         the step and the next ones give tell whether it was right, so a row whose output starts
         repeating its prompt or itself is seen to be worth speculating for at no forward's cost
         (otherwise only a retry, every 64 steps or more, would find out). Greedy rows only: a
         sampled row's drafts are seldom right, and a short lucky run of them, counted, had it
-        verify drafts that did not pay (the open workload of benchmarks/speculative.py)."""
-        for d, dr in zip(decoders, drafters):
-            if dr is not None and dr.shadow is None and dr.draft_row is None and not _sampled(d):
+        verify drafts that did not pay (the open workload of benchmarks/speculative.py).
+        `guesses`: the rows' drafts where this step has proposed them already."""
+        for i, (d, dr) in enumerate(zip(decoders, drafters)):
+            if dr is None or dr.shadow is not None or dr.draft_row is not None or _sampled(d):
+                continue
+            if guesses is None:
                 room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
                 dr.shade(d.output_ids, dr.propose(d.output_ids, room))
+            else:
+                dr.shade(d.output_ids, guesses[i])
 
     def _could_pay(self, decoders, drafters) -> tuple[bool, bool]:
         """Whether some draft length could beat plain decoding by the margin if each row drafted

@@ -38,7 +38,8 @@ def check_fanout(engine, prompts: int, n: int) -> None:
 
 
 # Text up to this many characters is tokenized on the event loop, in well under a millisecond;
-# handing it to a worker thread and back costs about as much as that again.
+# handing it to a worker thread and back costs about as much as that again. Token ids are only
+# checked, never tokenized: they do not count.
 INLINE_TEXT = 4096
 
 
@@ -49,7 +50,7 @@ def _small(texts) -> bool:
 async def prompt_ids_off_loop(engine, prompts: list, param: str) -> list[list[int]]:
     """prompt_ids of several prompts, tokenized on a worker thread unless they are small: a
     large body must not hold the event loop (and every other stream) while it is encoded."""
-    if _small(prompts) and sum(len(p) for p in prompts if not isinstance(p, str)) <= 4 * INLINE_TEXT:
+    if _small(prompts):
         return [prompt_ids(engine, p, param) for p in prompts]
     return await asyncio.to_thread(lambda: [prompt_ids(engine, p, param) for p in prompts])
 
