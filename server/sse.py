@@ -14,9 +14,14 @@ from .api_responses import Usage
 from .errors import APIError
 from .fanout import cancel_unfinished, finish_reason, merged
 
+# Characters JSON leaves as they are but that many clients' line readers (httpx's, Python's
+# str.splitlines) take for line ends: a generated U+2028 split an event in two.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 def sse_error(exc: APIError) -> str:

@@ -1,9 +1,11 @@
-"""The SSE response cancels the engine requests it streams however it ends, even when the
-client is gone before its first byte (a generator that never started has no cleanup to run)."""
+"""Server-sent events: each is one line to any line reader; the response cancels the engine
+requests it streams however it ends, even when the client is gone before its first byte (a
+generator that never started has no cleanup to run)."""
 
 import asyncio
+import json
 
-from server.sse import EventStream
+from server.sse import EventStream, sse
 
 
 class FakeHandle:
@@ -51,3 +53,10 @@ def test_a_disconnect_while_streaming_cancels_every_request():
 
     handles, _ = _run(send, receive)
     assert all(h.cancelled for h in handles)
+
+
+def test_an_event_is_one_line_to_every_line_reader_and_decodes_to_the_same_text():
+    text = "a\u2028b\x85c\u2029d\ne"  # JSON keeps the first three as they are; splitlines() breaks at them
+    event = sse({"text": text})
+    assert len(event.rstrip("\n").splitlines()) == 1
+    assert json.loads(event[len("data: ") :]) == {"text": text}
