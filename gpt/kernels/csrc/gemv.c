@@ -3,7 +3,9 @@
  * A decode step of one stream multiplies one activation row by every weight matrix, so its time
  * is the time to read the weights from memory. These kernels do only that: each thread streams
  * its own share of the weight rows, four at a time, through one vector accumulator per row, and
- * reuses each block of rows (still in L1) for the next activation row. Built by
+ * reuses each block of rows (still in L1) for the next activation rows; int8 products of several
+ * rows load each weight vector once for a tile of them (a draft's verification, whose rows would
+ * otherwise be bound by those loads). Built by
  * gpt/kernels/build.py with -march=native, which picks the widest instruction set this CPU has;
  * gpt/kernels/__init__.py says why we have our own kernels at all.
  *
@@ -57,17 +59,33 @@ typedef __m512i vi;
 #define vi_load(p) _mm512_loadu_si512((const void *)(p))
 #define vi_x(v) (v)
 #define vi_dot(acc, x, w) _mm512_dpbusd_epi32(acc, x, w)
+#define I8_TILE 4 /* activation rows per weight block in several-row products: 16 accumulators */
 static inline int32_t vi_sum(vi v) { return _mm512_reduce_add_epi32(v); }
+/* The four sums at once: pairs of vectors interleaved and added, the 128-bit lanes last. */
+static inline void vi_sum4(vi a0, vi a1, vi a2, vi a3, int32_t out[4]) {
+    const __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
+    _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
 #elif defined(__AVX2__)
 #define I8_BYTES 32
 typedef __m256i vi;
 #define vi_zero() _mm256_setzero_si256()
 #define vi_load(p) _mm256_loadu_si256((const __m256i *)(p))
+#define I8_TILE 2 /* 16 registers: 8 accumulators, the block's 4 weight vectors and the rest */
 static inline int32_t vi_sum(vi v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
     return _mm_cvtsi128_si32(s);
+}
+static inline void vi_sum4(vi a0, vi a1, vi a2, vi a3, int32_t out[4]) {
+    const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(a0, a1), _mm256_unpackhi_epi32(a0, a1));
+    const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(a2, a3), _mm256_unpackhi_epi32(a2, a3));
+    const __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
+    _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
 }
 #if defined(__AVXVNNI__)
 #define I8_ISA 2
@@ -179,6 +197,14 @@ void i8_interleave(const int8_t *w, int8_t *out, long N, long K) {
     for (long i = blocks * ROWS * K; i < N * K; i++) out[i] = w[i];
 }
 
+/* The last K % I8_BYTES columns of a block (stored row after row) added into its four sums. */
+static inline void i8_tail4(const uint8_t *x, const int8_t *p, long tail, int32_t out[4]) {
+    for (long j = 0; j < tail; j++) {
+        const int32_t xk = (int32_t)x[j] - (I8_SHIFTED ? 0 : 128);
+        out[0] += xk * p[j]; out[1] += xk * p[tail + j]; out[2] += xk * p[2 * tail + j]; out[3] += xk * p[3 * tail + j];
+    }
+}
+
 /* Integer sums of x against one block of four interleaved rows (i8_row: one plain row, past
  * the last block); for the VNNI flavours x is still shifted. */
 static inline void i8_rows4(const uint8_t *x, const int8_t *w, long K, int32_t out[4]) {
@@ -194,12 +220,46 @@ static inline void i8_rows4(const uint8_t *x, const int8_t *w, long K, int32_t o
         a2 = vi_dot(a2, xv, vi_load(p + 2 * I8_BYTES));
         a3 = vi_dot(a3, xv, vi_load(p + 3 * I8_BYTES));
     }
-    int32_t s0 = vi_sum(a0), s1 = vi_sum(a1), s2 = vi_sum(a2), s3 = vi_sum(a3);
-    for (long j = 0; j < tail; j++) {
-        const int32_t xk = (int32_t)x[kv + j] - (I8_SHIFTED ? 0 : 128);
-        s0 += xk * p[j]; s1 += xk * p[tail + j]; s2 += xk * p[2 * tail + j]; s3 += xk * p[3 * tail + j];
+    vi_sum4(a0, a1, a2, a3, out);
+    i8_tail4(x + kv, p, tail, out);
+}
+
+/* Several activation rows against one block: each weight vector is loaded once for I8_TILE
+ * rows of x, which a product of a few rows (a draft being verified) is bound by otherwise.
+ * Integer sums, so the order they are added in leaves them as they are. */
+#define I8_DOT4(a, xrow)                                                                           \
+    do {                                                                                           \
+        const vi xv = vi_x(vi_load((xrow) + k));                                                   \
+        a##0 = vi_dot(a##0, xv, w0); a##1 = vi_dot(a##1, xv, w1);                                  \
+        a##2 = vi_dot(a##2, xv, w2); a##3 = vi_dot(a##3, xv, w3);                                  \
+    } while (0)
+
+static inline void i8_tile(const uint8_t *x, const int8_t *w, long K, int32_t out[I8_TILE][ROWS]) {
+    const long kv = K - K % I8_BYTES, tail = K - kv;
+    const int8_t *p = w;
+    vi a0 = vi_zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+#if I8_TILE == 4
+    vi c0 = a0, c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0;
+#endif
+    for (long k = 0; k < kv; k += I8_BYTES, p += ROWS * I8_BYTES) {
+        for (long o = 0; o < ROWS * I8_BYTES; o += 64)
+            _mm_prefetch((const char *)p + PREFETCH_AHEAD + o, _MM_HINT_T0);
+        const vi w0 = vi_load(p), w1 = vi_load(p + I8_BYTES), w2 = vi_load(p + 2 * I8_BYTES),
+                 w3 = vi_load(p + 3 * I8_BYTES);
+        I8_DOT4(a, x);
+        I8_DOT4(b, x + K);
+#if I8_TILE == 4
+        I8_DOT4(c, x + 2 * K);
+        I8_DOT4(d, x + 3 * K);
+#endif
     }
-    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+    vi_sum4(a0, a1, a2, a3, out[0]);
+    vi_sum4(b0, b1, b2, b3, out[1]);
+#if I8_TILE == 4
+    vi_sum4(c0, c1, c2, c3, out[2]);
+    vi_sum4(d0, d1, d2, d3, out[3]);
+#endif
+    for (long m = 0; m < I8_TILE; m++) i8_tail4(x + m * K + kv, p, tail, out[m]);
 }
 
 static inline int32_t i8_row(const uint8_t *x, const int8_t *w, long K) {
@@ -232,6 +292,21 @@ static inline void i8_put(const i8_out *o, long m, long n, int32_t sum) {
     }
 }
 
+/* i8_put for the four outputs n..n+3 of row m at once, with the same operations (so the same
+ * numbers): the scalar stores and conversions were a large share of a few rows' product. */
+static inline void i8_put4(const i8_out *o, long m, long n, const int32_t sums[4]) {
+    __m128i s = _mm_loadu_si128((const __m128i *)sums);
+    if (I8_SHIFTED) s = _mm_sub_epi32(s, _mm_slli_epi32(_mm_loadu_si128((const __m128i *)(o->w_sum + n)), 7));
+    if (o->yi) {
+        _mm_storeu_si128((__m128i *)(o->yi + m * o->N + n), s);
+    } else {
+        const __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(s), _mm_set1_ps(o->x_scale[m]));
+        const __m128 ws = _mm_loadu_ps(o->w_scale + n);
+        _mm_storeu_ps(o->yf + m * o->N + n,
+                      o->bias ? _mm_fmadd_ps(v, ws, _mm_loadu_ps(o->bias + n)) : _mm_mul_ps(v, ws));
+    }
+}
+
 static void i8_product(const uint8_t *x, const int8_t *w, const i8_out *o, long M, long N, long K) {
     const long blocks = N / ROWS;
     if (M == 1) {
@@ -239,15 +314,21 @@ static void i8_product(const uint8_t *x, const int8_t *w, const i8_out *o, long 
         for (long b = 0; b < blocks; b++) {
             int32_t s[ROWS];
             i8_rows4(x, w + b * ROWS * K, K, s);
-            for (long r = 0; r < ROWS; r++) i8_put(o, 0, b * ROWS + r, s[r]);
+            i8_put4(o, 0, b * ROWS, s);
         }
     } else {
 #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN)
         for (long b = 0; b < blocks; b++) {
-            for (long m = 0; m < M; m++) { /* the block's rows are in L1 again for the next activation row */
+            long m = 0; /* the block's rows are in L1 again for the next activation rows */
+            for (; m + I8_TILE <= M; m += I8_TILE) {
+                int32_t s[I8_TILE][ROWS];
+                i8_tile(x + m * K, w + b * ROWS * K, K, s);
+                for (long t = 0; t < I8_TILE; t++) i8_put4(o, m + t, b * ROWS, s[t]);
+            }
+            for (; m < M; m++) {
                 int32_t s[ROWS];
                 i8_rows4(x + m * K, w + b * ROWS * K, K, s);
-                for (long r = 0; r < ROWS; r++) i8_put(o, m, b * ROWS + r, s[r]);
+                i8_put4(o, m, b * ROWS, s);
             }
         }
     }
