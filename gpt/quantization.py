@@ -85,6 +85,16 @@ def _qlinear_works() -> bool:
 
 _QLINEAR: list[bool] = []
 
+# oneDNN's int8 call has a large fixed cost (the activations quantized and the products rescaled
+# in tensor ops around it); ours grows with the rows from a small start. Ours measured faster
+# up to 16 rows for every layer, and up to about this many multiply-adds for any number of rows
+# (docs/benchmarks.md, "int8 products of a few rows"); past it oneDNN's GEMM is.
+_OURS_ROWS, _OURS_MACS = 16, 1 << 25
+
+
+def ours_is_faster(rows: int, n: int, k: int) -> bool:
+    return rows <= _OURS_ROWS or rows * n * k <= _OURS_MACS
+
 
 @kernels.machine_fact  # a fact about the build and CPU
 def qlinear_available() -> bool:
@@ -151,13 +161,19 @@ class Int8Linear(nn.Module):
         self._sum_from = stamp(w)
 
     def _native_ok(self, x2: Tensor) -> bool:
-        """Our kernel (gpt.kernels) runs calls of one row; and calls of several where oneDNN's int8
+        """Our kernel (gpt.kernels) runs calls of one row; calls of several where oneDNN's int8
         linear is inexact (no VNNI), since torch._int_mm is far slower there (docs/benchmarks.md,
-        kernels table). Elsewhere those stay on oneDNN's kernels, as measured faster for batches."""
+        kernels table); and, eagerly, calls small enough that ours is faster (`ours_is_faster`).
+        Larger ones run on oneDNN's GEMM. Both give the same numbers."""
         if x2.device.type != "cpu" or not self.weight_q.is_contiguous() or not kernels.int8_available():
             return False
         # the size last: under compile, a test of it would be a guard
-        if qlinear_available() and not step_rows.active() and x2.shape[0] != 1:
+        if (
+            qlinear_available()
+            and not step_rows.active()
+            and x2.shape[0] != 1
+            and (torch.compiler.is_compiling() or not ours_is_faster(x2.shape[0], *self.weight_q.shape))
+        ):
             return False
         if not torch.compiler.is_compiling() and (
             not is_current(self._sum_from, self.weight_q) or self.weight_rows.shape != self.weight_q.shape
@@ -196,6 +212,7 @@ class Int8Linear(nn.Module):
             or step_rows.active()  # one sequence's rows run on our kernel, as one row does
             or torch.compiler.is_compiling()
             or x2.shape[0] < 2
+            or (kernels.int8_available() and ours_is_faster(x2.shape[0], *self.weight_q.shape))
         ):
             return None
         if not is_current(self._packed_from, self.weight_q):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import gpt
 import gpt.quantization as quantization
+from gpt import kernels
 from gpt.cli import main as generate_main
 from gpt.quantization import Int8Linear, quantize_rows
 
@@ -56,9 +57,18 @@ needs_qlinear = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def on_onednn(monkeypatch):
+    """Calls of several rows on oneDNN's GEMM, however few (ours runs the small ones otherwise)."""
+    monkeypatch.setattr(quantization, "_OURS_ROWS", 0)
+    monkeypatch.setattr(quantization, "_OURS_MACS", 0)
+
+
 @needs_qlinear
 @pytest.mark.parametrize("rows", [2, 5, 33])
-def test_a_packed_int8_layer_gives_exactly_the_unpacked_result_and_rows_alone_match_rows_in_a_batch(rows):
+def test_a_packed_int8_layer_gives_exactly_the_unpacked_result_and_rows_alone_match_rows_in_a_batch(
+    rows, on_onednn
+):
     layer = Int8Linear.from_float(torch.randn(80, 96) * 0.05, torch.randn(80) * 0.1)
     x = torch.randn(rows, 96) * torch.logspace(-2, 2, rows)[:, None]  # rows of very different scales
     plain = layer(x)
@@ -78,7 +88,23 @@ def test_without_onednn_int8_pack_declines_and_the_layer_still_runs(monkeypatch)
 
 
 @needs_qlinear
-def test_a_packed_int8_layer_drops_its_copy_when_the_weight_changes():
+@pytest.mark.skipif(not kernels.int8_available(), reason="no native int8 kernel here")
+@pytest.mark.parametrize("rows", [2, 16, 17, 700])
+def test_small_calls_run_on_our_kernel_large_ones_on_onednn_with_the_same_numbers(rows, monkeypatch):
+    layer = Int8Linear.from_float(torch.randn(3072, 768) * 0.05, torch.randn(3072) * 0.1)
+    assert layer.pack(rows_hint=32)
+    x = torch.randn(rows, 768) * torch.logspace(-2, 2, rows)[:, None]
+    ours = quantization.ours_is_faster(rows, 3072, 768)
+    assert ours == (rows <= 16)  # 17 rows of this layer: past the multiply-adds ours wins at
+    assert (layer._packed_weight(x) is None) == ours
+    y = layer(x)
+    monkeypatch.setattr(quantization, "ours_is_faster", lambda *shape: not ours)
+    assert (layer._packed_weight(x) is None) != ours
+    assert torch.equal(layer(x), y)
+
+
+@needs_qlinear
+def test_a_packed_int8_layer_drops_its_copy_when_the_weight_changes(on_onednn):
     layer = Int8Linear.from_float(torch.randn(48, 32) * 0.05)
     layer.pack()
     with torch.no_grad():
