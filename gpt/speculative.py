@@ -31,6 +31,7 @@ from .step_costs import StepCosts, _bucket  # noqa: F401  (re-exported)
 from .verification import Verified, speculative_step, verify  # noqa: F401  (re-exported)
 
 MODES = ("auto", "ngram", "draft", "off")
+BATCH_DRAFT_MAX = 16  # llama.cpp's --draft-max default
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,11 @@ class SpeculativeConfig:
     """
 
     mode: str = "auto"
-    num_tokens: int = 16  # the longest draft verified in one forward (llama.cpp's --draft-max default too)
+    # the longest draft of a sequence decoding alone; rows of a batch of several draft at most
+    # BATCH_DRAFT_MAX. A prediction is followed for long runs, and one wider forward costs little
+    # more there; in a batch, every row's width multiplies the forward, and trying the wider
+    # widths cost the 32-client edit workload a tenth of its rate (docs/speculative.md).
+    num_tokens: int = 32
     ngram_min: int = 2  # prompt lookup matches the sequence's last n tokens, n from ngram_max down
     ngram_max: int = 4
     draft_model: object = None
@@ -65,6 +70,10 @@ class SpeculativeConfig:
         if isinstance(value, SpeculativeConfig):
             return value
         return cls("off" if value is None else value)
+
+    def longest(self, batch: int) -> int:
+        """The longest draft a row may have in a step of `batch` rows."""
+        return self.num_tokens if batch == 1 else min(self.num_tokens, BATCH_DRAFT_MAX)
 
     @property
     def ngrams(self) -> tuple[int, int]:
@@ -149,8 +158,9 @@ class Speculator:
                         self._shade(decoders, drafters)
                     return [[] for _ in decoders]
         guesses, rooms = [], []
+        cap = self.config.longest(len(decoders))
         for d, dr in zip(decoders, drafters):
-            room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
+            room = min(cap, d.budget - len(d.output_ids) - 1)
             rooms.append(room)
             guesses.append(dr.propose(d.output_ids, room) if dr is not None else [])
         # rows the draft model would draft for: no prediction guess, a row of its cache
@@ -229,7 +239,7 @@ class Speculator:
             if dr is None or dr.shadow is not None or dr.draft_row is not None or _sampled(d):
                 continue
             if guesses is None:
-                room = min(self.config.num_tokens, d.budget - len(d.output_ids) - 1)
+                room = min(self.config.longest(len(decoders)), d.budget - len(d.output_ids) - 1)
                 dr.shade(d.output_ids, dr.propose(d.output_ids, room))
             else:
                 dr.shade(d.output_ids, guesses[i])
@@ -242,7 +252,7 @@ class Speculator:
         B = len(decoders)
         if self.costs.step(B) is None:
             return False, False  # plain steps are measured first
-        widest = min(self.config.num_tokens + 1, self.costs.widest_to_try(B))
+        widest = min(self.config.longest(B) + 1, self.costs.widest_to_try(B))
         margin = self._margin(B)
         relative = self.costs.relatives(B, range(2, widest + 1))
         if all(w < margin * relative[w] for w in relative):

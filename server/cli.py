@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(
         p,
         "--num-speculative-tokens",
-        "the longest draft verified in one forward (default 16)",
+        "the longest draft of a sequence decoding alone (default 32); rows of a batch draft at most 16",
         type=int,
         metavar="N",
     )

@@ -61,7 +61,7 @@ class Settings:
     # and "draft" always, "off" never (predictions are then ignored); the output is the same in
     # every mode
     speculative: str = "auto"
-    num_speculative_tokens: int = 16  # the longest draft verified in one forward
+    num_speculative_tokens: int = 32  # the longest draft of a sequence decoding alone (16 in a batch)
     draft_model: str | None = None  # a smaller GPT with the same tokenizer, drafting for the model
     eager: bool = False  # on a GPU, run the decode step eagerly instead of replaying CUDA graphs of it
     max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read

@@ -468,3 +468,20 @@ def test_a_batch_size_that_speculates_does_not_hasten_another_ones_retries():
             tried.append(step)
         assert any(spec.plan(*one_row))  # one stream speculates at every step meanwhile
     assert tried == [64, 64 + 128]  # four rows' retries still back off
+
+
+def test_a_sequence_alone_drafts_up_to_the_longest_draft_and_rows_of_a_batch_up_to_16():
+    prediction = list(range(40, 100))
+    spec = Speculator(SpeculativeConfig("ngram"))  # the defaults: 32 alone
+    assert spec.config.longest(1) == 32 and spec.config.longest(2) == 16
+    params = SamplingParams(max_new_tokens=80, prediction=prediction)
+
+    def drafts(rows):
+        decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3], params) for _ in range(rows)]
+        return [len(d) for d in spec.plan(decs, [spec.drafter(d) for d in decs])]
+
+    assert drafts(1) == [32]
+    assert drafts(3) == [16, 16, 16]
+    small = Speculator(SpeculativeConfig("ngram", num_tokens=8))
+    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3], params) for _ in range(2)]
+    assert [len(d) for d in small.plan(decs, [small.drafter(d) for d in decs])] == [8, 8]

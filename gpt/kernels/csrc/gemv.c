@@ -67,7 +67,8 @@ static inline void vi_sum4(vi a0, vi a1, vi a2, vi a3, int32_t out[4]) {
     const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
     const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
     const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64(u, 1));
-    _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    const __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    _mm_storeu_si128((__m128i *)out, q);
 }
 #elif defined(__AVX2__)
 #define I8_BYTES 32
@@ -85,7 +86,8 @@ static inline void vi_sum4(vi a0, vi a1, vi a2, vi a3, int32_t out[4]) {
     const __m256i t0 = _mm256_add_epi32(_mm256_unpacklo_epi32(a0, a1), _mm256_unpackhi_epi32(a0, a1));
     const __m256i t1 = _mm256_add_epi32(_mm256_unpacklo_epi32(a2, a3), _mm256_unpackhi_epi32(a2, a3));
     const __m256i u = _mm256_add_epi32(_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1));
-    _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+    const __m128i q = _mm_add_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    _mm_storeu_si128((__m128i *)out, q);
 }
 #if defined(__AVXVNNI__)
 #define I8_ISA 2
@@ -201,7 +203,10 @@ void i8_interleave(const int8_t *w, int8_t *out, long N, long K) {
 static inline void i8_tail4(const uint8_t *x, const int8_t *p, long tail, int32_t out[4]) {
     for (long j = 0; j < tail; j++) {
         const int32_t xk = (int32_t)x[j] - (I8_SHIFTED ? 0 : 128);
-        out[0] += xk * p[j]; out[1] += xk * p[tail + j]; out[2] += xk * p[2 * tail + j]; out[3] += xk * p[3 * tail + j];
+        out[0] += xk * p[j];
+        out[1] += xk * p[tail + j];
+        out[2] += xk * p[2 * tail + j];
+        out[3] += xk * p[3 * tail + j];
     }
 }
 
