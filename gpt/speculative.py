@@ -126,6 +126,17 @@ class Speculator:
         """A sequence's draft sources, or None where speculation is off or cannot apply."""
         if not self.config.on or decoder.params.num_beams > 1:
             return None
+        if (
+            self.config.mode == "auto"
+            and _sampled(decoder)
+            and not decoder.prediction_ids
+            and self.draft is None
+        ):
+            # prompt lookup only: auto leaves sampled rows to plain decoding. They keep few of
+            # those drafts, and their verification (sampling every position) costs more than
+            # the step costs learned with greedy rows say: with them, every benchmark run of
+            # sampling lost to plain decoding (docs/speculative.md, "When it pays").
+            return None
         dr = Drafter.new(self.config.ngrams, decoder.prompt_ids, decoder.prediction_ids)
         for source, seen in self.acceptance[_sampled(decoder)].items():
             dr.acceptance[source] = Acceptance(2.0 * seen.rate(), 2.0)  # worth two drafted tokens

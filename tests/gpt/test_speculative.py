@@ -279,7 +279,10 @@ def test_a_prediction_is_followed_again_after_a_changed_added_or_dropped_span():
 
 
 def test_auto_speculates_only_where_the_measured_costs_say_it_pays():
-    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50)) for _ in range(4)]
+    decs = [
+        gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50, temperature=0))
+        for _ in range(4)
+    ]
     for d in decs:
         d.sampler.output_ids.append(3)
     costs = StepCosts()
@@ -322,7 +325,7 @@ def test_unmeasured_widths_are_interpolated_or_guessed_and_tried_a_doubling_at_a
     sizes = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 25)
     assert [_bucket(b) for b in sizes] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 16, 24, 32]
 
-    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, SamplingParams(max_new_tokens=50))]
+    decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, SamplingParams(max_new_tokens=50, temperature=0))]
     decs[0].sampler.output_ids.append(1)
     spec = Speculator(SpeculativeConfig("auto", num_tokens=8, ngram_min=1), StepCosts())
     drafters = [spec.drafter(decs[0])]
@@ -341,7 +344,8 @@ def test_auto_verifies_no_draft_that_would_not_pay_yet_learns_from_the_output_wh
         dec = gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, params)
         dec.sampler.output_ids.append(1)
         spec = Speculator(SpeculativeConfig("auto", num_tokens=4, ngram_min=1), StepCosts())
-        drafter = spec.drafter(dec)
+        # auto gives a sampled row without a prediction no drafter: one as such a row with one has
+        drafter = spec.drafter(dec) or Drafter.new((1, 4), dec.prompt_ids)
         for width, seconds in costs:
             for _ in range(2):
                 spec.costs.record(1, width, seconds)
@@ -366,7 +370,7 @@ def test_auto_verifies_no_draft_that_would_not_pay_yet_learns_from_the_output_wh
 
 def test_auto_asks_several_rows_for_a_larger_gain_than_one():
     def plan(rows: int) -> list[list[int]]:
-        params = SamplingParams(max_new_tokens=50)
+        params = SamplingParams(max_new_tokens=50, temperature=0)
         decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3] * 9, params) for _ in range(rows)]
         spec = Speculator(SpeculativeConfig("auto", num_tokens=3, ngram_min=1), StepCosts())
         drafters = [spec.drafter(d) for d in decs]
@@ -386,7 +390,7 @@ def test_auto_asks_several_rows_for_a_larger_gain_than_one():
 
 def test_a_new_row_starts_from_the_acceptance_its_source_has_had_lately():
     decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3, 1, 2], SamplingParams(max_new_tokens=50)) for _ in range(2)]
-    spec = Speculator(SpeculativeConfig("auto", ngram_min=1))
+    spec = Speculator(SpeculativeConfig("ngram", ngram_min=1))  # auto: no prompt lookup for sampled rows
     first = spec.drafter(decs[0])
     assert first.acceptance["ngram"].rate() == pytest.approx(0.5)
     first.source = "ngram"
@@ -485,3 +489,14 @@ def test_a_sequence_alone_drafts_up_to_the_longest_draft_and_rows_of_a_batch_up_
     small = Speculator(SpeculativeConfig("ngram", num_tokens=8))
     decs = [gpt.SequenceDecoder(BYTES, [1, 2, 3], params) for _ in range(2)]
     assert [len(d) for d in small.plan(decs, [small.drafter(d) for d in decs])] == [8, 8]
+
+
+def test_auto_leaves_sampled_rows_to_plain_decoding_unless_they_have_a_prediction():
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.8, seed=1)
+    prompt = [1, 2, 3] * 9
+    auto = Speculator(SpeculativeConfig("auto"))
+    assert auto.drafter(gpt.SequenceDecoder(BYTES, prompt, sampled)) is None
+    assert auto.drafter(gpt.SequenceDecoder(BYTES, prompt, dataclasses.replace(sampled, temperature=0)))
+    predicted = dataclasses.replace(sampled, prediction=[1, 2, 3])
+    assert auto.drafter(gpt.SequenceDecoder(BYTES, prompt, predicted)).sources() == ["ngram", "prediction"]
+    assert Speculator(SpeculativeConfig("ngram")).drafter(gpt.SequenceDecoder(BYTES, prompt, sampled))
