@@ -155,6 +155,8 @@ class Speculator:
     ) -> list[list[int]]:
         """Each row's draft for this step ([] for none). A row drafts at most what its budget
         can still use (the step gives one token beyond the draft)."""
+        if all(dr is None for dr in drafters):  # e.g. only sampled rows, which auto leaves plain
+            return [[] for _ in decoders]
         auto = self.config.mode == "auto"
         if auto:
             self._settle(decoders, drafters)
