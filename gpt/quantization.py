@@ -86,9 +86,9 @@ def _qlinear_works() -> bool:
 _QLINEAR: list[bool] = []
 
 # oneDNN's int8 call has a large fixed cost (the activations quantized and the products rescaled
-# in tensor ops around it); ours grows with the rows from a small start. Ours measured faster
-# up to 16 rows for every layer, and up to about this many multiply-adds for any number of rows
-# (docs/benchmarks.md, "int8 products of a few rows"); past it oneDNN's GEMM is.
+# in tensor ops around it); ours grows with the rows from a small start. Up to these many rows,
+# or multiply-adds, ours measured faster on every layer size tried, past them oneDNN's GEMM
+# (docs/benchmarks.md, "Speculative decoding", this round's kernel changes).
 _OURS_ROWS, _OURS_MACS = 16, 1 << 25
 
 
