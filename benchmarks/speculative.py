@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import glob
 import json
 import os
@@ -57,6 +58,7 @@ from gguf_export import ensure_gguf, ensure_q8  # noqa: E402
 from llamacpp import DEFAULT_CACHE, bin_path, built, cpu_info  # noqa: E402
 
 import gpt  # noqa: E402
+from gpt import fast_defaults  # noqa: E402
 
 TRAIN = [
     "--preset", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "256", "--block-size", "256",
@@ -123,6 +125,12 @@ def requests(ckpt: str, prompts: list[list[int]], max_tokens: int, quantize: str
     model, tok = gpt.load(ckpt)
     if quantize != "none":
         gpt.quantize(model, quantize)
+    # the reply as served: the server decodes into the KV cache gpt.fast_defaults picks (float16
+    # where our attention kernel reads it), and greedy replies from a float32 cache differed
+    # from the served ones in 12 of 32 prompts, so the predictions were wrong past the edits too
+    kv_dtype = fast_defaults.choose(model, compile=False).kv_cache_dtype
+    if kv_dtype is not None:
+        model.new_cache = functools.partial(model.new_cache, dtype=kv_dtype)
     params = gpt.SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
     replies = gpt.complete(model, tok, prompts, params, speculative="off")
     rng = random.Random(1)

@@ -21,9 +21,10 @@ def run(coro, limit: float = 60.0):
     return asyncio.run(asyncio.wait_for(coro, limit))
 
 
-async def collect(handle):
-    """(text, token ids, finish reason, the Outputs) of one request."""
-    outs = [o async for o in handle]
+async def collect(handle, *read):
+    """(text, token ids, finish reason, the Outputs) of one request; `read`: its outputs already
+    taken (its first piece may also be its last: a speculative step can give every token)."""
+    outs = [*read] + [o async for o in handle]
     return "".join(o.text for o in outs), [t for o in outs for t in o.token_ids], outs[-1].finish_reason, outs
 
 
@@ -545,13 +546,13 @@ def test_prompt_logprobs_are_scored_in_chunks_beside_decoding_and_ride_on_the_fi
             busy = engine.submit(
                 TOK.encode("busy"), SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
             )
-            await busy.__anext__()  # decoding while the others prefill
+            first = await busy.__anext__()  # decoding while the others prefill
             score = engine.submit(long_prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=2))
             both = engine.submit(
                 long_prompt,
                 SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=0),
             )
-            results = await asyncio.gather(collect(score), collect(both), collect(busy))
+            results = await asyncio.gather(collect(score), collect(both), collect(busy, first))
             await settle(engine)
             return results, engine.stats()
         finally:
