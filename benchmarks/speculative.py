@@ -126,8 +126,8 @@ def requests(ckpt: str, prompts: list[list[int]], max_tokens: int, quantize: str
     if quantize != "none":
         gpt.quantize(model, quantize)
     # the reply as served: the server decodes into the KV cache gpt.fast_defaults picks (float16
-    # where our attention kernel reads it), and greedy replies from a float32 cache differed
-    # from the served ones in 12 of 32 prompts, so the predictions were wrong past the edits too
+    # where our attention kernel reads it), and greedy replies from a float32 cache can differ
+    # from the served ones, which made predictions wrong past their edits (docs/benchmarks.md)
     kv_dtype = fast_defaults.choose(model, compile=False).kv_cache_dtype
     if kv_dtype is not None:
         model.new_cache = functools.partial(model.new_cache, dtype=kv_dtype)

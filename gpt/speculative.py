@@ -49,7 +49,7 @@ class SpeculativeConfig:
     # the longest draft of a sequence decoding alone; rows of a batch of several draft at most
     # BATCH_DRAFT_MAX. A prediction is followed for long runs, and one wider forward costs little
     # more there; in a batch, every row's width multiplies the forward, and trying the wider
-    # widths cost the 32-client edit workload a tenth of its rate (docs/speculative.md).
+    # widths cost more than they won (docs/speculative.md).
     num_tokens: int = 32
     ngram_min: int = 2  # prompt lookup matches the sequence's last n tokens, n from ngram_max down
     ngram_max: int = 4
@@ -248,11 +248,12 @@ class Speculator:
         sampled row's drafts are seldom right, and a short lucky run of them, counted, had it
         verify drafts that did not pay (the open workload of benchmarks/speculative.py).
         `guesses`: the rows' drafts where this step has proposed them already."""
+        cap = self.config.longest(len(decoders))
         for i, (d, dr) in enumerate(zip(decoders, drafters)):
             if dr is None or dr.shadow is not None or dr.draft_row is not None or _sampled(d):
                 continue
             if guesses is None:
-                room = min(self.config.longest(len(decoders)), d.budget - len(d.output_ids) - 1)
+                room = min(cap, d.budget - len(d.output_ids) - 1)
                 dr.shade(d.output_ids, dr.propose(d.output_ids, room))
             else:
                 dr.shade(d.output_ids, guesses[i])
